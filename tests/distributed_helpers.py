@@ -1,0 +1,43 @@
+"""Run a function on real gloo process groups spawned on this machine (CPU)."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks; return each rank's result.
+
+    `fn` must be a module-level function (it is pickled into the spawned processes). A failure on
+    any rank raises here with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as result_dir:
+        mp.start_processes(_worker, args=(world_size, free_port(), result_dir, fn, args),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world_size)]
