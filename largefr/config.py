@@ -1,0 +1,368 @@
+"""Typed, strict configuration of a largefr run.
+
+Each section is a kw-only dataclass; the string literal right after a field is its documentation
+(``field_docs`` reads it; a test checks that no field lacks one). Files are JSON or YAML; command
+line overrides are ``KEY=VALUE`` with a dotted key and a YAML value (``head.margin=0.4``,
+``data.val_targets=[lfw,cfp_fp]``). Unknown keys, wrong types and impossible values are all
+reported at once in one ``ConfigError`` that names the file (or the override) and the key.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from largefr.config_loading import apply_overrides, build_section, read_file, valid_keys
+from largefr.config_validation import (
+    ConfigError,
+    Issue,
+    config_issues,
+    section_issues,
+    world_size_issues,
+)
+
+__all__ = ["Config", "ConfigError", "load_config", "config_to_json", "field_docs", "config_classes"]
+
+
+def _raise_if_any(issues: list[Issue]) -> None:
+    if issues:
+        raise ConfigError(issues)
+
+
+class _Section:
+    """Runs a section's value checks when it is constructed, from a file or from Python."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _raise_if_any(section_issues(self))
+
+
+@dataclass(kw_only=True)
+class SyntheticDataConfig(_Section):
+    section: ClassVar[str] = "data.synthetic"
+    identities: int = 200
+    """Number of synthetic identities (classes) to generate for training."""
+    images_per_identity: int = 24
+    """Images generated per identity."""
+    val_pairs: int = 400
+    """Pairs in the generated verification file synth_val.bin (half same-identity, unseen ids)."""
+    seed: int = 0
+    """Seed of the generator: the same seed gives the same data set."""
+    cache_dir: str | None = None
+    """Folder where the data set is generated once and then reused when ``data.rec`` is not set."""
+
+
+@dataclass(kw_only=True)
+class DataConfig(_Section):
+    section: ClassVar[str] = "data"
+    rec: str | None = None
+    """Folder holding train.rec, train.idx and property (insightface layout); required unless
+    data.loader is 'synthetic' or data.synthetic.cache_dir is set."""
+    num_classes: int
+    """Number of identities in the training set (must match the property file)."""
+    num_images: int
+    """Number of training images (sets the number of steps per epoch)."""
+    loader: Literal["dali", "torch", "synthetic"] = "dali"
+    """'dali' (GPU or CPU DALI pipeline), 'torch' (DataLoader fallback, same outputs) or
+    'synthetic' (random in-memory tensors, for benchmarks)."""
+    val_targets: list[str] = field(default_factory=list)
+    """Verification sets: names of .bin files in the data folder (e.g. 'lfw') or .bin paths."""
+    image_size: int = 112
+    """Height and width of the aligned face crops, in pixels."""
+    num_workers: int = 2
+    """Decoding threads (DALI) or worker processes (torch loader) per rank."""
+    shuffle_buffer: int = 10000
+    """DALI random_shuffle initial_fill: samples mixed before the first batch; large enough to mix
+    identities of an identity-sorted .rec."""
+    random_flip: bool = True
+    """Random horizontal flip of training images."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """An undecodable image: 'error' stops and names the record key, 'skip' drops it."""
+    synthetic: SyntheticDataConfig | None = None
+    """Generated face-like data set (the quickstart); null to read data.rec only."""
+
+    @property
+    def data_dir(self) -> str | None:
+        """Folder holding the training files: data.rec, else the synthetic cache folder."""
+        if self.rec is not None:
+            return self.rec
+        return self.synthetic.cache_dir if self.synthetic is not None else None
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
+    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf"] = "r100"
+    """Backbone: IResNet-18/34/50/100/200 or MobileFaceNet ('mbf')."""
+    embedding_size: int = 512
+    """Dimension of the face embedding."""
+    dropout: float = 0.0
+    """Dropout before the embedding layer (insightface's IResNet uses 0)."""
+
+
+@dataclass(kw_only=True)
+class HeadConfig(_Section):
+    section: ClassVar[str] = "head"
+    type: Literal["arcface", "cosface", "combined"] = "arcface"
+    """Margin form: 'arcface' cos(t + m), 'cosface' cos(t) - m, 'combined' cos(m1*t + m2) - m3."""
+    scale: float = 64.0
+    """Logit scale s."""
+    margin: float = 0.5
+    """Additive angular margin of arcface, or additive cosine margin of cosface."""
+    combined_margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
+    """[m1, m2, m3] of the combined margin, used when head.type is 'combined'."""
+    easy_margin: bool = False
+    """Where t + m > pi: keep cos(t) when cos(t) <= 0 (easy margin) instead of cos(t) - m*sin(m)."""
+    sample_rate: float = 1.0
+    """Partial FC: fraction of each rank's classes used per step (positives kept); 1.0 = all."""
+    logits_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the classifier logits matmul."""
+    chunk_size: int = 0
+    """Rows per chunk of the low-memory head (recomputes logits chunk by chunk); 0 = off."""
+    init_std: float = 0.01
+    """Standard deviation of the normal initialization of classifier rows."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig(_Section):
+    section: ClassVar[str] = "cluster"
+    cg_margin: bool = True
+    """Cluster-guided margin: scale each class's margin by lambda(phi) (Eqs. 3-5); false: 1."""
+    lambda_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """[lo, hi]: lambda = lo + (hi - lo) * normalized concentration."""
+    contrastive_weight: float = 1.0
+    """l1, weight of the supervised cluster contrastive loss L_con (Eq. 6); 0 turns it off."""
+    aligning_weight: float = 0.5
+    """l2, weight of the cluster aligning loss L_ali (Eq. 7); 0 turns it off."""
+    queue_size: int = 8192
+    """Feature queue length (momentum-encoder features with labels, replicated on every rank)."""
+    encoder_momentum: float = 0.999
+    """EMA momentum of the momentum encoder."""
+    bank_momentum: float = 0.9
+    """Momentum of the cluster-center bank update (Eq. 1)."""
+    num_sampled_centers: int = 2048
+    """M: classes sampled over all ranks for L_con and L_ali (capped at data.num_classes)."""
+    alpha: float = 10.0
+    """Smoothing constant in phi's log(|Q_k| + alpha) (Eq. 1)."""
+    temperature_mode: Literal["pcl", "raw"] = "pcl"
+    """'pcl': temperature = pcl_tau0 * phi / mean(phi), phi clipped to percentiles;
+    'raw': the temperature is phi itself (the paper's form)."""
+    pcl_tau0: float = 0.1
+    """Base temperature of the 'pcl' mode."""
+    pcl_clip_percentiles: list[float] = field(default_factory=lambda: [10.0, 90.0])
+    """[low, high] percentiles phi is clipped to in the 'pcl' mode."""
+    align_tau_init: float = 0.07
+    """Initial value of the learnable temperature of L_ali (stored as log tau)."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when any cluster term (CG margin, L_con, L_ali) needs the queue and the bank."""
+        return self.cg_margin or self.contrastive_weight > 0 or self.aligning_weight > 0
+
+
+@dataclass(kw_only=True)
+class OptimConfig(_Section):
+    section: ClassVar[str] = "optim"
+    name: Literal["adam", "adamw", "sgd"] = "sgd"
+    """Optimizer of the backbone and of the head."""
+    lr: float = 0.1
+    """Peak learning rate (after warmup) of the backbone."""
+    momentum: float = 0.9
+    """SGD momentum (sgd only)."""
+    weight_decay: float = 5e-4
+    """Weight decay (L2 for sgd/adam, decoupled for adamw)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW betas."""
+    head_lr: float | None = None
+    """Learning rate of the classifier head; null = optim.lr."""
+    head_grad_clip: float = 0.0
+    """Gradient-norm clip of the head's parameters; 0 = off."""
+    gradient_clipping: float = 0.0
+    """Gradient-norm clip of the backbone, always set in DeepSpeed (its default is 1.0); 0 = off."""
+
+    @property
+    def effective_head_lr(self) -> float:
+        return self.lr if self.head_lr is None else self.head_lr
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig(_Section):
+    section: ClassVar[str] = "schedule"
+    type: Literal["step", "poly"] = "poly"
+    """'step': lr * gamma^(milestones passed); 'poly': lr * (1 - progress)^power after warmup."""
+    unit: Literal["epoch", "step"] = "epoch"
+    """Unit of schedule.warmup and schedule.milestones."""
+    epochs: float = 20.0
+    """Length of training in epochs (train.max_steps may end it earlier)."""
+    warmup: float = 0.0
+    """Linear warmup length from 0 to optim.lr, in schedule.unit."""
+    milestones: list[float] = field(default_factory=list)
+    """Step schedule: points (in schedule.unit) where the lr is multiplied by gamma; increasing."""
+    gamma: float = 0.1
+    """Step schedule decay factor."""
+    power: float = 2.0
+    """Poly schedule exponent (1.0 = linear decay)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
+    batch_size: int = 128
+    """Images per rank per micro-step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (null = run schedule.epochs)."""
+    seed: int = 2048
+    """Seed of every random generator (offset by the rank where streams must differ)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Backbone precision; mapped by the trainer to DeepSpeed's bf16/fp16 sections."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0, 1 or 2."""
+    on_nonfinite: Literal["skip", "abort"] = "skip"
+    """A non-finite loss: 'skip' the step, or 'abort' the run."""
+    max_consecutive_nonfinite: int = 10
+    """Abort after this many consecutive skipped non-finite steps."""
+    deterministic: bool = False
+    """Use deterministic kernels (slower)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+    every: int = 0
+    """Run verification every this many steps; 0 = only at the end."""
+    batch_size: int = 64
+    """Images per forward pass during verification."""
+    nfolds: int = 10
+    """Cross-validation folds of the verification accuracy (insightface protocol)."""
+    flip: bool = True
+    """Add the embedding of the horizontally flipped image."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(_Section):
+    section: ClassVar[str] = "checkpoint"
+    every: int = 0
+    """Save every this many steps; 0 = only at the end."""
+    keep_last: int = 3
+    """Number of most recent checkpoints kept."""
+    resume: str | None = None
+    """null: start fresh; 'auto': latest complete checkpoint in checkpoint.dir if any; or a path."""
+    dir: str | None = None
+    """Checkpoint folder; null = <output>/checkpoints."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig(_Section):
+    section: ClassVar[str] = "logging"
+    every: int = 50
+    """Log metrics every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output>/tensorboard."""
+    log_file: bool = True
+    """Write <output>/train.log (rank 0)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig
+    """Training and verification data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """Margin-softmax classifier, partitioned across ranks by class."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Cluster-guided margin and cluster losses."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batching, precision and the training loop."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys, passed through; keys the trainer sets itself are refused."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Verification during training."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logs and TensorBoard."""
+    output: str
+    """Run folder: logs, TensorBoard, checkpoints, the resolved config."""
+
+    def __post_init__(self) -> None:
+        _raise_if_any(config_issues(self))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """checkpoint.dir, or <output>/checkpoints."""
+        return Path(self.checkpoint.dir or Path(self.output) / "checkpoints")
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.train.batch_size * self.train.gradient_accumulation_steps * world_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>",
+                  world_size: int | None = None) -> Config:
+        """Build and check a config from plain data; raises ConfigError listing every problem."""
+        return _build(data, source, {}, world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that ``Config.from_dict`` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+
+def _build(data: Any, source: str, origins: dict[str, str], world_size: int | None,
+           issues: list[Issue] | None = None) -> Config:
+    issues = list(issues or [])
+    config = build_section(Config, copy.deepcopy(data), "", issues, valid_keys(Config))
+    if config is not None and world_size is not None:
+        issues.extend(world_size_issues(config, world_size))
+    if issues:
+        raise ConfigError(issues, source, origins)
+    return config
+
+
+def config_to_json(config: Config) -> str:
+    return json.dumps(config.to_dict(), indent=2) + "\n"
+
+
+def config_classes() -> list[type]:
+    """Every dataclass of the config tree (sections and nested sections)."""
+    return [Config, DataConfig, SyntheticDataConfig, ModelConfig, HeadConfig, ClusterConfig,
+            OptimConfig, ScheduleConfig, TrainConfig, EvalConfig, CheckpointConfig, LoggingConfig]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written right after the field in the class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        is_doc = (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                  and isinstance(after.value.value, str))
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (),
+                world_size: int | None = None) -> Config:
+    """Read a JSON or YAML config, apply ``KEY=VALUE`` overrides and check everything at once."""
+    path = Path(path)
+    data = read_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError([("<top level>", "a config file must hold a mapping of sections")],
+                          str(path))
+    origins: dict[str, str] = {}
+    issues = apply_overrides(data, overrides, origins)
+    return _build(data, str(path), origins, world_size, issues)

@@ -1,0 +1,257 @@
+"""Value rules of largefr configs, and the error that lists every problem at once.
+
+Each section's rules return (key, problem) pairs instead of raising, so that one ``ConfigError``
+can list every problem of a config (the litgpt ``validate_args`` way). Sections are known by duck
+typing (their ``section`` name), so ``largefr.config`` can import this module.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+Issue = tuple[str, str]
+"""(dotted key path, what is wrong and what to do)."""
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, one per line, each naming its source file and key path."""
+
+    def __init__(self, issues: Iterable[Issue], source: str = "<python>",
+                 origins: Mapping[str, str] | None = None) -> None:
+        self.issues = list(issues)
+        self.source = source
+        self.lines = [f"{_origin(key, source, origins or {})}: {key}: {message}"
+                      for key, message in self.issues]
+        count = len(self.lines)
+        header = f"{count} problem{'s' if count != 1 else ''} in configuration {source}:"
+        super().__init__("\n".join([header, *self.lines]))
+
+
+def _origin(key: str, source: str, origins: Mapping[str, str]) -> str:
+    """Where a key's value came from: the longest ``--set`` key covering it, else the file."""
+    covering = [k for k in origins if key == k or key.startswith((k + ".", k + "["))]
+    return origins[max(covering, key=len)] if covering else source
+
+
+# ---------------------------------------------------------------------------- values
+
+Check = tuple[str, "str | None"]
+"""(key inside the section, problem text or None when fine)."""
+
+
+def _min(value: float, low: float) -> str | None:
+    return None if value >= low else f"must be >= {low}, got {value}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+def _pair(values: Sequence[float], low: float, high: float) -> str | None:
+    if len(values) != 2:
+        return f"must hold exactly 2 numbers [low, high], got {len(values)}"
+    if not low <= values[0] <= values[1] <= high:
+        return f"must satisfy {low} <= low <= high <= {high}, got {list(values)}"
+    return None
+
+
+def _nonempty(text: str | None) -> str | None:
+    empty = text is not None and not text.strip()
+    return "must not be empty (use null to unset it)" if empty else None
+
+
+def _data_checks(d: Any) -> list[Check]:
+    reads_rec = d.loader != "synthetic" and not (d.synthetic and d.synthetic.cache_dir)
+    repeated = sorted({t for t in d.val_targets if d.val_targets.count(t) > 1})
+    checks = [
+        ("rec", "required: the folder holding train.rec, train.idx and property (or set "
+                "data.synthetic.cache_dir, or data.loader 'synthetic')"
+         if reads_rec and d.rec is None else _nonempty(d.rec)),
+        ("num_classes", _min(d.num_classes, 1)),
+        ("num_images", None if d.num_images >= max(d.num_classes, 1) else
+         f"must be >= data.num_classes ({d.num_classes}): every identity has an image, "
+         f"got {d.num_images}"),
+        ("val_targets", f"listed twice: {repeated}" if repeated else
+         ("names must not be empty" if not all(t.strip() for t in d.val_targets) else None)),
+        ("image_size", None if d.image_size > 0 and d.image_size % 16 == 0 else
+         f"must be a positive multiple of 16 (backbones downsample 16x; insightface crops are "
+         f"112), got {d.image_size}"),
+        ("num_workers", _min(d.num_workers, 0)),
+        ("shuffle_buffer", _min(d.shuffle_buffer, 1)),
+    ]
+    synthetic = d.synthetic
+    if synthetic is not None and d.rec is None and d.loader != "synthetic":
+        images = synthetic.identities * synthetic.images_per_identity
+        checks += [
+            ("num_classes", None if d.num_classes == synthetic.identities else
+             f"must equal data.synthetic.identities ({synthetic.identities}), got {d.num_classes}"),
+            ("num_images", None if d.num_images == images else
+             f"must equal identities x images_per_identity of data.synthetic ({images}), "
+             f"got {d.num_images}"),
+        ]
+    return checks
+
+
+def _synthetic_checks(s: Any) -> list[Check]:
+    return [("identities", _min(s.identities, 2)),
+            ("images_per_identity", _min(s.images_per_identity, 1)),
+            ("val_pairs", _min(s.val_pairs, 0)), ("seed", _min(s.seed, 0)),
+            ("cache_dir", _nonempty(s.cache_dir))]
+
+
+def _model_checks(m: Any) -> list[Check]:
+    return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout))]
+
+
+def _head_checks(h: Any) -> list[Check]:
+    margins = h.combined_margins
+    return [
+        ("scale", _positive(h.scale)),
+        ("margin", _min(h.margin, 0.0)),
+        ("combined_margins", f"must hold 3 numbers [m1, m2, m3], got {len(margins)}"
+         if len(margins) != 3 else None if margins[0] > 0 and min(margins[1:]) >= 0 else
+         f"needs m1 > 0 and m2, m3 >= 0, got {margins}"),
+        ("sample_rate", None if 0 < h.sample_rate <= 1 else
+         f"must be in (0, 1] (1.0 uses every class), got {h.sample_rate}"),
+        ("chunk_size", _min(h.chunk_size, 0)),
+        ("init_std", _positive(h.init_std)),
+    ]
+
+
+def _cluster_checks(c: Any) -> list[Check]:
+    return [
+        ("lambda_range", _pair(c.lambda_range, 0.0, math.inf)),
+        ("contrastive_weight", _min(c.contrastive_weight, 0.0)),
+        ("aligning_weight", _min(c.aligning_weight, 0.0)),
+        ("queue_size", _min(c.queue_size, 1)),
+        ("encoder_momentum", _fraction(c.encoder_momentum)),
+        ("bank_momentum", _fraction(c.bank_momentum)),
+        ("num_sampled_centers", _min(c.num_sampled_centers, 1)),
+        ("alpha", _positive(c.alpha)),
+        ("pcl_tau0", _positive(c.pcl_tau0)),
+        ("pcl_clip_percentiles", _pair(c.pcl_clip_percentiles, 0.0, 100.0)),
+        ("align_tau_init", _positive(c.align_tau_init)),
+    ]
+
+
+def _optim_checks(o: Any) -> list[Check]:
+    return [
+        ("lr", _positive(o.lr)),
+        ("momentum", _fraction(o.momentum)),
+        ("weight_decay", _min(o.weight_decay, 0.0)),
+        ("betas", f"must hold 2 numbers in [0, 1), got {o.betas}"
+         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas) else None),
+        ("head_lr", None if o.head_lr is None else _positive(o.head_lr)),
+        ("head_grad_clip", _min(o.head_grad_clip, 0.0)),
+        ("gradient_clipping", _min(o.gradient_clipping, 0.0)),
+    ]
+
+
+def _schedule_checks(s: Any) -> list[Check]:
+    in_epochs = s.unit == "epoch"
+    late = [m for m in s.milestones if in_epochs and m >= s.epochs]
+    return [
+        ("epochs", _positive(s.epochs)),
+        ("warmup", _min(s.warmup, 0.0) or (
+            f"must be < schedule.epochs ({s.epochs}), got {s.warmup}"
+            if in_epochs and s.warmup > 0 and s.warmup >= s.epochs else None)),
+        ("milestones", "must be strictly increasing and > 0, got " + str(s.milestones)
+         if not all(a < b for a, b in zip([0, *s.milestones], s.milestones, strict=False)) else
+         f"{late} would never apply: must be < schedule.epochs ({s.epochs})" if late else None),
+        ("gamma", _positive(s.gamma)),
+        ("power", _min(s.power, 0.0)),
+    ]
+
+
+def _zero_stage_problem(stage: int) -> str | None:
+    if stage == 3:
+        return ("ZeRO-3 is not supported yet: the momentum encoder needs the full backbone "
+                "parameters on every rank; use train.zero_stage 0, 1 or 2")
+    return None if stage in (0, 1, 2) else f"must be one of 0, 1, 2, got {stage}"
+
+
+def _train_checks(t: Any) -> list[Check]:
+    return [
+        ("batch_size", _min(t.batch_size, 1)),
+        ("gradient_accumulation_steps", _min(t.gradient_accumulation_steps, 1)),
+        ("max_steps", None if t.max_steps is None else _min(t.max_steps, 1)),
+        ("seed", _min(t.seed, 0)),
+        ("zero_stage", _zero_stage_problem(t.zero_stage)),
+        ("max_consecutive_nonfinite", _min(t.max_consecutive_nonfinite, 1)),
+    ]
+
+
+SECTION_CHECKS = {
+    "data": _data_checks, "data.synthetic": _synthetic_checks, "model": _model_checks,
+    "head": _head_checks, "cluster": _cluster_checks, "optim": _optim_checks,
+    "schedule": _schedule_checks, "train": _train_checks,
+    "eval": lambda e: [("every", _min(e.every, 0)), ("batch_size", _min(e.batch_size, 1)),
+                       ("nfolds", _min(e.nfolds, 2))],
+    "checkpoint": lambda c: [("every", _min(c.every, 0)), ("keep_last", _min(c.keep_last, 1)),
+                             ("resume", _nonempty(c.resume)), ("dir", _nonempty(c.dir))],
+    "logging": lambda g: [("every", _min(g.every, 1))],
+}
+
+
+def section_issues(section: Any) -> list[Issue]:
+    """Value problems of one config section (``section.section`` names it)."""
+    name = section.section
+    return [(f"{name}.{key}", problem)
+            for key, problem in SECTION_CHECKS[name](section) if problem]
+
+
+# DeepSpeed keys the trainer fills from largefr keys: a second source of truth would disagree.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.batch_size (global = batch_size x accumulation x world size)",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "optimizer": "optim.name, optim.lr, optim.weight_decay, ...",
+    "scheduler": "schedule.type, schedule.epochs, schedule.warmup, ...",
+    "gradient_clipping": "optim.gradient_clipping",
+    "fp16.enabled": "train.precision",
+    "bf16.enabled": "train.precision",
+    "amp": "train.precision (apex amp is not used)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+
+
+def _owned_deepspeed_keys(deepspeed: Mapping[str, Any]) -> Iterator[str]:
+    for dotted in DEEPSPEED_OWNED_KEYS:
+        node: Any = deepspeed
+        for part in dotted.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            yield dotted
+
+
+def config_issues(config: Any) -> list[Issue]:
+    """Problems that involve more than one section (world size unknown)."""
+    issues = [(f"deepspeed.{key}", "set by the trainer; remove it and set "
+               f"{DEEPSPEED_OWNED_KEYS[key]} instead")
+              for key in _owned_deepspeed_keys(config.deepspeed)]
+    if not config.output.strip():
+        issues.append(("output", "must not be empty: the run folder"))
+    return issues + world_size_issues(config, 1)
+
+
+def world_size_issues(config: Any, world_size: int) -> list[Issue]:
+    """Problems that depend on the number of ranks."""
+    issues: list[Issue] = []
+    data, batch = config.data, config.train.batch_size * world_size
+    ranks = f" x world size {world_size}" if world_size > 1 else ""
+    if world_size > 1 and data.num_classes < world_size:
+        issues.append(("data.num_classes", f"{data.num_classes} is smaller than the world size "
+                       f"({world_size}): every rank must own at least one class; use fewer ranks"))
+    if data.num_images < batch:
+        issues.append(("data.num_images", f"{data.num_images} images give no full batch of "
+                       f"train.batch_size {config.train.batch_size}{ranks} (the last incomplete "
+                       "batch is dropped); lower train.batch_size"))
+    if config.cluster.enabled and config.cluster.queue_size < batch:
+        issues.append(("cluster.queue_size", f"{config.cluster.queue_size} cannot hold one global "
+                       f"batch (train.batch_size {config.train.batch_size}{ranks}); raise it"))
+    return issues
