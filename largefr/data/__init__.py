@@ -1,0 +1,76 @@
+"""Data: insightface RecordIO and .bin formats, and the loaders (DALI, torch fallback, synthetic).
+
+Every loader yields per rank `(images float32 Bx3xHxW, RGB, (x - 127.5) / 127.5; labels int64 B)`
+and supports `len()` (batches per epoch, equal on all ranks), `set_epoch(e)`, `skip(k)` /
+`iter_from(k)` (resume at batch k of the epoch) and `skipped_images`.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from largefr.data.image_index import BAD_IMAGE_POLICIES, ImageIndex, prepare_image_index
+from largefr.data.recordio import BadImageError, RecordIOError, read_property
+from largefr.data.sharding import EpochLoader
+
+if TYPE_CHECKING:  # torch is imported lazily: tools such as pack_rec.py start faster without it
+    import torch
+
+LOADER_KINDS = ("dali", "torch", "synthetic")
+
+__all__ = ["LOADER_KINDS", "BadImageError", "EpochLoader", "ImageIndex", "RecordIOError", "build_loader",
+           "prepare_image_index"]
+
+
+def _default_device(local_rank: int) -> str:
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def _check_image_size(rec: str, image_size: int) -> None:
+    if not os.path.exists(os.path.join(rec, "property")):
+        return
+    _, height, width = read_property(rec)
+    if (height, width) != (image_size, image_size):
+        raise RecordIOError(f"{os.path.join(rec, 'property')}: images are {height}x{width} but the loader was asked "
+                            f"for {image_size}x{image_size}; set data.image_size={height} or re-pack the data")
+
+
+def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, world_size: int, num_classes: int,
+                 local_rank: int = 0, seed: int = 0, image_size: int = 112, num_workers: int = 2,
+                 shuffle: bool = True, random_flip: bool = True, shuffle_buffer: int = 10000,
+                 on_bad_image: str = "error", drop_last: bool = True, num_images: int | None = None,
+                 cache_dir: str | None = None, device: str | "torch.device" | None = None) -> EpochLoader:
+    """The loader of `kind` ('dali', 'torch' or 'synthetic') for this rank.
+
+    `rec` is the folder holding train.rec, train.idx and property. `num_workers` is the number of
+    DataLoader workers (torch) or DALI threads. `num_images` only sizes the synthetic loader's epoch
+    (default 100 batches). `cache_dir` holds the scanned image index when `rec` is read-only
+    (default: $LARGEFR_CACHE or ~/.cache/largefr). `device`: where the DALI and synthetic loaders put
+    batches (default cuda:local_rank when CUDA is available, else cpu); the torch loader yields CPU.
+    """
+    if kind not in LOADER_KINDS:
+        raise ValueError(f"data.loader={kind!r} is not one of {LOADER_KINDS}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.on_bad_image={on_bad_image!r} is not one of {BAD_IMAGE_POLICIES}")
+    if kind == "synthetic":
+        from largefr.data.synthetic_loader import SyntheticLoader
+
+        num_batches = 100 if num_images is None else max(1, num_images // (world_size * batch_size))
+        return SyntheticLoader(batch_size=batch_size, num_classes=num_classes, rank=rank, num_batches=num_batches,
+                               seed=seed, image_size=image_size, device=device or _default_device(local_rank))
+    if not rec:
+        raise ValueError(f"data.loader={kind} needs data.rec, the folder holding train.rec, train.idx and property")
+    _check_image_size(rec, image_size)
+    index = prepare_image_index(rec, num_classes=num_classes, on_bad_image=on_bad_image, cache_dir=cache_dir)
+    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, image_size=image_size,
+                  shuffle=shuffle, random_flip=random_flip, on_bad_image=on_bad_image, drop_last=drop_last)
+    if kind == "torch":
+        from largefr.data.torch_loader import TorchRecLoader
+
+        return TorchRecLoader(index, num_workers=num_workers, **common)
+    from largefr.data.dali_loader import DaliRecLoader
+
+    return DaliRecLoader(index, local_rank=local_rank, num_threads=max(1, num_workers),
+                         shuffle_buffer=shuffle_buffer, device=device, **common)
