@@ -1,0 +1,44 @@
+"""Write the backbone of a largefr checkpoint as a plain PyTorch state_dict.
+
+    python tools/export_backbone.py --checkpoint DIR --out model.pt [--prefix backbone.] [--dtype float32]
+
+The weights come from DeepSpeed's module file (engine/mp_rank_00_model_states.pt, key 'module');
+a leading 'module.' is stripped. The result loads with torch.load(path, weights_only=True) into
+the backbone's load_state_dict.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from largefr.train.checkpoint_io import CheckpointError
+from largefr.train.reshard import export_backbone
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step_<N>)")
+    parser.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    parser.add_argument("--prefix", default="", help="keep only keys under this prefix and strip it (e.g. 'backbone.')")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="cast floating tensors (default float32; 'keep' = the training dtype)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        weights = export_backbone(args.checkpoint, args.out, prefix=args.prefix, dtype=DTYPES[args.dtype])
+    except (CheckpointError, OSError) as error:
+        print(f"export_backbone: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values())} values")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

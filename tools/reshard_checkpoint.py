@@ -1,0 +1,42 @@
+"""Re-split a largefr checkpoint for another number of ranks, offline.
+
+    python tools/reshard_checkpoint.py --checkpoint DIR --world N --out NEW_DIR
+
+Head shards (classifier, bank, phi and their optimizer rows) are re-split by class range for N
+ranks; per-rank extras (RNG states) are dropped. The replicated state is copied. DeepSpeed's engine
+files are copied when they load on N ranks (ZeRO 0, or the same world size); ZeRO-1/2 optimizer
+partitions of another world size are converted to DeepSpeed's universal checkpoint format, which
+the trainer restores on any number of ranks. Resume with `checkpoint.resume=NEW_DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from largefr.train.checkpoint_io import CheckpointError
+from largefr.train.reshard import reshard_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step_<N>)")
+    parser.add_argument("--world", type=int, required=True, help="number of ranks that will resume it")
+    parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.world < 1:
+            raise ValueError(f"--world must be >= 1, got {args.world}")
+        out = reshard_checkpoint(args.checkpoint, args.out, args.world)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"reshard_checkpoint: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} for {args.world} ranks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
