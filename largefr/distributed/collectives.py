@@ -22,6 +22,11 @@ def group_rank(group: ProcessGroup | None) -> int:
     return dist.get_rank(group)
 
 
+# torch 2.13 renamed the tensor collectives (*_single); keep the old names for torch >= 2.4.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _supports_reduce_scatter(group: ProcessGroup | None) -> bool:
     return dist.get_backend(group) != "gloo"  # gloo has no reduce_scatter
 
@@ -33,7 +38,7 @@ def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
         return tensor
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor, group=group)
+    _all_gather_tensor(out, tensor, group=group)
     return out
 
 
@@ -46,7 +51,7 @@ def reduce_scatter_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> tor
     rows = tensor.shape[0] // world
     if _supports_reduce_scatter(group):
         out = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        dist.reduce_scatter_tensor(out, tensor, group=group)
+        _reduce_scatter_tensor(out, tensor, group=group)
         return out
     summed = tensor.clone()
     dist.all_reduce(summed, group=group)

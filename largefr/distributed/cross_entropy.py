@@ -22,13 +22,13 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
         # 1. global row max (no gradient flows through the shift)
         if logits.shape[1] > 0:
-            row_max = logits.max(dim=1).values
+            row_max = logits.amax(dim=1)
         else:
             row_max = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
         all_reduce_max_(row_max, group)
 
         # 2. fused all-reduce: sum of exp, positive logit, and "row has a positive somewhere"
-        exp_logits = torch.exp(logits - row_max.unsqueeze(1))
+        exp_logits = torch.sub(logits, row_max.unsqueeze(1)).exp_()  # one logits-sized temporary
         safe_target = local_target.clamp(min=0)
         positive = torch.where(
             has_target,

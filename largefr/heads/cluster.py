@@ -1,0 +1,178 @@
+"""Sharded cluster-center bank C and concentration phi (DESIGN.md section 5, Eq. 1), and lambda(phi).
+
+The rank that owns class k (by `ClassPartition`, the same split as the classifier W) keeps C_k
+and phi_k. Each step, for every class of this rank's range present in the (replicated) feature
+queue Q:
+
+    C^q_k = normalize(mean_{f in Q_k} f)
+    C_k   = normalize(mc*C_k + (1-mc)*C^q_k)      (first sight: C_k = C^q_k)
+    phi_k = sum_{f in Q_k} ||f - C_k||_2 / (|Q_k| * log(|Q_k| + alpha))
+
+Classes absent from Q keep their last C and phi; a class never seen has neither.
+
+Degenerate concentration (an addition to the paper, documented): while a class's center is
+built from a single queued feature (first sight with |Q_k| = 1, and every later update until a
+second feature of that class arrives), the center IS that feature and phi is 0 up to rounding.
+Such a phi measures nothing, and as a temperature it would divide by zero. A phi at or below
+sqrt(machine epsilon) of the bank's dtype is therefore stored but marked missing (`has_phi`
+False): lambda = 1 for the class (plain ArcFace), and the contrastive loss gives it the
+largest sampled phi, as PCL does for singleton clusters. `seen` (has a center) stays True.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largefr.distributed.collectives import all_reduce_min_, all_reduce_sum_, group_rank, group_size
+from largefr.distributed.partition import ClassPartition
+from largefr.heads.queue import FeatureQueue
+
+
+class ClusterBank(nn.Module):
+    """This rank's shard of the cluster centers (num_local x d) and concentrations (num_local).
+
+    Buffers: `centers`, `phi`, `has_phi` (bool: phi measured and non-degenerate), `seen`
+    (bool: has a center), `queue_count` (|Q_k| at the class's last update).
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, group: ProcessGroup | None = None,
+                 momentum: float = 0.9, alpha: float = 10.0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"cluster bank momentum must be in [0, 1), got {momentum}")
+        if alpha <= 0.0:
+            raise ValueError(f"concentration smoothing alpha must be > 0 (log(|Q_k| + alpha) > 0), got {alpha}")
+        self.group = group
+        self.partition = ClassPartition(num_classes, group_size(group), group_rank(group))
+        self.momentum = momentum
+        self.alpha = alpha
+        self.degenerate_phi = math.sqrt(torch.finfo(dtype).eps)
+        rows = self.partition.num_local
+        self.register_buffer("centers", torch.zeros(rows, dim, dtype=dtype, device=device))
+        self.register_buffer("phi", torch.zeros(rows, dtype=dtype, device=device))
+        self.register_buffer("has_phi", torch.zeros(rows, dtype=torch.bool, device=device))
+        self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
+        self.register_buffer("queue_count", torch.zeros(rows, dtype=torch.int64, device=device))
+
+    # ---- update -------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_from_queue(self, queue: FeatureQueue) -> torch.Tensor:
+        """Update C and phi of this rank's classes present in `queue`; returns their local indices."""
+        return self.update_from_features(queue.features, queue.labels)
+
+    @torch.no_grad()
+    def update_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Same as `update_from_queue` on explicit rows (labels < 0 are empty slots)."""
+        if features.dim() != 2 or features.shape[1] != self.centers.shape[1]:
+            raise ValueError(
+                f"ClusterBank.update: features must be (rows, {self.centers.shape[1]}), got "
+                f"{tuple(features.shape)}; the queue and the bank need the same embedding size"
+            )
+        start, end = self.partition.start, self.partition.end
+        inside = (labels >= start) & (labels < end)
+        local_ids = labels[inside] - start
+        members = features[inside].to(self.centers.dtype)
+        # unique keeps every temporary O(queue) instead of O(num_local x d)
+        present, member_slot = torch.unique(local_ids, return_inverse=True)
+        if present.numel() == 0:
+            return present
+        counts = torch.bincount(member_slot, minlength=present.numel()).to(self.centers.dtype)
+        sums = torch.zeros(present.numel(), members.shape[1], dtype=members.dtype, device=members.device)
+        queue_centers = F.normalize(sums.index_add_(0, member_slot, members), dim=1)
+        blended = F.normalize(self.momentum * self.centers[present] + (1.0 - self.momentum) * queue_centers, dim=1)
+        new_centers = torch.where(self.seen[present].unsqueeze(1), blended, queue_centers)
+
+        distances = (members - new_centers[member_slot]).norm(dim=1)
+        spread = torch.zeros_like(counts).index_add_(0, member_slot, distances)
+        new_phi = spread / (counts * torch.log(counts + self.alpha))
+
+        self.centers[present] = new_centers
+        self.phi[present] = new_phi
+        self.has_phi[present] = new_phi > self.degenerate_phi
+        self.seen[present] = True
+        self.queue_count[present] = counts.long()
+        return present
+
+    # ---- lambda -------------------------------------------------------------------------
+    def global_phi_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(phi_min, phi_max) over every class with a phi on every rank; (+inf, -inf) when none.
+
+        One all-reduce MIN of [min, -max]; a rank without any phi contributes the sentinels.
+        """
+        inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
+        local_min = torch.where(self.has_phi, self.phi, inf).min()
+        local_max = torch.where(self.has_phi, self.phi, -inf).max()
+        extremes = all_reduce_min_(torch.stack([local_min, -local_max]), self.group)
+        return extremes[0], -extremes[1]
+
+    @torch.no_grad()
+    def lambda_from_phi(self, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        """This rank's (num_local,) margin factor lo + (hi-lo)*(phi-phi_min)/(phi_max-phi_min).
+
+        lambda = 1 (plain ArcFace) where phi is missing, and everywhere when phi_max == phi_min
+        or no class has a phi. Collective: call on every rank of the group.
+        """
+        phi_min, phi_max = self.global_phi_range()
+        span = phi_max - phi_min
+        scaled = lo + (hi - lo) * (self.phi - phi_min) / span
+        usable = self.has_phi & torch.isfinite(span) & (span > 0)
+        return torch.where(usable, scaled, torch.ones_like(self.phi))
+
+    # ---- logging ------------------------------------------------------------------------
+    @torch.no_grad()
+    def stats(self, lambda_range: tuple[float, float] = (0.0, 1.0), bins: int = 10) -> dict[str, Any]:
+        """Global statistics for logging (collective; `.item()` inside, so call on logging steps).
+
+        phi_fraction: classes with a phi / num_classes; seen_fraction: classes with a center;
+        phi_mean/min/max over classes with a phi (nan when none); lambda_mean and lambda_hist
+        (`bins` equal bins over lambda_range) over classes with a phi.
+        """
+        lo, hi = lambda_range
+        lam = self.lambda_from_phi(lo, hi)
+        phi_min, phi_max = self.global_phi_range()
+        mask = self.has_phi
+        width = (hi - lo) / bins if hi > lo else 1.0
+        bin_index = ((lam[mask] - lo) / width).floor().clamp(0, bins - 1).long()
+        histogram = torch.bincount(bin_index, minlength=bins).to(self.phi.dtype)
+        sums = torch.cat([
+            torch.stack([mask.sum().to(self.phi.dtype), self.seen.sum().to(self.phi.dtype),
+                         self.phi[mask].sum(), lam[mask].sum()]),
+            histogram,
+        ])
+        all_reduce_sum_(sums, self.group)
+        count = sums[0].item()
+        nan = float("nan")
+        return {
+            "phi_fraction": count / self.partition.num_classes,
+            "seen_fraction": sums[1].item() / self.partition.num_classes,
+            "phi_mean": sums[2].item() / count if count else nan,
+            "phi_min": phi_min.item() if count else nan,
+            "phi_max": phi_max.item() if count else nan,
+            "lambda_mean": sums[3].item() / count if count else nan,
+            "lambda_hist": [int(v) for v in sums[4:].tolist()],
+            "lambda_hist_edges": [lo + i * (hi - lo) / bins for i in range(bins + 1)],
+        }
+
+    # ---- checkpoint ---------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, int]:
+        part = self.partition
+        return {"num_classes": part.num_classes, "world_size": part.world_size,
+                "class_start": part.start, "class_end": part.end}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        part = self.partition
+        mine = self.get_extra_state()
+        if state.get("class_start") != part.start or state.get("class_end") != part.end \
+                or state.get("num_classes") != part.num_classes:
+            raise ValueError(
+                f"ClusterBank shard holds classes [{state.get('class_start')}, {state.get('class_end')}) of "
+                f"{state.get('num_classes')} (written by {state.get('world_size')} ranks), but this rank owns "
+                f"[{mine['class_start']}, {mine['class_end']}) of {mine['num_classes']}: re-split the "
+                "checkpoint by class range for this world size before loading"
+            )

@@ -1,0 +1,216 @@
+"""The paper's joint head: CG-ArcFace on the sharded classifier + cluster contrastive + aligning (Eq. 8).
+
+One forward (DESIGN.md section 5, "Order within a step"):
+1. gather the global batch's labels, and its embeddings ONCE with autograd (shared by L_cg and L_con);
+2. enqueue the global batch's momentum features, update this rank's bank shard and phi
+   (every class of the batch then has a center);
+3. lambda(phi) with global phi_min/phi_max, fed to the margin head as `class_lambda`;
+4. L_cg on the margin head; sample M centers (positives first); L_con and L_ali;
+5. L = L_cg + l1*L_con + l2*L_ali. A term whose weight is 0 is not computed at all, so with
+   every cluster term off (cg_margin False, both weights 0) the loss is the margin head's, bit
+   for bit.
+
+The momentum encoder is not part of this module: the trainer runs it and passes its features.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad
+from largefr.heads.cluster import ClusterBank
+from largefr.heads.cluster_losses import (
+    TEMPERATURE_MODES,
+    SampledCenters,
+    cluster_aligning_loss,
+    cluster_contrastive_loss,
+    cluster_temperature,
+    sample_centers,
+)
+from largefr.heads.queue import FeatureQueue
+from largefr.heads.sharded_head import ShardedMarginHead
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """Cluster-guided learning settings (the keys of the config's `cluster` section)."""
+
+    cg_margin: bool = True
+    """Scale each class's margin by lambda(phi) (Eqs. 3-5); False = lambda 1 (plain margin)."""
+    lambda_range: Sequence[float] = (0.0, 1.0)
+    """[lo, hi]: lambda = lo + (hi - lo) * (phi - phi_min) / (phi_max - phi_min)."""
+    contrastive_weight: float = 1.0
+    """l1, weight of L_Clu-Con (Eq. 6); 0 turns the term off."""
+    aligning_weight: float = 0.5
+    """l2, weight of L_Clu-Ali (Eq. 7); 0 turns the term off."""
+    queue_size: int = 8192
+    """Feature queue length (momentum features of past global batches)."""
+    encoder_momentum: float = 0.999
+    """EMA momentum of the momentum encoder (used by the trainer, kept here with its siblings)."""
+    bank_momentum: float = 0.9
+    """mc of the cluster-center update (Eq. 1)."""
+    num_sampled_centers: int = 2048
+    """M, classes sampled over all ranks for L_con and L_ali (positives of the batch always in)."""
+    alpha: float = 10.0
+    """Smoothing constant of phi's log(|Q_k| + alpha)."""
+    temperature_mode: str = "pcl"
+    """'pcl': pcl_tau0 * phi / mean(phi) with phi clipped to percentiles; 'raw': phi itself."""
+    pcl_tau0: float = 0.1
+    """Mean temperature of the 'pcl' mode."""
+    pcl_clip_percentiles: Sequence[float] = (10.0, 90.0)
+    """[low, high] percentiles phi is clipped to in the 'pcl' mode."""
+    align_tau_init: float = 0.07
+    """Initial learnable temperature of L_ali (stored as log tau)."""
+
+    def __post_init__(self) -> None:
+        problems = [p for p in self._problems() if p]
+        if problems:
+            raise ValueError("invalid cluster config: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        lam, pct = list(self.lambda_range), list(self.pcl_clip_percentiles)
+        return [
+            "" if len(lam) == 2 else f"lambda_range={lam} must be [lo, hi]",
+            "" if self.contrastive_weight >= 0 else f"contrastive_weight={self.contrastive_weight} must be >= 0",
+            "" if self.aligning_weight >= 0 else f"aligning_weight={self.aligning_weight} must be >= 0",
+            "" if self.queue_size >= 1 else f"queue_size={self.queue_size} must be >= 1",
+            "" if 0 <= self.encoder_momentum <= 1 else f"encoder_momentum={self.encoder_momentum} must be in [0, 1]",
+            "" if 0 <= self.bank_momentum < 1 else f"bank_momentum={self.bank_momentum} must be in [0, 1)",
+            "" if self.num_sampled_centers >= 1 else f"num_sampled_centers={self.num_sampled_centers} must be >= 1",
+            "" if self.alpha > 0 else f"alpha={self.alpha} must be > 0",
+            "" if self.temperature_mode in TEMPERATURE_MODES else
+            f"temperature_mode={self.temperature_mode!r} must be one of {TEMPERATURE_MODES}",
+            "" if self.pcl_tau0 > 0 else f"pcl_tau0={self.pcl_tau0} must be > 0",
+            "" if len(pct) == 2 and 0 <= pct[0] <= pct[1] <= 100 else
+            f"pcl_clip_percentiles={pct} must be [low, high] with 0 <= low <= high <= 100",
+            "" if self.align_tau_init > 0 else f"align_tau_init={self.align_tau_init} must be > 0",
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        """True when any cluster term needs the queue and the bank."""
+        return self.cg_margin or self.contrastive_weight > 0 or self.aligning_weight > 0
+
+    @classmethod
+    def from_section(cls, section: Any) -> "ClusterConfig":
+        """Copy the same-named fields of another object (e.g. largefr.config's `cluster` section)."""
+        missing = [f.name for f in fields(cls) if not hasattr(section, f.name)]
+        if missing:
+            raise ValueError(f"cluster section {type(section).__name__} lacks the keys {missing}")
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+
+
+def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+class ClusterGuidedHead(nn.Module):
+    """ShardedMarginHead + feature queue + cluster bank + L_con + L_ali, on the head's process group.
+
+    forward(local_embeddings, local_labels, local_momentum_features) -> (loss, terms) where terms
+    holds each loss term detached. `last_touched_rows` (sorted local rows of W that got a
+    gradient: Partial FC's sample plus L_ali's sampled classes) is what a row-sparse optimizer
+    must step. Parameters: the margin head's `weight` and `log_tau` (when L_ali is on).
+    """
+
+    def __init__(self, margin_head: ShardedMarginHead, config: ClusterConfig, *, seed: int = 0):
+        super().__init__()
+        self.margin_head = margin_head
+        self.config = config
+        self.group = margin_head.group
+        weight = margin_head.weight
+        dim, dtype = weight.shape[1], _cluster_dtype(weight.dtype)
+        self.queue: FeatureQueue | None = None
+        self.bank: ClusterBank | None = None
+        if config.enabled:
+            self.queue = FeatureQueue(config.queue_size, dim, group=self.group, dtype=dtype, device=weight.device)
+            self.bank = ClusterBank(margin_head.num_classes, dim, group=self.group, momentum=config.bank_momentum,
+                                    alpha=config.alpha, dtype=dtype, device=weight.device)
+        self.log_tau: nn.Parameter | None = None
+        if config.aligning_weight > 0:
+            # float32 at least: a bf16 temperature would move in steps of ~1%
+            initial = torch.tensor(math.log(config.align_tau_init), dtype=dtype, device=weight.device)
+            self.log_tau = nn.Parameter(initial)
+        self.sample_generator = torch.Generator(device=weight.device)
+        self.sample_generator.manual_seed(seed * 1_000_003 + margin_head.partition.rank)
+        self.last_terms: dict[str, torch.Tensor] = {}
+        self.last_touched_rows: torch.Tensor | None = None
+        self.last_sampled_centers: SampledCenters | None = None
+
+    @property
+    def partition(self):
+        return self.margin_head.partition
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                local_momentum_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss (same on every rank) and each term, for this step's local rows."""
+        device = self.margin_head.weight.device
+        labels = all_gather_rows(local_labels.to(device=device, dtype=torch.long), self.group)
+        features = all_gather_with_grad(local_embeddings, self.group)
+        class_lambda = None
+        if self.config.enabled:
+            self._update_clusters(local_momentum_features, labels)
+            if self.config.cg_margin:
+                class_lambda = self.bank.lambda_from_phi(*self.config.lambda_range)
+        loss = self.margin_head.loss_from_gathered(features, labels, class_lambda)
+        terms = {"loss_cg": loss.detach()}
+        touched = [self.margin_head.last_sampled]
+        if self.config.contrastive_weight > 0 or self.config.aligning_weight > 0:
+            sampled = sample_centers(self.bank, labels, self.config.num_sampled_centers,
+                                     generator=self.sample_generator)
+            self.last_sampled_centers = sampled
+            loss = self._add_cluster_terms(loss, features, labels, sampled, terms)
+            if self.log_tau is not None:
+                touched.append(sampled.local_indices)
+        self.last_touched_rows = torch.unique(torch.cat(touched)) if len(touched) > 1 else touched[0]
+        self.last_terms = terms
+        return loss, terms
+
+    def _update_clusters(self, local_momentum_features: torch.Tensor | None, labels: torch.Tensor) -> None:
+        if local_momentum_features is None:
+            raise ValueError("ClusterGuidedHead: cluster terms are on (cluster.cg_margin or a cluster loss weight), "
+                             "so forward needs the momentum encoder's features; pass local_momentum_features or "
+                             "turn the cluster terms off")
+        momentum = F.normalize(local_momentum_features.detach().to(self.queue.features.dtype), dim=1)
+        self.queue.enqueue_global(all_gather_rows(momentum, self.group), labels)
+        self.bank.update_from_queue(self.queue)
+
+    def _add_cluster_terms(self, loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                           sampled: SampledCenters, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """loss + l1*L_con + l2*L_ali (terms with weight 0 are skipped); records each term."""
+        cfg = self.config
+        if cfg.contrastive_weight > 0:
+            temperature = cluster_temperature(sampled.phi, sampled.has_phi, mode=cfg.temperature_mode,
+                                              tau0=cfg.pcl_tau0, clip_percentiles=tuple(cfg.pcl_clip_percentiles))
+            normalized = F.normalize(features.to(self.margin_head.weight.dtype), dim=1)
+            loss_con = cluster_contrastive_loss(normalized, labels, sampled, self.partition,
+                                                temperature=temperature, group=self.group)
+            terms["loss_con"] = loss_con.detach()
+            loss = loss + cfg.contrastive_weight * loss_con
+        if cfg.aligning_weight > 0:
+            loss_ali = cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group)
+            terms["loss_ali"] = loss_ali.detach()
+            loss = loss + cfg.aligning_weight * loss_ali
+        return loss
+
+    @torch.no_grad()
+    def stats(self, histogram_bins: int = 10) -> dict[str, Any]:
+        """Logging statistics (collective when the bank exists: call on every rank, on logging steps)."""
+        out: dict[str, Any] = {name: float(value) for name, value in self.last_terms.items()}
+        if self.bank is not None:
+            out.update(self.bank.stats(lambda_range=tuple(self.config.lambda_range), bins=histogram_bins))
+            out["queue_fill"] = float(self.queue.filled().double().mean())
+        if self.log_tau is not None:
+            out["align_tau"] = float(self.log_tau.exp())
+        return out
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sample_generator": self.sample_generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.sample_generator.set_state(state["sample_generator"])

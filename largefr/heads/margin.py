@@ -1,0 +1,138 @@
+"""Additive-angular / cosine margins for the target logit (ArcFace, CosFace, combined, CG-ArcFace).
+
+All three margins are one function of the target cosine c = cos(theta):
+
+    psi(c) = cos(m1*theta + m2) - m3          while m1*theta + m2 <= pi
+    logit  = s * psi(c)   for the target column,   s * c   for every other column
+
+ArcFace is (m1, m2, m3) = (1, m, 0), CosFace is (1, 0, m), the combined margin takes (m1, m2, m3)
+from the config. CG-ArcFace scales the margin per row by lambda_{y_i} (the lambda of the row's
+target class): m2_i = lambda_i * m2 and m3_i = lambda_i * m3 (m1 is not scaled). For ArcFace that is
+exactly s*cos(theta + lambda_y*m); for CosFace s*(cos - lambda_y*m). Because the margin is per row,
+the switch point below is per row too.
+
+The gradient is exact: for m1 == 1 we compute cos(theta + m2) = c*cos(m2) - sin(theta)*sin(m2) with
+sin(theta) = sqrt(1 - c^2) (clamped away from 0 so the derivative stays finite), which is
+differentiable in c (no straight-through estimator); for m1 != 1 through acos (clamped to (-1, 1)).
+
+theta + m > pi. Past theta* = (pi - m2)/m1 the angle m1*theta + m2 exceeds pi and cos(.) would
+increase again, rewarding a worse target. Two documented fallbacks:
+
+* default ("th/mm" form of insightface): for theta > theta*, psi = c - (pi - theta*)*sin(theta*) - m3,
+  the tangent continuation. For ArcFace this is insightface's cos(theta) - m*sin(m) with the switch
+  at cos(theta) = cos(pi - m). psi is NOT continuous at theta*: it jumps DOWN by
+  cos(m) + m*sin(m) - 1 (ArcFace, m = 0.5: from -1 to -1.117), so the target logit stays
+  monotone decreasing in theta (for theta* >= pi/2, i.e. any practical margin). The derivative
+  on both sides is finite; autograd uses the branch the sample falls in.
+* easy_margin=True: the margin is applied only where c > 0, psi = c elsewhere (insightface's
+  easy_margin; continuous at c = 0 only when the margin vanishes there).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MARGIN_TYPES = ("arcface", "cosface", "combined")
+_SIN_FLOOR = 1e-12  # floor of 1 - c^2 so d sqrt / dc stays finite at |c| = 1
+_ACOS_CLAMP = 1e-7  # keep acos away from +-1 where its derivative is infinite
+
+
+@dataclass(kw_only=True)
+class MarginConfig:
+    """Which margin the target logit gets, and the logit scale."""
+
+    type: str = "arcface"
+    """'arcface' (s*cos(theta+m)), 'cosface' (s*(cos-m)) or 'combined' (s*(cos(m1*theta+m2)-m3))."""
+    scale: float = 64.0
+    """Logit scale s applied to every logit."""
+    margin: float = 0.5
+    """m for 'arcface' (angular, radians) and 'cosface' (cosine); ignored by 'combined'."""
+    combined_margins: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    """(m1, m2, m3) for 'combined' (insightface's convention); lambda scales m2 and m3."""
+    easy_margin: bool = False
+    """Apply the margin only where cos(theta) > 0 instead of the th/mm fallback past pi."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.type not in MARGIN_TYPES:
+            problems.append(f"type={self.type!r} is not one of {MARGIN_TYPES}")
+        if not self.scale > 0:
+            problems.append(f"scale={self.scale} must be > 0")
+        if not 0 <= self.margin < math.pi:
+            problems.append(f"margin={self.margin} must be in [0, pi)")
+        if len(self.combined_margins) != 3:
+            problems.append(f"combined_margins={self.combined_margins} must be (m1, m2, m3)")
+        else:
+            m1, m2, m3 = self.combined_margins
+            if not m1 > 0:
+                problems.append(f"combined_margins m1={m1} must be > 0")
+            if not 0 <= m2 < math.pi:
+                problems.append(f"combined_margins m2={m2} must be in [0, pi)")
+            if not m3 >= 0:
+                problems.append(f"combined_margins m3={m3} must be >= 0")
+        if problems:
+            raise ValueError("invalid MarginConfig: " + "; ".join(problems))
+
+    def margins(self) -> tuple[float, float, float]:
+        """(m1, m2, m3) of the combined form that this config is."""
+        if self.type == "arcface":
+            return 1.0, self.margin, 0.0
+        if self.type == "cosface":
+            return 1.0, 0.0, self.margin
+        m1, m2, m3 = self.combined_margins
+        return float(m1), float(m2), float(m3)
+
+
+def _shifted_cosine(cos: torch.Tensor, m1: float, m2: torch.Tensor) -> torch.Tensor:
+    """cos(m1*theta + m2), differentiable in cos."""
+    if m1 == 1.0:
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=_SIN_FLOOR))
+        return cos * torch.cos(m2) - sin * torch.sin(m2)
+    theta = torch.acos(cos.clamp(-1.0 + _ACOS_CLAMP, 1.0 - _ACOS_CLAMP))
+    return torch.cos(m1 * theta + m2)
+
+
+def target_logit(
+    cos_target: torch.Tensor, cfg: MarginConfig, row_lambda: torch.Tensor | None = None
+) -> torch.Tensor:
+    """s * psi(cos) for target cosines (any shape); row_lambda scales m2 and m3 per element.
+
+    row_lambda: the lambda of each element's target class (same shape as cos_target), treated as
+    a constant; None means 1 (plain ArcFace / CosFace / combined).
+    """
+    m1, m2, m3 = cfg.margins()
+    scale = torch.ones_like(cos_target) if row_lambda is None else row_lambda.to(cos_target.dtype)
+    m2_row, m3_row = scale * m2, scale * m3
+    shifted = _shifted_cosine(cos_target, m1, m2_row) - m3_row
+    if cfg.easy_margin:
+        psi = torch.where(cos_target > 0, shifted, cos_target)
+    else:
+        # switch angle theta* where m1*theta + m2 reaches pi; never past pi itself
+        switch_angle = ((math.pi - m2_row) / m1).clamp(max=math.pi)
+        # the angle added at the switch point, (m1 - 1)*theta* + m2 = pi - theta*
+        tangent_drop = math.pi - switch_angle
+        fallback = cos_target - tangent_drop * torch.sin(switch_angle) - m3_row
+        psi = torch.where(cos_target > torch.cos(switch_angle), shifted, fallback)
+    return psi * cfg.scale
+
+
+def margin_logits(
+    cos: torch.Tensor, local_target: torch.Tensor, class_lambda: torch.Tensor | None, cfg: MarginConfig
+) -> torch.Tensor:
+    """Logits s*cos with each row's target column replaced by s*psi (out of place, differentiable).
+
+    cos: (rows, cols); local_target: (rows,) column of the row's positive or -1 (none here);
+    class_lambda: (cols,) lambda of each column's class, or None for lambda = 1.
+    """
+    if cos.dim() != 2 or local_target.shape != cos.shape[:1]:
+        raise ValueError(f"margin_logits expects cos (rows, cols) and local_target (rows,), got "
+                         f"{tuple(cos.shape)} and {tuple(local_target.shape)}")
+    if class_lambda is not None and class_lambda.shape != cos.shape[1:]:
+        raise ValueError(f"class_lambda has shape {tuple(class_lambda.shape)}, expected ({cos.shape[1]},)")
+    rows = torch.nonzero(local_target >= 0).squeeze(1)
+    cols = local_target[rows]
+    row_lambda = None if class_lambda is None else class_lambda[cols]
+    targets = target_logit(cos[rows, cols], cfg, row_lambda)
+    return (cos * cfg.scale).index_put((rows, cols), targets)

@@ -1,0 +1,270 @@
+"""Class-partitioned margin softmax head (Partial FC style) over a process group.
+
+Each rank of `group` holds the rows of W for its class range (ClassPartition). A step all-gathers
+the embeddings (autograd: backward is a reduce-scatter) and labels, samples this rank's classes
+(Partial FC), computes the local logits s*cos(theta) with the margin on the target column, and
+feeds them to `sharded_cross_entropy`. Nothing of size (global batch x num_classes) or
+(num_classes x d) is allocated on one rank.
+
+Elementwise work on the (B_g x S) logits is kept to in-place passes: W is never normalised into a
+copy (the GEMM uses raw rows and the logits are scaled by 1/||W_j|| in place), the margin rewrites
+only the B_g target entries, and the backward reuses the softmax buffer of the cross entropy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad, group_rank, group_size
+from largefr.distributed.cross_entropy import sharded_cross_entropy
+from largefr.distributed.partition import ClassPartition
+from largefr.heads.margin import MarginConfig, target_logit
+
+ROWS_PER_INIT_CHUNK = 4096
+"""Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
+_NORM_EPS = 1e-12
+_SAMPLE_STREAM = 0x5A3D_17C4_9E21_0B6F  # separates the sampling seed from the init seeds
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    """A 63-bit seed from (seed, index) via splitmix64, so nearby pairs give unrelated streams."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+    return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def normal_rows(start: int, end: int, dim: int, *, std: float, seed: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [start, end) of one global N(0, std^2) matrix defined by `seed` (CPU tensor).
+
+    Row k depends only on k and seed: it comes from the seeded chunk k // ROWS_PER_INIT_CHUNK, so
+    any split of the rows over ranks yields the same matrix and no rank materialises all of it.
+    """
+    gen_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.empty((end - start, dim), dtype=gen_dtype)
+    chunk = start // ROWS_PER_INIT_CHUNK
+    while chunk * ROWS_PER_INIT_CHUNK < end:
+        chunk_start = chunk * ROWS_PER_INIT_CHUNK
+        generator = torch.Generator().manual_seed(_mix_seed(seed, chunk))
+        values = torch.randn((ROWS_PER_INIT_CHUNK, dim), generator=generator, dtype=gen_dtype)
+        lo, hi = max(start, chunk_start), min(end, chunk_start + ROWS_PER_INIT_CHUNK)
+        out[lo - start:hi - start] = values[lo - chunk_start:hi - chunk_start]
+        chunk += 1
+    return out.mul_(std).to(dtype)
+
+
+class _CosineLogits(torch.autograd.Function):
+    """logits = scaled_features @ normalize(W_rows)^T without a normalised copy of W.
+
+    Forward: GEMM on the raw rows, then the columns are scaled by 1/||W_j|| in place.
+    Backward: G' = G * inv_norm (in place on G, which the margin/cross entropy hand over as a
+    buffer nobody else holds), dF = G' W, dW = G'^T F - inv_norm^2 * W * <W, G'^T F> (row-wise):
+    the exact derivative of the row normalisation.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled_features: torch.Tensor, weight_rows: torch.Tensor, logits_dtype: torch.dtype):
+        inv_norm = torch.linalg.vector_norm(weight_rows, dim=1).clamp_(min=_NORM_EPS).reciprocal_()
+        ctx.save_for_backward(scaled_features, weight_rows, inv_norm)
+        ctx.logits_dtype = logits_dtype
+        if logits_dtype == weight_rows.dtype:
+            logits = scaled_features.to(logits_dtype) @ weight_rows.t()
+            return logits.mul_(inv_norm)
+        # low precision: normalise before the cast so the scaling is done in full precision
+        normalized = (weight_rows * inv_norm.unsqueeze(1)).to(logits_dtype)
+        return scaled_features.to(logits_dtype) @ normalized.t()
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor):
+        features, weight_rows, inv_norm = ctx.saved_tensors
+        low_precision = ctx.logits_dtype != weight_rows.dtype
+        if low_precision:
+            weight_mm = (weight_rows * inv_norm.unsqueeze(1)).to(ctx.logits_dtype)
+        else:
+            grad_logits = grad_logits.mul_(inv_norm)  # in place: buffer owned by this backward chain
+            weight_mm = weight_rows
+        grad_features = None
+        if ctx.needs_input_grad[0]:
+            grad_features = (grad_logits @ weight_mm).to(features.dtype)
+        grad_weight = (grad_logits.t() @ features.to(ctx.logits_dtype)).to(weight_rows.dtype)
+        if low_precision:
+            grad_weight.mul_(inv_norm.unsqueeze(1))
+        # grad_weight now holds inv_norm * dL/dWn; remove the radial component of each row
+        _remove_radial_component_(grad_weight, weight_rows, inv_norm)
+        return grad_features, grad_weight, None
+
+
+_RADIAL_BLOCK_ROWS = 128  # two blocks of 128 x 512 floats stay in L2 between the dot and the update
+
+
+def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tensor, inv_norm: torch.Tensor) -> None:
+    """grad_j -= inv_j^2 * <W_j, grad_j> * W_j, in place, block by block.
+
+    One fused pass instead of a full-size product temporary (vecdot) plus a second pass:
+    each block is read from memory once and updated while it is still in cache.
+    """
+    inv_square = inv_norm.square()
+    for start in range(0, grad_weight.shape[0], _RADIAL_BLOCK_ROWS):
+        rows = slice(start, start + _RADIAL_BLOCK_ROWS)
+        radial = torch.linalg.vecdot(weight_rows[rows], grad_weight[rows]).mul_(inv_square[rows])
+        grad_weight[rows].addcmul_(weight_rows[rows], radial.unsqueeze(1), value=-1.0)
+
+
+class _TargetMarginInPlace(torch.autograd.Function):
+    """Overwrite logits[rows, cols] (= s*cos) with s*psi(cos) in place; exact backward.
+
+    The backward multiplies the B_g target entries of the incoming gradient by psi'(cos) in place
+    (the gradient is the cross entropy's softmax buffer, held by nobody else).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, cols, row_lambda, cfg: MarginConfig):
+        compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        cos_target = logits[rows, cols].to(compute_dtype) / cfg.scale
+        logits[rows, cols] = target_logit(cos_target, cfg, row_lambda).to(logits.dtype)
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(cos_target, rows, cols, row_lambda)
+        ctx.cfg = cfg
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        cos_target, rows, cols, row_lambda = ctx.saved_tensors
+        with torch.enable_grad():
+            cos_leaf = cos_target.detach().requires_grad_(True)
+            logit = target_logit(cos_leaf, ctx.cfg, row_lambda)
+            upstream = grad_logits[rows, cols].to(cos_leaf.dtype) / ctx.cfg.scale
+            (grad_cos,) = torch.autograd.grad(logit, cos_leaf, upstream)
+        grad_logits[rows, cols] = grad_cos.to(grad_logits.dtype)
+        return grad_logits, None, None, None, None
+
+
+class ShardedMarginHead(nn.Module):
+    """Margin softmax classifier whose rows are split over the ranks of `group` (Partial FC).
+
+    num_classes: K over all ranks; this rank holds rows [partition.start, partition.end).
+    margin: ArcFace / CosFace / combined, with CG-ArcFace's per-class lambda at forward time.
+    sample_rate: Partial FC rate in (0, 1]; each rank keeps the positives of the global batch in
+        its range plus uniform random negatives up to ceil(sample_rate * num_local).
+    group: process group whose ranks share the classes (None: default group, or no
+        torch.distributed at all = one rank).
+    init_std: W ~ N(0, init_std^2); row k depends only on k and the seed (see `normal_rows`).
+    logits_dtype: dtype of the logits GEMMs (float32 default; bfloat16 allowed, the softmax is
+        always computed in float32 by sharded_cross_entropy).
+    generator: source of the seed (its initial_seed(); torch.initial_seed() when None). Seed it
+        identically on every rank so W does not depend on the world size.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, *, margin: MarginConfig, sample_rate: float = 1.0,
+                 group: ProcessGroup | None = None, init_std: float = 0.01,
+                 logits_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate={sample_rate} must be in (0, 1] (1.0 = no Partial FC sampling)")
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size={embedding_size} must be >= 1")
+        self.margin = margin
+        self.sample_rate = float(sample_rate)
+        self.group = group
+        self.logits_dtype = logits_dtype
+        self.partition = ClassPartition(num_classes, group_size(group), group_rank(group))
+        # ceil without float noise: 0.1 * 30 must give 3, not 4
+        self.num_sample = min(self.partition.num_local, math.ceil(self.sample_rate * self.partition.num_local - 1e-9))
+        seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+        rows = normal_rows(self.partition.start, self.partition.end, embedding_size, std=init_std, seed=seed,
+                           dtype=dtype)
+        self.weight = nn.Parameter(rows.to(device))
+        self.sample_generator = torch.Generator(device=self.weight.device)
+        self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
+        self.last_sampled: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.partition.num_classes
+
+    def get_extra_state(self) -> dict:
+        """The Partial FC sampler's state, so a resumed run draws the same negatives."""
+        return {"sample_generator": self.sample_generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sample_generator.set_state(state["sample_generator"])
+
+    def extra_repr(self) -> str:
+        p = self.partition
+        return (f"classes={p.num_classes}, local=[{p.start}, {p.end}), dim={self.weight.shape[1]}, "
+                f"sample_rate={self.sample_rate}, margin={self.margin}")
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                class_lambda: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss over the global batch (same value on every rank of the group).
+
+        local_embeddings: (B, d) this rank's rows, not normalised; every rank passes the same B.
+        local_labels: (B,) global class ids, -1 marks a row to ignore.
+        class_lambda: (num_local,) lambda of this rank's classes, or None (= 1, plain margin).
+        """
+        if local_embeddings.dim() != 2 or local_labels.shape != local_embeddings.shape[:1]:
+            raise ValueError(f"expected embeddings (B, d) and labels (B,), got {tuple(local_embeddings.shape)} "
+                             f"and {tuple(local_labels.shape)}")
+        features = all_gather_with_grad(local_embeddings, self.group)
+        labels = all_gather_rows(local_labels.to(device=self.weight.device, dtype=torch.long), self.group)
+        return self.loss_from_gathered(features, labels, class_lambda)
+
+    def loss_from_gathered(self, features: torch.Tensor, labels: torch.Tensor,
+                           class_lambda: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss from the gathered (B_g, d) features (with grad, not normalised) and (B_g,) labels."""
+        labels = labels.long()
+        self._check_inputs(features, labels, class_lambda)
+        sampled, local_target = self.sample_classes(labels)
+        self.last_sampled = sampled
+        full = sampled.numel() == self.partition.num_local
+        weight_rows = self.weight if full else self.weight.index_select(0, sampled)  # grad reaches sampled rows only
+        scaled = F.normalize(features.to(self.weight.dtype), dim=1, eps=_NORM_EPS) * self.margin.scale
+        logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
+        rows = torch.nonzero(local_target >= 0).squeeze(1)
+        cols = local_target[rows]
+        row_lambda = None if class_lambda is None else class_lambda[sampled[cols]].detach()
+        logits = _TargetMarginInPlace.apply(logits, rows, cols, row_lambda, self.margin)
+        return sharded_cross_entropy(logits, local_target, self.group)
+
+    @torch.no_grad()
+    def sample_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted local row indices used this step, local target column per row or -1).
+
+        The positives of `labels` in this rank's range are always kept; uniform random negatives
+        (from `sample_generator`) fill up to num_sample; more positives than that are all kept.
+        """
+        start, num_local = self.partition.start, self.partition.num_local
+        local = (labels >= start) & (labels < self.partition.end)
+        local_labels = torch.where(local, labels - start, torch.zeros_like(labels))
+        if self.num_sample >= num_local:
+            sampled = torch.arange(num_local, device=labels.device)
+            return sampled, torch.where(local, local_labels, torch.full_like(labels, -1))
+        positives = torch.unique(local_labels[local])
+        score = torch.rand(num_local, generator=self.sample_generator, device=self.sample_generator.device)
+        score = score.to(labels.device)
+        score[positives] = 2.0  # above any uniform draw: positives come first in topk
+        count = max(self.num_sample, positives.numel())
+        sampled = torch.topk(score, count, sorted=False).indices.sort().values
+        local_target = torch.searchsorted(sampled, local_labels)
+        return sampled, torch.where(local, local_target, torch.full_like(labels, -1))
+
+    def _check_inputs(self, features: torch.Tensor, labels: torch.Tensor, class_lambda: torch.Tensor | None) -> None:
+        if features.dim() != 2 or features.shape[1] != self.weight.shape[1] or labels.shape != features.shape[:1]:
+            raise ValueError(f"expected features (B_g, {self.weight.shape[1]}) and labels (B_g,), got "
+                             f"{tuple(features.shape)} and {tuple(labels.shape)}")
+        if class_lambda is not None and class_lambda.shape != (self.partition.num_local,):
+            raise ValueError(f"class_lambda has shape {tuple(class_lambda.shape)}; expected "
+                             f"({self.partition.num_local},): the lambda of this rank's classes "
+                             f"[{self.partition.start}, {self.partition.end})")
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if labels.numel() and bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            raise ValueError(f"label {int(labels[row])} at gathered row {row} is outside [0, {self.num_classes}) "
+                             "(use -1 to ignore a row); check the dataset's num_classes")

@@ -1,0 +1,126 @@
+"""Row-sparse head optimizers: unsampled rows untouched bit for bit, sampled rows follow torch.optim."""
+import copy
+import io
+
+import pytest
+import torch
+
+from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
+
+CLASSES, DIM, BATCH, STEPS, BASE_LR = 200, 8, 8, 3, 0.1
+
+OPTIMIZERS = {
+    "sgd": (lambda p, **kw: RowSparseSGD(p, lr=BASE_LR, momentum=0.9, weight_decay=5e-3, **kw),
+            lambda p: torch.optim.SGD(p, lr=BASE_LR, momentum=0.9, weight_decay=5e-3, foreach=False)),
+    "sgd_nesterov": (lambda p, **kw: RowSparseSGD(p, lr=BASE_LR, momentum=0.9, weight_decay=5e-3, nesterov=True, **kw),
+                     lambda p: torch.optim.SGD(p, lr=BASE_LR, momentum=0.9, weight_decay=5e-3, nesterov=True,
+                                               foreach=False)),
+    "adamw": (lambda p, **kw: RowSparseAdamW(p, lr=BASE_LR, betas=(0.8, 0.95), weight_decay=0.05, **kw),
+              lambda p: torch.optim.AdamW(p, lr=BASE_LR, betas=(0.8, 0.95), weight_decay=0.05, foreach=False)),
+}
+
+
+def lr_at(step: int) -> float:
+    return BASE_LR * 0.5 ** step  # changed every step through param_groups, as a scheduler would
+
+
+def snapshot(head, optimizer):
+    state = optimizer.state.get(head.weight, {})
+    return head.weight.detach().clone(), {key: value.clone() for key, value in state.items()}
+
+
+def train_three_steps(name):
+    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=0.3, dtype=torch.float64,
+                             logits_dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    optimizer = OPTIMIZERS[name][0]([head.weight], row_source=lambda: head.last_sampled)
+    data = torch.Generator().manual_seed(1)
+    initial = head.weight.detach().clone()
+    history = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        embeddings = torch.randn(BATCH, DIM, generator=data, dtype=torch.float64)
+        head(embeddings, torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
+        optimizer.param_groups[0]["lr"] = lr_at(step)
+        before = snapshot(head, optimizer)
+        optimizer.step()
+        history.append(dict(sampled=head.last_sampled.clone(), grad=head.weight.grad.clone(),
+                            before=before, after=snapshot(head, optimizer)))
+    return head, optimizer, initial, history
+
+
+def unsampled_mask(sampled: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(CLASSES, dtype=torch.bool)
+    mask[sampled] = False
+    return mask
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_unsampled_rows_and_state_stay_bit_identical(name):
+    head, optimizer, initial, history = train_three_steps(name)
+    never = unsampled_mask(torch.cat([h["sampled"] for h in history]))
+    assert 10 < int(never.sum()) < CLASSES - 60, "the test needs rows that were never sampled"
+    assert torch.equal(head.weight.detach()[never], initial[never])
+    for key, value in optimizer.state[head.weight].items():
+        assert torch.equal(value[never], torch.zeros_like(value[never])), key
+    for entry in history:  # rows skipped in one step are unchanged across that step
+        skipped = unsampled_mask(entry["sampled"])
+        (w0, state0), (w1, state1) = entry["before"], entry["after"]
+        assert torch.equal(w0[skipped], w1[skipped])
+        for key in state0:
+            assert torch.equal(state0[key][skipped], state1[key][skipped]), key
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sampled_rows_follow_torch_optim_on_those_rows(name):
+    head, optimizer, initial, history = train_three_steps(name)
+    taken = torch.stack([~unsampled_mask(h["sampled"]) for h in history], dim=1)  # (rows, steps)
+    patterns = {tuple(row.tolist()) for row in taken}
+    assert len(patterns) >= 5, "rows should be sampled in varied subsets of the steps"
+    for pattern in patterns:
+        rows = torch.nonzero((taken == torch.tensor(pattern)).all(dim=1)).squeeze(1)
+        param = initial[rows].clone().requires_grad_(True)
+        reference = OPTIMIZERS[name][1]([param])
+        for step in (s for s in range(STEPS) if pattern[s]):
+            reference.param_groups[0]["lr"] = lr_at(step)
+            param.grad = history[step]["grad"][rows]
+            reference.step()
+        torch.testing.assert_close(head.weight.detach()[rows], param.detach(), atol=1e-14, rtol=1e-13)
+        state = optimizer.state[head.weight]
+        assert torch.equal(state["step"][rows], torch.full_like(rows, sum(pattern)))
+        for key, value in reference.state[param].items():
+            if key != "step":
+                torch.testing.assert_close(state[key][rows], value, atol=1e-14, rtol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_state_dict_round_trip_continues_identically(name):
+    head, optimizer, _, history = train_three_steps(name)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    weight = torch.nn.Parameter(head.weight.detach().clone())
+    resumed = OPTIMIZERS[name][0]([weight])
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.state[weight]["step"].dtype == torch.long
+    rows = history[0]["sampled"]
+    for param, opt in ((head.weight, optimizer), (weight, resumed)):
+        param.grad = history[1]["grad"].clone()
+        opt.step(rows)
+    assert torch.equal(weight.detach(), head.weight.detach())
+    for key, value in optimizer.state[head.weight].items():
+        assert torch.equal(resumed.state[weight][key], value), key
+
+
+def test_bad_rows_and_resharded_state_are_reported():
+    weight = torch.nn.Parameter(torch.zeros(5, 2))
+    weight.grad = torch.ones(5, 2)
+    optimizer = RowSparseSGD([weight], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="got no rows: pass step\\(rows=head.last_sampled\\)"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="rows must be sorted, unique and inside \\[0, 5\\)"):
+        optimizer.step(torch.tensor([3, 1]))
+    optimizer.step(torch.tensor([1, 3]))
+    state = copy.deepcopy(optimizer.state_dict())
+    other = RowSparseSGD([torch.nn.Parameter(torch.zeros(4, 2))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="has 5 rows but the parameter has 4: re-split"):
+        other.load_state_dict(state)

@@ -1,0 +1,263 @@
+"""ClusterGuidedHead: full Eq. 8 loss against a dense float64 reference; cluster terms off == margin head."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from largefr.distributed.partition import ClassPartition
+from largefr.heads.joint import ClusterConfig, ClusterGuidedHead
+from largefr.heads.margin import MarginConfig
+from largefr.heads.sharded_head import ShardedMarginHead
+from tests.distributed_helpers import run_distributed
+
+CLASSES, DIM, GLOBAL_ROWS, STEPS, SAMPLES = 37, 6, 12, 2, 12
+SCALE, MARGIN, LAMBDA_RANGE, WEIGHTS, TAU0 = 64.0, 0.5, (0.2, 1.0), (1.0, 0.5), 0.1
+
+
+def step_data(step):
+    gen = torch.Generator().manual_seed(40 + step)
+    labels = torch.randint(0, 14, (GLOBAL_ROWS,), generator=gen) * 2 + step  # repeats; step 1 adds odd classes
+    embeddings = torch.randn(GLOBAL_ROWS, DIM, generator=gen, dtype=torch.float64)
+    momentum = torch.randn(GLOBAL_ROWS, DIM, generator=gen, dtype=torch.float64)
+    return labels, embeddings, momentum
+
+
+def dense_weight():
+    return torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+
+def make_margin_head(sample_rate=1.0):
+    return ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(type="arcface", scale=SCALE, margin=MARGIN),
+                             sample_rate=sample_rate, dtype=torch.float64, logits_dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(3))
+
+
+def cluster_config(**changes):
+    settings = dict(cg_margin=True, lambda_range=LAMBDA_RANGE, contrastive_weight=WEIGHTS[0],
+                    aligning_weight=WEIGHTS[1], queue_size=64, num_sampled_centers=SAMPLES,
+                    temperature_mode="pcl", pcl_tau0=TAU0, align_tau_init=0.07)
+    return ClusterConfig(**{**settings, **changes})
+
+
+def _joint_rank(rank, world):
+    part = ClassPartition(CLASSES, world, rank)
+    rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
+    head = ClusterGuidedHead(make_margin_head(), cluster_config(), seed=1)
+    with torch.no_grad():
+        head.margin_head.weight.copy_(dense_weight()[part.start:part.end])
+    steps = []
+    for step in range(STEPS):
+        labels, embeddings, momentum = step_data(step)
+        local = embeddings[rows].clone().requires_grad_(True)
+        head.zero_grad()
+        loss, terms = head(local, labels[rows], momentum[rows])
+        loss.backward()
+        steps.append({"loss": loss.detach(), "terms": terms, "emb_grad": local.grad,
+                      "weight_grad": head.margin_head.weight.grad.clone(), "tau_grad": head.log_tau.grad.clone(),
+                      "ids": head.last_sampled_centers.class_ids, "touched": head.last_touched_rows})
+    return {"steps": steps, "stats": head.stats(), "off": _terms_off_rank(rank, world)}
+
+
+def _terms_off_rank(rank, world):
+    """Margin head alone vs wrapped with every cluster term off (and with lambda fixed to 1)."""
+    rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
+    alone = make_margin_head(sample_rate=0.5)
+    wrapped = ClusterGuidedHead(make_margin_head(sample_rate=0.5),
+                                cluster_config(cg_margin=False, contrastive_weight=0.0, aligning_weight=0.0))
+    unit_config = cluster_config(lambda_range=(1.0, 1.0), contrastive_weight=0.0, aligning_weight=0.0)
+    unit_lambda = ClusterGuidedHead(make_margin_head(sample_rate=0.5), unit_config)
+    out = {"bitwise": [], "unit_lambda": []}
+    for step in range(STEPS):
+        labels, embeddings, momentum = step_data(step)
+        results = []
+        for head in (alone, wrapped, unit_lambda):
+            local = embeddings[rows].clone().requires_grad_(True)
+            head.zero_grad()
+            loss = head(local, labels[rows]) if head is alone else head(local, labels[rows], momentum[rows])[0]
+            loss.backward()
+            weight = head.weight if head is alone else head.margin_head.weight
+            results.append((loss.detach(), local.grad, weight.grad.clone()))
+        out["bitwise"].append(all(torch.equal(a, b) for a, b in zip(results[0], results[1])))
+        out["unit_lambda"].append(max(float((a - b).abs().max()) for a, b in zip(results[0], results[2])))
+    out["no_queue"] = wrapped.queue is None and wrapped.log_tau is None
+    return out
+
+
+def reference_bank_update(centers, phi, queue_f, queue_l, mc=0.9, alpha=10.0):
+    for k in sorted(set(queue_l)):
+        members = [f for f, l in zip(queue_f, queue_l) if l == k]
+        queue_center = F.normalize(sum(members) / len(members), dim=0)
+        centers[k] = queue_center if k not in centers else F.normalize(mc * centers[k] + (1 - mc) * queue_center, dim=0)
+        phi[k] = sum(float((f - centers[k]).norm()) for f in members) / (len(members) * math.log(len(members) + alpha))
+
+
+def reference_step(step, centers, phi, ids):
+    """Dense Eq. 8 on the full batch and the full W, with the sampled ids of the sharded run."""
+    labels, embeddings, _ = step_data(step)
+    valid = {k: v for k, v in phi.items() if v > math.sqrt(torch.finfo(torch.float64).eps)}
+    lo, hi = LAMBDA_RANGE
+    lam = torch.ones(CLASSES, dtype=torch.float64)
+    if valid and max(valid.values()) > min(valid.values()):
+        for k, v in valid.items():
+            lam[k] = lo + (hi - lo) * (v - min(valid.values())) / (max(valid.values()) - min(valid.values()))
+    emb = embeddings.clone().requires_grad_(True)
+    weight = dense_weight().requires_grad_(True)
+    log_tau = torch.tensor(math.log(0.07), dtype=torch.float64, requires_grad=True)
+    f, w = F.normalize(emb, dim=1), F.normalize(weight, dim=1)
+    cos = f @ w.t()
+    theta = torch.acos(cos[torch.arange(GLOBAL_ROWS), labels])
+    assert bool((theta + MARGIN < math.pi).all())  # the reference has no theta + m > pi fallback
+    onehot = F.one_hot(labels, CLASSES).bool()
+    logits = torch.where(onehot, (SCALE * torch.cos(theta + lam[labels] * MARGIN)).unsqueeze(1), SCALE * cos)
+    loss_cg = F.cross_entropy(logits, labels)
+    ids_list = ids.tolist()
+    sampled_centers = torch.stack([centers[k] for k in ids_list])
+    filled = np.array([valid.get(k, max(valid.values())) for k in ids_list])
+    low, high = np.percentile(filled, [10, 90])
+    temperature = torch.from_numpy(TAU0 * np.clip(filled, low, high) / np.clip(filled, low, high).mean())
+    positive = torch.tensor([ids_list.index(int(y)) for y in labels])
+    loss_con = F.cross_entropy(f @ sampled_centers.t() / temperature, positive)
+    loss_ali = F.cross_entropy(sampled_centers @ w[ids].t() / torch.exp(log_tau), torch.arange(len(ids_list)))
+    total = loss_cg + WEIGHTS[0] * loss_con + WEIGHTS[1] * loss_ali
+    total.backward()
+    return {"loss": total.detach(), "loss_cg": loss_cg.detach(), "loss_con": loss_con.detach(),
+            "loss_ali": loss_ali.detach(), "emb_grad": emb.grad, "weight_grad": weight.grad, "tau_grad": log_tau.grad}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_joint_head_matches_dense_reference_and_terms_off_is_margin_head(world):
+    results = run_distributed(_joint_rank, world)
+    centers, phi, queue_f, queue_l = {}, {}, [], []
+    for step in range(STEPS):
+        labels, _, momentum = step_data(step)
+        queue_f += list(F.normalize(momentum, dim=1))
+        queue_l += labels.tolist()
+        reference_bank_update(centers, phi, queue_f, queue_l)
+        ids = results[0]["steps"][step]["ids"]
+        assert set(labels.tolist()) <= set(ids.tolist()) and len(ids) == min(SAMPLES, len(centers))
+        expected = reference_step(step, centers, phi, ids)
+        rows = GLOBAL_ROWS // world
+        for rank, result in enumerate(results):
+            part = ClassPartition(CLASSES, world, rank)
+            got = result["steps"][step]
+            assert torch.equal(got["ids"], ids)
+            assert abs(got["loss"].item() - expected["loss"].item()) < 1e-10
+            for name in ("loss_cg", "loss_con", "loss_ali"):
+                assert abs(got["terms"][name].item() - expected[name].item()) < 1e-10, name
+            torch.testing.assert_close(got["emb_grad"], expected["emb_grad"][rank * rows:(rank + 1) * rows],
+                                       atol=1e-10, rtol=0)
+            torch.testing.assert_close(got["weight_grad"], expected["weight_grad"][part.start:part.end],
+                                       atol=1e-10, rtol=0)
+            assert abs(got["tau_grad"].item() - expected["tau_grad"].item()) < 1e-10
+            assert torch.equal(got["touched"], torch.arange(part.num_local))  # sample_rate 1: every row
+    for result in results:
+        stats = result["stats"]
+        assert stats["phi_fraction"] == pytest.approx(sum(v > 1e-8 for v in phi.values()) / CLASSES)
+        assert stats["loss_con"] == pytest.approx(expected["loss_con"].item(), abs=1e-10)
+        assert stats["align_tau"] == pytest.approx(0.07) and stats["queue_fill"] == pytest.approx(24 / 64)
+        assert result["off"]["bitwise"] == [True] * STEPS and result["off"]["no_queue"]
+        assert max(result["off"]["unit_lambda"]) < 1e-12
+
+
+def test_joint_head_needs_momentum_features_and_valid_config():
+    head = ClusterGuidedHead(make_margin_head(), cluster_config())
+    labels, embeddings, _ = step_data(0)
+    with pytest.raises(ValueError, match="needs the momentum encoder's features"):
+        head(embeddings, labels)
+    with pytest.raises(ValueError, match=r"queue_size=0 must be >= 1; temperature_mode='paper' must be one of"):
+        cluster_config(temperature_mode="paper", queue_size=0)
+
+
+def test_cluster_config_copies_the_config_section():
+    from largefr.config import ClusterConfig as SectionConfig
+
+    section = SectionConfig()
+    copied = ClusterConfig.from_section(section)
+    assert copied.num_sampled_centers == section.num_sampled_centers == 2048
+    assert list(copied.lambda_range) == list(section.lambda_range)
+    assert copied.temperature_mode == section.temperature_mode
+
+
+def test_joint_head_state_dict_round_trip():
+    head = ClusterGuidedHead(make_margin_head(), cluster_config(), seed=4)
+    labels, embeddings, momentum = step_data(0)
+    head(embeddings, labels, momentum)
+    restored = ClusterGuidedHead(make_margin_head(), cluster_config(), seed=5)
+    restored.load_state_dict(head.state_dict())
+    assert torch.equal(restored.queue.features, head.queue.features)
+    assert torch.equal(restored.bank.phi, head.bank.phi)
+    draws = [torch.rand(3, generator=h.sample_generator) for h in (restored, head)]
+    assert torch.equal(draws[0], draws[1])
+
+
+# ---- issue 4's last "done when": a short CPU training run on 2 gloo ranks ------------------------
+RUN_CLASSES, RUN_BATCH, RUN_STEPS, RUN_QUEUE, RUN_DIM = 200, 16, 40, 256, 32
+
+
+def tiny_backbone(dim):
+    torch.manual_seed(0)  # identical initial backbone on every rank
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, dim))
+
+
+def synthetic_batch(rank, step):
+    """Learnable identities: a fixed random 3x16x16 pattern per class plus per-image noise."""
+    prototypes = torch.randn(RUN_CLASSES, 3, 16, 16, generator=torch.Generator().manual_seed(123))
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    labels = torch.randint(0, RUN_CLASSES, (RUN_BATCH,), generator=gen)
+    return prototypes[labels] + 0.5 * torch.randn(RUN_BATCH, 3, 16, 16, generator=gen), labels
+
+
+def _training_rank(rank, world):
+    from largefr.distributed.collectives import all_reduce_sum_
+    from largefr.heads.momentum import MomentumEncoder
+
+    backbone = tiny_backbone(RUN_DIM)
+    encoder = MomentumEncoder(backbone, momentum=0.99)
+    margin_head = ShardedMarginHead(RUN_CLASSES, RUN_DIM, margin=MarginConfig(),
+                                    generator=torch.Generator().manual_seed(0))
+    head = ClusterGuidedHead(margin_head, ClusterConfig(queue_size=RUN_QUEUE, num_sampled_centers=64), seed=0)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
+    history = []
+    for step in range(RUN_STEPS):
+        images, labels = synthetic_batch(rank, step)
+        momentum_features = encoder(images)
+        loss, terms = head(backbone(images), labels, momentum_features)
+        optimizer.zero_grad()
+        loss.backward()
+        for param in backbone.parameters():  # each rank holds its rows' share of the global loss: sum
+            all_reduce_sum_(param.grad, None)
+        optimizer.step()
+        encoder.update(backbone)
+        stats = head.stats()
+        history.append({k: stats[k] for k in ("loss_cg", "loss_con", "loss_ali", "phi_fraction", "seen_fraction",
+                                              "queue_fill", "lambda_mean", "align_tau")})
+    return history
+
+
+def run_training(world=2):
+    return run_distributed(_training_rank, world)
+
+
+@pytest.mark.slow
+def test_short_cpu_training_run_has_finite_terms_and_growing_phi():
+    histories = run_training()
+    history = histories[0]
+    np.testing.assert_equal(histories[1], history)  # logged statistics are global: same on both ranks (nan too)
+    for row in history:
+        assert all(math.isfinite(row[k]) for k in ("loss_cg", "loss_con", "loss_ali")), row
+    fractions = [row["phi_fraction"] for row in history]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] > 2 * fractions[0]
+    assert history[-1]["loss_cg"] < history[0]["loss_cg"]
+
+
+if __name__ == "__main__":  # python -m tests.test_joint_head: print the run's numbers
+    print("step  loss_cg  loss_con  loss_ali  phi_frac  seen_frac  queue_fill  lambda_mean  tau")
+    for index, row in enumerate(run_training()[0]):
+        print(f"{index + 1:4d}  {row['loss_cg']:7.3f}  {row['loss_con']:8.3f}  {row['loss_ali']:8.3f}  "
+              f"{row['phi_fraction']:8.3f}  {row['seen_fraction']:9.3f}  {row['queue_fill']:10.3f}  "
+              f"{row['lambda_mean']:11.3f}  {row['align_tau']:.4f}")
