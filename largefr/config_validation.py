@@ -100,7 +100,9 @@ def _data_checks(d: Any) -> list[Check]:
 def _synthetic_checks(s: Any) -> list[Check]:
     return [("identities", _min(s.identities, 2)),
             ("images_per_identity", _min(s.images_per_identity, 1)),
-            ("val_pairs", _min(s.val_pairs, 0)), ("seed", _min(s.seed, 0)),
+            ("val_pairs", _min(s.val_pairs, 2) or ("" if s.val_pairs % 2 == 0
+                                                    else f"must be an even number (half same-identity pairs), got {s.val_pairs}")),
+            ("seed", _min(s.seed, 0)),
             ("cache_dir", _nonempty(s.cache_dir))]
 
 
