@@ -1,0 +1,277 @@
+"""Assemble a `Trainer` from a `Config`: data, backbone engine, head, optimizers, schedule, logs, checkpoints."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from largefr.config import Config, config_to_json
+from largefr.heads.joint import ClusterConfig as JointClusterConfig
+from largefr.heads.joint import ClusterGuidedHead
+from largefr.heads.margin import MarginConfig
+from largefr.heads.momentum import MomentumEncoder
+from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
+from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.train.distributed_env import DistributedEnv
+from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
+                                  create_engine)
+from largefr.train.head_step import ExternalHeadStep, TouchedRows
+from largefr.train.metrics import MetricsLogger
+from largefr.train.schedule import build_lr_schedule, steps_per_epoch
+from largefr.train.step import StepRunner
+from largefr.train.train_state import TrainingCheckpointer
+from largefr.train.trainer import LoopPlan, Trainer, VerificationSet
+
+
+class DataSetupError(RuntimeError):
+    """Training or verification data that is missing or unusable; the message names the path and key."""
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Same torch seed on every rank (identical backbone init); per-rank numpy/python streams."""
+    torch.manual_seed(seed)
+    np.random.seed((seed + 1_000_003 * rank) % 2**32)
+    random.seed(seed + 1_000_003 * rank)
+
+
+def run_on_first_rank(action, what: str) -> None:
+    """Run `action` on rank 0 while the others wait; every rank raises if it failed (no hang)."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            action()
+        except Exception as exc:  # reported on every rank below
+            error = f"{what} failed on rank 0: {type(exc).__name__}: {exc}"
+            if not dist.is_initialized():
+                raise DataSetupError(error) from exc
+    if dist.is_initialized():
+        flag = torch.tensor([0.0 if error is None else 1.0])
+        dist.all_reduce(flag)  # the wait is bounded by the process group's timeout
+        if flag.item() > 0:
+            raise DataSetupError(error or f"{what} failed on rank 0 (see its error above)")
+
+
+def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
+    """The folder of train.rec/idx/property (generated first for the synthetic quickstart)."""
+    data = config.data
+    if data.loader == "synthetic" and not data.val_targets:
+        return data.data_dir
+    folder = data.data_dir
+    if folder is None:
+        raise DataSetupError("data.rec is not set: give the folder holding train.rec, train.idx and property "
+                             "(or data.synthetic.cache_dir for a generated data set)")
+    if data.rec is None and data.synthetic is not None:
+        synthetic = data.synthetic
+
+        def generate() -> None:
+            from largefr.data.synthetic import ensure_dataset
+
+            ensure_dataset(folder, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
+                           pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
+                           workers=max(1, min(4, os.cpu_count() or 1)), progress=env.is_main,
+                           replace_stale=True)
+
+        run_on_first_rank(generate, f"generating the synthetic data set in {folder}")
+    if not os.path.isdir(folder):
+        raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
+                             "train.rec, train.idx and property")
+    return folder
+
+
+def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
+    """(name, path) of every data.val_targets entry; a name means <data folder>/<name>.bin."""
+    out = []
+    for target in config.data.val_targets:
+        is_path = target.endswith(".bin") or os.sep in target
+        path = target if is_path else os.path.join(folder or "", f"{target}.bin")
+        if not os.path.isfile(path):
+            raise DataSetupError(f"verification set {path} (data.val_targets entry {target!r}) does not exist: "
+                                 "put the .bin file there or remove the entry")
+        out.append((Path(path).stem, path))
+    return out
+
+
+def load_verification_sets(config: Config, folder: str | None, env: DistributedEnv) -> list[VerificationSet]:
+    from largefr.eval.verification import load_verification_share
+
+    sets = []
+    for name, path in verification_paths(config, folder):
+        images, issame, _ = load_verification_share(path, image_size=config.data.image_size, rank=env.rank,
+                                                    world_size=env.world_size)
+        sets.append(VerificationSet(name=name, local_images=images, issame=issame))
+    return sets
+
+
+def build_train_loader(config: Config, folder: str | None, env: DistributedEnv):
+    from largefr.data import build_loader
+
+    data = config.data
+    return build_loader(data.loader, rec=folder, batch_size=config.train.batch_size, rank=env.rank,
+                        world_size=env.world_size, num_classes=data.num_classes, local_rank=env.local_rank,
+                        seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
+                        shuffle=True, random_flip=data.random_flip, shuffle_buffer=data.shuffle_buffer,
+                        on_bad_image=data.on_bad_image, drop_last=True, num_images=data.num_images,
+                        device=env.device)
+
+
+@dataclass(kw_only=True)
+class HeadParts:
+    head: ClusterGuidedHead
+    weight_optimizer: torch.optim.Optimizer
+    tau_optimizer: torch.optim.Optimizer | None
+    step: ExternalHeadStep
+
+
+def build_head(config: Config, env: DistributedEnv) -> HeadParts:
+    """The joint head (margin head + cluster terms) and its own optimizers, outside the engine."""
+    h, optim = config.head, config.optim
+    margin = MarginConfig(type=h.type, scale=h.scale, margin=h.margin, combined_margins=tuple(h.combined_margins),
+                          easy_margin=h.easy_margin)
+    if h.chunk_size:
+        raise DataSetupError("head.chunk_size (low-memory head) is not available in this build; set it to 0")
+    margin_head = ShardedMarginHead(
+        config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
+        init_std=h.init_std, logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32,
+        device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
+    head = ClusterGuidedHead(margin_head, JointClusterConfig.from_section(config.cluster), seed=config.train.seed)
+    touched = TouchedRows()
+    lr = optim.effective_head_lr
+    if optim.name == "sgd":
+        weight_optimizer = RowSparseSGD([margin_head.weight], lr=lr, momentum=optim.momentum,
+                                        weight_decay=optim.weight_decay, row_source=touched.take)
+    else:  # 'adam' and 'adamw': the row-sparse optimizer is AdamW (decoupled weight decay)
+        weight_optimizer = RowSparseAdamW([margin_head.weight], lr=lr, betas=tuple(optim.betas),
+                                          weight_decay=optim.weight_decay, row_source=touched.take)
+    tau_optimizer = None
+    if head.log_tau is not None:
+        tau_optimizer = build_optimizer([head.log_tau], name=optim.name, lr=lr, momentum=optim.momentum,
+                                        weight_decay=0.0, betas=tuple(optim.betas))
+    step = ExternalHeadStep([o for o in (weight_optimizer, tau_optimizer) if o is not None],
+                            sharded=[margin_head.weight], replicated=[head.log_tau] if head.log_tau is not None else [],
+                            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                            clip_norm=optim.head_grad_clip, group=head.group, touched_rows=touched)
+    return HeadParts(head=head, weight_optimizer=weight_optimizer, tau_optimizer=tau_optimizer, step=step)
+
+
+def build_engine(config: Config, env: DistributedEnv):
+    """(engine, momentum encoder or None); the encoder is an fp32 copy of the backbone before wrapping."""
+    from largefr.models import get_model
+
+    check_zero_stage(config.train.zero_stage)
+    backbone = get_model(config.model.network, embedding_size=config.model.embedding_size,
+                         dropout=config.model.dropout, image_size=config.data.image_size)
+    encoder = None
+    if config.cluster.enabled:
+        encoder = MomentumEncoder(backbone, momentum=config.cluster.encoder_momentum, dtype=torch.float32)
+        encoder.to(env.device)
+    accelerator, fp16_supported = accelerator_facts()
+    ds_config = build_deepspeed_config(
+        micro_batch_size=config.train.batch_size, gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        world_size=env.world_size, zero_stage=config.train.zero_stage, precision=config.train.precision,
+        gradient_clipping=config.optim.gradient_clipping, user_section=config.deepspeed,
+        accelerator_name=accelerator, fp16_supported=fp16_supported)
+    optimizer = build_optimizer(backbone.parameters(), name=config.optim.name, lr=config.optim.lr,
+                                momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
+                                betas=tuple(config.optim.betas))
+    return create_engine(backbone, optimizer, ds_config), encoder
+
+
+def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = None) -> Trainer:
+    """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
+    seed_everything(config.train.seed, env.rank)
+    folder = prepare_data_dir(config, env)
+    verification_sets = load_verification_sets(config, folder, env)
+    loader = build_train_loader(config, folder, env)
+    engine, encoder = build_engine(config, env)
+    parts = build_head(config, env)
+    runner = StepRunner(engine=engine, head=parts.head, head_step=parts.step, momentum_encoder=encoder,
+                        encoder_momentum=config.cluster.encoder_momentum, group=parts.head.group,
+                        on_nonfinite=config.train.on_nonfinite, device=env.device)
+    global_batch = config.global_batch_size(env.world_size)
+    per_epoch = steps_per_epoch(config.data.num_images, global_batch)
+    _check_loader_length(config, loader, per_epoch, env)
+    s = config.schedule
+    schedule = build_lr_schedule(type=s.type, unit=s.unit, base_lr=config.optim.lr, epochs=s.epochs,
+                                 steps_per_epoch=per_epoch, warmup=s.warmup, milestones=s.milestones, gamma=s.gamma,
+                                 power=s.power)
+    total = min(schedule.total_steps, config.train.max_steps or schedule.total_steps)
+    plan = LoopPlan(steps_per_epoch=per_epoch, total_steps=total,
+                    gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                    eval_every=config.eval.every, checkpoint_every=config.checkpoint.every,
+                    max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
+                    eval_batch_size=config.eval.batch_size, eval_folds=config.eval.nfolds, eval_flip=config.eval.flip,
+                    embedding_size=config.model.embedding_size)
+    checkpointer = TrainingCheckpointer(str(config.checkpoint_dir), head=parts.head,
+                                        weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,
+                                        momentum_encoder=encoder, keep_last=config.checkpoint.keep_last,
+                                        config=config.to_dict(), device=env.device)
+    resume_path = _resolve_resume(resume if resume is not None else config.checkpoint.resume, config)
+    metrics = MetricsLogger(config.output, rank=env.rank, every=config.logging.every, total_steps=total,
+                            global_batch=global_batch, warmup_steps=min(5, max(total - 1, 0)),
+                            start_step=_saved_step(resume_path), tensorboard=config.logging.tensorboard,
+                            log_file=config.logging.log_file, device=env.device)
+    trainer = Trainer(runner=runner, loader=loader, schedule=schedule,
+                      head_lr_factor=config.optim.effective_head_lr / config.optim.lr, plan=plan, metrics=metrics,
+                      checkpointer=checkpointer, verification_sets=verification_sets,
+                      summary_fields=_summary_fields(config, env, global_batch),
+                      summary_path=os.path.join(config.output, "summary.json"),
+                      stats_fn=_stats_fn(parts.head), rank=env.rank)
+    _announce(config, env, trainer)
+    if resume_path is not None:
+        checkpointer.restore(trainer, resume_path)
+    return trainer
+
+
+def _check_loader_length(config: Config, loader, per_epoch: int, env: DistributedEnv) -> None:
+    """An epoch of the schedule must not need more batches than the loader yields."""
+    needed = per_epoch * config.train.gradient_accumulation_steps
+    if len(loader) < needed:
+        readable = len(loader) * config.train.batch_size * env.world_size
+        raise DataSetupError(
+            f"data.num_images={config.data.num_images} asks for {per_epoch} steps per epoch ({needed} batches per "
+            f"rank), but the {config.data.loader} loader yields {len(loader)} batches of {config.train.batch_size} "
+            f"per rank (about {readable} images over {env.world_size} ranks): set data.num_images to the number of "
+            "images in the data set")
+
+
+def _resolve_resume(resume: str | None, config: Config) -> str | None:
+    from largefr.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(resume, str(config.checkpoint_dir))
+
+
+def _saved_step(path: str | None) -> int:
+    if path is None:
+        return 0
+    from largefr.train.checkpoint import validate_checkpoint
+
+    return int(validate_checkpoint(path)["step"])
+
+
+def _stats_fn(head: ClusterGuidedHead):
+    def stats() -> dict[str, float]:
+        return {f"cluster/{key}": value for key, value in head.stats().items()
+                if isinstance(value, (int, float)) and not key.startswith("loss")}
+    return stats
+
+
+def _summary_fields(config: Config, env: DistributedEnv, global_batch: int) -> dict:
+    return {"world_size": env.world_size, "zero_stage": config.train.zero_stage, "precision": config.train.precision,
+            "network": config.model.network, "num_classes": config.data.num_classes, "global_batch": global_batch,
+            "loader": config.data.loader, "launcher": env.launcher, "device": str(env.device)}
+
+
+def _announce(config: Config, env: DistributedEnv, trainer: Trainer) -> None:
+    if env.is_main:
+        os.makedirs(config.output, exist_ok=True)
+        Path(config.output, "config.json").write_text(config_to_json(config))
+    plan = trainer.plan
+    trainer.metrics.info(
+        f"largefr: {env.world_size} rank(s) via {env.launcher}, {env.backend} on {env.device}; "
+        f"{config.model.network} ZeRO {config.train.zero_stage} {config.train.precision}; "
+        f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; output {config.output}")

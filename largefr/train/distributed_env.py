@@ -1,0 +1,108 @@
+"""Process-group setup for the three ways largefr is started.
+
+* `deepspeed launch/train.py ...`: the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+  MASTER_PORT for every rank and passes `--local_rank`.
+* `torchrun --nproc_per_node N launch/train.py ...`: the same variables (plus TORCHELASTIC_RUN_ID).
+* `python launch/train.py ...`: none of them; a world of one process gets a gloo group on a free
+  local port, so the DeepSpeed engine and the collectives work unchanged.
+
+The backend is DeepSpeed's accelerator's (nccl on NVIDIA GPUs, gloo on CPU without oneCCL); the
+torch group is created here with an explicit timeout, then handed to DeepSpeed, so a rank that
+dies makes the others fail after `timeout` instead of hanging forever.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    """'deepspeed', 'torchrun', 'env' (the variables without a known launcher) or 'single'."""
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_launcher(environ: Mapping[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    if not all(name in environ for name in LAUNCH_VARIABLES):
+        missing = [name for name in LAUNCH_VARIABLES if name not in environ]
+        if len(missing) < len(LAUNCH_VARIABLES) and int(environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(f"incomplete launcher environment: {', '.join(missing)} not set; start with "
+                               "`deepspeed`, `torchrun` or plain `python` (one process)")
+        return "single"
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return "torchrun"
+    if "CROSS_RANK" in environ or "LOCAL_SIZE" in environ:
+        return "deepspeed"
+    return "env"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def _device_for(local_rank: int) -> torch.device:
+    accelerator = _accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
+
+
+def default_timeout_s() -> float:
+    """Collective timeout: $LARGEFR_DIST_TIMEOUT_S, else 30 minutes (DeepSpeed's and torch's default)."""
+    return float(os.environ.get("LARGEFR_DIST_TIMEOUT_S", 1800))
+
+
+def init_distributed(*, timeout_s: float | None = None, backend: str | None = None) -> DistributedEnv:
+    """Create (or adopt) the default process group and DeepSpeed's comm backend; return who we are.
+
+    timeout_s bounds every collective, so a rank that died makes the others fail instead of hang.
+    """
+    import deepspeed
+
+    timeout_s = default_timeout_s() if timeout_s is None else timeout_s
+    launcher = detect_launcher()
+    if launcher == "single" and not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(local_rank)
+    backend = backend or _accelerator().communication_backend_name()
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
+                               timeout=timedelta(seconds=timeout_s))
+    return DistributedEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                          launcher=launcher, backend=dist.get_backend(), device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""DeepSpeed wiring of the backbone: the DeepSpeed config, the optimizer, the engine (DESIGN.md section 6).
+
+Only the backbone goes into the engine. The head (classifier shard, bank, queue, temperature)
+stays outside with its own optimizer: a parameter inside `engine.module` would be overwritten
+from rank 0 at `deepspeed.initialize` and its gradient averaged over ranks, both wrong for a shard.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping
+
+import torch
+
+# Keys derived from largefr's own config; the user's `deepspeed` section may not set them.
+# (Nested: zero_optimization.stage, bf16.enabled and fp16.enabled; the rest of those sections,
+# e.g. fp16.initial_scale_power or zero_optimization.overlap_comm, is the user's.)
+DERIVED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.batch_size x train.gradient_accumulation_steps x world size",
+    "gradient_clipping": "optim.gradient_clipping",
+    "optimizer": "optim (largefr builds the optimizer and passes it to deepspeed.initialize)",
+    "scheduler": "schedule (largefr sets the learning rate of backbone and head together each step)",
+}
+NESTED_DERIVED_KEYS = [("zero_optimization", "stage", "train.zero_stage"),
+                       ("bf16", "enabled", "train.precision"), ("fp16", "enabled", "train.precision")]
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class EngineConfigError(ValueError):
+    """The DeepSpeed settings asked for cannot work; the message says which key to change."""
+
+
+def _check_user_section(user_section: Mapping[str, Any]) -> None:
+    problems = [f"deepspeed.{key} is set from {source}; remove it from the deepspeed section"
+                for key, source in DERIVED_KEYS.items() if key in user_section]
+    for section, key, source in NESTED_DERIVED_KEYS:
+        if isinstance(user_section.get(section), Mapping) and key in user_section[section]:
+            problems.append(f"deepspeed.{section}.{key} is set from {source}; remove it from the deepspeed section")
+    if problems:
+        raise EngineConfigError("; ".join(problems))
+
+
+def _check_precision(precision: str, zero_stage: int, accelerator_name: str,
+                     fp16_supported: bool) -> None:
+    if precision not in PRECISIONS:
+        raise EngineConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and not fp16_supported:
+        raise EngineConfigError(
+            f"train.precision=fp16: DeepSpeed's {accelerator_name} accelerator refuses fp16 "
+            "('Type fp16 is not supported on your device'); use train.precision=bf16 or fp32 here, "
+            "fp16 on a GPU")
+    if precision == "fp16" and zero_stage == 0:
+        # DeepSpeed 0.19.8's engine.backward does not scale the loss for ZeRO-0 fp16 while its
+        # FP16_Optimizer still divides the gradients by the scale (deepspeedai/DeepSpeed PR 8393).
+        raise EngineConfigError(
+            "train.precision=fp16 with train.zero_stage=0: DeepSpeed 0.19.8 does not scale the loss "
+            "in this combination and its updates come out loss-scale times too small; use "
+            "train.zero_stage=1 or 2 with fp16, or train.precision=bf16")
+
+
+def check_zero_stage(zero_stage: int) -> None:
+    if zero_stage == 3:
+        raise EngineConfigError(
+            "train.zero_stage=3 is not supported yet: ZeRO-3 partitions the backbone's parameters "
+            "across ranks, but the momentum encoder and checkpoint export need full parameters on every "
+            "rank; use train.zero_stage=0, 1 or 2 (ZeRO-2 already partitions optimizer state and gradients)")
+    if zero_stage not in (0, 1, 2):
+        raise EngineConfigError(f"train.zero_stage must be 0, 1 or 2, got {zero_stage}")
+
+
+def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
+                           zero_stage: int, precision: str, gradient_clipping: float,
+                           user_section: Mapping[str, Any] | None = None,
+                           accelerator_name: str = "cpu", fp16_supported: bool = False) -> dict[str, Any]:
+    """The dict passed to `deepspeed.initialize`, from largefr's keys plus the user's extra keys.
+
+    `gradient_clipping` is always written (0.0 = off): DeepSpeed defaults it to 1.0 since 0.19.3.
+    """
+    user_section = dict(user_section or {})
+    _check_user_section(user_section)
+    check_zero_stage(zero_stage)
+    _check_precision(precision, zero_stage, accelerator_name, fp16_supported)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": float(gradient_clipping),
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # largefr builds torch SGD too, which ZeRO calls "untested"; its ZeRO path is the generic one.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # largefr logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, user_section)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build_optimizer(params, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The backbone's torch optimizer ('sgd', 'adam' or 'adamw'), handed to `deepspeed.initialize`."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise EngineConfigError(f"optim.name must be 'sgd', 'adam' or 'adamw', got {name!r}")
+
+
+def accelerator_facts() -> tuple[str, bool]:
+    """(DeepSpeed accelerator name, whether it supports fp16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return accelerator.device_name(), bool(accelerator.is_fp16_supported())
+
+
+def create_engine(backbone: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    """`deepspeed.initialize` on an initialized process group; returns the engine."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine
+
+
+def engine_loss_scale(engine) -> float:
+    """The factor `engine.backward` multiplied the loss by; read it before `engine.step()`.
+
+    DeepSpeed 0.19.8 scales the loss in `engine.backward` only for ZeRO optimizers (fp16 ZeRO 1/2:
+    the optimizer's `cur_scale`) and for its torch-autocast ZeRO-0 grad scaler; bf16 and fp32 use 1.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if not engine.fp16_enabled():
+        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        return float(engine.optimizer.cur_scale)
+    raise EngineConfigError("fp16 without a ZeRO optimizer: DeepSpeed 0.19.8 does not scale the loss "
+                            "(use train.zero_stage >= 1 with fp16)")
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """Dtype of the backbone's parameters inside the engine (inputs are cast to it)."""
+    first = next(engine.module.parameters())
+    return first.dtype
+
+
+def engine_learning_rate(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])

@@ -1,0 +1,218 @@
+"""Gradient handling of the head that lives outside the DeepSpeed engine (DESIGN.md sections 4 and 6).
+
+Three factors meet at the boundary between the engine's backbone and the external head:
+
+* Backbone compensation (section 4). Each rank's sharded losses hold only that rank's columns'
+  share of dL/dF; the all-gather's backward sums the shares, which is the exact gradient of the
+  local rows. DeepSpeed then AVERAGES backbone gradients over the data-parallel ranks, leaving
+  them 1/world too small. `scale_feature_gradient` multiplies the gradient flowing from the head
+  into the backbone's embeddings by `world`, once, at the one place every backbone gradient
+  passes; head gradients are untouched by it. (Scaling the loss instead would scale the head's
+  gradients too, which would then need undoing.)
+* Gradient accumulation. The trainer calls `engine.backward(loss, scale_wrt_gas=False)`, so
+  neither the engine (0.19.8 divides the loss when scale_wrt_gas is True) nor its output hooks
+  apply 1/gas; largefr applies it itself, exactly once: to the backbone through the same
+  feature-gradient factor (`world / gas`) and to the head in `head_gradient_multiplier`.
+  Being explicit keeps the result independent of how a DeepSpeed release places that factor.
+* fp16 loss scaling. `engine.backward` multiplies the loss by the engine's current scale, so the
+  head's gradients carry it; they are divided by the scale read BEFORE `engine.step()` (the step
+  may change it), and the head step is skipped when the engine skipped an overflowed step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch.distributed import ProcessGroup
+
+from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output * ctx.factor, None
+
+
+def scale_feature_gradient(local_embeddings: torch.Tensor, factor: float) -> torch.Tensor:
+    """Return `local_embeddings` unchanged; their gradient is multiplied by `factor` in backward."""
+    if factor == 1.0:
+        return local_embeddings
+    return _ScaleGradient.apply(local_embeddings, factor)
+
+
+def backbone_gradient_factor(*, world_size: int, gradient_accumulation_steps: int) -> float:
+    """Factor on dL/d(local embeddings): undo DeepSpeed's 1/world average, apply 1/gas once."""
+    return world_size / gradient_accumulation_steps
+
+
+@dataclass(kw_only=True, frozen=True)
+class HeadStepDecision:
+    """What to do with the head's accumulated gradients at an accumulation boundary."""
+
+    apply: bool
+    """Take the head optimizer step (False: zero the gradients, leave weights and state alone)."""
+    grad_multiplier: float
+    """Multiply every head gradient by this before clipping and stepping."""
+    reason: str
+    """'applied', 'engine skipped the step (fp16 overflow)' or 'non-finite head gradient'."""
+
+
+def head_gradient_multiplier(*, loss_scale: float, gradient_accumulation_steps: int) -> float:
+    """1 / (loss scale x accumulation steps): turns summed, scaled micro-batch gradients into the mean."""
+    if not loss_scale > 0 or not math.isfinite(loss_scale):
+        raise ValueError(f"loss scale must be a positive finite number, got {loss_scale}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    return 1.0 / (loss_scale * gradient_accumulation_steps)
+
+
+def decide_head_step(*, loss_scale: float, engine_step_applied: bool, head_grads_finite: bool,
+                     gradient_accumulation_steps: int) -> HeadStepDecision:
+    """Pure decision for the head step, fed by the engine's scale and overflow flag.
+
+    loss_scale: the factor `engine.backward` multiplied the loss by (read before `engine.step()`).
+    engine_step_applied: `engine.was_step_applied()` after the boundary `engine.step()`.
+    head_grads_finite: whether every head gradient is finite on every rank (all-reduced).
+    """
+    multiplier = head_gradient_multiplier(loss_scale=loss_scale,
+                                          gradient_accumulation_steps=gradient_accumulation_steps)
+    if not engine_step_applied:
+        return HeadStepDecision(apply=False, grad_multiplier=multiplier,
+                                reason="engine skipped the step (fp16 overflow)")
+    if not head_grads_finite:
+        return HeadStepDecision(apply=False, grad_multiplier=multiplier, reason="non-finite head gradient")
+    return HeadStepDecision(apply=True, grad_multiplier=multiplier, reason="applied")
+
+
+def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def grads_finite_everywhere(params: list[torch.nn.Parameter], group: ProcessGroup | None) -> bool:
+    """True when every gradient of `params` is finite on every rank of `group` (one all-reduce)."""
+    grads = _grads(params)
+    bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for grad in grads:
+        bad += (~torch.isfinite(grad)).any().float()
+    all_reduce_max_(bad, group)
+    return bool(bad.item() == 0)
+
+
+def global_grad_norm(*, sharded: list[torch.nn.Parameter], replicated: list[torch.nn.Parameter],
+                     group: ProcessGroup | None) -> torch.Tensor:
+    """L2 norm of the whole head's gradient: sharded rows summed over ranks, replicated ones once."""
+    grads = _grads(sharded)
+    device = grads[0].device if grads else (replicated[0].device if replicated else "cpu")
+    sharded_sq = torch.zeros(1, dtype=torch.float32, device=device)
+    for grad in grads:
+        sharded_sq += grad.float().pow(2).sum()
+    all_reduce_sum_(sharded_sq, group)
+    replicated_sq = sum((g.float().pow(2).sum() for g in _grads(replicated)), torch.zeros(1, device=device))
+    return (sharded_sq + replicated_sq).sqrt().squeeze(0)
+
+
+@dataclass(kw_only=True)
+class HeadStepResult:
+    applied: bool
+    reason: str
+    grad_norm: float | None
+    """Head gradient norm before clipping (None when no clipping was configured or the step was skipped)."""
+
+
+class TouchedRows:
+    """Union of the classifier rows that received a gradient since the last head step.
+
+    A row-sparse head optimizer (Partial FC) must step exactly these rows; with gradient
+    accumulation each micro-batch samples its own rows, so the union over the micro-batches is
+    stepped. Give `take` to the optimizer as its `row_source`.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor | None) -> None:
+        if rows is not None:
+            self._parts.append(rows)
+
+    def take(self) -> torch.Tensor | None:
+        """Sorted unique rows recorded since the last take/clear (None if nothing was recorded)."""
+        parts, self._parts = self._parts, []
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts))
+
+    def clear(self) -> None:
+        self._parts = []
+
+
+class ExternalHeadStep:
+    """Applies `decide_head_step` to the head's optimizers: unscale, 1/gas, optional clip, step or skip.
+
+    sharded: parameters holding this rank's class rows (their gradient is this rank's alone).
+    replicated: parameters identical on every rank (e.g. the temperature), whose gradient the head
+    has already made identical on every rank.
+    touched_rows: rows for row-sparse optimizers (their `row_source` is `touched_rows.take`).
+    """
+
+    def __init__(self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *,
+                 sharded: list[torch.nn.Parameter], replicated: list[torch.nn.Parameter],
+                 gradient_accumulation_steps: int, clip_norm: float = 0.0, group: ProcessGroup | None = None,
+                 touched_rows: TouchedRows | None = None):
+        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        self.sharded = list(sharded)
+        self.replicated = list(replicated)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.clip_norm = clip_norm
+        self.group = group
+        self.touched_rows = touched_rows
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.sharded + self.replicated
+
+    def set_learning_rate(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.touched_rows is not None:
+            self.touched_rows.clear()
+
+    def step(self, *, loss_scale: float, engine_step_applied: bool) -> HeadStepResult:
+        """Call once per optimizer step, after the boundary `engine.step()`."""
+        finite = grads_finite_everywhere(self.parameters, self.group) if engine_step_applied else True
+        decision = decide_head_step(loss_scale=loss_scale, engine_step_applied=engine_step_applied,
+                                    head_grads_finite=finite,
+                                    gradient_accumulation_steps=self.gradient_accumulation_steps)
+        grad_norm = None
+        if decision.apply:
+            grads = _grads(self.parameters)
+            if decision.grad_multiplier != 1.0 and grads:
+                torch._foreach_mul_(grads, decision.grad_multiplier)
+            if self.clip_norm > 0:
+                grad_norm = self._clip()
+            for optimizer in self.optimizers:
+                optimizer.step()
+        self.zero_grad()
+        return HeadStepResult(applied=decision.apply, reason=decision.reason, grad_norm=grad_norm)
+
+    def _clip(self) -> float:
+        norm = global_grad_norm(sharded=self.sharded, replicated=self.replicated, group=self.group)
+        coefficient = torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0)
+        grads = _grads(self.parameters)
+        if grads:
+            torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+        return float(norm)

@@ -1,0 +1,81 @@
+"""One training run from a config file, with the error handling every rank shares (used by launch/train.py).
+
+Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after writing a checkpoint), 1 a run-time
+error with a message (bad data, missing .bin, non-finite loss under 'abort', ...), 2 a config error.
+Every rank validates the config and the files itself, so every rank exits with the message.
+Set LARGEFR_DEBUG=1 to get the traceback of a reported error.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+from largefr.config import ConfigError, load_config
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK', '0')}] "
+
+
+def report(message: str) -> None:
+    """Every line prefixed with the rank, so launcher output that interleaves ranks stays readable."""
+    lines = str(message).splitlines() or [""]
+    text = "\n".join(f"{_rank_prefix()}error: {line}" for line in lines)
+    print(text, file=sys.stderr, flush=True)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: reported without a traceback."""
+    from largefr.data.recordio import RecordIOError
+    from largefr.data.verification_bin import VerificationBinError
+    from largefr.train.build import DataSetupError
+    from largefr.train.checkpoint import CheckpointError
+    from largefr.train.engine import EngineConfigError
+    from largefr.train.step import NonFiniteLossError
+
+    return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
+            NonFiniteLossError, FileNotFoundError, FileExistsError)
+
+
+def limit_cpu_threads() -> None:
+    """Share the cores among the ranks of this node unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
+
+
+def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str | None = None,
+                 world_size: int = 1) -> int:
+    """Load, build, train; returns the process exit code."""
+    try:
+        config = load_config(config_path, overrides, world_size=world_size)
+    except ConfigError as error:
+        report(str(error))
+        return EXIT_CONFIG
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed, shutdown_distributed
+
+    expected = _expected_errors()
+    try:
+        env = init_distributed()
+        if env.device.type == "cpu":
+            limit_cpu_threads()
+        trainer = build_trainer(config, env, resume=resume)
+        try:
+            trainer.train()
+        finally:
+            trainer.metrics.close()
+    except (*expected, ValueError) as error:
+        if os.environ.get("LARGEFR_DEBUG"):
+            raise
+        report(f"{error}" if isinstance(error, expected) else f"{type(error).__name__}: {error}")
+        return EXIT_ERROR
+    finally:
+        shutdown_distributed()
+    return EXIT_OK

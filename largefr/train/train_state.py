@@ -1,0 +1,136 @@
+"""What a training checkpoint holds, and putting it back (DESIGN.md section 8).
+
+`largefr.train.checkpoint` writes and reads the files atomically and re-splits rows by class id;
+this module decides which piece of the trainer goes where:
+
+* head rows (this rank's classes, re-split on another world size): classifier rows `weight`, the
+  row-sparse optimizer's per-row state `optim.<key>`, the cluster bank `bank.<buffer>`;
+* head extras (per rank, dropped on another world size): Partial-FC and center sampling
+  generators, this rank's torch/numpy/python RNG states;
+* replicated (written by rank 0): momentum encoder, feature queue, log tau and its optimizer,
+  the loop state (step, skip counters, verification), the data position and the config.
+The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint inside.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from largefr.heads.joint import ClusterGuidedHead
+from largefr.train.checkpoint import (CheckpointError, LoadedCheckpoint, capture_rng_state, load_checkpoint,
+                                      restore_rng_state, save_checkpoint)
+
+
+class TrainingCheckpointer:
+    """`save(trainer)` / `restore(trainer, path)` of the whole training state; both collective."""
+
+    def __init__(self, root: str, *, head: ClusterGuidedHead, weight_optimizer: torch.optim.Optimizer,
+                 tau_optimizer: torch.optim.Optimizer | None, momentum_encoder: torch.nn.Module | None,
+                 keep_last: int, config: dict[str, Any], device: torch.device):
+        self.root = root
+        self.head = head
+        self.weight_optimizer = weight_optimizer
+        self.tau_optimizer = tau_optimizer
+        self.momentum_encoder = momentum_encoder
+        self.keep_last = keep_last
+        self.config = config
+        self.device = device
+        self.last_path: str | None = None
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.head.margin_head.weight
+
+    # ---- save ---------------------------------------------------------------------------------
+    def head_rows(self) -> dict[str, torch.Tensor]:
+        rows = {"weight": self.weight.detach()}
+        for key, value in self.weight_optimizer.state.get(self.weight, {}).items():
+            rows[f"optim.{key}"] = value
+        if self.head.bank is not None:
+            rows.update({f"bank.{name}": buffer for name, buffer in self.head.bank.named_buffers()})
+        return rows
+
+    def head_extra(self) -> dict[str, Any]:
+        return {"margin_sampler": self.head.margin_head.sample_generator.get_state(),
+                "center_sampler": self.head.sample_generator.get_state(),
+                "rng": capture_rng_state(self.device)}
+
+    def replicated(self, trainer) -> dict[str, Any]:
+        state = trainer.state
+        out: dict[str, Any] = {
+            "loop": {"step": state.step, "consecutive_nonfinite": state.consecutive_nonfinite,
+                     "skipped_nonfinite": state.skipped_nonfinite,
+                     "best_verification": dict(state.best_verification),
+                     "last_verification": dict(state.last_verification)},
+            "data_position": trainer.data_position(),
+            "config": self.config,
+        }
+        if self.momentum_encoder is not None:
+            out["momentum_encoder"] = self.momentum_encoder.state_dict()
+        if self.head.queue is not None:
+            out["queue"] = self.head.queue.state_dict()
+        if self.head.log_tau is not None:
+            out["log_tau"] = self.head.log_tau.detach()
+            out["tau_optimizer"] = self.tau_optimizer.state_dict()
+        return out
+
+    def save(self, trainer) -> str:
+        self.last_path = save_checkpoint(
+            self.root, trainer.state.step, engine=trainer.runner.engine, partition=self.head.partition,
+            head_rows=self.head_rows(), head_extra=self.head_extra(), replicated=self.replicated(trainer),
+            keep_last=self.keep_last, group=self.head.group)
+        trainer.metrics.info(f"checkpoint written: {self.last_path}")
+        return self.last_path
+
+    # ---- restore ------------------------------------------------------------------------------
+    def restore(self, trainer, path: str) -> LoadedCheckpoint:
+        loaded = load_checkpoint(path, engine=trainer.runner.engine, partition=self.head.partition,
+                                 group=self.head.group)
+        self._restore_rows(path, loaded.head_rows)
+        if loaded.head_extra is not None:
+            self.head.margin_head.sample_generator.set_state(loaded.head_extra["margin_sampler"])
+            self.head.sample_generator.set_state(loaded.head_extra["center_sampler"])
+            restore_rng_state(loaded.head_extra["rng"], self.device)
+        self._restore_replicated(path, loaded.replicated, trainer)
+        trainer.metrics.info(f"resumed from {path} (step {loaded.step}, saved by {loaded.saved_world_size} ranks"
+                             f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'})")
+        return loaded
+
+    def _restore_rows(self, path: str, rows: dict[str, torch.Tensor]) -> None:
+        if tuple(rows["weight"].shape) != tuple(self.weight.shape):
+            raise CheckpointError(f"checkpoint {path}: classifier rows of shape {tuple(rows['weight'].shape)}, this "
+                                  f"run has {tuple(self.weight.shape)} (embedding size differs?)")
+        with torch.no_grad():
+            self.weight.copy_(rows["weight"])
+        state = {key[len("optim."):]: value.to(self.weight.device) for key, value in rows.items()
+                 if key.startswith("optim.")}
+        if state:
+            self.weight_optimizer.state[self.weight] = state
+        if self.head.bank is not None:
+            bank_rows = {key[len("bank."):]: value for key, value in rows.items() if key.startswith("bank.")}
+            missing = [name for name, _ in self.head.bank.named_buffers() if name not in bank_rows]
+            if missing:
+                raise CheckpointError(f"checkpoint {path} has no cluster bank rows {missing}: it was written with the "
+                                      "cluster terms off; resume with the same cluster settings")
+            for name, buffer in self.head.bank.named_buffers():
+                buffer.copy_(bank_rows[name])
+
+    def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer) -> None:
+        loop = replicated["loop"]
+        trainer.state.step = loop["step"]
+        trainer.state.consecutive_nonfinite = loop["consecutive_nonfinite"]
+        trainer.state.skipped_nonfinite = loop["skipped_nonfinite"]
+        trainer.state.best_verification = dict(loop["best_verification"])
+        trainer.state.last_verification = dict(loop["last_verification"])
+        for name, target in (("momentum_encoder", self.momentum_encoder), ("queue", self.head.queue)):
+            if (target is None) != (name not in replicated):
+                raise CheckpointError(f"checkpoint {path}: '{name}' is {'absent' if target is not None else 'present'}"
+                                      " but this run's cluster settings need the opposite; resume with the same "
+                                      "cluster section")
+            if target is not None:
+                target.load_state_dict(replicated[name])
+        if self.head.log_tau is not None:
+            with torch.no_grad():
+                self.head.log_tau.copy_(replicated["log_tau"])
+            self.tau_optimizer.load_state_dict(replicated["tau_optimizer"])

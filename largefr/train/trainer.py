@@ -1,0 +1,268 @@
+"""The training loop: `Trainer.train -> StepRunner.train_step -> StepRunner.forward_backward`.
+
+`Trainer` owns the loop around the step: epochs and resume position, the learning-rate schedule
+of backbone and head, logging, periodic verification, checkpoints, SIGTERM/SIGINT and the final
+summary. `largefr.train.build.build_trainer` assembles one from a `Config`.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from largefr.eval.verification import embed_images_distributed, verification_accuracy
+from largefr.train.engine import engine_dtype
+from largefr.train.metrics import MetricsLogger, StepTimer
+from largefr.train.schedule import LRSchedule
+from largefr.train.step import NonFiniteLossError, StepResult, StepRunner
+
+
+class Checkpointer(Protocol):
+    def save(self, trainer: "Trainer") -> None: ...
+
+
+@dataclass(kw_only=True)
+class VerificationSet:
+    name: str
+    local_images: torch.Tensor
+    """This rank's share (`share_range`) of the 2N images, uint8 N x 3 x H x W; pairs are rows 2i, 2i+1."""
+    issame: list[bool]
+
+
+@dataclass(kw_only=True)
+class LoopPlan:
+    """How long the run is, in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    """min(schedule length, train.max_steps)."""
+    gradient_accumulation_steps: int
+    eval_every: int
+    checkpoint_every: int
+    max_consecutive_nonfinite: int
+    eval_batch_size: int = 64
+    eval_folds: int = 10
+    eval_flip: bool = True
+    embedding_size: int = 512
+
+
+@dataclass(kw_only=True)
+class LoopState:
+    """Where the run is; what a checkpoint must restore besides the model and optimizers."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    consecutive_nonfinite: int = 0
+    skipped_nonfinite: int = 0
+    best_verification: dict[str, float] = field(default_factory=dict)
+    last_verification: dict[str, float] = field(default_factory=dict)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT; the step all-reduces it so every rank stops after the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested, self.signal_name = True, signal.Signals(number).name
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+class Trainer:
+    def __init__(self, *, runner: StepRunner, loader, schedule: LRSchedule, head_lr_factor: float, plan: LoopPlan,
+                 metrics: MetricsLogger, checkpointer: Checkpointer | None = None,
+                 verification_sets: list[VerificationSet] | None = None, state: LoopState | None = None,
+                 summary_fields: dict[str, Any] | None = None, summary_path: str | None = None,
+                 stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0):
+        self.runner = runner
+        self.loader = loader
+        self.schedule = schedule
+        self.head_lr_factor = head_lr_factor
+        self.plan = plan
+        self.metrics = metrics
+        self.checkpointer = checkpointer
+        self.verification_sets = verification_sets or []
+        self.state = state or LoopState()
+        self.summary_fields = dict(summary_fields or {})
+        self.summary_path = summary_path
+        self.stats_fn = stats_fn
+        self.rank = rank
+        self.stop = StopSignal()
+        self.last_result: StepResult | None = None
+        self.loss_history: list[torch.Tensor] | None = None
+        """Set to [] to record every step's loss (detached tensors; for tests and tools)."""
+
+    # ---- position in the data ---------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.state.step // self.plan.steps_per_epoch
+
+    def data_position(self) -> dict[str, int]:
+        """Epoch and micro-batch of that epoch where the next step starts (saved in checkpoints)."""
+        steps_into_epoch = self.state.step % self.plan.steps_per_epoch
+        return {"epoch": self.epoch, "batch": steps_into_epoch * self.plan.gradient_accumulation_steps}
+
+    def _steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Groups of `gradient_accumulation_steps` micro-batches, from the resume position on."""
+        gas = self.plan.gradient_accumulation_steps
+        while True:
+            position = self.data_position()
+            self.loader.set_epoch(position["epoch"])
+            steps_left = self.plan.steps_per_epoch - position["batch"] // gas
+            iterator = self.loader.iter_from(position["batch"])
+            for _ in range(steps_left):
+                group = [next(iterator, None) for _ in range(gas)]
+                if any(item is None for item in group):
+                    raise RuntimeError(
+                        f"the loader ran out of batches in epoch {position['epoch']} before "
+                        f"{self.plan.steps_per_epoch} steps: data.num_images is larger than the images the "
+                        "loader reads; set data.num_images to the real count")
+                yield group
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    # ---- layer 0: the run -------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run until total_steps (or a stop signal); verify, checkpoint and summarize at the end."""
+        started = time.perf_counter()
+        self.stop.install()
+        try:
+            if self.state.step == 0 and self.verification_sets:
+                self.summary_fields["verification_at_start"] = self.evaluate()
+            interrupted = self._loop()
+            if not interrupted and self.verification_sets:
+                self._record_verification(self.evaluate())
+            self._checkpoint()
+        finally:
+            self.stop.uninstall()
+        return self._summary(time.perf_counter() - started, interrupted)
+
+    def _loop(self) -> bool:
+        """Steps until the end of the run; True when stopped by a signal."""
+        if self.state.step >= self.plan.total_steps:
+            return False
+        timer = StepTimer()
+        for micro_batches in self._steps():
+            timer.data_ready()
+            result = self.train_step(micro_batches)
+            self._after_step(result, timer)
+            if result.stop_requested:
+                self.metrics.info(f"stop requested ({self.stop.signal_name or 'on another rank'}): "
+                                  f"checkpointing at step {self.state.step} and exiting")
+                return True
+            if self.state.step >= self.plan.total_steps:
+                return False
+            if self._periodic():
+                timer.restart()  # evaluation and checkpoint time is not step time
+        return False
+
+    # ---- layer 1: one step ------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        lr = self.schedule.lr_at(self.state.step)
+        result = self.runner.train_step(micro_batches, lr=lr, head_lr=lr * self.head_lr_factor,
+                                        stop_requested=self.stop.requested)
+        self.last_result = result
+        if self.loss_history is not None:
+            self.loss_history.append(result.loss)
+        return result
+
+    def _after_step(self, result: StepResult, timer: StepTimer) -> None:
+        step = self.state.step
+        if result.nonfinite_microbatches:
+            self.state.skipped_nonfinite += 1
+            self.state.consecutive_nonfinite += 1
+            self.metrics.info(f"step {step + 1}: non-finite loss in {result.nonfinite_microbatches} micro-batch(es), "
+                              f"skipped ({self.state.skipped_nonfinite} so far)")
+            if self.state.consecutive_nonfinite > self.plan.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.state.consecutive_nonfinite} consecutive steps with a non-finite loss (limit "
+                    f"train.max_consecutive_nonfinite={self.plan.max_consecutive_nonfinite}); lower optim.lr or "
+                    "check the data")
+        else:
+            self.state.consecutive_nonfinite = 0
+        self.state.step += 1
+        any_finite = result.nonfinite_microbatches < self.plan.gradient_accumulation_steps
+        losses = {"loss": result.loss, **result.terms} if any_finite else {}
+        scalars = self.stats_fn() if self.stats_fn is not None and self._is_logging_step(step) else None
+        self.metrics.log_step(step, timer.step_done(), losses=losses, lr=self.schedule.lr_at(step), scalars=scalars)
+
+    def _is_logging_step(self, step: int) -> bool:
+        return (step + 1) % self.metrics.every == 0 or step + 1 >= self.plan.total_steps
+
+    def _periodic(self) -> bool:
+        """Verification and checkpoints due after this step; True when something ran (time excluded)."""
+        ran = False
+        if self.plan.eval_every > 0 and self.state.step % self.plan.eval_every == 0 and self.verification_sets:
+            self._record_verification(self.evaluate())
+            ran = True
+        if self.plan.checkpoint_every > 0 and self.state.step % self.plan.checkpoint_every == 0:
+            self._checkpoint()
+            ran = True
+        return ran
+
+    def _checkpoint(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(self)
+
+    # ---- verification -----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy of every verification set (all ranks embed a share; identical result everywhere)."""
+        module = self.runner.engine.module
+        accuracies = {}
+        for target in self.verification_sets:
+            embeddings = embed_images_distributed(
+                module, target.local_images, batch_size=self.plan.eval_batch_size, flip=self.plan.eval_flip,
+                embedding_size=self.plan.embedding_size, device=self.runner.device,
+                dtype=engine_dtype(self.runner.engine), group=self.runner.group)
+            accuracies[target.name] = verification_accuracy(embeddings, target.issame,
+                                                            num_folds=self.plan.eval_folds).accuracy
+        return accuracies
+
+    def _record_verification(self, accuracies: dict[str, float]) -> None:
+        self.state.last_verification = dict(accuracies)
+        for name, accuracy in accuracies.items():
+            self.state.best_verification[name] = max(accuracy, self.state.best_verification.get(name, 0.0))
+        scalars = {f"val/{name}": acc for name, acc in accuracies.items()}
+        scalars.update({f"val/{name}_best": self.state.best_verification[name] for name in accuracies})
+        self.metrics.log_scalars(self.state.step - 1, scalars)
+
+    # ---- summary ----------------------------------------------------------------------------------
+    def _summary(self, wall_seconds: float, interrupted: bool) -> dict[str, Any]:
+        last = self.metrics.last_logged
+        terms = {key[len("loss/"):]: value for key, value in last.items() if key.startswith("loss/")}
+        summary = {
+            **self.summary_fields,
+            "steps": self.state.step,
+            "epochs": self.state.step / self.plan.steps_per_epoch,
+            "images_per_sec": self.metrics.images_per_sec_mean(),
+            "wall_seconds": wall_seconds,
+            "final_loss": terms.pop("loss", math.nan),
+            "final_loss_terms": terms,
+            "verification": dict(self.state.last_verification),
+            "verification_best": dict(self.state.best_verification),
+            "skipped_nonfinite_steps": self.state.skipped_nonfinite,
+            "interrupted": interrupted,
+        }
+        if self.summary_path is not None and self.rank == 0:
+            from largefr.train.metrics import write_summary
+
+            write_summary(self.summary_path, summary)
+        return summary

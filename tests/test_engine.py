@@ -1,0 +1,165 @@
+"""DeepSpeed config building, and backbone/head gradients after the engine's reduction (DESIGN.md 4).
+
+The distributed test trains one step of a real DeepSpeed engine (ZeRO 0, 1 and 2, fp32, 2 gloo
+ranks) plus an external sharded ArcFace head with SGD lr=1 and no momentum, so each parameter's
+update IS its gradient, and compares with a dense float64 single-process computation on the
+global batch.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from largefr.train.engine import EngineConfigError, build_deepspeed_config, build_optimizer
+from tests.distributed_helpers import run_distributed
+from tests.train_helpers import ShardedArcFace, dense_reference, full_weight, rank_batch, tiny_backbone
+
+NUM_CLASSES, BATCH = 7, 5  # 7 classes on 2 ranks: uneven shards (4 + 3)
+
+
+def _config(**overrides):
+    args = dict(micro_batch_size=8, gradient_accumulation_steps=2, world_size=4, zero_stage=1,
+                precision="bf16", gradient_clipping=0.0)
+    args.update(overrides)
+    return build_deepspeed_config(**args)
+
+
+def test_config_maps_largefr_keys():
+    config = _config(gradient_clipping=5.0, zero_stage=2)
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 8 * 2 * 4
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["gradient_clipping"] == 5.0
+
+
+def test_gradient_clipping_written_even_when_off():
+    # DeepSpeed >= 0.19.3 clips at 1.0 when the key is absent
+    assert _config(gradient_clipping=0.0)["gradient_clipping"] == 0.0
+
+
+def test_user_section_merged_deeply():
+    extra = {"zero_optimization": {"overlap_comm": True}, "bf16": {"immediate_grad_update": True}}
+    config = _config(user_section=extra)
+    assert config["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert config["bf16"] == {"enabled": True, "immediate_grad_update": True}
+
+
+@pytest.mark.parametrize("key,source", [("train_micro_batch_size_per_gpu", "train.batch_size"),
+                                        ("gradient_clipping", "optim.gradient_clipping"),
+                                        ("optimizer", "optim"), ("scheduler", "schedule")])
+def test_user_section_may_not_set_derived_keys(key, source):
+    with pytest.raises(EngineConfigError, match=rf"deepspeed\.{key} is set from {source}"):
+        _config(user_section={key: {}})
+
+
+@pytest.mark.parametrize("section,key,source", [("zero_optimization", "stage", "train.zero_stage"),
+                                                ("fp16", "enabled", "train.precision"),
+                                                ("bf16", "enabled", "train.precision")])
+def test_user_section_may_not_set_derived_nested_keys(section, key, source):
+    with pytest.raises(EngineConfigError, match=rf"deepspeed\.{section}\.{key} is set from {source}"):
+        _config(user_section={section: {key: 2}})
+
+
+def test_zero3_refused_with_reason():
+    with pytest.raises(EngineConfigError, match="zero_stage=3 is not supported yet.*momentum encoder"):
+        _config(zero_stage=3)
+
+
+def test_fp16_refused_on_cpu_accelerator():
+    with pytest.raises(EngineConfigError, match="cpu accelerator refuses fp16.*bf16 or fp32"):
+        _config(precision="fp16", accelerator_name="cpu", fp16_supported=False)
+
+
+def test_fp16_with_zero0_refused():
+    with pytest.raises(EngineConfigError, match="zero_stage=0.*does not scale the loss"):
+        _config(precision="fp16", zero_stage=0, accelerator_name="cuda", fp16_supported=True)
+
+
+def test_fp16_on_gpu_accelerator_accepted():
+    config = _config(precision="fp16", zero_stage=2, accelerator_name="cuda", fp16_supported=True)
+    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
+
+
+def test_build_optimizer_kinds():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(params, name="sgd", lr=0.1), torch.optim.SGD)
+    assert isinstance(build_optimizer(params, name="adamw", lr=0.1), torch.optim.AdamW)
+    with pytest.raises(EngineConfigError, match="optim.name must be"):
+        build_optimizer(params, name="lamb", lr=0.1)
+
+
+@pytest.mark.parametrize("environ,launcher", [
+    ({}, "single"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_SIZE": "2"}, "deepspeed"),
+])
+def test_detect_launcher(environ, launcher):
+    from largefr.train.distributed_env import detect_launcher
+
+    assert detect_launcher(environ) == launcher
+
+
+def test_incomplete_launcher_environment_refused():
+    from largefr.train.distributed_env import detect_launcher
+
+    with pytest.raises(RuntimeError, match="MASTER_PORT not set"):
+        detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def _one_step_updates(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
+    from largefr.train.distributed_env import init_distributed
+    from largefr.train.engine import create_engine, engine_loss_scale
+    from largefr.train.head_step import ExternalHeadStep
+    from largefr.train.step import StepRunner
+
+    env = init_distributed()
+    images, labels = rank_batch(rank, BATCH, NUM_CLASSES)
+    results = {}
+    for stage, precision in runs:
+        backbone = tiny_backbone()
+        before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
+        head = ShardedArcFace(full_weight(NUM_CLASSES))
+        head_before = head.weight.detach().clone()
+        config = build_deepspeed_config(micro_batch_size=BATCH, gradient_accumulation_steps=1, world_size=world,
+                                        zero_stage=stage, precision=precision, gradient_clipping=0.0)
+        engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=1.0, momentum=0.0),
+                               config)
+        head_step = ExternalHeadStep(torch.optim.SGD(head.parameters(), lr=1.0), sharded=[head.weight],
+                                     replicated=[], gradient_accumulation_steps=1)
+        runner = StepRunner(engine=engine, head=head, head_step=head_step, device=env.device)
+        step = runner.train_step([(images, labels)], lr=1.0, head_lr=1.0)
+        after = dict(engine.module.named_parameters())
+        results[(stage, precision)] = {"backbone": {n: before[n] - after[n].detach().float() for n in before},
+                          "head": head_before - head.weight.detach(), "applied": step.applied,
+                          "loss": float(step.loss), "start": head.partition.start,
+                          "loss_scale": engine_loss_scale(engine)}
+    return results
+
+
+def test_backbone_and_head_updates_equal_dense_reference_zero_0_1_2():
+    world, stages = 2, [0, 1, 2]
+    # fp32 at 1e-5; bf16 (ZeRO 1, backbone in bf16, head and loss in fp32) at bf16 resolution
+    runs = [(stage, "fp32") for stage in stages] + [(1, "bf16")]
+    per_rank = run_distributed(_one_step_updates, world, runs)
+    batches = [rank_batch(r, BATCH, NUM_CLASSES) for r in range(world)]
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    ref_loss, ref_backbone, ref_weight = dense_reference(tiny_backbone(), full_weight(NUM_CLASSES), images, labels)
+    for stage, precision in runs:
+        atol = 1e-5 if precision == "fp32" else 3e-2
+        for rank, result in enumerate(per_rank):
+            got = result[(stage, precision)]
+            assert got["applied"], f"ZeRO {stage} rank {rank}: step not applied"
+            assert got["loss_scale"] == 1.0  # no loss scaling outside fp16
+            assert got["loss"] == pytest.approx(ref_loss, rel=1e-5 if precision == "fp32" else 2e-2)
+            for name, grad in ref_backbone.items():
+                torch.testing.assert_close(got["backbone"][name].double(), grad, rtol=1e-4, atol=atol,
+                                           msg=lambda m: f"ZeRO {stage} rank {rank} {name}: {m}")
+            rows = ref_weight[got["start"]:got["start"] + got["head"].shape[0]]
+            torch.testing.assert_close(got["head"].double(), rows, rtol=1e-4, atol=atol,
+                                       msg=lambda m: f"ZeRO {stage} rank {rank} head rows: {m}")
