@@ -1,0 +1,211 @@
+"""Load a backbone for evaluation from a plain state_dict file or a largefr checkpoint directory.
+
+`--weights model.pt`: a state_dict as insightface's `backbone.pth` or `tools/export_backbone.py`
+write it (a DeepSpeed `mp_rank_00_model_states.pt` works too: its 'module' entry is used).
+`--checkpoint DIR`: a checkpoint directory, or a run's checkpoint root (its latest complete step).
+The network name and embedding size are inferred from the tensor names and shapes when not given;
+a given network that does not fit the weights is refused, naming the mismatching keys.
+Files are read with `torch.load(weights_only=True)`: nothing stored in them runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from largefr.models import NETWORK_NAMES, get_model
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DeepSpeed, torch.compile
+_SHOWN_KEYS = 6
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the requested network."""
+
+
+@dataclass(kw_only=True)
+class LoadedBackbone:
+    model: nn.Module
+    """The backbone in eval mode, on the requested device."""
+    network: str
+    embedding_size: int
+    source: str
+    """The file or checkpoint directory the weights came from."""
+    device: torch.device
+
+
+@dataclass(kw_only=True)
+class StateDictMismatch:
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    """(key, shape in the file, shape the network wants)."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self) -> str:
+        parts = []
+        for what, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                shown = ", ".join(keys[:_SHOWN_KEYS]) + (" ..." if len(keys) > _SHOWN_KEYS else "")
+                parts.append(f"{len(keys)} {what} keys ({shown})")
+        if self.wrong_shape:
+            shown = ", ".join(f"{k}: file {list(a)} vs network {list(b)}" for k, a, b in self.wrong_shape[:_SHOWN_KEYS])
+            parts.append(f"{len(self.wrong_shape)} keys of another shape ({shown})")
+        return "; ".join(parts)
+
+
+def _unwrap(loaded: object, source: str) -> dict[str, torch.Tensor]:
+    """The tensor dict inside what torch.load returned, wrapper prefixes removed."""
+    if isinstance(loaded, Mapping):
+        for container in ("module", "state_dict"):
+            if isinstance(loaded.get(container), Mapping):
+                loaded = loaded[container]
+                break
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise WeightsError(f"{source}: expected a state_dict (a dict of tensors), got {type(loaded).__name__}")
+    not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightsError(f"{source}: not a state_dict: entries {not_tensors[:_SHOWN_KEYS]} are not tensors")
+    state = {str(k): v for k, v in loaded.items()}
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The backbone state_dict in file `path` (weights_only load)."""
+    from largefr.train.checkpoint_io import CheckpointError, safe_load
+
+    if os.path.isdir(path):
+        raise WeightsError(f"--weights {path} is a directory; pass a checkpoint directory with --checkpoint")
+    if not os.path.isfile(path):
+        raise WeightsError(f"--weights {path}: no such file")
+    try:
+        loaded = safe_load(path)
+    except CheckpointError:
+        try:  # a DeepSpeed model-states file; allowing its classes imports deepspeed (seconds), so only now
+            loaded = safe_load(path, deepspeed_file=True)
+        except CheckpointError as error:
+            raise WeightsError(str(error)) from None
+    return _unwrap(loaded, path)
+
+
+def checkpoint_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(backbone weights, checkpoint directory) of a checkpoint directory or a root holding `step_<N>` ones."""
+    from largefr.train.checkpoint import CheckpointError, resolve_checkpoint
+    from largefr.train.reshard import export_backbone
+
+    try:
+        resolved = resolve_checkpoint(path, path)
+        # export_backbone writes the file `tools/export_backbone.py` ships; here it is only read back
+        with tempfile.TemporaryDirectory(prefix="largefr-backbone-") as scratch:
+            weights = export_backbone(resolved, os.path.join(scratch, "backbone.pt"))
+    except CheckpointError as error:
+        raise WeightsError(str(error)) from None
+    return _unwrap(weights, resolved), resolved
+
+
+def embedding_size_of(state: Mapping[str, torch.Tensor]) -> int:
+    """Width of the last 1-D tensor: every backbone here ends in a BatchNorm1d over the embedding."""
+    vectors = [t for t in state.values() if t.dim() == 1]
+    if not vectors:
+        raise WeightsError("cannot infer the embedding size: the weights hold no 1-D tensor; pass --embedding-size")
+    return int(vectors[-1].shape[0])
+
+
+def compare_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> StateDictMismatch:
+    """Keys and shapes of `state` against those `model` expects."""
+    wanted = model.state_dict()
+    wrong = [(k, tuple(state[k].shape), tuple(wanted[k].shape))
+             for k in wanted if k in state and state[k].shape != wanted[k].shape]
+    return StateDictMismatch(missing=[k for k in wanted if k not in state],
+                             unexpected=[k for k in state if k not in wanted], wrong_shape=wrong)
+
+
+def _meta_model(network: str, embedding_size: int) -> nn.Module:
+    with torch.device("meta"):
+        return get_model(network, embedding_size=embedding_size)
+
+
+def infer_network(state: Mapping[str, torch.Tensor], embedding_size: int | None = None) -> str | None:
+    """The network name whose parameter names and shapes equal those of `state`, or None."""
+    size = embedding_size or embedding_size_of(state)
+    for network in NETWORK_NAMES:
+        if compare_state_dict(_meta_model(network, size), state).ok:
+            return network
+    return None
+
+
+def _network_for(state: Mapping[str, torch.Tensor], network: str | None, size: int, source: str) -> str:
+    """`network` if given (checked against the names and shapes of `state`), else the one `state` fits."""
+    if network is not None and network not in NETWORK_NAMES:
+        raise WeightsError(f"unknown network {network!r}; valid choices: {', '.join(NETWORK_NAMES)}")
+    if network is not None:
+        mismatch = compare_state_dict(_meta_model(network, size), state)
+        if mismatch.ok:
+            return network
+        guess = infer_network(state, size)
+        hint = f"; they fit --network {guess}" if guess is not None else ""
+        raise WeightsError(f"{source}: weights do not fit network {network!r} (embedding size {size}): "
+                           f"{mismatch.describe()}{hint}")
+    guess = infer_network(state, size)
+    if guess is None:
+        raise WeightsError(f"{source}: the weights fit none of the networks {', '.join(NETWORK_NAMES)} with "
+                           f"embedding size {size}; pass --network and --embedding-size to see which keys differ")
+    return guess
+
+
+def build_backbone(state: Mapping[str, torch.Tensor], *, source: str, network: str | None = None,
+                   embedding_size: int | None = None, device: torch.device | str = "cpu") -> LoadedBackbone:
+    """The backbone that `state` fits (or `network`, checked), weights loaded, in eval mode."""
+    size = embedding_size or embedding_size_of(state)
+    network = _network_for(state, network, size, source)
+    model = get_model(network, embedding_size=size)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    device = torch.device(device)
+    return LoadedBackbone(model=model.to(device).eval(), network=network, embedding_size=size, source=source,
+                          device=device)
+
+
+def load_backbone(*, weights: str | None = None, checkpoint: str | None = None, network: str | None = None,
+                  embedding_size: int | None = None, device: torch.device | str = "cpu") -> LoadedBackbone:
+    """Backbone from exactly one of `weights` (a state_dict file) or `checkpoint` (a directory)."""
+    if (weights is None) == (checkpoint is None):
+        raise WeightsError("give exactly one of --weights FILE or --checkpoint DIR")
+    if weights is not None:
+        state, source = read_state_dict(weights), weights
+    else:
+        state, source = checkpoint_state_dict(checkpoint)
+    return build_backbone(state, source=source, network=network, embedding_size=embedding_size, device=device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--weights/--checkpoint, --network, --embedding-size, --device, --batch-size: shared by the eval tools."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="backbone state_dict file (insightface backbone.pth, export_backbone.py)")
+    source.add_argument("--checkpoint", help="largefr checkpoint directory, or a run's root (latest complete step)")
+    parser.add_argument("--network", choices=NETWORK_NAMES, default=None,
+                        help="backbone name (default: inferred from the weights' names and shapes)")
+    parser.add_argument("--embedding-size", type=int, default=None, help="default: inferred from the weights")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+
+def load_backbone_from_args(args: argparse.Namespace) -> LoadedBackbone:
+    if args.batch_size < 1:
+        raise WeightsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return load_backbone(weights=args.weights, checkpoint=args.checkpoint, network=args.network,
+                         embedding_size=args.embedding_size, device=args.device or default_device())

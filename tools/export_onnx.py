@@ -1,0 +1,72 @@
+"""Export a backbone to ONNX and check onnxruntime against torch.
+
+    python tools/export_onnx.py --weights model.pt|--checkpoint DIR [--network r100] --out model.onnx \
+        [--opset 17] [--check-bin synth_val.bin] [--tolerance 1e-4]
+
+The ONNX model: input `data`, float32 N x 3 x 112 x 112 (N dynamic), RGB, (pixel - 127.5) / 127.5;
+output `embedding`, N x d raw embeddings (L2-normalize before comparing). After export the tool
+runs onnxruntime and torch on random images (and on the first images of --check-bin) and fails
+when the largest absolute difference exceeds --tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from largefr.data.verification_bin import decode_pairs, load_bin
+from largefr.eval.cli import run_tool
+from largefr.eval.onnx_export import DEFAULT_OPSET, NORMALIZATION, export_onnx, max_abs_difference
+from largefr.eval.weights import add_model_arguments, load_backbone_from_args
+
+CHECK_IMAGES = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, help="output .onnx file")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--check-bin", default=None, help="also compare on the first images of this .bin")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |onnx - torch| allowed (default 1e-4)")
+    return parser.parse_args(argv)
+
+
+def check_sets(check_bin: str | None) -> dict[str, torch.Tensor]:
+    """Named N x 3 x 112 x 112 normalized batches to compare on (batch sizes other than the export's 1)."""
+    generator = torch.Generator().manual_seed(0)
+    sets = {"random": torch.rand(CHECK_IMAGES, 3, 112, 112, generator=generator) * 2 - 1}
+    if check_bin:
+        images, _ = load_bin(check_bin)
+        sets[check_bin] = decode_pairs(images[:CHECK_IMAGES], 112, source=check_bin)
+    return sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        sets = check_sets(args.check_bin)  # a bad .bin fails before the export
+        args.device = "cpu"
+        loaded = load_backbone_from_args(args)
+        export_onnx(loaded.model, args.out, opset=args.opset,
+                    metadata={"network": loaded.network, "embedding_size": loaded.embedding_size,
+                              "source": loaded.source})
+        print(f"{args.out}: {loaded.network}, input 'data' Nx3x112x112 RGB {NORMALIZATION}, "
+              f"output 'embedding' Nx{loaded.embedding_size}, opset {args.opset}")
+        worst = 0.0
+        for name, images in sets.items():
+            difference = max_abs_difference(loaded.model, args.out, images)
+            worst = max(worst, difference)
+            print(f"onnxruntime vs torch on {images.shape[0]} images ({name}): max |diff| = {difference:.2e}")
+        if worst > args.tolerance:
+            print(f"export_onnx: error: max |diff| {worst:.2e} exceeds --tolerance {args.tolerance:g}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_tool("export_onnx", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
