@@ -64,7 +64,8 @@ def quickstart_config(data_dir: str, output: str) -> dict:
     with open(os.path.join(ROOT, "configs", "quickstart.json")) as handle:
         config = json.load(handle)
     config["data"].update(num_classes=IDENTITIES, num_images=IDENTITIES * IMAGES_PER_IDENTITY, loader="torch",
-                          num_workers=0, rec=data_dir, synthetic=None)
+                          num_workers=0, rec=data_dir, synthetic=None,
+                          image_size=112)  # the evaluation tools work on aligned 112 x 112 faces
     config["cluster"].update(queue_size=32, num_sampled_centers=4)
     config["train"].update(batch_size=BATCH, max_steps=TRAIN_STEPS)
     config["eval"].update(every=0, batch_size=2 * PAIRS, nfolds=2)
