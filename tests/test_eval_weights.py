@@ -87,3 +87,17 @@ def test_bad_files_rejected(tmp_path):
         load_backbone(checkpoint=str(tmp_path))
     with pytest.raises(WeightsError, match="exactly one of --weights FILE or --checkpoint DIR"):
         load_backbone()
+
+
+@pytest.mark.parametrize("network,image_size", [("mbf", 32), ("r18", 64)])
+def test_weights_of_a_small_input_side_are_recognised(network, image_size):
+    """CPU runs (the quickstart trains at 32 px) give weights whose embedding layer fits only that side."""
+    from largefr.eval.weights import infer_network_and_size
+    from largefr.models import get_model
+
+    state = get_model(network, embedding_size=64, image_size=image_size).state_dict()
+    assert infer_network_and_size(state) == (network, image_size)
+    loaded = build_backbone(state, source="test", network=network)
+    assert loaded.model.image_size == image_size
+    out = loaded.model(torch.zeros(2, 3, image_size, image_size))
+    assert out.shape == (2, 64)

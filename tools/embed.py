@@ -17,6 +17,7 @@ import numpy as np
 
 from largefr.eval.cli import run_tool
 from largefr.eval.embed import embed_folder
+from largefr.eval.pairs import image_size_of
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
 
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--images {args.images}: no such directory")
         loaded = load_backbone_from_args(args)
         result = embed_folder(loaded.model, args.images, batch_size=args.batch_size, device=loaded.device,
-                              flip=args.flip, normalize=not args.no_normalize)
+                              flip=args.flip, normalize=not args.no_normalize,
+                              image_size=image_size_of(loaded.model))
         if args.labels_out and result.labels is None:
             raise ValueError(f"--labels-out: some images are directly in {args.images}, not in identity subfolders")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

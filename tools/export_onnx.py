@@ -17,6 +17,7 @@ import torch
 
 from largefr.data.verification_bin import decode_pairs, load_bin
 from largefr.eval.cli import run_tool
+from largefr.eval.pairs import image_size_of
 from largefr.eval.onnx_export import DEFAULT_OPSET, NORMALIZATION, export_onnx, max_abs_difference
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
 
@@ -33,13 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_sets(check_bin: str | None) -> dict[str, torch.Tensor]:
-    """Named N x 3 x 112 x 112 normalized batches to compare on (batch sizes other than the export's 1)."""
+def check_sets(check_bin: str | None, image_size: int = 112) -> dict[str, torch.Tensor]:
+    """Named N x 3 x S x S normalized batches to compare on (batch sizes other than the export's 1)."""
     generator = torch.Generator().manual_seed(0)
-    sets = {"random": torch.rand(CHECK_IMAGES, 3, 112, 112, generator=generator) * 2 - 1}
+    sets = {"random": torch.rand(CHECK_IMAGES, 3, image_size, image_size, generator=generator) * 2 - 1}
     if check_bin:
         images, _ = load_bin(check_bin)
-        sets[check_bin] = decode_pairs(images[:CHECK_IMAGES], 112, source=check_bin)
+        sets[check_bin] = decode_pairs(images[:CHECK_IMAGES], image_size, source=check_bin)
     return sets
 
 
@@ -47,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        sets = check_sets(args.check_bin)  # a bad .bin fails before the export
+        if args.check_bin:
+            load_bin(args.check_bin)  # a bad .bin fails before the export
         args.device = "cpu"
         loaded = load_backbone_from_args(args)
-        export_onnx(loaded.model, args.out, opset=args.opset,
+        size = image_size_of(loaded.model)
+        sets = check_sets(args.check_bin, size)
+        export_onnx(loaded.model, args.out, image_size=size, opset=args.opset,
                     metadata={"network": loaded.network, "embedding_size": loaded.embedding_size,
                               "source": loaded.source})
-        print(f"{args.out}: {loaded.network}, input 'data' Nx3x112x112 RGB {NORMALIZATION}, "
+        print(f"{args.out}: {loaded.network}, input 'data' Nx3x{size}x{size} RGB {NORMALIZATION}, "
               f"output 'embedding' Nx{loaded.embedding_size}, opset {args.opset}")
         worst = 0.0
         for name, images in sets.items():

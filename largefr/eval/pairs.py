@@ -59,8 +59,9 @@ def image_size_of(model: nn.Module, default: int = 112) -> int:
 
 
 def embed_bin(model: nn.Module, path: str, *, batch_size: int, device: torch.device | str = "cpu",
-              flip: bool = True, image_size: int = 112) -> PairEmbeddings:
-    """Flip-sum embeddings of every image of the .bin at `path`."""
+              flip: bool = True, image_size: int | None = None) -> PairEmbeddings:
+    """Flip-sum embeddings of every image of the .bin at `path` (at the model's input side by default)."""
+    image_size = image_size or image_size_of(model)
     images, issame = load_bin(path)
     chunk = max(1, DECODE_CHUNK_BATCHES * batch_size)
     parts = []

@@ -131,18 +131,39 @@ def compare_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> S
                              unexpected=[k for k in state if k not in wanted], wrong_shape=wrong)
 
 
-def _meta_model(network: str, embedding_size: int) -> nn.Module:
+# Input sides tried when inferring a network from its weights: the embedding layer's shape depends on
+# the input side (112 is insightface's; smaller ones come from CPU runs such as the quickstart's 32).
+IMAGE_SIZES = (112, 128, 96, 64, 48, 32)
+
+
+def _meta_model(network: str, embedding_size: int, image_size: int = 112) -> nn.Module:
     with torch.device("meta"):
-        return get_model(network, embedding_size=embedding_size)
+        return get_model(network, embedding_size=embedding_size, image_size=image_size)
+
+
+def infer_network_and_size(state: Mapping[str, torch.Tensor],
+                           embedding_size: int | None = None) -> tuple[str, int] | None:
+    """(network name, input side) whose parameter names and shapes equal those of `state`, or None."""
+    size = embedding_size or embedding_size_of(state)
+    for image_size in IMAGE_SIZES:
+        for network in NETWORK_NAMES:
+            if compare_state_dict(_meta_model(network, size, image_size), state).ok:
+                return network, image_size
+    return None
 
 
 def infer_network(state: Mapping[str, torch.Tensor], embedding_size: int | None = None) -> str | None:
     """The network name whose parameter names and shapes equal those of `state`, or None."""
-    size = embedding_size or embedding_size_of(state)
-    for network in NETWORK_NAMES:
-        if compare_state_dict(_meta_model(network, size), state).ok:
-            return network
-    return None
+    found = infer_network_and_size(state, embedding_size)
+    return found[0] if found else None
+
+
+def _image_size_for(state: Mapping[str, torch.Tensor], network: str, size: int) -> int:
+    """The input side at which `network` has the shapes of `state` (112 when none fits)."""
+    for image_size in IMAGE_SIZES:
+        if compare_state_dict(_meta_model(network, size, image_size), state).ok:
+            return image_size
+    return 112
 
 
 def _network_for(state: Mapping[str, torch.Tensor], network: str | None, size: int, source: str) -> str:
@@ -150,7 +171,7 @@ def _network_for(state: Mapping[str, torch.Tensor], network: str | None, size: i
     if network is not None and network not in NETWORK_NAMES:
         raise WeightsError(f"unknown network {network!r}; valid choices: {', '.join(NETWORK_NAMES)}")
     if network is not None:
-        mismatch = compare_state_dict(_meta_model(network, size), state)
+        mismatch = compare_state_dict(_meta_model(network, size, _image_size_for(state, network, size)), state)
         if mismatch.ok:
             return network
         guess = infer_network(state, size)
@@ -169,7 +190,7 @@ def build_backbone(state: Mapping[str, torch.Tensor], *, source: str, network: s
     """The backbone that `state` fits (or `network`, checked), weights loaded, in eval mode."""
     size = embedding_size or embedding_size_of(state)
     network = _network_for(state, network, size, source)
-    model = get_model(network, embedding_size=size)
+    model = get_model(network, embedding_size=size, image_size=_image_size_for(state, network, size))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     device = torch.device(device)
     return LoadedBackbone(model=model.to(device).eval(), network=network, embedding_size=size, source=source,

@@ -82,6 +82,7 @@ class IResNet(nn.Module):
     ) -> None:
         super().__init__()
         check_backbone_args(embedding_size, image_size)
+        self.image_size = image_size  # input side in pixels (evaluation tools read it)
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
         if not 0.0 <= dropout < 1.0:

@@ -119,6 +119,7 @@ class MobileFaceNet(nn.Module):
                  image_size: int = 112) -> None:
         super().__init__()
         check_backbone_args(embedding_size, image_size)
+        self.image_size = image_size  # input side in pixels (evaluation tools read it)
         if len(blocks) != 4 or any(n < 1 for n in blocks) or scale < 1:
             raise ValueError(f"blocks must be 4 positive counts and scale >= 1, got {list(blocks)}, {scale}")
         self.layers = nn.ModuleList(_stages(blocks, scale))
