@@ -231,6 +231,12 @@ class TrainConfig(_Section):
     """A non-finite loss: 'skip' the step, or 'abort' the run."""
     max_consecutive_nonfinite: int = 10
     """Abort after this many consecutive skipped non-finite steps."""
+    collective_timeout_s: float | None = None
+    """Timeout of every collective: a dead rank makes the others fail after it (null = $LARGEFR_DIST_TIMEOUT_S or 1800)."""
+    debug_inject_nan_steps: list[int] = field(default_factory=list)
+    """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank."""
+    debug_inject_nan_rank: int = 0
+    """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Use deterministic kernels (slower)."""
 

@@ -141,6 +141,7 @@ class ClusterGuidedHead(nn.Module):
         self.last_terms: dict[str, torch.Tensor] = {}
         self.last_touched_rows: torch.Tensor | None = None
         self.last_sampled_centers: SampledCenters | None = None
+        self._undo: dict[str, Any] | None = None
 
     @property
     def partition(self):
@@ -177,8 +178,39 @@ class ClusterGuidedHead(nn.Module):
                              "so forward needs the momentum encoder's features; pass local_momentum_features or "
                              "turn the cluster terms off")
         momentum = F.normalize(local_momentum_features.detach().to(self.queue.features.dtype), dim=1)
+        undo: dict[str, Any] = {"queue": {k: v.clone() for k, v in self.queue.state_dict().items()},
+                                "generator": self.sample_generator.get_state()}
         self.queue.enqueue_global(all_gather_rows(momentum, self.group), labels)
+        rows = self._bank_rows_in_queue()  # exactly the rows update_from_queue writes
+        undo["bank_rows"] = rows
+        undo["bank"] = {name: buffer[rows].clone() for name, buffer in self._bank_buffers().items()}
+        self._undo = undo
         self.bank.update_from_queue(self.queue)
+
+    def _bank_rows_in_queue(self) -> torch.Tensor:
+        start, end = self.partition.start, self.partition.end
+        labels = self.queue.labels
+        return torch.unique(labels[(labels >= start) & (labels < end)] - start)
+
+    def _bank_buffers(self) -> dict[str, torch.Tensor]:
+        return {name: buffer for name, buffer in self.bank.named_buffers()}
+
+    @torch.no_grad()
+    def undo_last_update(self) -> None:
+        """Put the queue, the bank and the sampling generator back as they were before the last forward.
+
+        The trainer calls it when a step is skipped for a non-finite loss (on every rank together),
+        so a skipped step leaves no trace in the cluster state either. Cost per forward: one copy of
+        the queue and of the bank rows present in it.
+        """
+        if self._undo is None:
+            return
+        undo, self._undo = self._undo, None
+        self.queue.load_state_dict(undo["queue"])
+        rows = undo["bank_rows"]
+        for name, buffer in self._bank_buffers().items():
+            buffer[rows] = undo["bank"][name]
+        self.sample_generator.set_state(undo["generator"])
 
     def _add_cluster_terms(self, loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                            sampled: SampledCenters, terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -204,6 +204,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                     gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                     eval_every=config.eval.every, checkpoint_every=config.checkpoint.every,
                     max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
+                    debug_nan_steps=(frozenset(config.train.debug_inject_nan_steps)
+                                     if env.rank == config.train.debug_inject_nan_rank else frozenset()),
                     eval_batch_size=config.eval.batch_size, eval_folds=config.eval.nfolds, eval_flip=config.eval.flip,
                     embedding_size=config.model.embedding_size)
     checkpointer = TrainingCheckpointer(str(config.checkpoint_dir), head=parts.head,

@@ -168,6 +168,7 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
         engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
     _, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
     _raise_together(error, group)
+    _debug_die_mid_save(step, rank)
     names = _broadcast_from_first(list_files(tmp), group)
     digests, error = _attempt(lambda: _digest_share(tmp, names, rank, world))
     gathered = _all_gather((digests, error, row_schema(head_rows)), group)
@@ -181,6 +182,15 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
     if outcome["error"]:
         raise CheckpointError(outcome["error"])
     return outcome["path"]
+
+
+def _debug_die_mid_save(step: int, rank: int) -> None:
+    """FAULT INJECTION (tests only): $LARGEFR_DEBUG_KILL_IN_SAVE="STEP:RANK" SIGKILLs that rank mid-save."""
+    target = os.environ.get("LARGEFR_DEBUG_KILL_IN_SAVE")
+    if target and target == f"{step}:{rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _finish(root: str, step: int, tmp: str, world: int, num_classes: int, gathered: list, engine,

@@ -26,7 +26,8 @@ def report(message: str) -> None:
     """Every line prefixed with the rank, so launcher output that interleaves ranks stays readable."""
     lines = str(message).splitlines() or [""]
     text = "\n".join(f"{_rank_prefix()}error: {line}" for line in lines)
-    print(text, file=sys.stderr, flush=True)
+    sys.stderr.write(text + "\n")  # one write: print() writes the newline separately, and ranks interleave
+    sys.stderr.flush()
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -63,7 +64,7 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
 
     expected = _expected_errors()
     try:
-        env = init_distributed()
+        env = init_distributed(timeout_s=config.train.collective_timeout_s)
         if env.device.type == "cpu":
             limit_cpu_threads()
         trainer = build_trainer(config, env, resume=resume)

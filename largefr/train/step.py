@@ -22,6 +22,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_max_, group_size
 from largefr.train.engine import engine_dtype, engine_loss_scale
 from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, scale_feature_gradient
+from largefr.train.profiling import NULL_TIMER
 from largefr.train.schedule import set_learning_rate
 
 HeadFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
@@ -55,6 +56,9 @@ class StepResult:
 class StepRunner:
     """Runs forward/backward of engine + head and the two optimizer steps, in the right order."""
 
+    phase_timer = NULL_TIMER  # tools/profile.py sets a PhaseTimer (largefr/train/profiling.py)
+    inject_nan = False  # FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's loss
+
     def __init__(self, *, engine, head: HeadFn, head_step: ExternalHeadStep,
                  momentum_encoder: torch.nn.Module | None = None, encoder_momentum: float = 0.999,
                  group: ProcessGroup | None = None, on_nonfinite: str = "skip",
@@ -79,16 +83,23 @@ class StepRunner:
         labels = labels.to(self.device, non_blocking=True)
         momentum_features = None
         if self.momentum_encoder is not None:
-            momentum_features = self.momentum_encoder(images)
-        embeddings = self.engine(images.to(engine_dtype(self.engine))).float()
+            with self.phase_timer.phase("momentum_forward"):
+                momentum_features = self.momentum_encoder(images)
+        with self.phase_timer.phase("backbone_forward"):
+            embeddings = self.engine(images.to(engine_dtype(self.engine))).float()
         embeddings = scale_feature_gradient(embeddings, self.feature_grad_factor)
         loss, terms = self.head(embeddings, labels, momentum_features)
+        if self.inject_nan:
+            loss = loss * float("nan")
         finite, stop_everywhere = self._agree(loss, stop_requested)
+        if not finite and hasattr(self.head, "undo_last_update"):
+            self.head.undo_last_update()  # the queue and bank changed in forward: a skipped batch leaves no trace
         if finite:
             if self.head_step.touched_rows is not None:  # rows a row-sparse head optimizer must step
                 self.head_step.touched_rows.add(getattr(self.head, "last_touched_rows", None))
             # scale_wrt_gas=False: largefr applies 1/gas itself (see head_step.py)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            with self.phase_timer.phase("backbone_backward"):
+                self.engine.backward(loss, scale_wrt_gas=False)
         elif self.on_nonfinite == "abort":
             raise NonFiniteLossError(
                 f"non-finite loss {loss.item()} (terms: { {k: float(v) for k, v in terms.items()} }); "
@@ -129,11 +140,14 @@ class StepRunner:
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary != (index == len(micro_batches) - 1):
                 raise RuntimeError("DeepSpeed's accumulation boundary is out of step with largefr's micro-batches")
-            self.engine.step()
+            with self.phase_timer.phase("optimizer_engine"):
+                self.engine.step()
         engine_applied = self.engine.was_step_applied()  # False after an fp16 overflow
-        head = self.head_step.step(loss_scale=loss_scale, engine_step_applied=engine_applied)
+        with self.phase_timer.phase("optimizer_head"):
+            head = self.head_step.step(loss_scale=loss_scale, engine_step_applied=engine_applied)
         if engine_applied and self.momentum_encoder is not None:  # EMA after every backbone update
-            self.momentum_encoder.update(self.engine.module, self.encoder_momentum)
+            with self.phase_timer.phase("ema_update"):
+                self.momentum_encoder.update(self.engine.module, self.encoder_momentum)
         return self._summarize(results, applied=engine_applied and head.applied,
                                reason="" if head.applied else head.reason)
 

@@ -13,6 +13,7 @@ The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint in
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class TrainingCheckpointer:
 
     # ---- restore ------------------------------------------------------------------------------
     def restore(self, trainer, path: str) -> LoadedCheckpoint:
+        self.check_same_model(path)
         loaded = load_checkpoint(path, engine=trainer.runner.engine, partition=self.head.partition,
                                  group=self.head.group)
         self._restore_rows(path, loaded.head_rows)
@@ -96,6 +98,20 @@ class TrainingCheckpointer:
         trainer.metrics.info(f"resumed from {path} (step {loaded.step}, saved by {loaded.saved_world_size} ranks"
                              f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'})")
         return loaded
+
+    MODEL_KEYS = (("model", "network"), ("model", "embedding_size"), ("data", "num_classes"))
+
+    def check_same_model(self, path: str) -> None:
+        """Refuse a checkpoint of another network, embedding size or class count before DeepSpeed reads it
+        (its own error would be a raw state_dict size mismatch). Every rank checks the same file."""
+        from largefr.train.checkpoint_io import REPLICATED_NAME, safe_load
+
+        saved = safe_load(os.path.join(path, REPLICATED_NAME)).get("config") or {}
+        for section, key in self.MODEL_KEYS:
+            theirs, ours = saved.get(section, {}).get(key), self.config.get(section, {}).get(key)
+            if theirs is not None and theirs != ours:
+                raise CheckpointError(f"checkpoint {path} was written with {section}.{key}={theirs!r}, this run has "
+                                      f"{ours!r}: resume with the same {section}.{key} or use a new output folder")
 
     def _restore_rows(self, path: str, rows: dict[str, torch.Tensor]) -> None:
         if tuple(rows["weight"].shape) != tuple(self.weight.shape):

@@ -44,6 +44,8 @@ class LoopPlan:
     eval_every: int
     checkpoint_every: int
     max_consecutive_nonfinite: int
+    debug_nan_steps: frozenset[int] = frozenset()
+    """FAULT INJECTION (train.debug_inject_nan_steps; tests only): 1-based steps whose loss this rank makes NaN."""
     eval_batch_size: int = 64
     eval_folds: int = 10
     eval_flip: bool = True
@@ -177,6 +179,7 @@ class Trainer:
     # ---- layer 1: one step ------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         lr = self.schedule.lr_at(self.state.step)
+        self.runner.inject_nan = self.state.step + 1 in self.plan.debug_nan_steps
         result = self.runner.train_step(micro_batches, lr=lr, head_lr=lr * self.head_lr_factor,
                                         stop_requested=self.stop.requested)
         self.last_result = result

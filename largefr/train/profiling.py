@@ -1,0 +1,212 @@
+"""Per-phase step timing for `tools/profile.py`: `PhaseTimer` and the no-op `NULL_TIMER`.
+
+The step code marks its phases with `with runner.phase_timer.phase("backbone_forward"):`. By
+default `phase_timer` is `NULL_TIMER`, whose `phase()` returns one shared `nullcontext`: no clock
+read, no device synchronisation. A `PhaseTimer` synchronises the device at every phase boundary
+(so GPU work is charged to the phase that launched it) and keeps *exclusive* time: while a nested
+phase runs, its parent's clock is paused, so the phases of a step add up to the step.
+
+Backward passes cannot be wrapped in `with` blocks from the outside; `instrument_head` puts
+identity autograd nodes on each loss's output and on the feature gather, whose backward calls
+`switch()`: from then on the running phase is charged to that loss (or the gather, or the backbone).
+Autograd runs the most recently created nodes first, so the losses' backward sub-graphs run one after
+the other (L_ali, L_con, L_cg), then the gather's reduce-scatter, then the backbone; the split is
+exact up to the few element-wise nodes that join the terms.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
+class NullPhaseTimer:
+    """Profiling off: every call is a no-op."""
+
+    enabled = False
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return _NULL_CONTEXT
+
+    def switch(self, name: str) -> None:
+        return None
+
+
+NULL_TIMER = NullPhaseTimer()
+
+
+class PhaseTimer:
+    """Exclusive wall time per named phase, device-synchronised at every boundary."""
+
+    enabled = True
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.totals: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._last = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _charge(self) -> None:
+        """Charge the time since the last boundary to the running (innermost) phase."""
+        now = self._now()
+        if self._stack:
+            top = self._stack[-1]
+            self.totals[top] = self.totals.get(top, 0.0) + now - self._last
+        self._last = now
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._charge()
+        self._stack.append(name)
+        depth = len(self._stack)
+        try:
+            yield
+        finally:
+            self._charge()
+            del self._stack[depth - 1:]  # a switch() inside relabels the top; drop it whatever its name
+
+    def switch(self, name: str) -> None:
+        """From now on the innermost running phase is charged as `name` (used from backward hooks)."""
+        if not self._stack:
+            return
+        self._charge()
+        self._stack[-1] = name
+
+    def reset(self) -> None:
+        self.totals = {}
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.totals)
+
+
+class _SwitchOnBackward(torch.autograd.Function):
+    """Identity; its backward switches the timer to a phase (the gradient passes unchanged)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, timer: PhaseTimer, name: str) -> torch.Tensor:
+        ctx.timer, ctx.name = timer, name
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.timer.switch(ctx.name)
+        return grad, None, None
+
+
+def mark_backward(tensor: torch.Tensor, timer: PhaseTimer, name: str) -> torch.Tensor:
+    """`tensor` unchanged; when backward reaches it, the timer switches to phase `name`."""
+    if not tensor.requires_grad:
+        return tensor
+    return _SwitchOnBackward.apply(tensor, timer, name)
+
+
+def _timed_loss(fn: Callable[..., torch.Tensor], timer: PhaseTimer, name: str) -> Callable[..., torch.Tensor]:
+    """`fn` with its forward in phase `name` and its output's backward switching to `name`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with timer.phase(name):
+            loss = fn(*args, **kwargs)
+        return mark_backward(loss, timer, name)
+
+    return wrapped
+
+
+def _timed_gather(fn: Callable[..., torch.Tensor], timer: PhaseTimer) -> Callable[..., torch.Tensor]:
+    """The feature all-gather: forward and backward (reduce-scatter) in 'feature_gather'; the
+    gradient leaving it starts the backbone backward."""
+
+    @functools.wraps(fn)
+    def wrapped(local: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        local = mark_backward(local, timer, "backbone_backward")
+        with timer.phase("feature_gather"):
+            gathered = fn(local, *args, **kwargs)
+        return mark_backward(gathered, timer, "feature_gather")
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
+    """Charge a `ClusterGuidedHead`'s work to phases while the context is open.
+
+    Phases: 'head_other' (queue/bank update, sampling, joining the terms), 'feature_gather',
+    'loss_cg' (margin head), 'loss_con', 'loss_ali' (forward and backward each). The joint head
+    calls the gather and the cluster losses through names imported into `largefr.heads.joint`, so
+    those names are replaced for the duration (profiling tool only; restored on exit).
+    """
+    from largefr.heads import joint
+
+    saved = {name: getattr(joint, name) for name in
+             ("all_gather_with_grad", "cluster_contrastive_loss", "cluster_aligning_loss")}
+    joint.all_gather_with_grad = _timed_gather(saved["all_gather_with_grad"], timer)
+    joint.cluster_contrastive_loss = _timed_loss(saved["cluster_contrastive_loss"], timer, "loss_con")
+    joint.cluster_aligning_loss = _timed_loss(saved["cluster_aligning_loss"], timer, "loss_ali")
+    margin_head = head.margin_head
+    margin_head.loss_from_gathered = _timed_loss(margin_head.loss_from_gathered, timer, "loss_cg")
+    head_forward = head.forward
+    head.forward = _in_phase(head_forward, timer, "head_other")
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(joint, name, fn)
+        del margin_head.loss_from_gathered  # back to the class's method
+        del head.forward
+
+
+def _in_phase(fn: Callable[..., Any], timer: PhaseTimer, name: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with timer.phase(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# ---- model FLOPs utilisation ---------------------------------------------------------------------
+# Peak dense (no 2:4 sparsity) tensor-core rates in TFLOP/s, and plain FP32 (CUDA cores; TF32 off).
+# Sources: NVIDIA datasheets -- H100 Tensor Core GPU datasheet (SXM5: BF16/FP16 989.4, FP32 66.9;
+# PCIe: 756.5 / 51.2; the sheet prints 2x "with sparsity"), H200 Tensor Core GPU datasheet (SXM:
+# BF16/FP16 989, FP32 67), A100 Tensor Core GPU datasheet (SXM4/PCIe: BF16/FP16 312, FP32 19.5),
+# V100 datasheet (SXM2: FP16 tensor 125, FP32 15.7; no BF16 hardware).
+PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},  # SXM5
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "V100": {"bf16": None, "fp16": 125.0, "fp32": 15.7},
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Peak dense rate of a known GPU for 'bf16' | 'fp16' | 'fp32'; None when unknown."""
+    name = device_name.upper()
+    for key, rates in PEAK_TFLOPS.items():  # 'H100 PCIe' before 'H100'
+        if all(part.upper() in name for part in key.split()):
+            return rates.get(precision)
+    return None
+
+
+def step_flops(*, backbone_forward_flops: int, local_batch: int, momentum_encoder: bool,
+               global_batch: int, embedding_size: int, sampled_classes: int) -> int:
+    """Model FLOPs of one optimizer step on one rank.
+
+    Backbone forward + backward = 3x forward; the momentum encoder adds one forward; the head's
+    three GEMMs (logits, dL/dfeatures, dL/dW) are 2*B_g*d*S each over the rank's S sampled classes.
+    Cluster terms and element-wise work are left out (small next to these).
+    """
+    backbone = (3 + (1 if momentum_encoder else 0)) * backbone_forward_flops * local_batch
+    head = 3 * 2 * global_batch * embedding_size * sampled_classes
+    return int(backbone + head)

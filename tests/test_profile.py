@@ -1,0 +1,154 @@
+"""tools/profile.py and largefr.train.profiling: phase timing of real training steps."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from largefr.train.profiling import (
+    NULL_TIMER,
+    PhaseTimer,
+    instrument_head,
+    mark_backward,
+    peak_tflops,
+    step_flops,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: a backward of known length."""
+
+    @staticmethod
+    def forward(ctx, tensor, seconds):
+        ctx.seconds = seconds
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+def test_phases_are_exclusive_and_nested_time_goes_to_the_child():
+    timer = PhaseTimer("cpu")
+    with timer.phase("outer"):
+        time.sleep(0.05)
+        with timer.phase("inner"):
+            time.sleep(0.10)
+    assert timer.totals["inner"] == pytest.approx(0.10, abs=0.04)
+    assert timer.totals["outer"] == pytest.approx(0.05, abs=0.04)
+
+
+def test_backward_marks_charge_each_backward_segment_to_its_phase():
+    timer = PhaseTimer("cpu")
+    x = torch.ones(3, requires_grad=True)
+    base = _SlowBackward.apply(x, 0.10)  # "backbone": runs last in backward
+    base = mark_backward(base, timer, "backbone_backward")
+    loss = mark_backward(_SlowBackward.apply(base, 0.15).sum(), timer, "loss_a")
+    with timer.phase("backward"):
+        loss.backward()
+    assert timer.totals["loss_a"] == pytest.approx(0.15, abs=0.05)
+    assert timer.totals["backbone_backward"] == pytest.approx(0.10, abs=0.05)
+    assert timer.totals.get("backward", 0.0) < 0.03
+    assert torch.equal(x.grad, torch.ones(3))  # the marks do not change gradients
+
+
+def test_null_timer_is_a_shared_no_op():
+    assert NULL_TIMER.phase("a") is NULL_TIMER.phase("b")
+    assert NULL_TIMER.switch("a") is None and not NULL_TIMER.enabled
+
+
+def test_instrument_head_restores_what_it_replaced():
+    from largefr.heads import joint
+
+    class Margin(torch.nn.Module):
+        def loss_from_gathered(self, features, labels, class_lambda=None):
+            return features.sum()
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.margin_head = Margin()
+
+        def forward(self, features):
+            return self.margin_head.loss_from_gathered(features, None)
+
+    head, timer = Head(), PhaseTimer("cpu")
+    before = joint.cluster_contrastive_loss
+    with instrument_head(head, timer):
+        assert joint.cluster_contrastive_loss is not before
+        head(torch.ones(2, requires_grad=True)).backward()
+    assert set(timer.totals) == {"head_other", "loss_cg"}
+    assert joint.cluster_contrastive_loss is before
+    assert "forward" not in vars(head) and "loss_from_gathered" not in vars(head.margin_head)
+
+
+def test_peak_rates_and_flops():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5)
+    assert peak_tflops("NVIDIA H200", "fp32") == pytest.approx(67.0)
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == pytest.approx(312.0)
+    assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None
+    assert peak_tflops("Some CPU", "fp32") is None
+    flops = step_flops(backbone_forward_flops=10, local_batch=4, momentum_encoder=True, global_batch=8,
+                       embedding_size=3, sampled_classes=5)
+    assert flops == 4 * 10 * 4 + 6 * 8 * 3 * 5
+
+
+@pytest.fixture(scope="module")
+def tiny_config_path(tmp_path_factory) -> str:
+    from largefr.data.synthetic import generate_dataset
+
+    folder = tmp_path_factory.mktemp("profile")
+    generate_dataset(folder / "data", identities=16, images_per_identity=8, pairs=20, image_size=32, seed=1,
+                     progress=False)
+    config = {
+        "data": {"rec": str(folder / "data"), "num_classes": 16, "num_images": 128, "loader": "torch",
+                 "image_size": 32, "num_workers": 0, "val_targets": []},
+        "model": {"network": "mbf", "embedding_size": 16},
+        "head": {"scale": 16.0, "margin": 0.3},
+        "cluster": {"queue_size": 64, "num_sampled_centers": 8},
+        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
+        "schedule": {"type": "step", "epochs": 4},
+        "train": {"batch_size": 8, "precision": "fp32", "zero_stage": 1, "seed": 3, "max_steps": 6},
+        "logging": {"every": 1, "tensorboard": False},
+        "output": str(folder / "out"),
+    }
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_profile_tool_reports_every_phase_summing_to_the_step(tiny_config_path, tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_tool", os.path.join(ROOT, "tools", "profile.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)  # by path: `import profile` would find the standard library's module
+    report_path, png_path = tmp_path / "p.json", tmp_path / "p.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile.py"), "--config", tiny_config_path,
+                           "--steps", "3", "--warmup", "1", "--json", str(report_path), "--png", str(png_path)],
+                          capture_output=True, text=True, env=env, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data wait" in done.stdout
+    report = json.loads(report_path.read_text())
+    phases = report["phases_seconds"]
+    assert list(phases) == list(tool.PHASES)
+    assert all(seconds >= 0.0 for seconds in phases.values())
+    for name in ("data_wait", "momentum_forward", "backbone_forward", "loss_cg", "loss_con", "loss_ali",
+                 "backbone_backward", "optimizer_engine", "optimizer_head", "ema_update"):
+        assert phases[name] > 0.0, name  # the tiny config turns every cluster term on
+    assert sum(phases.values()) == pytest.approx(report["step_seconds"], rel=0.2)
+    assert report["images_per_sec"] == pytest.approx(8 / report["step_seconds"], rel=1e-6)
+    assert report["ranks"][0]["peak_memory_bytes"] > 0
+    assert report["mfu"] is None  # CPU
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
