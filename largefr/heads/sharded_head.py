@@ -22,6 +22,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad, group_rank, group_size
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
+from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import MarginConfig, target_logit
 
 ROWS_PER_INIT_CHUNK = 4096
@@ -158,19 +159,25 @@ class ShardedMarginHead(nn.Module):
         always computed in float32 by sharded_cross_entropy).
     generator: source of the seed (its initial_seed(); torch.initial_seed() when None). Seed it
         identically on every rank so W does not depend on the world size.
+    chunk_size: 0 = default mode; > 0 = low-memory mode (`largefr.heads.chunked`): logits computed
+        over blocks of chunk_size sampled classes and recomputed in backward, same loss and gradients.
+    device: 'meta' builds W without values (shapes only, for dry runs of jobs larger than the machine).
     """
 
     def __init__(self, num_classes: int, embedding_size: int, *, margin: MarginConfig, sample_rate: float = 1.0,
                  group: ProcessGroup | None = None, init_std: float = 0.01,
                  logits_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, chunk_size: int = 0):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate={sample_rate} must be in (0, 1] (1.0 = no Partial FC sampling)")
         if embedding_size < 1:
             raise ValueError(f"embedding_size={embedding_size} must be >= 1")
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = default mode, > 0 = classes per block)")
         self.margin = margin
+        self.chunk_size = int(chunk_size)
         self.sample_rate = float(sample_rate)
         self.group = group
         self.logits_dtype = logits_dtype
@@ -178,10 +185,14 @@ class ShardedMarginHead(nn.Module):
         # ceil without float noise: 0.1 * 30 must give 3, not 4
         self.num_sample = min(self.partition.num_local, math.ceil(self.sample_rate * self.partition.num_local - 1e-9))
         seed = generator.initial_seed() if generator is not None else torch.initial_seed()
-        rows = normal_rows(self.partition.start, self.partition.end, embedding_size, std=init_std, seed=seed,
-                           dtype=dtype)
-        self.weight = nn.Parameter(rows.to(device))
-        self.sample_generator = torch.Generator(device=self.weight.device)
+        on_meta = device is not None and torch.device(device).type == "meta"
+        if on_meta:  # no values to draw; a CPU sampler keeps the module's state complete
+            rows = torch.empty((self.partition.num_local, embedding_size), dtype=dtype, device="meta")
+        else:
+            rows = normal_rows(self.partition.start, self.partition.end, embedding_size, std=init_std, seed=seed,
+                               dtype=dtype).to(device)
+        self.weight = nn.Parameter(rows)
+        self.sample_generator = torch.Generator(device="cpu" if on_meta else self.weight.device)
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
 
@@ -199,7 +210,7 @@ class ShardedMarginHead(nn.Module):
     def extra_repr(self) -> str:
         p = self.partition
         return (f"classes={p.num_classes}, local=[{p.start}, {p.end}), dim={self.weight.shape[1]}, "
-                f"sample_rate={self.sample_rate}, margin={self.margin}")
+                f"sample_rate={self.sample_rate}, chunk_size={self.chunk_size}, margin={self.margin}")
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 class_lambda: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,12 +235,16 @@ class ShardedMarginHead(nn.Module):
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
-        weight_rows = self.weight if full else self.weight.index_select(0, sampled)  # grad reaches sampled rows only
         scaled = F.normalize(features.to(self.weight.dtype), dim=1, eps=_NORM_EPS) * self.margin.scale
-        logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         row_lambda = None if class_lambda is None else class_lambda[sampled[cols]].detach()
+        if self.chunk_size > 0:
+            return chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, row_lambda,
+                                       self.margin, group=self.group, chunk_size=self.chunk_size,
+                                       logits_dtype=self.logits_dtype)
+        weight_rows = self.weight if full else self.weight.index_select(0, sampled)  # grad reaches sampled rows only
+        logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
         logits = _TargetMarginInPlace.apply(logits, rows, cols, row_lambda, self.margin)
         return sharded_cross_entropy(logits, local_target, self.group)
 

@@ -1,0 +1,242 @@
+"""Low-memory sharded margin softmax: logits over column blocks, online log-sum-exp, recomputed backward.
+
+The default head materialises the (B_g x S) logits of this rank's S sampled classes, plus the
+softmax buffer of `sharded_cross_entropy`: head memory grows with the number of local classes.
+This mode computes the same loss and gradients while holding one (B_g x chunk_size) block at a
+time, as one autograd.Function over the whole margin softmax:
+
+forward, per block of sampled columns: Wn_b = W_b / ||W_b|| (chunk x d), block = F_s Wn_b^T
+(F_s = s * normalize(f)), target entries replaced by s*psi(cos), then a per-row running max and
+running sum of exp (online log-sum-exp). Across ranks the same two all-reduces as
+`sharded_cross_entropy`: MAX of the row maxima, then one fused SUM of [sum of exp, positive
+logit, has-a-positive]. Only B_g-sized vectors are kept for backward.
+
+backward, per block again: the block is recomputed, P_b = exp(block - m - log s) is the softmax,
+the target entries become (P - 1) * psi'(cos)/s, and H_b accumulates dF += H_b Wn_b and gives
+dWn_b = H_b^T (c * F_s) (c = dloss/dloss_i per row, folded into the features once), then
+dW_b = (dWn_b - Wn_b <Wn_b, dWn_b>) / ||W_b||, the exact derivative of the row normalisation.
+The cost is one extra logits GEMM per block (the recompute), no communication in backward.
+
+Peak memory beyond the parameter and its gradient: one (B_g x chunk) block buffer in the softmax
+dtype, two (chunk x d) row buffers and a few (B_g x d) feature buffers; nothing of size (B_g x S).
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
+from largefr.heads.margin import MarginConfig, target_logit
+
+_NORM_EPS = 1e-12  # same clamp as ShardedMarginHead's normalisation
+
+
+def _softmax_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The softmax runs in float32 for half-precision parameters, else in the parameter's dtype."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class _BlockWorkspace:
+    """Buffers reused by every block (a fresh 100 MB buffer per block would cost page faults each time)."""
+
+    def __init__(self, rows: int, chunk_size: int, dim: int, dtype: torch.dtype, device: torch.device):
+        self.logits = torch.empty(rows * chunk_size, dtype=dtype, device=device)
+        self.weight = torch.empty(chunk_size * dim, dtype=dtype, device=device)
+        self.rows, self.dim = rows, dim
+
+    def logits_block(self, width: int) -> torch.Tensor:
+        return self.logits[: self.rows * width].view(self.rows, width)
+
+    def weight_block(self, width: int) -> torch.Tensor:
+        return self.weight[: width * self.dim].view(width, self.dim)
+
+
+class _Blocks:
+    """The sampled columns of this rank split into blocks, and the target entries of each block."""
+
+    def __init__(self, weight: torch.Tensor, sampled: torch.Tensor | None, chunk_size: int,
+                 target_rows: torch.Tensor, target_cols: torch.Tensor):
+        self.weight, self.sampled, self.chunk_size = weight, sampled, chunk_size
+        self.num_cols = weight.shape[0] if sampled is None else sampled.numel()
+        self.target_rows, self.target_cols = target_rows, target_cols
+
+    def ranges(self):
+        for start in range(0, self.num_cols, self.chunk_size):
+            yield start, min(start + self.chunk_size, self.num_cols)
+
+    def raw_rows(self, start: int, end: int) -> torch.Tensor:
+        if self.sampled is None:
+            return self.weight[start:end]
+        return self.weight.index_select(0, self.sampled[start:end])
+
+    def normalized_rows(self, start: int, end: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_b / ||W_b|| written into out, 1 / ||W_b||)."""
+        rows = self.raw_rows(start, end)
+        inv_norm = torch.linalg.vector_norm(rows, dim=1).clamp_(min=_NORM_EPS).reciprocal_()
+        torch.mul(rows, inv_norm.unsqueeze(1), out=out)
+        return out, inv_norm
+
+    def targets_in(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index into the target list, gathered row, block column) of the targets in [start, end)."""
+        inside = torch.nonzero((self.target_cols >= start) & (self.target_cols < end)).squeeze(1)
+        return inside, self.target_rows[inside], self.target_cols[inside] - start
+
+
+def _block_logits(gemm_features: torch.Tensor, normalized_rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """s * cos for one block, written into `out` (softmax dtype); the GEMM runs in gemm_features' dtype."""
+    if gemm_features.dtype == out.dtype:
+        return torch.mm(gemm_features, normalized_rows.t(), out=out)
+    return out.copy_(gemm_features @ normalized_rows.to(gemm_features.dtype).t())
+
+
+def _target_cosines(features: torch.Tensor, blocks: _Blocks, scale: float) -> torch.Tensor:
+    """cos(theta) of each row with its positive on this rank (one dot product per row)."""
+    column = blocks.target_cols if blocks.sampled is None else blocks.sampled[blocks.target_cols]
+    rows = blocks.weight.index_select(0, column).to(features.dtype)
+    norms = torch.linalg.vector_norm(rows, dim=1).clamp_(min=_NORM_EPS)
+    return torch.linalg.vecdot(features[blocks.target_rows], rows) / norms / scale
+
+
+def _margin_block(gemm_features: torch.Tensor, blocks: _Blocks, start: int, end: int,
+                  workspace: _BlockWorkspace, target_value: torch.Tensor):
+    """One block's logits with the margin on its target entries: (logits, Wn_b, 1/||W_b||, targets)."""
+    width = end - start
+    normalized, inv_norm = blocks.normalized_rows(start, end, workspace.weight_block(width))
+    logits = _block_logits(gemm_features, normalized, workspace.logits_block(width))
+    index, target_rows, target_cols = blocks.targets_in(start, end)
+    logits[target_rows, target_cols] = target_value[index]
+    return logits, normalized, inv_norm, (index, target_rows, target_cols)
+
+
+class _ChunkedMarginSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scaled_features, weight, sampled, local_target, row_lambda, cfg, group, chunk_size,
+                logits_dtype):
+        features = scaled_features.to(_softmax_dtype(weight.dtype))
+        target_rows = torch.nonzero(local_target >= 0).squeeze(1)
+        blocks = _Blocks(weight, sampled, chunk_size, target_rows, local_target[target_rows])
+        cos_target = _target_cosines(features, blocks, cfg.scale)
+        target_value = target_logit(cos_target, cfg, row_lambda)
+        row_max, row_sum = _online_logsumexp(features, blocks, target_value, logits_dtype)
+        row_max, sum_exp, positive, valid = _reduce_over_ranks(row_max, row_sum, target_rows, target_value, group)
+        num_valid = valid.sum().clamp(min=1)
+        log_normalizer = torch.log(sum_exp) + row_max
+        loss = torch.where(valid, log_normalizer - positive, torch.zeros_like(row_max)).sum() / num_valid
+        ctx.save_for_backward(scaled_features, weight, sampled, local_target, cos_target, target_value, row_lambda,
+                              log_normalizer, valid, num_valid)
+        ctx.cfg, ctx.chunk_size, ctx.logits_dtype = cfg, chunk_size, logits_dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (scaled_features, weight, sampled, local_target, cos_target, target_value, row_lambda, log_normalizer,
+         valid, num_valid) = ctx.saved_tensors
+        features = scaled_features.to(_softmax_dtype(weight.dtype))
+        target_rows = torch.nonzero(local_target >= 0).squeeze(1)
+        blocks = _Blocks(weight, sampled, ctx.chunk_size, target_rows, local_target[target_rows])
+        row_coef = (grad_loss / num_valid) * valid.to(features.dtype)  # dL/dloss_i of every gathered row
+        target_slope = _target_slope(cos_target, ctx.cfg, row_lambda)
+        grad_features, grad_weight = _blocked_backward(features, blocks, row_coef, log_normalizer, target_value,
+                                                       target_slope, ctx.logits_dtype)
+        grad_features = grad_features.to(scaled_features.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_features, grad_weight, None, None, None, None, None, None, None
+
+
+def _online_logsumexp(features: torch.Tensor, blocks: _Blocks, target_value: torch.Tensor,
+                      logits_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-row max and sum of exp(logit - max) over its sampled columns, block by block."""
+    rows, dim = features.shape
+    row_max = torch.full((rows,), float("-inf"), dtype=features.dtype, device=features.device)
+    row_sum = torch.zeros(rows, dtype=features.dtype, device=features.device)
+    workspace = _BlockWorkspace(rows, min(blocks.chunk_size, blocks.num_cols), dim, features.dtype, features.device)
+    gemm_features = features.to(logits_dtype)  # cast once, not per block
+    for start, end in blocks.ranges():
+        logits, *_ = _margin_block(gemm_features, blocks, start, end, workspace, target_value)
+        new_max = torch.maximum(row_max, logits.amax(dim=1))
+        row_sum.mul_(torch.exp(row_max - new_max))  # first block: exp(-inf) = 0 times the empty sum
+        row_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
+        row_max = new_max
+    return row_max, row_sum
+
+
+def _reduce_over_ranks(row_max, row_sum, target_rows, target_value, group):
+    """Global (max, sum of exp(logit - max), positive logit, row has a positive): two all-reduces."""
+    local_max = row_max.clone()
+    all_reduce_max_(row_max, group)
+    positive = torch.zeros_like(row_sum).index_put_((target_rows,), target_value.to(row_sum.dtype))
+    has_target = torch.zeros_like(row_sum).index_fill_(0, target_rows, 1.0)
+    # a rank without columns has local max -inf and sum 0: exp(-inf - m) = 0 keeps it out of the sum
+    fused = torch.stack([row_sum * torch.exp(local_max - row_max), positive, has_target])
+    all_reduce_sum_(fused, group)
+    return row_max, fused[0], fused[1], fused[2] > 0.5
+
+
+def _target_slope(cos_target: torch.Tensor, cfg: MarginConfig, row_lambda: torch.Tensor | None) -> torch.Tensor:
+    """d(target logit)/d(s*cos) per target row, i.e. psi'(cos): the exact derivative of the margin."""
+    with torch.enable_grad():
+        cos_leaf = cos_target.detach().requires_grad_(True)
+        (slope,) = torch.autograd.grad(target_logit(cos_leaf, cfg, row_lambda).sum(), cos_leaf)
+    return slope / cfg.scale
+
+
+def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, target_value, target_slope,
+                      logits_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dF_s, dL/dW): each block's softmax is recomputed and turned into its share of the gradients."""
+    rows, dim = features.shape
+    width_max = min(blocks.chunk_size, blocks.num_cols)
+    weighted_features = (features * row_coef.unsqueeze(1)).to(logits_dtype)  # c_i * F_s, folded into dW once
+    grad_features = torch.zeros_like(features)
+    full = blocks.sampled is None
+    grad_weight = (torch.empty_like if full else torch.zeros_like)(blocks.weight, dtype=features.dtype)
+    row_grads = None if full else torch.empty(width_max * dim, dtype=features.dtype, device=features.device)
+    workspace = _BlockWorkspace(rows, width_max, dim, features.dtype, features.device)
+    gemm_features = features.to(logits_dtype)
+    for start, end in blocks.ranges():
+        logits, normalized, inv_norm, (index, target_rows, target_cols) = _margin_block(
+            gemm_features, blocks, start, end, workspace, target_value)
+        softmax = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
+        # target entries: (softmax - onehot) times the margin's slope d psi / d cos
+        softmax[target_rows, target_cols] = (softmax[target_rows, target_cols] - 1.0) * target_slope[index]
+        block_grad = grad_weight[start:end] if full else row_grads[: (end - start) * dim].view(end - start, dim)
+        _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features, block_grad,
+                                    logits_dtype)
+        if not full:
+            grad_weight.index_copy_(0, blocks.sampled[start:end], block_grad)
+    return grad_features.mul_(row_coef.unsqueeze(1)), grad_weight
+
+
+def _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features, block_grad,
+                                logits_dtype) -> None:
+    """grad_features += H Wn_b; block_grad = d/dW_b through the row normalisation (written in place)."""
+    if logits_dtype == softmax.dtype:
+        grad_features.addmm_(softmax, normalized)
+        torch.mm(softmax.t(), weighted_features, out=block_grad)
+    else:
+        low = softmax.to(logits_dtype)
+        grad_features.add_(low @ normalized.to(logits_dtype))
+        block_grad.copy_(low.t() @ weighted_features)
+    # dW = (dWn - Wn <Wn, dWn>) / ||W||: remove the radial part, then undo the normalisation's scale
+    radial = torch.linalg.vecdot(normalized, block_grad)
+    block_grad.addcmul_(normalized, radial.unsqueeze(1), value=-1.0).mul_(inv_norm.unsqueeze(1))
+
+
+def chunked_margin_loss(scaled_features: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor | None,
+                        local_target: torch.Tensor, row_lambda: torch.Tensor | None, margin: MarginConfig, *,
+                        group: ProcessGroup | None, chunk_size: int,
+                        logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean margin-softmax loss over the gathered rows, computed block by block (same value on every rank).
+
+    scaled_features: (B_g, d) s * normalize(f), with grad. weight: (num_local, d) this rank's raw rows.
+    sampled: sorted local rows used this step (Partial FC), None = all rows. local_target: (B_g,) column
+    of the row's positive among the sampled columns, -1 when it lives elsewhere or the row is ignored.
+    row_lambda: margin factor of each row with a local target, in `nonzero(local_target >= 0)` order,
+    or None (= 1). chunk_size: sampled columns per block (> 0).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (classes per block of the low-memory head)")
+    if scaled_features.dim() != 2 or local_target.shape != scaled_features.shape[:1]:
+        raise ValueError(f"expected features (B_g, d) and local_target (B_g,), got {tuple(scaled_features.shape)} "
+                         f"and {tuple(local_target.shape)}")
+    return _ChunkedMarginSoftmax.apply(scaled_features, weight, sampled, local_target.long(), row_lambda, margin,
+                                       group, int(chunk_size), logits_dtype)

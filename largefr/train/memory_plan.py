@@ -1,0 +1,279 @@
+"""Per-rank memory plan of the class-partitioned head, and the largest class count a budget holds.
+
+The plan counts the tensors the implementation really allocates (checked against torch's memory
+profiler by tests/test_memory_plan.py and tools/scale_classes.py), per rank, for the class range
+`ClassPartition` gives that rank. Two kinds of bytes:
+
+* resident (alive between steps): W rows, the head optimizer's state (RowSparseSGD: momentum
+  buffer + per-row step; RowSparseAdamW: exp_avg + exp_avg_sq + per-row step), the cluster bank
+  (centers, phi, has_phi, seen, queue_count), the replicated feature queue, the local inputs.
+* step peak: the largest set of temporaries alive at one moment of the head's forward + backward
+  (W's gradient, gathered features, logits, the float32 softmax/gradient buffers, sampling
+  indices, the low-memory head's block buffers). Each phase of the step is listed with what is
+  alive in it; the peak is the largest phase.
+
+Parameters (W, bank, optimizer state) are float32, as `largefr.train.build` creates them;
+`precision` is the logits GEMM dtype (head.logits_dtype). Bytes are exact counts; vectors of
+B_g entries (per-row maxima, sums, targets) are left out (a few KB).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from largefr.distributed.partition import ClassPartition
+
+PRECISIONS = {"fp32": 4, "bf16": 2}
+"""Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
+OPTIMIZERS = ("sgd", "adamw", "none")
+OPTIMIZER_PHASE = "optimizer step"
+OPTIMIZER_ROW_COPIES = {"sgd": 5, "adamw": 6, "none": 0}
+"""(sampled rows x d) float32 temporaries alive at once in RowSparseSGD (momentum, weight decay: the
+gathered weight, gradient, gradient + decay, momentum buffer, its updated copy) and RowSparseAdamW
+(weight, gradient, exp_avg, exp_avg_sq, sqrt(exp_avg_sq), its scaled copy) while W's gradient exists."""
+PARAM_BYTES = 4  # float32 W, bank, optimizer state
+INDEX_BYTES = 8  # int64 labels, sampled indices, per-row step counts
+GIB = 2**30
+
+
+@dataclass(kw_only=True)
+class PlanInputs:
+    """What the plan depends on; the names follow the config (data.num_classes, head.*, optim.name)."""
+
+    num_classes: int
+    """K, classes over all ranks."""
+    world_size: int
+    """Ranks sharing the classes (the head's process group)."""
+    dim: int
+    """Embedding size d."""
+    batch: int
+    """Per-rank batch B (global batch B_g = world_size * B)."""
+    sample_rate: float = 1.0
+    """Partial FC rate (head.sample_rate)."""
+    precision: str = "fp32"
+    """Logits GEMM dtype: 'fp32' or 'bf16' (head.logits_dtype)."""
+    optimizer: str = "sgd"
+    """Head optimizer: 'sgd' (momentum), 'adamw', or 'none' (no state, e.g. inference of the loss)."""
+    chunk_size: int = 0
+    """Low-memory head block width (head.chunk_size); 0 = default head."""
+    bank: bool = True
+    """Cluster bank and feature queue present (any cluster term on)."""
+    queue_size: int = 8192
+    """Feature queue rows (cluster.queue_size), replicated on every rank."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.world_size < 1 or self.dim < 1 or self.batch < 1:
+            problems.append(f"world_size={self.world_size}, dim={self.dim}, batch={self.batch} must all be >= 1")
+        if self.num_classes < self.world_size:
+            problems.append(f"num_classes={self.num_classes} must be >= world_size={self.world_size}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            problems.append(f"sample_rate={self.sample_rate} must be in (0, 1]")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} must be one of {sorted(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.chunk_size < 0:
+            problems.append(f"chunk_size={self.chunk_size} must be >= 0 (0 = default head)")
+        if self.bank and self.queue_size < 1:
+            problems.append(f"queue_size={self.queue_size} must be >= 1 while the bank is on")
+        if problems:
+            raise ValueError("invalid memory plan inputs: " + "; ".join(problems))
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch
+
+
+@dataclass(kw_only=True)
+class RankPlan:
+    """Planned bytes of one rank."""
+
+    rank: int
+    class_start: int
+    class_end: int
+    num_local: int
+    num_sampled: int
+    resident: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: sum(self.phases[name].values()))
+
+    @property
+    def head_peak(self) -> int:
+        """Peak of the head's forward + backward alone (the optimizer step left out)."""
+        return max(sum(phase.values()) for name, phase in self.phases.items() if name != OPTIMIZER_PHASE)
+
+    @property
+    def step_peak(self) -> int:
+        return sum(self.phases[self.peak_phase].values())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def total(self) -> int:
+        return self.resident_bytes + self.step_peak
+
+    @property
+    def head_step_peak(self) -> int:
+        """What tools/bench_head.py measures: W + local inputs + the step's peak (no optimizer, no bank)."""
+        return self.resident["W rows"] + self.resident["local inputs"] + self.head_peak
+
+    def as_dict(self) -> dict:
+        return dict(rank=self.rank, class_start=self.class_start, class_end=self.class_end, num_local=self.num_local,
+                    num_sampled=self.num_sampled, resident=dict(self.resident), peak_phase=self.peak_phase,
+                    step=dict(self.phases[self.peak_phase]), step_peak=self.step_peak,
+                    head_step_peak=self.head_step_peak, total=self.total)
+
+
+def sampled_count(num_local: int, sample_rate: float, global_batch: int) -> int:
+    """Columns a rank uses per step: ShardedMarginHead's ceil(rate * num_local), or every positive of
+    the global batch in its range when there are more (at most min(B_g, num_local): the worst case)."""
+    if sample_rate >= 1.0:
+        return num_local
+    rate_count = min(num_local, math.ceil(sample_rate * num_local - 1e-9))
+    return max(rate_count, min(global_batch, num_local))
+
+
+def resident_bytes(inputs: PlanInputs, num_local: int) -> dict[str, int]:
+    """Tensors alive between steps on a rank holding `num_local` classes."""
+    d, rows = inputs.dim, num_local
+    state_copies = {"sgd": 1, "adamw": 2, "none": 0}[inputs.optimizer]
+    resident = {
+        "W rows": rows * d * PARAM_BYTES,
+        "optimizer state": state_copies * rows * d * PARAM_BYTES + (rows * INDEX_BYTES if state_copies else 0),
+        "bank centers": rows * d * PARAM_BYTES if inputs.bank else 0,
+        # phi (float32), has_phi and seen (bool), queue_count (int64)
+        "bank phi + flags": rows * (PARAM_BYTES + 1 + 1 + INDEX_BYTES) if inputs.bank else 0,
+        "feature queue": inputs.queue_size * (d * PARAM_BYTES + INDEX_BYTES) + INDEX_BYTES if inputs.bank else 0,
+        "local inputs": inputs.batch * (d * PARAM_BYTES + INDEX_BYTES),
+    }
+    return resident
+
+
+def _features(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
+    """Alive through the whole step: gathered rows and labels, the scaled features, sampling indices."""
+    b_g, d = inputs.global_batch, inputs.dim
+    gathered = b_g * (d * PARAM_BYTES + INDEX_BYTES) if inputs.world_size > 1 else 0
+    return {"gathered features + labels": gathered,
+            "scaled features": b_g * d * PARAM_BYTES,
+            "sampled indices + targets": num_sampled * INDEX_BYTES + b_g * INDEX_BYTES}
+
+
+def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, dict[str, int]]:
+    """Default head: logits of every sampled column at once (ShardedMarginHead + sharded_cross_entropy)."""
+    b_g, d, s = inputs.global_batch, inputs.dim, num_sampled
+    base = _features(inputs, s, num_local)
+    rows_copy = s * d * PARAM_BYTES if s < num_local else 0  # index_select of the sampled rows
+    base["sampled W rows"] = rows_copy
+    base["1/||W|| of sampled rows"] = s * PARAM_BYTES
+    logits = b_g * s * PRECISIONS[inputs.precision]
+    softmax = b_g * s * 4
+    if inputs.precision == "fp32":
+        forward = {"logits": logits, "exp(logits - max) buffer": softmax}
+        backward = {"softmax / logits-grad buffer": softmax, "W grad (sampled rows)": s * d * PARAM_BYTES,
+                    "features grad": b_g * d * PARAM_BYTES, "1/||W||^2": s * PARAM_BYTES}
+    else:
+        forward = {"logits (bf16)": logits, "fp32 copy of logits": softmax, "exp(logits - max) buffer": softmax}
+        backward = {"logits-grad (bf16)": logits, "normalized W (bf16)": s * d * 2,
+                    "features grad (bf16 + fp32)": b_g * d * 6, "features (bf16)": b_g * d * 2,
+                    "W grad (bf16 + fp32)": s * d * 6, "1/||W||^2": s * PARAM_BYTES}
+    phases = {"forward: softmax": {**base, **forward}, "backward: W grad": {**base, **backward}}
+    if s < num_local:  # index_select's backward scatters into a zero (num_local x d) gradient
+        phases["backward: W grad scatter"] = {**base, "sampled W rows": 0, "W grad (sampled rows)": s * d * PARAM_BYTES,
+                                              "W grad": num_local * d * PARAM_BYTES,
+                                              "features grad": b_g * d * PARAM_BYTES}
+    phases["backward: features"] = _feature_backward(inputs, s, num_local)
+    return phases
+
+
+def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, dict[str, int]]:
+    """Low-memory head: one (B_g x chunk) block at a time (largefr.heads.chunked)."""
+    b_g, d, s = inputs.global_batch, inputs.dim, num_sampled
+    width = min(inputs.chunk_size, s)
+    sampled = s < num_local
+    low = inputs.precision != "fp32"
+    base = _features(inputs, s, num_local)
+    block = {"logits block (fp32)": b_g * width * 4, "normalized W block": width * d * PARAM_BYTES,
+             "gathered W block": width * d * PARAM_BYTES if sampled else 0,
+             "bf16 block + W block + features": (b_g * width + width * d + b_g * d) * 2 if low else 0}
+    backward = {"W grad": num_local * d * PARAM_BYTES, "features grad": b_g * d * PARAM_BYTES,
+                "row-weighted features": b_g * d * PRECISIONS[inputs.precision],
+                "W grad block": width * d * PARAM_BYTES if sampled else 0,
+                "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
+    return {"forward: block": {**base, **block},
+            "backward: block": {**base, **block, **backward},
+            "backward: features": _feature_backward(inputs, s, num_local)}
+
+
+def _feature_backward(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
+    """After the logits: W's gradient is complete; normalisation backward and the reduce-scatter run."""
+    b_g, b, d = inputs.global_batch, inputs.batch, inputs.dim
+    phase = _features(inputs, num_sampled, num_local)
+    phase["W grad"] = num_local * d * PARAM_BYTES
+    phase["normalisation backward"] = 3 * b_g * d * PARAM_BYTES
+    # gloo has no reduce_scatter: the gradient is all-reduced in a copy, then this rank's rows copied out
+    phase["reduce-scatter"] = (b_g + b) * d * PARAM_BYTES if inputs.world_size > 1 else 0
+    return phase
+
+
+def plan_rank(inputs: PlanInputs, rank: int) -> RankPlan:
+    """The plan of one rank, for the class range ClassPartition assigns it."""
+    part = ClassPartition(inputs.num_classes, inputs.world_size, rank)
+    num_sampled = sampled_count(part.num_local, inputs.sample_rate, inputs.global_batch)
+    phases_of = _chunked_phases if inputs.chunk_size > 0 else _default_phases
+    phases = phases_of(inputs, num_sampled, part.num_local)
+    if inputs.optimizer != "none":
+        phases[OPTIMIZER_PHASE] = {"W grad": part.num_local * inputs.dim * PARAM_BYTES,
+                                   "sampled-row copies": OPTIMIZER_ROW_COPIES[inputs.optimizer] * num_sampled
+                                   * inputs.dim * PARAM_BYTES}
+    return RankPlan(rank=rank, class_start=part.start, class_end=part.end, num_local=part.num_local,
+                    num_sampled=num_sampled, resident=resident_bytes(inputs, part.num_local), phases=phases)
+
+
+def plan_memory(inputs: PlanInputs) -> RankPlan:
+    """The plan of the rank with the most classes (rank 0: ClassPartition gives the extra classes first)."""
+    return plan_rank(inputs, 0)
+
+
+def max_classes_within(inputs: PlanInputs, budget_bytes: int) -> int:
+    """Largest num_classes whose busiest rank fits `budget_bytes` with the other inputs unchanged; 0 if none."""
+    def fits(classes: int) -> bool:
+        return plan_memory(_with_classes(inputs, classes)).total <= budget_bytes
+
+    low = inputs.world_size
+    if not fits(low):
+        return 0
+    high = low * 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _with_classes(inputs: PlanInputs, classes: int) -> PlanInputs:
+    fields = {name: getattr(inputs, name) for name in inputs.__dataclass_fields__}
+    return PlanInputs(**{**fields, "num_classes": classes})
+
+
+def format_plan(plan: RankPlan, inputs: PlanInputs) -> str:
+    """A markdown table of one rank's plan (MiB), resident components, then the peak phase's."""
+    lines = [f"rank {plan.rank}: classes [{plan.class_start}, {plan.class_end}) = {plan.num_local} local, "
+             f"{plan.num_sampled} sampled per step; B_g = {inputs.global_batch}, d = {inputs.dim}, "
+             f"logits {inputs.precision}, optimizer {inputs.optimizer}, chunk_size {inputs.chunk_size}",
+             "", "| component | MiB |", "|---|---:|"]
+    for name, size in plan.resident.items():
+        lines.append(f"| {name} | {size / 2**20:.1f} |")
+    lines.append(f"| **resident** | **{plan.resident_bytes / 2**20:.1f}** |")
+    for name, size in plan.phases[plan.peak_phase].items():
+        if size:
+            lines.append(f"| step: {name} | {size / 2**20:.1f} |")
+    lines.append(f"| **step peak** ({plan.peak_phase}) | **{plan.step_peak / 2**20:.1f}** |")
+    lines.append(f"| **total per rank** | **{plan.total / 2**20:.1f}** ({plan.total / GIB:.2f} GiB) |")
+    return "\n".join(lines)
