@@ -65,8 +65,8 @@ def test_optimizer_step_phase_matches_measured(name):
     for _ in range(2):  # the first step creates the (resident) state; the second is measured
         optimizer.zero_grad()
         head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
-        rows = head.last_sampled
-        measured = tensor_bytes([head.weight.grad]) + profiled_peak_increment(lambda: optimizer.step(rows=rows))
+        measured = tensor_bytes([head.weight.grad]) + profiled_peak_increment(
+            lambda rows=head.last_sampled: optimizer.step(rows=rows))
     plan = plan_memory(PlanInputs(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=0.3,
                                   optimizer=name, bank=False))
     planned = sum(plan.phases["optimizer step"].values())

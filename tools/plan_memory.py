@@ -15,8 +15,15 @@ import argparse
 import json
 import sys
 
-from largefr.train.memory_plan import GIB, OPTIMIZERS, PRECISIONS, PlanInputs, format_plan, max_classes_within, \
-    plan_memory
+from largefr.train.memory_plan import (
+    GIB,
+    OPTIMIZERS,
+    PRECISIONS,
+    PlanInputs,
+    format_plan,
+    max_classes_within,
+    plan_memory,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -182,7 +182,7 @@ def measure_rank(bench: HeadBench, settings: HeadBenchSettings, rank: int,
     if reference is not None:  # measured and dropped first: its tensors must not sit in this head's peak
         result.update(default_step_ms=statistics.median(reference_ms), default_step_ms_all=reference_ms,
                       default_peak_mem_mb=reference.peak_memory_mb(), default_loss=float(reference.loss),
-                      step_ratio_to_default=[a / b for a, b in zip(step_ms, reference_ms)])
+                      step_ratio_to_default=[a / b for a, b in zip(step_ms, reference_ms, strict=True)])
         del reference
     result.update(rank=rank, step_ms=statistics.median(step_ms), peak_mem_mb=bench.peak_memory_mb(),
                   num_local=bench.head.partition.num_local, num_sampled=len(bench.head.last_sampled),
