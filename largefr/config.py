@@ -126,7 +126,7 @@ class HeadConfig(_Section):
     logits_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the classifier logits matmul."""
     chunk_size: int = 0
-    """Rows per chunk of the low-memory head (recomputes logits chunk by chunk); 0 = off."""
+    """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
     init_std: float = 0.01
     """Standard deviation of the normal initialization of classifier rows."""
 

@@ -158,3 +158,29 @@ def test_bad_chunk_size_is_reported():
     with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
         chunked_margin_loss(features, torch.randn(5, DIM), None, torch.tensor([0, -1, 2]), None, MarginConfig(),
                             group=None, chunk_size=0)
+
+
+def _trainer_heads_rank(rank, world):
+    from largefr.config import load_config
+    from largefr.train.build import build_head
+    from largefr.train.distributed_env import DistributedEnv
+
+    env = DistributedEnv(rank=rank, world_size=world, local_rank=rank, launcher="env", backend="gloo",
+                         device=torch.device("cpu"))
+    losses = []
+    for chunk in (0, 16):
+        config = load_config("configs/quickstart.json", [f"head.chunk_size={chunk}", "data.num_classes=50",
+                                                         "data.synthetic=null", "data.rec=unused"], world)
+        head = build_head(config, env).head.margin_head
+        assert head.chunk_size == chunk
+        gen = torch.Generator().manual_seed(rank)
+        emb = torch.randn(4, config.model.embedding_size, generator=gen)
+        labels = torch.randint(0, 50, (4,), generator=gen)
+        losses.append(head(emb, labels).item())
+    return losses
+
+
+def test_trainer_config_chunk_size_builds_the_low_memory_head():
+    """head.chunk_size reaches the head the trainer builds, with the default mode's loss."""
+    for default_loss, chunked_loss in run_distributed(_trainer_heads_rank, 2):
+        assert abs(default_loss - chunked_loss) < 1e-5

@@ -132,11 +132,9 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     h, optim = config.head, config.optim
     margin = MarginConfig(type=h.type, scale=h.scale, margin=h.margin, combined_margins=tuple(h.combined_margins),
                           easy_margin=h.easy_margin)
-    if h.chunk_size:
-        raise DataSetupError("head.chunk_size (low-memory head) is not available in this build; set it to 0")
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
-        init_std=h.init_std, logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32,
+        init_std=h.init_std, chunk_size=h.chunk_size, logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32,
         device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, JointClusterConfig.from_section(config.cluster), seed=config.train.seed)
     touched = TouchedRows()
