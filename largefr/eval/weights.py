@@ -158,39 +158,41 @@ def infer_network(state: Mapping[str, torch.Tensor], embedding_size: int | None 
     return found[0] if found else None
 
 
-def _image_size_for(state: Mapping[str, torch.Tensor], network: str, size: int) -> int:
-    """The input side at which `network` has the shapes of `state` (112 when none fits)."""
+def _image_size_for(state: Mapping[str, torch.Tensor], network: str, size: int) -> int | None:
+    """The input side at which `network` has the shapes of `state`, or None when none fits."""
     for image_size in IMAGE_SIZES:
         if compare_state_dict(_meta_model(network, size, image_size), state).ok:
             return image_size
-    return 112
+    return None
 
 
-def _network_for(state: Mapping[str, torch.Tensor], network: str | None, size: int, source: str) -> str:
-    """`network` if given (checked against the names and shapes of `state`), else the one `state` fits."""
+def _network_for(state: Mapping[str, torch.Tensor], network: str | None, size: int,
+                 source: str) -> tuple[str, int]:
+    """(network, input side): `network` if given (checked against `state`), else the one `state` fits."""
     if network is not None and network not in NETWORK_NAMES:
         raise WeightsError(f"unknown network {network!r}; valid choices: {', '.join(NETWORK_NAMES)}")
     if network is not None:
-        mismatch = compare_state_dict(_meta_model(network, size, _image_size_for(state, network, size)), state)
-        if mismatch.ok:
-            return network
+        image_size = _image_size_for(state, network, size)
+        if image_size is not None:
+            return network, image_size
+        mismatch = compare_state_dict(_meta_model(network, size), state)
         guess = infer_network(state, size)
         hint = f"; they fit --network {guess}" if guess is not None else ""
         raise WeightsError(f"{source}: weights do not fit network {network!r} (embedding size {size}): "
                            f"{mismatch.describe()}{hint}")
-    guess = infer_network(state, size)
-    if guess is None:
+    found = infer_network_and_size(state, size)
+    if found is None:
         raise WeightsError(f"{source}: the weights fit none of the networks {', '.join(NETWORK_NAMES)} with "
                            f"embedding size {size}; pass --network and --embedding-size to see which keys differ")
-    return guess
+    return found
 
 
 def build_backbone(state: Mapping[str, torch.Tensor], *, source: str, network: str | None = None,
                    embedding_size: int | None = None, device: torch.device | str = "cpu") -> LoadedBackbone:
     """The backbone that `state` fits (or `network`, checked), weights loaded, in eval mode."""
     size = embedding_size or embedding_size_of(state)
-    network = _network_for(state, network, size, source)
-    model = get_model(network, embedding_size=size, image_size=_image_size_for(state, network, size))
+    network, image_size = _network_for(state, network, size, source)
+    model = get_model(network, embedding_size=size, image_size=image_size)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     device = torch.device(device)
     return LoadedBackbone(model=model.to(device).eval(), network=network, embedding_size=size, source=source,
