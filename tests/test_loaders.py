@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import struct
 import sys
 
 import numpy as np
@@ -200,6 +201,20 @@ def test_index_cache_follows_the_idx_and_cache_dir(tmp_path):
     assert first.dali_index_path != second.dali_index_path and os.path.exists(second.dali_index_path)
     elsewhere = prepare_image_index(str(tmp_path / "data"), num_classes=1, cache_dir=str(tmp_path / "cache"))
     assert elsewhere.dali_index_path.startswith(str(tmp_path / "cache"))
+
+
+def test_rec_changed_in_place_is_scanned_again(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "data"
+    write_insightface_rec(str(folder), [(0, _encode(_face_like(rng, 112))) for _ in range(4)], num_classes=1)
+    os.utime(folder / "train.rec", ns=(1, 1))  # written long ago: the rewrite below gets a new mtime for sure
+    prepare_image_index(str(folder), num_classes=1)
+    offset = int((folder / "train.idx").read_text().splitlines()[2].split()[1])  # key 2
+    with open(folder / "train.rec", "r+b") as rec:  # same size, new label: only the mtime tells
+        rec.seek(offset + 8 + 4)
+        rec.write(struct.pack("<f", 5.0))
+    with pytest.raises(RecordIOError, match=r"train.rec key 2: label 5 is outside \[0, 1\)"):
+        prepare_image_index(str(folder), num_classes=1)
 
 
 @needs_dali

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,7 @@ def test_killed_rank_ends_every_rank_and_rerun_resumes_to_the_same_state(tiny_da
     codes = ranks.wait(timeout=60)
     assert codes[1] == -signal.SIGKILL and codes[0] != 0, ranks.output(0)[-3000:]
     assert time.monotonic() - started < 20 + 30  # within the collective timeout (+ teardown)
+    assert "[rank 0] error: a collective failed: another rank ended" in ranks.output(0), ranks.output(0)[-3000:]
     assert not (output / "summary.json").exists()
 
     rerun = Ranks(tmp_path, config, args=("--resume", "auto"), tag="rerun")
@@ -242,15 +244,6 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one_resumable(tiny_data,
 # ---------------------------------------------------------------------------- bad input, every rank exits
 
 
-def _corrupt_first_image(data: str) -> None:
-    """Overwrite the JPEG start of the first image record: undecodable, found only by the rank reading it."""
-    with open(os.path.join(data, "train.idx")) as idx:
-        offsets = [int(line.split()[1]) for line in idx if line.strip()]
-    with open(os.path.join(data, "train.rec"), "r+b") as rec:
-        rec.seek(offsets[1] + 8 + 24)  # record header (magic, length) + IRHeader (flag, label, id, id2)
-        rec.write(b"\0" * 64)
-
-
 def _copy_data(source: str, target) -> str:
     import shutil
 
@@ -258,28 +251,158 @@ def _copy_data(source: str, target) -> str:
     return str(target)
 
 
-@pytest.mark.parametrize("case", ["undecodable image", "truncated rec", "property mismatch"])
-def test_bad_input_exits_every_rank_nonzero_in_bounded_time(tiny_data, tmp_path, case):
-    data = _copy_data(tiny_data, tmp_path / "data")
-    overrides: dict = {"train": {"max_steps": 6, "collective_timeout_s": 20}}
-    if case == "undecodable image":
-        _corrupt_first_image(data)
-        expected = "data.on_bad_image"
-    elif case == "truncated rec":
+def _index(data: str) -> dict[int, int]:
+    with open(os.path.join(data, "train.idx")) as idx:
+        return {int(key): int(offset) for key, offset in (line.split() for line in idx if line.strip())}
+
+
+def _write_index(data: str, lines: list[str]) -> None:
+    with open(os.path.join(data, "train.idx"), "w") as idx:
+        idx.write("".join(line + "\n" for line in lines))
+
+
+def _patch_rec(data: str, offset: int, payload: bytes) -> None:
+    with open(os.path.join(data, "train.rec"), "r+b") as rec:
+        rec.seek(offset)
+        rec.write(payload)
+
+
+FRAME, IR_HEADER = 8, 24  # RecordIO frame (magic, length); IRHeader (flag, label, id, id2)
+
+
+def _corrupt_image_starts(data: str) -> None:
+    """Zero the first bytes of image key 1: not an image at all, found by the scan every rank makes."""
+    _patch_rec(data, _index(data)[1] + FRAME + IR_HEADER, b"\0" * 64)
+
+
+def _garble_image_bodies(data: str) -> None:
+    """Keep the JPEG signature of every 4th image of keys 1-64 but zero the rest: passes the scan, fails in
+    the decoder. Keys 1-64 are rank 0's shard in epoch 0 (of 2 ranks), so rank 0 alone meets them, mid-run,
+    while rank 1 waits in a collective; 16 such images in rank 0's 64 make every 6-step run read one.
+    """
+    import struct
+
+    with open(os.path.join(data, "train.rec"), "r+b") as rec:
+        for key, offset in _index(data).items():
+            if 1 <= key <= 64 and key % 4 == 1:
+                rec.seek(offset + 4)
+                length = struct.unpack("<I", rec.read(4))[0] & ((1 << 29) - 1)
+                rec.seek(offset + FRAME + IR_HEADER + 4)
+                rec.write(b"\0" * (length - IR_HEADER - 4))
+
+
+def _set_label(data: str, key: int, label: float) -> None:
+    import struct
+
+    _patch_rec(data, _index(data)[key] + FRAME + 4, struct.pack("<f", label))
+
+
+def _make_bad_data(case: str, data: str) -> tuple[dict, str]:
+    """Damage `data` (a copy of tiny_data) for `case`; the config overrides and the text the error must hold."""
+    import struct
+
+    index = _index(data)
+    lines = [f"{key}\t{offset}" for key, offset in index.items()]
+    rec_size = os.path.getsize(os.path.join(data, "train.rec"))
+    if case == "not an image (scan)":
+        _corrupt_image_starts(data)
+        return {}, "train.rec key 1 (offset"
+    if case == "undecodable image, torch loader" or case == "undecodable image, dali loader":
+        _garble_image_bodies(data)
+        return {"data": {"loader": case.split(", ")[1].split()[0]}}, "undecodable image"
+    if case == "truncated rec":
         with open(os.path.join(data, "train.rec"), "r+b") as rec:
-            rec.truncate(os.path.getsize(os.path.join(data, "train.rec")) // 2)
-        expected = "train."
-    else:
-        overrides["data"] = {"num_classes": 12}
-        expected = "property"
+            rec.truncate(rec_size // 2)
+        return {}, "the .rec is truncated"
+    if case == "wrong magic":
+        _patch_rec(data, index[1], struct.pack("<I", 0xDEADBEEF))
+        return {}, f"train.rec key 1: wrong magic 0xdeadbeef at offset {index[1]}"
+    if case == "idx offset past the end":
+        _write_index(data, [f"1\t{rec_size + 1000}" if key == 1 else line for key, line in zip(index, lines)])
+        return {}, f"train.idx: key 1 points at offset {rec_size + 1000}, past the end"
+    if case == "duplicate idx key":
+        _write_index(data, lines + [f"1\t{index[2]}"])
+        return {}, "train.idx: duplicate key 1"
+    if case == "missing idx key":
+        _write_index(data, [line for key, line in zip(index, lines) if key != 5])
+        return {}, "train.idx: image key 5 (of 1 missing) is absent"
+    if case == "negative label":
+        _set_label(data, 9, -1.0)
+        return {}, "train.rec key 9: label -1 is outside [0, 16)"
+    if case == "label >= num_classes":
+        _set_label(data, 9, 16.0)
+        return {}, "train.rec key 9: label 16 is outside [0, 16)"
+    if case == "property mismatch":
+        return {"data": {"num_classes": 12}}, "property: says 16 classes but the config has data.num_classes=12"
+    if case == "empty data set":
+        from largefr.data.recordio import write_insightface_rec
+
+        for name in ("train.rec", "train.idx", "property"):
+            os.remove(os.path.join(data, name))
+        write_insightface_rec(data, [], num_classes=16, image_size=(32, 32))
+        return {}, "train.rec: holds no usable image records"
+    if case == "shard smaller than one batch":
+        # data.num_images overstated, so the config check passes and the loader meets the real 128 images
+        return ({"train": {"batch_size": 80}, "cluster": {"queue_size": 256}, "data": {"num_images": 1000}},
+                "smaller than one batch of 80")
+    if case == "world size > num_classes":
+        return {"data": {"num_classes": 1}}, "num_classes"
+    if case == "pickled callable in a .bin":
+        marker = os.path.join(data, "payload_ran")
+        import pickle
+
+        with open(os.path.join(data, "synth_val.bin"), "wb") as f:
+            pickle.dump(_Payload(marker), f)
+        return {"data": {"val_targets": ["synth_val"]}}, "synth_val.bin"
+    raise AssertionError(case)
+
+
+BAD_INPUT_CASES = ["not an image (scan)", "undecodable image, torch loader", "undecodable image, dali loader",
+                   "truncated rec", "wrong magic", "idx offset past the end", "duplicate idx key", "missing idx key",
+                   "negative label", "label >= num_classes", "property mismatch", "empty data set",
+                   "shard smaller than one batch", "world size > num_classes", "pickled callable in a .bin"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_exits_every_rank_nonzero_in_bounded_time(tiny_data, tmp_path, case):
+    if "dali" in case:
+        pytest.importorskip("nvidia.dali")
+    data = _copy_data(tiny_data, tmp_path / "data")
+    overrides, expected = _make_bad_data(case, data)
+    overrides["train"] = {"max_steps": 6, "collective_timeout_s": 20, **overrides.get("train", {})}
     ranks = Ranks(tmp_path, fast_config(data, str(tmp_path / "out"), **overrides))
     started = time.monotonic()
     codes = ranks.wait(timeout=90)
-    assert all(code != 0 for code in codes), [ranks.output(r)[-2000:] for r in range(2)]
+    outputs = [ranks.output(r) for r in range(2)]
+    assert all(code != 0 for code in codes), (codes, [o[-2000:] for o in outputs])
     assert time.monotonic() - started < 90
-    assert any(expected in ranks.output(r) and "error:" in ranks.output(r) for r in range(2)), \
-        [ranks.output(r)[-2000:] for r in range(2)]
+    # the rank that met the problem names it; data checked at start-up is named by every rank
+    reporters = [r for r, o in enumerate(outputs) if f"[rank {r}] error:" in o and expected in o]
+    assert len(reporters) == (1 if "undecodable" in case else 2), [o[-2000:] for o in outputs]
+    for r in set(range(2)) - set(reporters):  # a rank left waiting in a collective says so, without a traceback
+        assert f"[rank {r}] error: a collective failed: another rank ended" in outputs[r], outputs[r][-2000:]
+        assert "Traceback" not in outputs[r]
     assert not (tmp_path / "out" / "summary.json").exists()
+    assert not os.path.exists(os.path.join(data, "payload_ran"))  # nothing from a data file was executed
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_undecodable_images_are_skipped_counted_and_logged(tiny_data, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    data = _copy_data(tiny_data, tmp_path / "data")
+    _garble_image_bodies(data)
+    _corrupt_image_starts(data)
+    config = fast_config(data, str(tmp_path / "out"), data={"loader": loader, "on_bad_image": "skip", "num_images": 127},
+                         train={"max_steps": 6}, logging={"every": 3})
+    ranks = Ranks(tmp_path, config)
+    assert ranks.wait(timeout=120) == [0, 0], [ranks.output(r)[-2000:] for r in range(2)]
+    log = ranks.output(0)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "data: 1 records that are not images are left out" in log
+    reported = [int(n) for n in re.findall(r"undecodable image\(s\) skipped since the last report, (\d+) in this", log)]
+    assert reported and reported == sorted(reported) and reported[-1] == summary["skipped_images"] > 0
+    assert summary["steps"] == 6
 
 
 # ---------------------------------------------------------------------------- bad checkpoints on resume
@@ -315,7 +438,8 @@ def _plant_in_replicated(step_dir, marker: str) -> None:
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("case", ["pickled callable in replicated.pt", "other embedding size", "truncated head file"])
+@pytest.mark.parametrize("case", ["pickled callable in replicated.pt", "other embedding size", "other num_classes",
+                                  "truncated head file"])
 def test_bad_checkpoint_on_resume_exits_every_rank_nonzero(trained_run, tmp_path, case):
     import shutil
 
@@ -331,6 +455,11 @@ def test_bad_checkpoint_on_resume_exits_every_rank_nonzero(trained_run, tmp_path
     elif case == "other embedding size":
         config["model"] = {**config["model"], "embedding_size": 8}
         expected = "was written with model.embedding_size=16, this run has 8"
+    elif case == "other num_classes":  # the same images declared as 20 classes (no property file to disagree)
+        data = _copy_data(config["data"]["rec"], tmp_path / "data")
+        os.remove(os.path.join(data, "property"))
+        config["data"] = {**config["data"], "rec": data, "num_classes": 20}
+        expected = "was written with data.num_classes=16, this run has 20"
     else:  # 'auto' skips a half-written checkpoint by design; a named one must say what is wrong
         head = next(step_dir.glob("head_*"))
         head.write_bytes(head.read_bytes()[:100])

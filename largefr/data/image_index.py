@@ -5,8 +5,9 @@ identity records included (DALI issue 2806), and trusts every length it finds (n
 So before DALI sees a file, every image record is checked here: frame magic, length inside the file,
 payload header, an integral label, and that the bytes start like an image (JPEG, PNG, BMP, WebP,
 TIFF, JPEG 2000, PNM). The result is written as a DALI index of image keys only (`key\\toffset`)
-plus a .npz of keys, offsets and labels, named after the .idx and .rec sizes and the .idx mtime so
-that a changed data set is scanned again. Both loaders use it, which keeps their shards identical.
+plus a .npz of keys, offsets and labels, named after the sizes and modification times of the .idx and
+the .rec, so that a changed data set (a .rec rewritten in place included) is scanned again. Both
+loaders use it, which keeps their shards identical.
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def _cache_dir_for(rec_dir: str, cache_dir: str | None) -> str:
 
 
 def _cache_tag(path_rec: str, path_idx: str) -> str:
-    idx_stat, rec_size = os.stat(path_idx), os.path.getsize(path_rec)
-    return f"{idx_stat.st_size}-{idx_stat.st_mtime_ns}-{rec_size}"
+    idx_stat, rec_stat = os.stat(path_idx), os.stat(path_rec)
+    return f"{idx_stat.st_size}-{idx_stat.st_mtime_ns}-{rec_stat.st_size}-{rec_stat.st_mtime_ns}"
 
 
 def _scan_record(mm: mmap.mmap, reader: IndexedRecordReader, key: int, offset: int) -> tuple[float, bytes]:

@@ -43,6 +43,19 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLossError, FileNotFoundError, FileExistsError)
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+              "Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True when `error` is a collective that failed because another rank ended, hung or the network broke."""
+    import torch.distributed as dist
+
+    if isinstance(error, (dist.DistNetworkError, dist.DistBackendError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_LOST)
+
+
 def limit_cpu_threads() -> None:
     """Share the cores among the ranks of this node unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -76,6 +89,14 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         if os.environ.get("LARGEFR_DEBUG"):
             raise
         report(f"{error}" if isinstance(error, expected) else f"{type(error).__name__}: {error}")
+        return EXIT_ERROR
+    except RuntimeError as error:
+        if not lost_peer(error) or os.environ.get("LARGEFR_DEBUG"):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        report(f"a collective failed: another rank ended, was killed or stopped answering within "
+               f"train.collective_timeout_s ({first_line}). The first rank to fail says why in its log; rerun "
+               "with --resume auto to continue from the last checkpoint")
         return EXIT_ERROR
     finally:
         shutdown_distributed()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from largefr.distributed.collectives import all_reduce_sum_
 from largefr.eval.verification import embed_images_distributed, verification_accuracy
 from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
@@ -110,6 +111,8 @@ class Trainer:
         self.last_result: StepResult | None = None
         self.loss_history: list[torch.Tensor] | None = None
         """Set to [] to record every step's loss (detached tensors; for tests and tools)."""
+        self.skipped_images = 0
+        """Undecodable images the loaders of all ranks replaced in this process (data.on_bad_image=skip)."""
 
     # ---- position in the data ---------------------------------------------------------------
     @property
@@ -146,6 +149,10 @@ class Trainer:
         """Run until total_steps (or a stop signal); verify, checkpoint and summarize at the end."""
         started = time.perf_counter()
         self.stop.install()
+        skipped_at_scan = len(getattr(getattr(self.loader, "index", None), "bad_keys", ()))
+        if skipped_at_scan:
+            self.metrics.info(f"data: {skipped_at_scan} records that are not images are left out "
+                              "(data.on_bad_image=skip)")
         try:
             if self.state.step == 0 and self.verification_sets:
                 self.summary_fields["verification_at_start"] = self.evaluate()
@@ -205,7 +212,18 @@ class Trainer:
         any_finite = result.nonfinite_microbatches < self.plan.gradient_accumulation_steps
         losses = {"loss": result.loss, **result.terms} if any_finite else {}
         scalars = self.stats_fn() if self.stats_fn is not None and self._is_logging_step(step) else None
+        if self._is_logging_step(step):
+            self._count_skipped_images()
         self.metrics.log_step(step, timer.step_done(), losses=losses, lr=self.schedule.lr_at(step), scalars=scalars)
+
+    def _count_skipped_images(self) -> None:
+        """Sum the loaders' skipped-image counts over the ranks (a collective: every rank calls it) and log growth."""
+        count = torch.tensor([getattr(self.loader, "skipped_images", 0)], dtype=torch.int64, device=self.runner.device)
+        total = int(all_reduce_sum_(count, self.runner.group).item())
+        if total > self.skipped_images:
+            self.metrics.info(f"step {self.state.step}: {total - self.skipped_images} undecodable image(s) skipped "
+                              f"since the last report, {total} in this run (data.on_bad_image=skip)")
+        self.skipped_images = total
 
     def _is_logging_step(self, step: int) -> bool:
         return (step + 1) % self.metrics.every == 0 or step + 1 >= self.plan.total_steps
@@ -249,6 +267,8 @@ class Trainer:
 
     # ---- summary ----------------------------------------------------------------------------------
     def _summary(self, wall_seconds: float, interrupted: bool) -> dict[str, Any]:
+        if interrupted:  # the last step was not a logging step
+            self._count_skipped_images()
         last = self.metrics.last_logged
         terms = {key[len("loss/"):]: value for key, value in last.items() if key.startswith("loss/")}
         summary = {
@@ -262,6 +282,7 @@ class Trainer:
             "verification": dict(self.state.last_verification),
             "verification_best": dict(self.state.best_verification),
             "skipped_nonfinite_steps": self.state.skipped_nonfinite,
+            "skipped_images": self.skipped_images,
             "interrupted": interrupted,
         }
         if self.summary_path is not None and self.rank == 0:
