@@ -11,15 +11,17 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import textwrap
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from largefr.config_loading import apply_overrides, build_section, read_file, valid_keys
+from largefr.config_loading import apply_overrides, build_section, convert_value, read_file, valid_keys
 from largefr.config_validation import (
     ConfigError,
     Issue,
@@ -36,13 +38,23 @@ def _raise_if_any(issues: list[Issue]) -> None:
         raise ConfigError(issues)
 
 
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, Any]:
+    """The fields of `cls` typed Literal[...] (a file is type-checked on load; Python construction is not)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is Literal}
+
+
 class _Section:
     """Runs a section's value checks when it is constructed, from a file or from Python."""
 
     section: ClassVar[str]
 
     def __post_init__(self) -> None:
-        _raise_if_any(section_issues(self))
+        issues: list[Issue] = []
+        for name, hint in _choice_fields(type(self)).items():
+            convert_value(getattr(self, name), hint, f"{self.section}.{name}", issues)
+        _raise_if_any(issues + section_issues(self))
 
 
 @dataclass(kw_only=True)

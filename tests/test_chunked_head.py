@@ -6,30 +6,15 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import MarginConfig, ShardedMarginHead
 from largefr.heads.chunked import chunked_margin_loss
 from tests.distributed_helpers import run_distributed
+from tests.test_sharded_head import CLASSES, DIM, MARGINS, SEED, case_data, run_case  # same cases, same step
 
-CLASSES, DIM, LOCAL_BATCH, SEED = 1001, 16, 6, 4321  # 1001 classes: uneven shards at world 2, 3, 4
-MARGINS = {
-    "arcface": MarginConfig(type="arcface", scale=30.0, margin=0.5),
-    "cosface": MarginConfig(type="cosface", scale=30.0, margin=0.35),
-    "combined": MarginConfig(type="combined", scale=30.0, combined_margins=(1.1, 0.3, 0.2)),
-}
 # chunk 7 leaves a ragged last block on every shard; 4096 is one block wider than any shard
 CASES = [(name, rate, with_lambda, chunk) for name in MARGINS for rate in (1.0, 0.3) for with_lambda in (False, True)
          for chunk in ((7,) if with_lambda else (4096,))]
-
-
-def case_data(world: int, case_seed: int):
-    gen = torch.Generator().manual_seed(case_seed)
-    batch = world * LOCAL_BATCH
-    labels = torch.randint(0, CLASSES, (batch,), generator=gen)
-    labels[1] = labels[0]
-    labels[-1] = -1  # ignored row
-    embeddings = torch.randn(batch, DIM, generator=gen, dtype=torch.float64) * 3
-    class_lambda = torch.rand(CLASSES, generator=gen, dtype=torch.float64)
-    return labels, embeddings, class_lambda
 
 
 def build_head(name: str, rate: float, chunk: int, dtype=torch.float64) -> ShardedMarginHead:
@@ -37,24 +22,13 @@ def build_head(name: str, rate: float, chunk: int, dtype=torch.float64) -> Shard
                              generator=torch.Generator().manual_seed(SEED), chunk_size=chunk)
 
 
-def one_step(head, labels, embeddings, class_lambda, rank):
-    part = head.partition
-    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    local = embeddings[rows].clone().requires_grad_(True)
-    lam = None if class_lambda is None else class_lambda[part.start:part.end]
-    loss = head(local, labels[rows], lam)
-    loss.backward()
-    return dict(loss=loss.detach(), embedding_grad=local.grad, weight_grad=head.weight.grad,
-                sampled=head.last_sampled.clone())
-
-
 def _both_modes_rank(rank, world):
     results = []
     for index, (name, rate, with_lambda, chunk) in enumerate(CASES):
         labels, embeddings, class_lambda = case_data(world, 10 * world + index)
         lam = class_lambda if with_lambda else None
-        default = one_step(build_head(name, rate, 0), labels, embeddings, lam, rank)
-        chunked = one_step(build_head(name, rate, chunk), labels, embeddings, lam, rank)
+        default = run_case(build_head(name, rate, 0), labels, embeddings, lam, rank)
+        chunked = run_case(build_head(name, rate, chunk), labels, embeddings, lam, rank)
         results.append((default, chunked))
     return dict(cases=results, collectives=_count_collectives(rank, world))
 
@@ -75,7 +49,7 @@ def test_chunked_equals_default_mode(world):
             torch.testing.assert_close(chunked["weight_grad"], default["weight_grad"], atol=1e-10, rtol=0)
             if case[1] < 1.0:  # rows that were not sampled get exactly zero gradient
                 unsampled = torch.ones(len(chunked["weight_grad"]), dtype=torch.bool)
-                unsampled[chunked["sampled"]] = False
+                unsampled[chunked["sampled"] - ClassPartition(CLASSES, world, rank).start] = False
                 assert unsampled.any() and not chunked["weight_grad"][unsampled].any()
 
 

@@ -15,17 +15,16 @@ The momentum encoder is not part of this module: the trainer runs it and passes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largefr.config import ClusterConfig
 from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.cluster_losses import (
-    TEMPERATURE_MODES,
     SampledCenters,
     cluster_aligning_loss,
     cluster_contrastive_loss,
@@ -34,75 +33,6 @@ from largefr.heads.cluster_losses import (
 )
 from largefr.heads.queue import FeatureQueue
 from largefr.heads.sharded_head import ShardedMarginHead
-
-
-@dataclass(kw_only=True)
-class ClusterConfig:
-    """Cluster-guided learning settings (the keys of the config's `cluster` section)."""
-
-    cg_margin: bool = True
-    """Scale each class's margin by lambda(phi) (Eqs. 3-5); False = lambda 1 (plain margin)."""
-    lambda_range: Sequence[float] = (0.0, 1.0)
-    """[lo, hi]: lambda = lo + (hi - lo) * (phi - phi_min) / (phi_max - phi_min)."""
-    contrastive_weight: float = 1.0
-    """l1, weight of L_Clu-Con (Eq. 6); 0 turns the term off."""
-    aligning_weight: float = 0.5
-    """l2, weight of L_Clu-Ali (Eq. 7); 0 turns the term off."""
-    queue_size: int = 8192
-    """Feature queue length (momentum features of past global batches)."""
-    encoder_momentum: float = 0.999
-    """EMA momentum of the momentum encoder (used by the trainer, kept here with its siblings)."""
-    bank_momentum: float = 0.9
-    """mc of the cluster-center update (Eq. 1)."""
-    num_sampled_centers: int = 2048
-    """M, classes sampled over all ranks for L_con and L_ali (positives of the batch always in)."""
-    alpha: float = 10.0
-    """Smoothing constant of phi's log(|Q_k| + alpha)."""
-    temperature_mode: str = "pcl"
-    """'pcl': pcl_tau0 * phi / mean(phi) with phi clipped to percentiles; 'raw': phi itself."""
-    pcl_tau0: float = 0.1
-    """Mean temperature of the 'pcl' mode."""
-    pcl_clip_percentiles: Sequence[float] = (10.0, 90.0)
-    """[low, high] percentiles phi is clipped to in the 'pcl' mode."""
-    align_tau_init: float = 0.07
-    """Initial learnable temperature of L_ali (stored as log tau)."""
-
-    def __post_init__(self) -> None:
-        problems = [p for p in self._problems() if p]
-        if problems:
-            raise ValueError("invalid cluster config: " + "; ".join(problems))
-
-    def _problems(self) -> list[str]:
-        lam, pct = list(self.lambda_range), list(self.pcl_clip_percentiles)
-        return [
-            "" if len(lam) == 2 else f"lambda_range={lam} must be [lo, hi]",
-            "" if self.contrastive_weight >= 0 else f"contrastive_weight={self.contrastive_weight} must be >= 0",
-            "" if self.aligning_weight >= 0 else f"aligning_weight={self.aligning_weight} must be >= 0",
-            "" if self.queue_size >= 1 else f"queue_size={self.queue_size} must be >= 1",
-            "" if 0 <= self.encoder_momentum <= 1 else f"encoder_momentum={self.encoder_momentum} must be in [0, 1]",
-            "" if 0 <= self.bank_momentum < 1 else f"bank_momentum={self.bank_momentum} must be in [0, 1)",
-            "" if self.num_sampled_centers >= 1 else f"num_sampled_centers={self.num_sampled_centers} must be >= 1",
-            "" if self.alpha > 0 else f"alpha={self.alpha} must be > 0",
-            "" if self.temperature_mode in TEMPERATURE_MODES else
-            f"temperature_mode={self.temperature_mode!r} must be one of {TEMPERATURE_MODES}",
-            "" if self.pcl_tau0 > 0 else f"pcl_tau0={self.pcl_tau0} must be > 0",
-            "" if len(pct) == 2 and 0 <= pct[0] <= pct[1] <= 100 else
-            f"pcl_clip_percentiles={pct} must be [low, high] with 0 <= low <= high <= 100",
-            "" if self.align_tau_init > 0 else f"align_tau_init={self.align_tau_init} must be > 0",
-        ]
-
-    @property
-    def enabled(self) -> bool:
-        """True when any cluster term needs the queue and the bank."""
-        return self.cg_margin or self.contrastive_weight > 0 or self.aligning_weight > 0
-
-    @classmethod
-    def from_section(cls, section: Any) -> "ClusterConfig":
-        """Copy the same-named fields of another object (e.g. largefr.config's `cluster` section)."""
-        missing = [f.name for f in fields(cls) if not hasattr(section, f.name)]
-        if missing:
-            raise ValueError(f"cluster section {type(section).__name__} lacks the keys {missing}")
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from largefr.config import Config, config_to_json
-from largefr.heads.joint import ClusterConfig as JointClusterConfig
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig
 from largefr.heads.momentum import MomentumEncoder
@@ -136,7 +135,7 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size, logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32,
         device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
-    head = ClusterGuidedHead(margin_head, JointClusterConfig.from_section(config.cluster), seed=config.train.seed)
+    head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     touched = TouchedRows()
     lr = optim.effective_head_lr
     if optim.name == "sgd":
