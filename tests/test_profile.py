@@ -19,6 +19,7 @@ from largefr.train.profiling import (
     peak_tflops,
     step_flops,
 )
+from tests.test_trainer import tiny_config, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,26 +105,10 @@ def test_peak_rates_and_flops():
 
 
 @pytest.fixture(scope="module")
-def tiny_config_path(tmp_path_factory) -> str:
-    from largefr.data.synthetic import generate_dataset
-
+def tiny_config_path(tiny_data, tmp_path_factory) -> str:  # noqa: F811  (tiny_data is the imported fixture)
     folder = tmp_path_factory.mktemp("profile")
-    generate_dataset(folder / "data", identities=16, images_per_identity=8, pairs=20, image_size=32, seed=1,
-                     progress=False)
-    config = {
-        "data": {"rec": str(folder / "data"), "num_classes": 16, "num_images": 128, "loader": "torch",
-                 "image_size": 32, "num_workers": 0, "val_targets": []},
-        "model": {"network": "mbf", "embedding_size": 16},
-        "head": {"scale": 16.0, "margin": 0.3},
-        "cluster": {"queue_size": 64, "num_sampled_centers": 8},
-        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
-        "schedule": {"type": "step", "epochs": 4},
-        "train": {"batch_size": 8, "precision": "fp32", "zero_stage": 1, "seed": 3, "max_steps": 6},
-        "logging": {"every": 1, "tensorboard": False},
-        "output": str(folder / "out"),
-    }
     path = folder / "tiny.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(tiny_config(tiny_data, str(folder / "out"), data={"val_targets": []})))
     return str(path)
 
 

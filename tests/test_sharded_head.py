@@ -200,6 +200,10 @@ def test_positives_beyond_sample_count_are_all_kept():
     assert build_head(MARGINS["arcface"], 0.1, classes=30).num_sample == 3  # no float noise in the ceil
 
 
+def test_sample_count_has_no_float_noise():
+    assert build_head(MARGINS["arcface"], 0.1, classes=30).num_sample == 3  # no float noise in the ceil
+
+
 def test_bfloat16_logits_close_to_float32():
     labels, embeddings, _ = case_data(1, 3)
     losses = []
