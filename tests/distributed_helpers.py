@@ -23,10 +23,14 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             init_method=f"tcp://127.0.0.1:{port}")
+    finished = False
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
+        if finished and world_size > 1:  # no rank closes its connections while a peer still reads from them
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ import io
 import os
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -201,6 +202,41 @@ def test_index_cache_follows_the_idx_and_cache_dir(tmp_path):
     assert first.dali_index_path != second.dali_index_path and os.path.exists(second.dali_index_path)
     elsewhere = prepare_image_index(str(tmp_path / "data"), num_classes=1, cache_dir=str(tmp_path / "cache"))
     assert elsewhere.dali_index_path.startswith(str(tmp_path / "cache"))
+
+
+def _prepare_recording_scans(folder: str, scans_log: str, start) -> None:
+    import largefr.data.image_index as image_index
+
+    original = image_index._scan
+
+    def recording_scan(reader, on_bad_image):
+        with open(scans_log, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # both ranks are surely waiting for the cache by now
+        return original(reader, on_bad_image)
+
+    image_index._scan = recording_scan
+    start.wait()
+    prepare_image_index(folder, num_classes=1)
+
+
+def test_ranks_starting_together_scan_once(tmp_path):
+    import multiprocessing
+
+    rng = np.random.default_rng(2)
+    write_insightface_rec(str(tmp_path / "data"), [(0, _encode(_face_like(rng, 112))) for _ in range(4)],
+                          num_classes=1)
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    ranks = [context.Process(target=_prepare_recording_scans,
+                             args=(str(tmp_path / "data"), str(tmp_path / "scans.log"), start)) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    start.set()
+    for rank in ranks:
+        rank.join(60)
+    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert len((tmp_path / "scans.log").read_text().split()) == 1
 
 
 def test_rec_changed_in_place_is_scanned_again(tmp_path):

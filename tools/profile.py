@@ -267,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from largefr.train.distributed_env import shutdown_distributed
 
+    finished = False
     try:
         report = profile(args)
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
     if report is None:
         return 0
     print(format_table(report), flush=True)

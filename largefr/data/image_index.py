@@ -6,16 +6,20 @@ So before DALI sees a file, every image record is checked here: frame magic, len
 payload header, an integral label, and that the bytes start like an image (JPEG, PNG, BMP, WebP,
 TIFF, JPEG 2000, PNM). The result is written as a DALI index of image keys only (`key\\toffset`)
 plus a .npz of keys, offsets and labels, named after the sizes and modification times of the .idx and
-the .rec, so that a changed data set (a .rec rewritten in place included) is scanned again. Both
-loaders use it, which keeps their shards identical.
+the .rec, so that a changed data set (a .rec rewritten in place included) is scanned again. Ranks
+sharing the cache folder take turns on a file lock, so a node scans once. Both loaders use the
+result, which keeps their shards identical.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +146,21 @@ def _in_file_order(reader: IndexedRecordReader, keys: list[int], offsets: list[i
     return [keys[i] for i in order], sorted_offsets.tolist(), [labels[i] for i in order]
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    """One process at a time (an flock): the ranks of a node scan once, not once each.
+
+    A rank that fails the scan releases the lock; the next one scans and fails the same way, so every
+    rank still reports the problem itself.
+    """
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _write_cache(folder: str, stem: str, keys, offsets, labels, bad) -> None:
     tmp = f".tmp-{os.getpid()}"
     with open(os.path.join(folder, stem + ".idx" + tmp), "w", encoding="ascii") as f:
@@ -169,9 +188,12 @@ def prepare_image_index(rec_dir: str, *, num_classes: int | None = None, on_bad_
             raise RecordIOError(f"{path}: no such file (data.rec must hold train.rec, train.idx and property)")
     folder = _cache_dir_for(rec_dir, cache_dir)
     stem = f"train.images-{on_bad_image}-{_cache_tag(path_rec, path_idx)}"
-    if not os.path.exists(os.path.join(folder, stem + ".idx")):  # the scan validated the files it is tied to
-        with IndexedRecordReader(path_rec, path_idx) as reader:
-            _write_cache(folder, stem, *_scan(reader, on_bad_image))
+    cached_idx = os.path.join(folder, stem + ".idx")  # present: the scan validated the files it is tied to
+    if not os.path.exists(cached_idx):
+        with _exclusive(os.path.join(folder, "train.images.lock")):
+            if not os.path.exists(cached_idx):  # another rank may have scanned while this one waited
+                with IndexedRecordReader(path_rec, path_idx) as reader:
+                    _write_cache(folder, stem, *_scan(reader, on_bad_image))
     with np.load(os.path.join(folder, stem + ".npz")) as cached:
         index = ImageIndex(rec_path=path_rec, keys=cached["keys"], offsets=cached["offsets"],
                            labels=cached["labels"], dali_index_path=os.path.join(folder, stem + ".idx"),

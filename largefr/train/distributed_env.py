@@ -103,6 +103,14 @@ def init_distributed(*, timeout_s: float | None = None, backend: str | None = No
                           launcher=launcher, backend=dist.get_backend(), device=device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, wait_for_peers: bool = False) -> None:
+    """Destroy the default process group; `wait_for_peers` first waits until every rank got here.
+
+    The barrier keeps a rank that finished from closing its connections while a peer still reads the
+    tail of the last collective (gloo then aborts the peer). Only after a run that ended normally: after
+    an error the peers may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

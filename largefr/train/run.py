@@ -76,6 +76,7 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
     from largefr.train.distributed_env import init_distributed, shutdown_distributed
 
     expected = _expected_errors()
+    finished = False
     try:
         env = init_distributed(timeout_s=config.train.collective_timeout_s)
         if env.device.type == "cpu":
@@ -85,6 +86,7 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
             trainer.train()
         finally:
             trainer.metrics.close()
+        finished = True
     except (*expected, ValueError) as error:
         if os.environ.get("LARGEFR_DEBUG"):
             raise
@@ -99,5 +101,5 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
                "with --resume auto to continue from the last checkpoint")
         return EXIT_ERROR
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
     return EXIT_OK
