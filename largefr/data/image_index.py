@@ -154,7 +154,12 @@ def _exclusive(lock_path: str) -> Iterator[None]:
     rank still reports the problem itself.
     """
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without locks: every rank scans, as correct, only slower
+            logger.info("%s: no file lock (%s); this rank scans on its own", lock_path, err)
+            yield
+            return
         try:
             yield
         finally:
