@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 
@@ -16,6 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a crash in C++ code (SIGSEGV, SIGABRT) still prints each thread's Python stack
     args = parse_args(argv)
     from largefr.train.run import run_training
 

@@ -1,6 +1,7 @@
 """Run a function on real gloo process groups spawned on this machine (CPU)."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -18,6 +19,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
+    faulthandler.enable()  # a rank that aborts in C++ (SIGABRT, SIGSEGV) prints where its Python stood
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
