@@ -40,7 +40,7 @@ def _raise_if_any(issues: list[Issue]) -> None:
 
 @functools.cache
 def _choice_fields(cls: type) -> dict[str, Any]:
-    """The fields of `cls` typed Literal[...] (a file is type-checked on load; Python construction is not)."""
+    """The Literal[...] fields of `cls`: loading a file checks every type, construction from Python these."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is Literal}
 

@@ -218,6 +218,8 @@ def test_synthetic_data_set_must_agree_with_data_sizes():
 def test_python_construction_is_validated_too():
     with pytest.raises(ConfigError, match=r"<python>: head\.init_std: must be > 0"):
         HeadConfig(init_std=0.0)
+    with pytest.raises(ConfigError, match=r"head\.type: must be one of .*got 'arc'"):  # choices too
+        HeadConfig(type="arc")
 
 
 def test_file_problems_name_the_file(tmp_path):
