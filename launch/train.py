@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import logging
 import os
 import sys
 
@@ -24,5 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(args.config, args.set, resume=args.resume, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def exit_now(code: int) -> None:
+    """Exit without interpreter finalization once the run's files are closed and the process group is gone.
+
+    On torch 2.13 + gloo a finished rank now and then aborts (SIGABRT, "terminate called without an
+    active exception", no Python frame) while the interpreter tears down: C++ threads outlive Python
+    (cf. pytorch PR 179291). The launcher would report a run that completed as failed; skipping the
+    finalization avoids that. Logs and output files are already flushed and closed by then.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

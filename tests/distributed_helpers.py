@@ -4,6 +4,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import socket
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -34,6 +35,11 @@ def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable
         if finished and world_size > 1:  # no rank closes its connections while a peer still reads from them
             dist.barrier()
         dist.destroy_process_group()
+    # Work done and saved: skip interpreter finalization, where torch's gloo threads now and then abort a
+    # finished process (SIGABRT, "terminate called without an active exception"; see launch/train.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
