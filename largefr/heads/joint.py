@@ -108,9 +108,10 @@ class ClusterGuidedHead(nn.Module):
                              "so forward needs the momentum encoder's features; pass local_momentum_features or "
                              "turn the cluster terms off")
         momentum = F.normalize(local_momentum_features.detach().to(self.queue.features.dtype), dim=1)
-        undo: dict[str, Any] = {"queue": {k: v.clone() for k, v in self.queue.state_dict().items()},
+        global_momentum = all_gather_rows(momentum, self.group)
+        undo: dict[str, Any] = {"queue": self.queue.save_before_write(global_momentum.shape[0]),
                                 "generator": self.sample_generator.get_state()}
-        self.queue.enqueue_global(all_gather_rows(momentum, self.group), labels)
+        self.queue.enqueue_global(global_momentum, labels)
         rows = self._bank_rows_in_queue()  # exactly the rows update_from_queue writes
         undo["bank_rows"] = rows
         undo["bank"] = {name: buffer[rows].clone() for name, buffer in self._bank_buffers().items()}
@@ -130,13 +131,13 @@ class ClusterGuidedHead(nn.Module):
         """Put the queue, the bank and the sampling generator back as they were before the last forward.
 
         The trainer calls it when a step is skipped for a non-finite loss (on every rank together),
-        so a skipped step leaves no trace in the cluster state either. Cost per forward: one copy of
-        the queue and of the bank rows present in it.
+        so a skipped step leaves no trace in the cluster state either. Cost per forward: a copy of
+        the queue rows the batch overwrites and of the bank rows present in the queue.
         """
         if self._undo is None:
             return
         undo, self._undo = self._undo, None
-        self.queue.load_state_dict(undo["queue"])
+        self.queue.restore(undo["queue"])
         rows = undo["bank_rows"]
         for name, buffer in self._bank_buffers().items():
             buffer[rows] = undo["bank"][name]

@@ -39,6 +39,24 @@ class FeatureQueue(nn.Module):
         """Boolean mask of the slots that hold a feature."""
         return self.labels != EMPTY_LABEL
 
+    def _slots(self, rows: int) -> torch.Tensor:
+        """The slots a write of `rows` rows fills (the newest `size` of them when rows > size)."""
+        skipped = max(0, rows - self.size)
+        return (self.pointer + torch.arange(skipped, rows, device=self.labels.device)) % self.size
+
+    def save_before_write(self, rows: int) -> dict[str, torch.Tensor]:
+        """What a write of `rows` rows overwrites (those slots and the pointer), for `restore`."""
+        slots = self._slots(rows)
+        return {"slots": slots, "features": self.features[slots].clone(), "labels": self.labels[slots].clone(),
+                "pointer": self.pointer.clone()}
+
+    @torch.no_grad()
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        """Undo the write `saved` (from `save_before_write`) was taken for."""
+        self.features[saved["slots"]] = saved["features"]
+        self.labels[saved["slots"]] = saved["labels"]
+        self.pointer.copy_(saved["pointer"])
+
     @torch.no_grad()
     def enqueue(self, local_features: torch.Tensor, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All-gather this step's rows from every rank (equal counts) and write them; returns the global rows."""
@@ -62,7 +80,7 @@ class FeatureQueue(nn.Module):
             )
         rows = global_features.shape[0]
         skipped = max(0, rows - self.size)  # more rows than slots: only the newest `size` survive a lap
-        slots = (self.pointer + torch.arange(skipped, rows, device=self.labels.device)) % self.size
+        slots = self._slots(rows)
         self.features[slots] = global_features[skipped:].to(self.features.device, self.features.dtype)
         self.labels[slots] = global_labels[skipped:].to(self.labels.device, torch.int64)
         self.pointer.copy_((self.pointer + rows) % self.size)

@@ -133,8 +133,8 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
                           easy_margin=h.easy_margin)
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
-        init_std=h.init_std, chunk_size=h.chunk_size, logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32,
-        device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
+        init_std=h.init_std, chunk_size=h.chunk_size,
+        logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32, device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     touched = TouchedRows()
     lr = optim.effective_head_lr

@@ -106,7 +106,7 @@ class TrainingCheckpointer:
         (its own error would be a raw state_dict size mismatch). Every rank checks the same file."""
         from largefr.train.checkpoint_io import REPLICATED_NAME, safe_load
 
-        saved = safe_load(os.path.join(path, REPLICATED_NAME)).get("config") or {}
+        saved = safe_load(os.path.join(path, REPLICATED_NAME), mmap=True).get("config") or {}  # no encoder read
         for section, key in self.MODEL_KEYS:
             theirs, ours = saved.get(section, {}).get(key), self.config.get(section, {}).get(key)
             if theirs is not None and theirs != ours:
