@@ -74,6 +74,11 @@ def test_table2_configs_load_on_the_quickstart(tmp_path):
     assert not first.cluster.cg_margin and first.cluster.contrastive_weight == 0 and first.train.max_steps == 10
     assert runs[1].config.train.seed == 1 and runs[1].config.output == str(tmp_path / "runs" / "arcface" / "seed1")
     assert runs[-1].config.cluster.aligning_weight == 0.5 and runs[-1].config.eval.every == 0
+    # order: tool defaults, the setting's overrides, then --set (wins over both)
+    later = plan_runs(BUILTIN_GRIDS["table2"], str(ROOT / "configs" / "quickstart.json"),
+                      ["cluster.aligning_weight=0.25", "eval.every=50"], [0], tmp_path, world_size=2)
+    assert {run.config.cluster.aligning_weight for run in later} == {0.25} and later[0].config.eval.every == 50
+    assert later[0].config.checkpoint.every == 0 and later[0].config.checkpoint_dir == tmp_path / "runs" / "arcface" / "seed0" / "checkpoints"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -208,6 +213,14 @@ def test_bad_override_is_refused_before_any_run(tiny_setup, capsys):
     assert not (tiny_setup / "out_typo").exists()
     assert ablate_main(_args(tiny_setup, "out_typo") + ["--set", "train.seed=5"]) == 2
     assert "train.seed, output, checkpoint.dir are set by the tool" in capsys.readouterr().err
+
+
+def test_finished_run_measured_otherwise_is_not_mixed_in(finished_grid, tiny_setup, capsys):
+    out, _ = finished_grid
+    before = (out / "table.json").read_text()
+    assert ablate_main(_args(tiny_setup, "out") + ["--dbscan-eps", "0.5"]) == 2
+    assert "measured with another --heldout or --dbscan-eps" in capsys.readouterr().err
+    assert (out / "table.json").read_text() == before
 
 
 def test_finished_run_of_other_overrides_is_not_reused(finished_grid, tiny_setup):

@@ -2,7 +2,7 @@
 
     python tools/ablate.py --config configs/quickstart.json --grid table2 --seeds 0,1,2 --out runs/ablation \
         [--set train.max_steps=100 ...] [--ranks 2] [--launcher auto|deepspeed|torchrun|python] \
-        [--heldout DIR] [--dbscan-eps 0.4] [--report-only]
+        [--heldout DIR] [--dbscan-eps 0.3] [--report-only]
 
 `--help` lists everything: the order overrides apply in, what is measured, resuming, exit codes.
 """

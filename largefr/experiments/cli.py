@@ -107,6 +107,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlanError(f"--heldout {args.heldout}: no such folder")
 
 
+def _refuse_other_measurements(runs: list[RunSpec], options: MeasureOptions) -> None:
+    from largefr.experiments.measure import measured_with
+
+    wanted = measured_with(options)
+    other = [f"{run.folder}: {done.get('measured_with')}" for run in runs
+             if (done := read_result(run)) is not None and done.get("measured_with") != wanted]
+    if other:
+        raise PlanError(f"{len(other)} finished run(s) were measured with another --heldout or --dbscan-eps than "
+                        f"{wanted}:\n" + "\n".join(other) + "\ngive the same options, use another --out, or "
+                        "delete those run folders to rerun them")
+
+
 def _execute(args: argparse.Namespace, runs: list[RunSpec]) -> tuple[list[dict], list[dict]]:
     from largefr.eval.weights import default_device
     from largefr.experiments.measure import measure_run
@@ -115,6 +127,7 @@ def _execute(args: argparse.Namespace, runs: list[RunSpec]) -> tuple[list[dict],
         return [r for r in map(read_result, runs) if r is not None], []
     _prepare_data(runs)
     options = MeasureOptions(heldout_dir=_heldout_dir(args, runs), dbscan_eps=args.dbscan_eps, device=default_device())
+    _refuse_other_measurements(runs, options)
     print(f"ablate: {len(runs)} runs, held-out clustering: {options.heldout_dir or 'none (no --heldout folder)'}",
           flush=True)
     launch_command(args.launcher, args.ranks, args.config, [])  # a launcher that cannot start N ranks: refused now

@@ -155,9 +155,13 @@ def _finish(run: RunSpec, code: int, wall: float, measure: Callable[[RunSpec], d
         reason = f"exit code {code}" if code != 0 else "no summary.json written"
         return {**failure, "reason": reason, "log_tail": _log_tail(run.folder / LOG_FILE)}
     summary = json.loads(summary_path.read_text())
+    if summary.get("interrupted"):  # stopped by a signal: its checkpoint is not the end of the run
+        return {**failure, "reason": "interrupted before its last step", "log_tail": _log_tail(run.folder / LOG_FILE)}
+    from largefr.train.build import DataSetupError
+
     try:
         measured = measure(run)
-    except (ValueError, OSError, ImportError) as error:  # e.g. no checkpoint written, a missing extra
+    except (ValueError, OSError, ImportError, DataSetupError) as error:  # no checkpoint, a .bin gone, a missing extra
         return {**failure, "reason": f"measuring failed: {type(error).__name__}: {error}", "log_tail": ""}
     from largefr.experiments.measure import flat_metrics
     from largefr.eval.cli import write_json
