@@ -68,6 +68,11 @@ class SyntheticDataConfig(_Section):
     """Pairs in the generated verification file synth_val.bin (half same-identity, unseen ids)."""
     seed: int = 0
     """Seed of the generator: the same seed gives the same data set."""
+    heldout_identities: int = 50
+    """Identities of the labelled held-out folder synth_heldout/<identity>/<n>.jpg (in neither the training
+    set nor synth_val's pairs), clustered by tools/ablate.py (the paper's Table 5); 0 = no folder."""
+    heldout_images_per_identity: int = 10
+    """Images per identity of the held-out folder; 0 = no folder."""
     cache_dir: str | None = None
     """Folder where the data set is generated once and then reused when ``data.rec`` is not set."""
 

@@ -103,6 +103,9 @@ def _synthetic_checks(s: Any) -> list[Check]:
             ("val_pairs", _min(s.val_pairs, 2) or ("" if s.val_pairs % 2 == 0
                                                     else f"must be an even number (half same-identity pairs), got {s.val_pairs}")),
             ("seed", _min(s.seed, 0)),
+            ("heldout_identities", None if s.heldout_identities == 0 or s.heldout_identities >= 2 else
+             f"must be 0 (no held-out folder) or >= 2 (identities to cluster), got {s.heldout_identities}"),
+            ("heldout_images_per_identity", _min(s.heldout_images_per_identity, 0)),
             ("cache_dir", _nonempty(s.cache_dir))]
 
 

@@ -16,11 +16,12 @@ from PIL import Image
 
 from largefr.data import synthetic
 from largefr.data.recordio import IndexedRecordReader, read_property, unpack_header
-from largefr.data.synthetic import (META_FILE, VAL_FILE, ensure_dataset, generate_dataset, read_meta,
+from largefr.data.synthetic import (HELDOUT_DIR, META_FILE, VAL_FILE, ensure_dataset, generate_dataset, read_meta,
                                     render_identity_image, sample_identity, validate_arguments)
 from largefr.data.verification_bin import load_bin
 
 SMALL = dict(identities=3, images_per_identity=4, pairs=6, image_size=112)
+HELDOUT = dict(heldout_identities=3, heldout_images_per_identity=2)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -30,8 +31,12 @@ def _decode(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "set"
-    generate_dataset(out, seed=7, progress=False, **SMALL)
+    generate_dataset(out, seed=7, progress=False, **SMALL, **HELDOUT)
     return out
+
+
+def _heldout_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / HELDOUT_DIR).rglob("*.jpg"))}
 
 
 def test_render_shape_dtype_and_determinism():
@@ -46,13 +51,43 @@ def test_render_shape_dtype_and_determinism():
 
 def test_same_seed_same_bytes_different_seed_differs(tmp_path, small_set):
     again = tmp_path / "again"
-    generate_dataset(again, seed=7, progress=False, **SMALL)
+    generate_dataset(again, seed=7, progress=False, **SMALL, **HELDOUT)
     for name in ("train.rec", "train.idx", "property", VAL_FILE, META_FILE):
         assert (again / name).read_bytes() == (small_set / name).read_bytes(), name
+    assert _heldout_files(again) == _heldout_files(small_set) and len(_heldout_files(again)) == 6
     other = tmp_path / "other"
-    generate_dataset(other, seed=8, progress=False, **SMALL)
+    generate_dataset(other, seed=8, progress=False, **SMALL, **HELDOUT)
     assert (other / "train.rec").read_bytes() != (small_set / "train.rec").read_bytes()
     assert (other / VAL_FILE).read_bytes() != (small_set / VAL_FILE).read_bytes()
+    assert set(_heldout_files(other).values()).isdisjoint(_heldout_files(small_set).values())
+
+
+def test_heldout_folder_leaves_training_and_val_bytes_unchanged(tmp_path, small_set):
+    without = tmp_path / "without"
+    generate_dataset(without, seed=7, progress=False, **SMALL)
+    for name in ("train.rec", "train.idx", "property", VAL_FILE):
+        assert (without / name).read_bytes() == (small_set / name).read_bytes(), name
+    assert not (without / HELDOUT_DIR).exists() and read_meta(without)["heldout_dir"] is None
+
+
+def test_heldout_folder_layout_counts_and_meta(small_set):
+    from largefr.eval.embed import labels_from_subfolders, list_images
+
+    names = list_images(str(small_set / HELDOUT_DIR))
+    labels, identities = labels_from_subfolders(names)
+    assert len(names) == 6 and identities == ["id00000", "id00001", "id00002"]
+    assert np.bincount(labels).tolist() == [2, 2, 2]
+    assert all(_decode((small_set / HELDOUT_DIR / name).read_bytes()).shape == (112, 112, 3) for name in names)
+    meta = read_meta(small_set)
+    assert meta["heldout_identities"] == 3 and meta["heldout_images_per_identity"] == 2
+    assert meta["heldout_dir"] == HELDOUT_DIR and HELDOUT_DIR in meta["files"]
+    others = set(range(*meta["train_identity_ids"])) | set(meta["val_identity_ids"])
+    assert len(meta["heldout_identity_ids"]) == 3 and others.isdisjoint(meta["heldout_identity_ids"])
+
+
+def test_heldout_images_of_one_identity_vary(small_set):
+    pixels = [_decode(p.read_bytes()).astype(np.float32) for p in sorted((small_set / HELDOUT_DIR / "id00000").iterdir())]
+    assert len(pixels) == 2 and np.abs(pixels[0] - pixels[1]).mean() > 10.0
 
 
 def test_workers_do_not_change_the_bytes(tmp_path, small_set):
@@ -100,6 +135,8 @@ def test_held_out_identities_are_not_training_faces():
     train = {synthetic.sample_identity(synthetic._rng(seed, synthetic._TRAIN_IDENTITY, k)) for k in range(identities)}
     held_out = {synthetic.sample_identity(synthetic._rng(seed, synthetic._VAL_IDENTITY, k)) for k in range(20)}
     assert len(train) == identities and not train & held_out
+    labelled = {synthetic.sample_identity(synthetic._rng(seed, synthetic._HELDOUT_IDENTITY, k)) for k in range(20)}
+    assert len(labelled) == 20 and not labelled & train and not labelled & held_out
 
 
 def test_images_of_one_identity_vary(small_set):
@@ -183,6 +220,18 @@ def test_progress_lines_on_stderr(tmp_path, capsys):
 def test_validate_arguments_reports_every_problem():
     with pytest.raises(ValueError, match="identities must be >= 2.*pairs must be an even.*image size"):
         validate_arguments(identities=1, images_per_identity=2, pairs=3, image_size=8, seed=0, workers=1)
+    with pytest.raises(ValueError, match="held-out identities must be 0 .none. or >= 2.*held-out images per identity"):
+        validate_arguments(identities=2, images_per_identity=2, pairs=2, image_size=32, seed=0, workers=1,
+                           heldout_identities=1, heldout_images_per_identity=-1)
+
+
+def test_ensure_dataset_regenerates_when_the_heldout_counts_change(tmp_path):
+    out = tmp_path / "cache"
+    ensure_dataset(out, seed=1, progress=False, **SMALL)
+    with pytest.raises(ValueError, match="heldout_identities: has 0, wanted 3"):
+        ensure_dataset(out, seed=1, progress=False, **SMALL, **HELDOUT)
+    meta = ensure_dataset(out, seed=1, progress=False, replace_stale=True, **SMALL, **HELDOUT)
+    assert meta["heldout_identities"] == 3 and len(_heldout_files(out)) == 6
 
 
 TOOL = [sys.executable, "tools/make_synthetic.py"]
@@ -199,6 +248,7 @@ def _tool_main(repo_root: str):
     (["--identities", "5", "--pairs", "7"], "pairs must be an even number >= 2"),
     (["--identities", "5", "--pairs", "0"], "pairs must be an even number >= 2"),
     (["--identities", "1", "--pairs", "4"], "identities must be >= 2"),
+    (["--identities", "2", "--heldout-identities", "1"], "held-out identities must be 0 (none) or >= 2"),
 ])
 def test_tool_bad_arguments(repo_root, tmp_path, extra, message):
     args = ["--out", str(tmp_path / "out"), "--images-per-identity", "2", *extra]
@@ -209,10 +259,12 @@ def test_tool_bad_arguments(repo_root, tmp_path, extra, message):
 
 def test_tool_writes_a_data_set_and_refuses_a_non_empty_folder(repo_root, tmp_path):
     out = tmp_path / "out"
-    args = ["--out", str(out), "--identities", "2", "--images-per-identity", "2", "--pairs", "2", "--quiet"]
+    args = ["--out", str(out), "--identities", "2", "--images-per-identity", "2", "--pairs", "2", "--quiet",
+            "--heldout-identities", "2", "--heldout-images-per-identity", "3"]
     done = subprocess.run(TOOL + args, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["num_images"] == 4 and (out / VAL_FILE).exists()
+    assert json.loads(done.stdout)["heldout_images"] == 6 and len(_heldout_files(out)) == 6
     again = subprocess.run(TOOL + args, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "exists and is not empty" in again.stderr and "--overwrite" in again.stderr
     assert _tool_main(repo_root)(args + ["--overwrite", "--seed", "3"]) == 0  # in-process: no second torch import
@@ -276,3 +328,20 @@ def test_small_cnn_learns_what_an_untrained_one_cannot(tmp_path):
     trained = _verification_accuracy(net, val, issame)
     print(f"untrained {untrained:.3f} trained {trained:.3f}")
     assert untrained < 0.72 and trained > 0.85 and trained - untrained > 0.2, (untrained, trained)
+
+
+def test_config_synthetic_section_generates_the_heldout_folder(tmp_path):
+    from largefr.config import Config, ConfigError
+    from largefr.train.build import ensure_synthetic_data
+
+    synthetic = {"identities": 3, "images_per_identity": 2, "val_pairs": 4, "seed": 2, "cache_dir": str(tmp_path / "c"),
+                 "heldout_identities": 2, "heldout_images_per_identity": 3}
+    config = Config.from_dict({"data": {"num_classes": 3, "num_images": 6, "image_size": 32, "synthetic": synthetic},
+                               "train": {"batch_size": 2}, "output": str(tmp_path / "out")})
+    ensure_synthetic_data(config, progress=False)
+    meta = read_meta(tmp_path / "c")
+    assert (meta["heldout_identities"], meta["heldout_images_per_identity"], meta["image_size"]) == (2, 3, 32)
+    assert len(_heldout_files(tmp_path / "c")) == 6
+    with pytest.raises(ConfigError, match="heldout_identities: must be 0 .no held-out folder. or >= 2"):
+        Config.from_dict({"data": {"num_classes": 3, "num_images": 6, "synthetic": {**synthetic, "heldout_identities": 1}},
+                          "train": {"batch_size": 2}, "output": str(tmp_path / "out")})

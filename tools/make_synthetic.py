@@ -1,10 +1,12 @@
 """Write a synthetic face-like identity data set in insightface's layout.
 
     python tools/make_synthetic.py --out DIR --identities N --images-per-identity K \
-        [--size 112] [--pairs P] [--seed S] [--workers W] [--overwrite]
+        [--size 112] [--pairs P] [--heldout-identities H] [--heldout-images-per-identity J] \
+        [--seed S] [--workers W] [--overwrite]
 
 DIR receives train.rec, train.idx, property (N classes, N x K images), synth_val.bin (P pairs,
-half same-identity, of held-out identities not in the training set) and synth_meta.json.
+half same-identity, of held-out identities not in the training set), synth_heldout/<identity>/<n>.jpg
+(H x J labelled images of further identities, for clustering; none when H or J is 0) and synth_meta.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=600, help="verification pairs, even (default 600)")
     parser.add_argument("--val-identities", type=int, default=None,
                         help="held-out identities the pairs are drawn from (default pairs // 4)")
+    parser.add_argument("--heldout-identities", type=int, default=50,
+                        help="identities of the labelled held-out folder synth_heldout/ (default 50; 0 = none)")
+    parser.add_argument("--heldout-images-per-identity", type=int, default=10,
+                        help="images per held-out identity (default 10; 0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--workers", type=int, default=1, help="render processes (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it already holds files")
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_arguments(identities=args.identities, images_per_identity=args.images_per_identity,
                            pairs=args.pairs, image_size=args.size, seed=args.seed, workers=args.workers,
-                           val_identities=args.val_identities)
+                           val_identities=args.val_identities, heldout_identities=args.heldout_identities,
+                           heldout_images_per_identity=args.heldout_images_per_identity)
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"--out {out} is a file, not a folder")
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = generate_dataset(out, identities=args.identities, images_per_identity=args.images_per_identity,
                                    pairs=args.pairs, image_size=args.size, seed=args.seed, workers=args.workers,
                                    progress=not args.quiet, val_identities=args.val_identities,
+                                   heldout_identities=args.heldout_identities,
+                                   heldout_images_per_identity=args.heldout_images_per_identity,
                                    overwrite=args.overwrite)
     except (ValueError, FileExistsError, OSError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)

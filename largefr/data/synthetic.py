@@ -5,6 +5,10 @@
   identity, as insightface's own files are), labels 0 .. identities-1;
 - `synth_val.bin`: `pairs` verification pairs (insightface .bin), even pairs same-identity, odd
   pairs different, all drawn from held-out identities that are not in the training set;
+- `synth_heldout/<identity>/<n>.jpg`: `heldout_identities` x `heldout_images_per_identity` JPEGs of
+  further identities, in neither the training set nor the pairs, one sub-folder per identity (the
+  layout `largefr.eval.embed.embed_folder` and tools/pack_rec.py read): labelled images for the
+  clustering evaluation (the paper's Table 5); absent when either count is 0;
 - `synth_meta.json`: the generation parameters and which identity ids each pair uses.
 
 Every image is rendered from its own seed stream, so the bytes do not depend on `workers`.
@@ -31,15 +35,17 @@ from largefr.data.recordio import write_insightface_rec
 from largefr.data.synthetic_faces import FaceIdentity, render_identity_image, sample_identity
 
 __all__ = ["FaceIdentity", "sample_identity", "render_identity_image", "generate_dataset",
-           "ensure_dataset", "validate_arguments", "read_meta", "META_FILE", "VAL_FILE"]
+           "ensure_dataset", "validate_arguments", "read_meta", "META_FILE", "VAL_FILE", "HELDOUT_DIR"]
 
 META_FILE = "synth_meta.json"
 VAL_FILE = "synth_val.bin"
+HELDOUT_DIR = "synth_heldout"
 JPEG_QUALITY = 90
-FORMAT_VERSION = 1  # bump whenever the renderer's output changes: cached data sets then count as stale
+FORMAT_VERSION = 2  # bump whenever the renderer's output changes: cached data sets then count as stale
 # Seed-stream tags: each kind of randomness has its own stream, so that e.g. changing the
 # number of training identities leaves the validation identities unchanged.
-_TRAIN_IDENTITY, _TRAIN_IMAGES, _VAL_IDENTITY, _VAL_PAIRS, _VAL_IMAGES = range(5)
+# New kinds get new tags at the end: the held-out folder (tags 5, 6) left the training and val bytes as they were.
+_TRAIN_IDENTITY, _TRAIN_IMAGES, _VAL_IDENTITY, _VAL_PAIRS, _VAL_IMAGES, _HELDOUT_IDENTITY, _HELDOUT_IMAGES = range(7)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -52,7 +58,8 @@ def default_val_identities(pairs: int) -> int:
 
 
 def validate_arguments(*, identities: int, images_per_identity: int, pairs: int, image_size: int,
-                       seed: int, workers: int, val_identities: int | None = None) -> None:
+                       seed: int, workers: int, val_identities: int | None = None,
+                       heldout_identities: int = 0, heldout_images_per_identity: int = 0) -> None:
     """Raise ValueError listing every bad argument at once."""
     problems = []
     if identities < 2:
@@ -69,6 +76,10 @@ def validate_arguments(*, identities: int, images_per_identity: int, pairs: int,
         problems.append(f"workers must be >= 1 (got {workers})")
     if val_identities is not None and val_identities < 2:
         problems.append(f"val identities must be >= 2 (got {val_identities})")
+    if heldout_identities < 0 or heldout_identities == 1:
+        problems.append(f"held-out identities must be 0 (none) or >= 2, to be clustered (got {heldout_identities})")
+    if heldout_images_per_identity < 0:
+        problems.append(f"held-out images per identity must be >= 0 (got {heldout_images_per_identity})")
     if problems:
         raise ValueError("bad synthetic data set arguments: " + "; ".join(problems))
 
@@ -95,6 +106,34 @@ def _render_val_pair(task: tuple[int, int, int, int, int]) -> tuple[bytes, bytes
     return tuple(encode_jpeg(render_identity_image(sample_identity(_rng(seed, _VAL_IDENTITY, v)),
                                                    images, image_size), JPEG_QUALITY)
                  for v in (first, second))
+
+
+def _render_heldout_identity(task: tuple[int, int, int, int]) -> list[bytes]:
+    """All JPEGs of one labelled held-out identity (runs in a worker process)."""
+    seed, index, count, image_size = task
+    identity = sample_identity(_rng(seed, _HELDOUT_IDENTITY, index))
+    images = _rng(seed, _HELDOUT_IMAGES, index)
+    return [encode_jpeg(render_identity_image(identity, images, image_size), JPEG_QUALITY)
+            for _ in range(count)]
+
+
+def heldout_folder_names(identities: int, images_per_identity: int) -> tuple[list[str], list[str]]:
+    """(identity sub-folder names, image file names): zero-padded, so sorted order is numeric order."""
+    return ([f"id{index:05d}" for index in range(identities)],
+            [f"{image:04d}.jpg" for image in range(images_per_identity)])
+
+
+def _write_heldout(folder: Path, seed: int, identities: int, images_per_identity: int, image_size: int,
+                   workers: int, show_progress: bool) -> None:
+    progress = _Progress(show_progress, "held-out", identities * images_per_identity)
+    tasks = [(seed, index, images_per_identity, image_size) for index in range(identities)]
+    identity_names, image_names = heldout_folder_names(identities, images_per_identity)
+    for identity_name, images in zip(identity_names, _map(_render_heldout_identity, tasks, workers)):
+        identity_dir = folder / HELDOUT_DIR / identity_name
+        identity_dir.mkdir(parents=True)
+        for image_name, image in zip(image_names, images):
+            (identity_dir / image_name).write_bytes(image)
+        progress.advance(len(images))
 
 
 def _pair_plan(seed: int, pairs: int, val_identities: int) -> list[tuple[int, int]]:
@@ -164,8 +203,11 @@ def _write_val(folder: Path, seed: int, plan: list[tuple[int, int]], image_size:
 
 
 def _meta(*, identities: int, images_per_identity: int, pairs: int, image_size: int, seed: int,
-          val_identities: int, plan: list[tuple[int, int]]) -> dict[str, Any]:
-    """What synth_meta.json records: the parameters, and held-out ids as ids >= identities."""
+          val_identities: int, plan: list[tuple[int, int]], heldout_identities: int,
+          heldout_images_per_identity: int) -> dict[str, Any]:
+    """What synth_meta.json records: the parameters; val ids follow the training ids, held-out folder ids follow those."""
+    heldout_start = identities + val_identities
+    heldout = heldout_identities if heldout_images_per_identity > 0 else 0
     return {
         "format_version": FORMAT_VERSION, "identities": identities,
         "images_per_identity": images_per_identity, "pairs": pairs, "image_size": image_size,
@@ -174,7 +216,10 @@ def _meta(*, identities: int, images_per_identity: int, pairs: int, image_size: 
         "train_identity_ids": [0, identities],  # half-open range
         "val_identity_ids": list(range(identities, identities + val_identities)),
         "pair_identity_ids": [[identities + a, identities + b] for a, b in plan],
-        "files": ["train.rec", "train.idx", "property", VAL_FILE, META_FILE],
+        "heldout_identities": heldout_identities, "heldout_images_per_identity": heldout_images_per_identity,
+        "heldout_dir": HELDOUT_DIR if heldout else None,
+        "heldout_identity_ids": list(range(heldout_start, heldout_start + heldout)),
+        "files": ["train.rec", "train.idx", "property", VAL_FILE, META_FILE] + ([HELDOUT_DIR] if heldout else []),
     }
 
 
@@ -194,11 +239,16 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
 
 def generate_dataset(out_dir: str | os.PathLike, *, identities: int, images_per_identity: int,
                      pairs: int, image_size: int = 112, seed: int = 0, workers: int = 1,
-                     progress: bool = True, val_identities: int | None = None,
-                     overwrite: bool = False) -> dict[str, Any]:
-    """Write a synthetic data set into `out_dir` (see the module docstring); return its summary."""
+                     progress: bool = True, val_identities: int | None = None, heldout_identities: int = 0,
+                     heldout_images_per_identity: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """Write a synthetic data set into `out_dir` (see the module docstring); return its summary.
+
+    The labelled held-out folder is opt-in here (0 identities); the config's data.synthetic asks for it.
+    """
     validate_arguments(identities=identities, images_per_identity=images_per_identity, pairs=pairs,
-                       image_size=image_size, seed=seed, workers=workers, val_identities=val_identities)
+                       image_size=image_size, seed=seed, workers=workers, val_identities=val_identities,
+                       heldout_identities=heldout_identities,
+                       heldout_images_per_identity=heldout_images_per_identity)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} exists and is not an empty folder: choose another output folder "
@@ -215,17 +265,23 @@ def generate_dataset(out_dir: str | os.PathLike, *, identities: int, images_per_
         written = write_insightface_rec(str(staging), samples, num_classes=identities,
                                         image_size=(image_size, image_size))
         _write_val(staging, seed, plan, image_size, workers, progress)
+        heldout_images = heldout_identities * heldout_images_per_identity
+        if heldout_images:
+            _write_heldout(staging, seed, heldout_identities, heldout_images_per_identity, image_size, workers,
+                           progress)
         meta = _meta(identities=identities, images_per_identity=images_per_identity, pairs=pairs,
-                     image_size=image_size, seed=seed, val_identities=val_identities, plan=plan)
+                     image_size=image_size, seed=seed, val_identities=val_identities, plan=plan,
+                     heldout_identities=heldout_identities, heldout_images_per_identity=heldout_images_per_identity)
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         _publish(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
-    total_images = written + 2 * pairs
+    total_images = written + 2 * pairs + heldout_images
     return {"out_dir": str(out), "num_classes": identities, "num_images": written, "pairs": pairs,
-            "val_identities": val_identities, "image_size": image_size, "seed": seed,
+            "val_identities": val_identities, "heldout_identities": heldout_identities if heldout_images else 0,
+            "heldout_images": heldout_images, "image_size": image_size, "seed": seed,
             "seconds": seconds, "images_per_sec": total_images / max(seconds, 1e-9)}
 
 
@@ -240,7 +296,8 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def ensure_dataset(out_dir: str | os.PathLike, *, identities: int, images_per_identity: int, pairs: int,
-                   image_size: int = 112, seed: int = 0, workers: int = 1, progress: bool = True,
+                   image_size: int = 112, seed: int = 0, heldout_identities: int = 0,
+                   heldout_images_per_identity: int = 0, workers: int = 1, progress: bool = True,
                    replace_stale: bool = False) -> dict[str, Any]:
     """Generate into `out_dir` unless it already holds exactly this data set (a cache); return its meta.
 
@@ -249,7 +306,8 @@ def ensure_dataset(out_dir: str | os.PathLike, *, identities: int, images_per_id
     one process (e.g. rank 0, then a barrier): two concurrent generations into one folder race.
     """
     wanted = {"identities": identities, "images_per_identity": images_per_identity, "pairs": pairs,
-              "image_size": image_size, "seed": seed, "format_version": FORMAT_VERSION}
+              "image_size": image_size, "seed": seed, "heldout_identities": heldout_identities,
+              "heldout_images_per_identity": heldout_images_per_identity, "format_version": FORMAT_VERSION}
     out = Path(out_dir)
     if not out.exists() or not any(out.iterdir()):
         generate_dataset(out, **{k: v for k, v in wanted.items() if k != "format_version"},

@@ -55,6 +55,21 @@ def run_on_first_rank(action, what: str) -> None:
             raise DataSetupError(error or f"{what} failed on rank 0 (see its error above)")
 
 
+def ensure_synthetic_data(config: Config, *, progress: bool = True) -> None:
+    """Generate data.synthetic into its cache folder unless it already holds it (a stale one is replaced).
+
+    One process only (two generations into one folder race): rank 0 here, or tools/ablate.py before its runs.
+    """
+    from largefr.data.synthetic import ensure_dataset
+
+    data, synthetic = config.data, config.data.synthetic
+    ensure_dataset(data.data_dir, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
+                   pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
+                   heldout_identities=synthetic.heldout_identities,
+                   heldout_images_per_identity=synthetic.heldout_images_per_identity,
+                   workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, replace_stale=True)
+
+
 def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
     """The folder of train.rec/idx/property (generated first for the synthetic quickstart)."""
     data = config.data
@@ -65,15 +80,8 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
         raise DataSetupError("data.rec is not set: give the folder holding train.rec, train.idx and property "
                              "(or data.synthetic.cache_dir for a generated data set)")
     if data.rec is None and data.synthetic is not None:
-        synthetic = data.synthetic
-
         def generate() -> None:
-            from largefr.data.synthetic import ensure_dataset
-
-            ensure_dataset(folder, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
-                           pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
-                           workers=max(1, min(4, os.cpu_count() or 1)), progress=env.is_main,
-                           replace_stale=True)
+            ensure_synthetic_data(config, progress=env.is_main)
 
         run_on_first_rank(generate, f"generating the synthetic data set in {folder}")
     if not os.path.isdir(folder):
