@@ -167,7 +167,7 @@ def test_joint_head_needs_momentum_features_and_valid_config():
     labels, embeddings, _ = step_data(0)
     with pytest.raises(ValueError, match="needs the momentum encoder's features"):
         head(embeddings, labels)
-    with pytest.raises(ValueError, match=r"(?s)temperature_mode: must be one of 'pcl', 'raw', got 'paper'.*"
+    with pytest.raises(ValueError, match=r"(?s)temperature_mode: must be one of 'pcl', 'raw', 'learnable', got 'paper'.*"
                                          r"queue_size: must be >= 1, got 0"):
         cluster_config(temperature_mode="paper", queue_size=0)
 

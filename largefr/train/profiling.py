@@ -148,10 +148,11 @@ def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     """
     from largefr.heads import joint
 
-    saved = {name: getattr(joint, name) for name in
-             ("all_gather_with_grad", "cluster_contrastive_loss", "cluster_aligning_loss")}
+    contrastive = ("cluster_contrastive_loss", "center_loss", "triplet_loss")  # cluster.contrastive_type's terms
+    saved = {name: getattr(joint, name) for name in ("all_gather_with_grad", *contrastive, "cluster_aligning_loss")}
     joint.all_gather_with_grad = _timed_gather(saved["all_gather_with_grad"], timer)
-    joint.cluster_contrastive_loss = _timed_loss(saved["cluster_contrastive_loss"], timer, "loss_con")
+    for name in contrastive:
+        setattr(joint, name, _timed_loss(saved[name], timer, "loss_con"))
     joint.cluster_aligning_loss = _timed_loss(saved["cluster_aligning_loss"], timer, "loss_ali")
     margin_head = head.margin_head
     margin_head.loss_from_gathered = _timed_loss(margin_head.loss_from_gathered, timer, "loss_cg")
