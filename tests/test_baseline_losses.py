@@ -1,0 +1,235 @@
+"""The Table 3/4 baselines: Center loss, triplet loss, learnable-temperature L_con, against dense float64 references.
+
+Loss level: the problem of tests/test_cluster_losses.py (1001 classes: uneven shards on 3 and 4 ranks, a
+repeated class, a batch row whose class has no center). Head level: the whole Eq. 8 loss of
+tests/test_joint_head.py with the l1 term swapped.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from largefr.config import ClusterConfig
+from largefr.distributed.collectives import all_gather_with_grad
+from largefr.distributed.partition import ClassPartition
+from largefr.heads.baseline_losses import center_loss, triplet_loss
+from largefr.heads.cluster_losses import cluster_contrastive_loss, learnable_temperature, sample_centers
+from largefr.heads.joint import ClusterGuidedHead
+from tests import test_joint_head as joint
+from tests.distributed_helpers import run_distributed
+from tests.test_cluster_losses import CLASSES, GLOBAL_ROWS, SAMPLES, UNSEEN_LABEL, dense_problem, make_bank
+
+MARGIN, LOG_TAU0, TAU_LR = 0.2, math.log(0.1), 0.1
+NEAR_ROWS = 4  # rows placed near their own center: their triplet hinge is inactive
+
+
+def problem():
+    """dense_problem with a few embeddings near their class center (so the triplet has inactive rows)."""
+    centers, phi, seen, has_phi, labels, embeddings, weight = dense_problem()
+    noise = torch.randn(NEAR_ROWS, embeddings.shape[1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    embeddings = embeddings.clone()
+    embeddings[:NEAR_ROWS] = 2.0 * (centers[labels[:NEAR_ROWS]] + 0.05 * noise)
+    return centers, seen, labels, embeddings
+
+
+def _local_rows(embeddings, rank, world):
+    rows = GLOBAL_ROWS // world
+    return embeddings[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+
+
+def _sharded_losses(rank, world, labels, embeddings, part, bank, sampled):
+    """Each loss forward and backward on this rank: {name: (loss, local embedding grad[, log tau0 grad])}."""
+    out = {}
+    for name in ("center", "triplet", "learnable"):
+        local = _local_rows(embeddings, rank, world)
+        features = F.normalize(all_gather_with_grad(local, None), dim=1)
+        if name == "center":
+            loss = center_loss(features, labels, bank)
+        elif name == "triplet":
+            loss = triplet_loss(features, labels, sampled, part, margin=MARGIN)
+        else:
+            log_tau0 = torch.nn.Parameter(torch.tensor(LOG_TAU0, dtype=torch.float64))
+            temperature = learnable_temperature(log_tau0, sampled.total, None)
+            loss = cluster_contrastive_loss(features, labels, sampled, part, temperature=temperature)
+        loss.backward()
+        out[name] = (loss.detach(), local.grad)
+        if name == "learnable":
+            out[name] += (log_tau0.grad.clone(),)
+            torch.optim.SGD([log_tau0], lr=TAU_LR).step()
+            out["log_tau0_after_step"] = log_tau0.detach()
+    return out
+
+
+def _losses_rank(rank, world):
+    part = ClassPartition(CLASSES, world, rank)
+    bank = make_bank(part)
+    _, _, labels, embeddings = problem()
+    sampled = sample_centers(bank, labels, SAMPLES, generator=torch.Generator().manual_seed(rank))
+    out = {"ids": sampled.class_ids, "losses": _sharded_losses(rank, world, labels, embeddings, part, bank, sampled)}
+    unseen = torch.full_like(labels, UNSEEN_LABEL)  # no row has a center: every loss is 0, gradient 0
+    empty = sample_centers(bank, unseen, SAMPLES, generator=torch.Generator().manual_seed(rank))
+    out["empty"] = _sharded_losses(rank, world, unseen, embeddings, part, bank, empty)
+    return out
+
+
+# ---- dense references: plain loops over rows ----------------------------------------------------------------
+def reference_center(f, labels, centers, seen):
+    rows = [(i, y) for i, y in enumerate(labels.tolist()) if seen[y]]
+    total = sum(((f[i] - centers[y]) ** 2).sum() for i, y in rows)
+    return total / (2 * len(rows))
+
+
+def reference_triplet(f, labels, ids, centers, margin=MARGIN):
+    """Rows with a sampled positive and at least one other sampled class; hardest = nearest other center."""
+    terms, active = [], 0
+    for i, y in enumerate(labels.tolist()):
+        if y not in ids or len(ids) < 2:
+            continue
+        positive = ((f[i] - centers[y]) ** 2).sum()
+        negative = min(  # the nearest other center = the most similar (all unit vectors)
+            (((f[i] - centers[k]) ** 2).sum() for k in ids if k != y), key=lambda d: d.detach().item())
+        hinge = positive - negative + margin
+        active += int(hinge > 0)
+        terms.append(torch.clamp(hinge, min=0))
+    return sum(terms) / len(terms), active, len(terms)
+
+
+def reference_learnable(f, labels, ids, centers, log_tau0):
+    positions = {k: j for j, k in enumerate(ids)}
+    target = torch.tensor([positions.get(int(y), -100) for y in labels])
+    return F.cross_entropy(f @ centers[ids].t() / torch.exp(log_tau0), target, ignore_index=-100)
+
+
+def reference_losses(ids):
+    centers, seen, labels, embeddings = problem()
+    out = {}
+    for name in ("center", "triplet", "learnable"):
+        dense = embeddings.clone().requires_grad_(True)
+        f = F.normalize(dense, dim=1)
+        log_tau0 = torch.tensor(LOG_TAU0, dtype=torch.float64, requires_grad=True)
+        if name == "center":
+            loss = reference_center(f, labels, centers, seen)
+        elif name == "triplet":
+            loss, active, counted = reference_triplet(f, labels, ids, centers)
+            assert 0 < active < counted and counted < GLOBAL_ROWS  # both hinge cases and an ignored row
+        else:
+            loss = reference_learnable(f, labels, ids, centers, log_tau0)
+        loss.backward()
+        out[name] = (loss.detach(), dense.grad) + ((log_tau0.grad,) if name == "learnable" else ())
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_baseline_losses_match_dense_reference(world):
+    results = run_distributed(_losses_rank, world)
+    ids = results[0]["ids"].tolist()
+    expected = reference_losses(ids)
+    rows = GLOBAL_ROWS // world
+    for rank, result in enumerate(results):
+        assert result["ids"].tolist() == ids
+        for name, (ref_loss, ref_grad, *ref_tau) in expected.items():
+            loss, grad, *tau = result["losses"][name]
+            assert abs(loss.item() - ref_loss.item()) < 1e-10, name
+            torch.testing.assert_close(grad, ref_grad[rank * rows:(rank + 1) * rows], atol=1e-10, rtol=0)
+            if ref_tau:
+                assert abs(tau[0].item() - ref_tau[0].item()) < 1e-10
+        # the step moved tau0 by the full (all-rank) gradient, identically on every rank
+        assert torch.equal(result["losses"]["log_tau0_after_step"], results[0]["losses"]["log_tau0_after_step"])
+        step = LOG_TAU0 - TAU_LR * expected["learnable"][2].item()
+        assert abs(result["losses"]["log_tau0_after_step"].item() - step) < 1e-12 and step != LOG_TAU0
+        for name in ("center", "triplet"):
+            loss, grad = result["empty"][name]
+            assert loss.item() == 0.0 and bool((grad == 0).all()), name
+
+
+# ---- the joint head with each option ---------------------------------------------------------------------
+OPTIONS = {"center": dict(contrastive_type="center"), "triplet": dict(contrastive_type="triplet", triplet_margin=1.5),
+           "learnable": dict(temperature_mode="learnable", contrastive_tau_init=0.1)}
+
+
+def _joint_rank(rank, world):
+    part = ClassPartition(joint.CLASSES, world, rank)
+    rows = slice(rank * joint.GLOBAL_ROWS // world, (rank + 1) * joint.GLOBAL_ROWS // world)
+    out = {}
+    for option, changes in OPTIONS.items():
+        head = ClusterGuidedHead(joint.make_margin_head(), joint.cluster_config(**changes), seed=1)
+        with torch.no_grad():
+            head.margin_head.weight.copy_(joint.dense_weight()[part.start:part.end])
+        steps = []
+        for step in range(joint.STEPS):
+            labels, embeddings, momentum = joint.step_data(step)
+            local = embeddings[rows].clone().requires_grad_(True)
+            head.zero_grad()
+            loss, terms = head(local, labels[rows], momentum[rows])
+            loss.backward()
+            steps.append({"loss": loss.detach(), "terms": terms, "emb_grad": local.grad,
+                          "weight_grad": head.margin_head.weight.grad.clone(), "ids": head.last_sampled_centers.class_ids,
+                          "replicated": {n: p.grad.clone() for n, p in head.replicated_parameters().items()}})
+        out[option] = steps
+    return out
+
+
+class ReferenceTerm:
+    """The l1 term of the dense Eq. 8 for one option; keeps its learnable tau0 leaf to read the gradient."""
+
+    def __init__(self, option, centers):
+        self.option, self.centers = option, centers
+        self.log_tau0 = torch.tensor(math.log(0.1), dtype=torch.float64, requires_grad=True)
+
+    def __call__(self, f, labels, ids_list, sampled_centers, valid):
+        centers = {k: self.centers[k] for k in ids_list}
+        if self.option == "center":
+            return reference_center(f, labels, centers, {k: True for k in ids_list})
+        if self.option == "triplet":
+            return reference_triplet(f, labels, ids_list, centers, margin=1.5)[0]
+        positive = torch.tensor([ids_list.index(int(y)) for y in labels])
+        return F.cross_entropy(f @ sampled_centers.t() / torch.exp(self.log_tau0), positive)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_joint_head_with_each_baseline_matches_dense_reference(world):
+    results = run_distributed(_joint_rank, world)
+    rows = joint.GLOBAL_ROWS // world
+    for option in OPTIONS:
+        centers, phi, queue_f, queue_l = {}, {}, [], []
+        for step in range(joint.STEPS):
+            labels, _, momentum = joint.step_data(step)
+            queue_f += list(F.normalize(momentum, dim=1))
+            queue_l += labels.tolist()
+            joint.reference_bank_update(centers, phi, queue_f, queue_l)
+            ids = results[0][option][step]["ids"]
+            term = ReferenceTerm(option, centers)
+            expected = joint.reference_step(step, centers, phi, ids, contrastive=term)
+            for rank, result in enumerate(results):
+                part = ClassPartition(joint.CLASSES, world, rank)
+                got = result[option][step]
+                assert torch.equal(got["ids"], ids)
+                for name in ("loss", "loss_con", "loss_ali"):
+                    value = got["loss"] if name == "loss" else got["terms"][name]
+                    assert abs(value.item() - expected[name].item()) < 1e-10, (option, name)
+                torch.testing.assert_close(got["emb_grad"], expected["emb_grad"][rank * rows:(rank + 1) * rows],
+                                           atol=1e-10, rtol=0)
+                torch.testing.assert_close(got["weight_grad"], expected["weight_grad"][part.start:part.end],
+                                           atol=1e-10, rtol=0)
+                assert abs(got["replicated"]["log_tau"].item() - expected["tau_grad"].item()) < 1e-10
+                names = ["log_tau", "contrastive_log_tau"] if option == "learnable" else ["log_tau"]
+                assert list(got["replicated"]) == names
+                if option == "learnable":
+                    assert abs(got["replicated"]["contrastive_log_tau"].item() - term.log_tau0.grad.item()) < 1e-10
+
+
+def test_baseline_config_fields_are_checked_and_only_the_learnable_mode_adds_a_parameter():
+    with pytest.raises(ValueError, match=r"(?s)triplet_margin: must be >= 0.0, got -0.1.*"
+                                         r"contrastive_tau_init: must be > 0, got 0"):
+        ClusterConfig(triplet_margin=-0.1, contrastive_tau_init=0.0)
+    with pytest.raises(ValueError, match="contrastive_type: must be one of 'cluster', 'center', 'triplet', got 'arc'"):
+        ClusterConfig(contrastive_type="arc")
+    # temperature_mode matters only for contrastive_type 'cluster' (no error, no parameter otherwise)
+    for changes, names in ((dict(temperature_mode="learnable"), ["log_tau", "contrastive_log_tau"]),
+                           (dict(temperature_mode="learnable", contrastive_type="center"), ["log_tau"]),
+                           (dict(temperature_mode="learnable", contrastive_weight=0.0), ["log_tau"]),
+                           (dict(temperature_mode="learnable", aligning_weight=0.0), ["contrastive_log_tau"])):
+        head = ClusterGuidedHead(joint.make_margin_head(), joint.cluster_config(**changes))
+        assert list(head.replicated_parameters()) == names, changes
+        assert [n for n, _ in head.named_parameters() if n != "margin_head.weight"] == names
