@@ -233,3 +233,71 @@ def test_baseline_config_fields_are_checked_and_only_the_learnable_mode_adds_a_p
         head = ClusterGuidedHead(joint.make_margin_head(), joint.cluster_config(**changes))
         assert list(head.replicated_parameters()) == names, changes
         assert [n for n, _ in head.named_parameters() if n != "margin_head.weight"] == names
+
+
+# ---- a tiny 2-rank trainer run with each option; tau0 through the head optimizer and checkpoints -------------
+TRAINER_OPTIONS = {"center": {"contrastive_type": "center"}, "triplet": {"contrastive_type": "triplet"},
+                   "learnable": {"temperature_mode": "learnable"}}
+
+
+def _build(world, config_dict, *, resume=None, train=False):
+    from largefr.config import Config
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed
+
+    trainer = build_trainer(Config.from_dict(config_dict, world_size=world), init_distributed(), resume=resume)
+    summary = trainer.train() if train else None
+    trainer.metrics.close()
+    head = trainer.runner.head
+    return {"summary": summary, "step": trainer.state.step,
+            "replicated": {name: p.detach().clone() for name, p in head.replicated_parameters().items()},
+            "tau_optimizer": head.contrastive_log_tau is not None and trainer.checkpointer.tau_optimizer.state_dict()}
+
+
+def _trainer_config(data, output, option, **cluster):
+    from tests.test_trainer import tiny_config
+
+    return tiny_config(data, f"{output}/{option}", cluster={**TRAINER_OPTIONS[option], **cluster},
+                       train={"max_steps": 3}, data={"val_targets": []})
+
+
+def _train_each_option(rank, world, data, output):
+    out = {option: _build(world, _trainer_config(data, output, option), train=True) for option in TRAINER_OPTIONS}
+    out["resumed"] = _build(world, _trainer_config(data, output, "learnable"), resume="auto")
+    return out
+
+
+def _resume_elsewhere(rank, world, data, output):
+    from largefr.train.checkpoint import CheckpointError
+
+    resumed = _build(world, _trainer_config(data, output, "learnable"), resume="auto")
+    try:  # the checkpoint has tau0, a 'pcl' run has none: refused with the setting to keep
+        _build(world, _trainer_config(data, output, "learnable", temperature_mode="pcl"), resume="auto")
+    except CheckpointError as error:
+        resumed["refused"] = str(error)
+    return resumed
+
+
+def test_trainer_runs_each_baseline_and_checkpoints_the_learnable_temperature(tmp_path):
+    from largefr.data.synthetic import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, identities=16, images_per_identity=8, pairs=20, image_size=32, seed=1, progress=False)
+    per_rank = run_distributed(_train_each_option, 2, str(data), str(tmp_path))
+    for option in TRAINER_OPTIONS:
+        summary = per_rank[0][option]["summary"]
+        assert summary["steps"] == 3 and set(summary["final_loss_terms"]) == {"loss_cg", "loss_con", "loss_ali"}
+        assert all(math.isfinite(v) for v in summary["final_loss_terms"].values()), (option, summary)
+        assert (tmp_path / option / "summary.json").is_file()
+    trained = [r["learnable"]["replicated"]["contrastive_log_tau"] for r in per_rank]
+    assert torch.equal(trained[0], trained[1]) and abs(trained[0].item() - math.log(0.1)) > 1e-4  # moved, alike
+    assert list(per_rank[0]["center"]["replicated"]) == ["log_tau"]
+    for result in per_rank:  # resumed on the same world size: tau0 and its optimizer state back
+        assert result["resumed"]["step"] == 3 and torch.equal(result["resumed"]["replicated"]["contrastive_log_tau"],
+                                                              trained[0])
+        torch.testing.assert_close(result["resumed"]["tau_optimizer"]["state"], result["learnable"]["tau_optimizer"]["state"],
+                                   rtol=0, atol=0)
+        assert len(result["resumed"]["tau_optimizer"]["state"]) == 2  # log_tau and tau0, both stepped
+    elsewhere = run_distributed(_resume_elsewhere, 1, str(data), str(tmp_path))[0]
+    assert torch.equal(elsewhere["replicated"]["contrastive_log_tau"], trained[0]) and elsewhere["step"] == 3
+    assert "learnable temperatures ['log_tau', 'contrastive_log_tau'], this run has ['log_tau']" in elsewhere["refused"]
