@@ -164,7 +164,8 @@ def _joint_rank(rank, world):
             loss, terms = head(local, labels[rows], momentum[rows])
             loss.backward()
             steps.append({"loss": loss.detach(), "terms": terms, "emb_grad": local.grad,
-                          "weight_grad": head.margin_head.weight.grad.clone(), "ids": head.last_sampled_centers.class_ids,
+                          "weight_grad": head.margin_head.weight.grad.clone(),
+                          "ids": head.last_sampled_centers.class_ids,
                           "replicated": {n: p.grad.clone() for n, p in head.replicated_parameters().items()}})
         out[option] = steps
     return out
@@ -295,9 +296,27 @@ def test_trainer_runs_each_baseline_and_checkpoints_the_learnable_temperature(tm
     for result in per_rank:  # resumed on the same world size: tau0 and its optimizer state back
         assert result["resumed"]["step"] == 3 and torch.equal(result["resumed"]["replicated"]["contrastive_log_tau"],
                                                               trained[0])
-        torch.testing.assert_close(result["resumed"]["tau_optimizer"]["state"], result["learnable"]["tau_optimizer"]["state"],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(result["resumed"]["tau_optimizer"]["state"],
+                                   result["learnable"]["tau_optimizer"]["state"], rtol=0, atol=0)
         assert len(result["resumed"]["tau_optimizer"]["state"]) == 2  # log_tau and tau0, both stepped
     elsewhere = run_distributed(_resume_elsewhere, 1, str(data), str(tmp_path))[0]
     assert torch.equal(elsewhere["replicated"]["contrastive_log_tau"], trained[0]) and elsewhere["step"] == 3
     assert "learnable temperatures ['log_tau', 'contrastive_log_tau'], this run has ['log_tau']" in elsewhere["refused"]
+
+
+def test_center_loss_alone_samples_nothing_and_a_skipped_step_is_undone():
+    head = ClusterGuidedHead(joint.make_margin_head(), joint.cluster_config(contrastive_type="center",
+                                                                            aligning_weight=0.0))
+    labels, embeddings, momentum = joint.step_data(0)
+    head(embeddings, labels, momentum)
+    before = {name: buffer.clone() for name, buffer in [*head.queue.named_buffers(), *head.bank.named_buffers()]}
+    labels, embeddings, momentum = joint.step_data(1)
+    loss, terms = head(embeddings, labels, momentum)
+    assert head.last_sampled_centers is None and set(terms) == {"loss_cg", "loss_con"} and loss.item() > 0
+    head.undo_last_update()  # the trainer's skip of a non-finite step
+    after = dict([*head.queue.named_buffers(), *head.bank.named_buffers()])
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    learnable = ClusterGuidedHead(joint.make_margin_head(), joint.cluster_config(temperature_mode="learnable",
+                                                                                 contrastive_tau_init=0.25))
+    learnable(embeddings, labels, momentum)
+    assert learnable.stats()["contrastive_tau"] == pytest.approx(0.25)

@@ -22,9 +22,10 @@ sampled percentile is within about +-1.3 percentile points of the global one (bi
 deviation). Sampled classes without a phi (degenerate, see cluster.py) get the largest sampled
 phi, as PCL does for singleton clusters.
 
-Learnable temperatures (L_ali's tau, and L_con's tau0 in temperature_mode 'learnable'): each rank's backward only sees its own columns, so d(loss)/d(log_tau) is a
-partial sum per rank. `sum_grad_across_ranks` is an identity whose backward all-reduces the
-gradient, so every rank's gradient is the full gradient and the temperature stays identical.
+Learnable temperatures (L_ali's tau; L_con's tau0 in temperature_mode 'learnable'): each rank's
+backward only sees its own columns, so d(loss)/d(log tau) is a partial sum per rank.
+`sum_grad_across_ranks` is an identity whose backward all-reduces the gradient, so every rank's
+gradient is the full gradient and the temperature stays identical.
 """
 from __future__ import annotations
 

@@ -46,6 +46,12 @@ def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def _log_temperature(initial: float, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A learnable temperature stored as its log (stays positive; steps are relative), float32 at least:
+    a bf16 temperature would move in steps of ~1%."""
+    return nn.Parameter(torch.tensor(math.log(initial), dtype=dtype, device=device))
+
+
 class ClusterGuidedHead(nn.Module):
     """ShardedMarginHead + feature queue + cluster bank + L_con + L_ali, on the head's process group.
 
@@ -69,15 +75,13 @@ class ClusterGuidedHead(nn.Module):
             self.queue = FeatureQueue(config.queue_size, dim, group=self.group, dtype=dtype, device=weight.device)
             self.bank = ClusterBank(margin_head.num_classes, dim, group=self.group, momentum=config.bank_momentum,
                                     alpha=config.alpha, dtype=dtype, device=weight.device)
-        # float32 at least: a bf16 temperature would move in steps of ~1%
         self.log_tau: nn.Parameter | None = None
         if config.aligning_weight > 0:
-            self.log_tau = nn.Parameter(torch.tensor(math.log(config.align_tau_init), dtype=dtype, device=weight.device))
+            self.log_tau = _log_temperature(config.align_tau_init, dtype, weight.device)
         self.contrastive_log_tau: nn.Parameter | None = None
         if config.contrastive_weight > 0 and config.contrastive_type == "cluster" \
                 and config.temperature_mode == "learnable":
-            self.contrastive_log_tau = nn.Parameter(
-                torch.tensor(math.log(config.contrastive_tau_init), dtype=dtype, device=weight.device))
+            self.contrastive_log_tau = _log_temperature(config.contrastive_tau_init, dtype, weight.device)
         self.sample_generator = torch.Generator(device=weight.device)
         self.sample_generator.manual_seed(seed * 1_000_003 + margin_head.partition.rank)
         self.last_terms: dict[str, torch.Tensor] = {}
