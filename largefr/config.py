@@ -157,7 +157,8 @@ class ClusterConfig(_Section):
     'cluster': L_con of Eq. 6, the paper's supervised cluster contrastive loss.
     'center': Center loss (Wen et al. 2016), the paper's Table 3 baseline: 1/(2N) sum_i ||f_i - C_{y_i}||^2,
     f_i the normalized embedding, C_{y_i} the cluster bank's normalized center of its class (detached),
-    N the rows whose class has a center (every batch row in training: the bank is updated first). The
+    N the rows whose class has a center (every batch row in training: the bank is updated first; a row
+    without one is ignored, as in L_con). The
     bank is already a momentum-updated set of class centers, playing the part of Wen et al.'s own
     moving-average centers, so no extra num_classes x d state and the only change against L_con is the
     loss form (pull to the own center, no negatives).

@@ -7,15 +7,18 @@ normalized cluster-bank centers (detached), as L_con does; only the loss form ch
 - Center loss (Wen et al. 2016): L = 1/(2N) sum_i ||f_i - C_{y_i}||^2 over the N rows whose class
   has a center, C from the bank. The rank owning y_i computes row i's term.
 - Triplet loss (Schroff et al. 2015) with batch-hard negatives (Hermans et al. 2017): positive =
-  C_{y_i} among the M sampled centers, negative = the sampled center of another class nearest to
-  f_i over all ranks; L = mean_i max(0, ||f_i - C_{y_i}||^2 - ||f_i - C_n||^2 + margin) over the
-  rows that have both. The rank holding the positive computes its distance, the rank holding the
-  nearest negative (lowest rank on a tie) computes that one.
+  C_{y_i} among the M sampled centers, negative C_n = the sampled center of another class nearest
+  to f_i over all ranks (nearest = most similar: all are unit vectors);
+  L = mean_i max(0, ||f_i - C_{y_i}||^2 - ||f_i - C_n||^2 + margin) over the rows that have both.
+  The rank holding the positive computes its distance, the rank holding the nearest negative
+  (lowest rank on a tie) computes that one.
 
 Sharding: each rank sums the terms it owns into a partial loss; `sum_partials_across_ranks` makes
 the total identical on every rank while each rank's backward keeps its own part, and
 `all_gather_with_grad`'s backward sums the ranks' feature gradients into the exact one. Rows that
 count nowhere are ignored; when no row counts the loss is 0 with a zero gradient.
+Communication per step: Center loss one all-reduce of two numbers; triplet one all-gather of
+B_g distances (the negative's rank), one all-reduce of 4 x B_g values, one of one number.
 """
 from __future__ import annotations
 

@@ -133,7 +133,9 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
 
 def cluster_temperature(phi: torch.Tensor, has_phi: torch.Tensor, *, mode: str = "pcl", tau0: float = 0.1,
                         clip_percentiles: tuple[float, float] = (10.0, 90.0)) -> torch.Tensor:
-    """Per-class temperature of the sampled classes (identical on every rank).
+    """Per-class temperature of the sampled classes from phi (identical on every rank).
+
+    The phi-based modes of cluster.temperature_mode; its 'learnable' mode is `learnable_temperature`.
 
     raw (the paper's form): temperature = phi. pcl: phi clipped to its percentiles, then tau0 * phi / mean(phi),
     so the temperatures average tau0 whatever the scale of phi. Classes without a phi take the

@@ -142,9 +142,10 @@ def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     """Charge a `ClusterGuidedHead`'s work to phases while the context is open.
 
     Phases: 'head_other' (queue/bank update, sampling, joining the terms), 'feature_gather',
-    'loss_cg' (margin head), 'loss_con', 'loss_ali' (forward and backward each). The joint head
-    calls the gather and the cluster losses through names imported into `largefr.heads.joint`, so
-    those names are replaced for the duration (profiling tool only; restored on exit).
+    'loss_cg' (margin head), 'loss_con' (L_con, or the Center / triplet loss that
+    cluster.contrastive_type puts in its place), 'loss_ali' (forward and backward each). The joint
+    head calls the gather and the cluster losses through names imported into `largefr.heads.joint`,
+    so those names are replaced for the duration (profiling tool only; restored on exit).
     """
     from largefr.heads import joint
 
