@@ -156,7 +156,26 @@ class ClusterConfig(_Section):
     lambda_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """[lo, hi]: lambda = lo + (hi - lo) * normalized concentration."""
     contrastive_weight: float = 1.0
-    """l1, weight of the supervised cluster contrastive loss L_con (Eq. 6); 0 turns it off."""
+    """l1, weight of the term chosen by cluster.contrastive_type (L_con of Eq. 6 by default); 0 turns it off."""
+    contrastive_type: Literal["cluster", "center", "triplet"] = "cluster"
+    """What the contrastive_weight term is (logged as loss_con whatever the type).
+    'cluster': L_con of Eq. 6, the paper's supervised cluster contrastive loss.
+    'center': Center loss (Wen et al. 2016), the paper's Table 3 baseline: 1/(2N) sum_i ||f_i - C_{y_i}||^2,
+    f_i the normalized embedding, C_{y_i} the cluster bank's normalized center of its class (detached),
+    N the rows whose class has a center (every batch row in training: the bank is updated first; a row
+    without one is ignored, as in L_con). The
+    bank is already a momentum-updated set of class centers, playing the part of Wen et al.'s own
+    moving-average centers, so no extra num_classes x d state and the only change against L_con is the
+    loss form (pull to the own center, no negatives).
+    'triplet': a triplet loss (Schroff et al. 2015, FaceNet), the other Table 3 baseline: anchor f_i,
+    positive its class's center, negative the most similar center of another class among the same M
+    sampled centers L_con uses (batch-hard mining, Hermans et al. 2017, the usual online variant of
+    FaceNet's mining), mean_i max(0, ||f_i - C_{y_i}||^2 - ||f_i - C_n||^2 + triplet_margin). Same
+    comparison objects as L_con, so only the loss form differs. Rows without a sampled positive or
+    without any negative are ignored; centers are detached (the gradient reaches f_i only)."""
+    triplet_margin: float = 0.2
+    """FaceNet's alpha of contrastive_type 'triplet', on squared L2 distances of unit vectors (range [0, 4]);
+    0.2 is FaceNet's value."""
     aligning_weight: float = 0.5
     """l2, weight of the cluster aligning loss L_ali (Eq. 7); 0 turns it off."""
     queue_size: int = 8192
@@ -169,9 +188,17 @@ class ClusterConfig(_Section):
     """M: classes sampled over all ranks for L_con and L_ali (capped at data.num_classes)."""
     alpha: float = 10.0
     """Smoothing constant in phi's log(|Q_k| + alpha) (Eq. 1)."""
-    temperature_mode: Literal["pcl", "raw"] = "pcl"
-    """'pcl': temperature = pcl_tau0 * phi / mean(phi), phi clipped to percentiles;
-    'raw': the temperature is phi itself (the paper's form)."""
+    temperature_mode: Literal["pcl", "raw", "learnable"] = "pcl"
+    """Temperature of L_con (used only by contrastive_type 'cluster'; the other types ignore it).
+    'pcl': temperature = pcl_tau0 * phi / mean(phi), phi clipped to percentiles;
+    'raw': the temperature is phi itself (the paper's form);
+    'learnable': one learnable temperature tau0 shared by every class, the typical learnable temperature
+    of InfoNCE that the paper's Table 4 compares phi against. Stored as log tau0 (positive, steps scale
+    with tau0), replicated on every rank, stepped by the head's optimizer with the head's learning rate
+    and no weight decay, like L_ali's tau; initial value contrastive_tau_init."""
+    contrastive_tau_init: float = 0.1
+    """Initial tau0 of temperature_mode 'learnable'; 0.1 = the mean temperature of the 'pcl' mode (pcl_tau0's
+    default), so both modes start alike."""
     pcl_tau0: float = 0.1
     """Base temperature of the 'pcl' mode."""
     pcl_clip_percentiles: list[float] = field(default_factory=lambda: [10.0, 90.0])

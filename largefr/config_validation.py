@@ -141,6 +141,8 @@ def _cluster_checks(c: Any) -> list[Check]:
         ("pcl_tau0", _positive(c.pcl_tau0)),
         ("pcl_clip_percentiles", _pair(c.pcl_clip_percentiles, 0.0, 100.0)),
         ("align_tau_init", _positive(c.align_tau_init)),
+        ("triplet_margin", _min(c.triplet_margin, 0.0)),
+        ("contrastive_tau_init", _positive(c.contrastive_tau_init)),
     ]
 
 

@@ -94,8 +94,20 @@ def reference_bank_update(centers, phi, queue_f, queue_l, mc=0.9, alpha=10.0):
         phi[k] = sum(float((f - centers[k]).norm()) for f in members) / (len(members) * math.log(len(members) + alpha))
 
 
-def reference_step(step, centers, phi, ids):
-    """Dense Eq. 8 on the full batch and the full W, with the sampled ids of the sharded run."""
+def reference_pcl_contrastive(f, labels, ids_list, sampled_centers, valid):
+    """Dense L_con (Eq. 6) with the 'pcl' temperature of the sampled classes."""
+    filled = np.array([valid.get(k, max(valid.values())) for k in ids_list])
+    low, high = np.percentile(filled, [10, 90])
+    temperature = torch.from_numpy(TAU0 * np.clip(filled, low, high) / np.clip(filled, low, high).mean())
+    positive = torch.tensor([ids_list.index(int(y)) for y in labels])
+    return F.cross_entropy(f @ sampled_centers.t() / temperature, positive)
+
+
+def reference_step(step, centers, phi, ids, contrastive=reference_pcl_contrastive):
+    """Dense Eq. 8 on the full batch and the full W, with the sampled ids of the sharded run.
+
+    contrastive(f, labels, ids, sampled centers, {class: valid phi}) is the l1 term (L_con by default).
+    """
     labels, embeddings, _ = step_data(step)
     valid = {k: v for k, v in phi.items() if v > math.sqrt(torch.finfo(torch.float64).eps)}
     lo, hi = LAMBDA_RANGE
@@ -115,11 +127,7 @@ def reference_step(step, centers, phi, ids):
     loss_cg = F.cross_entropy(logits, labels)
     ids_list = ids.tolist()
     sampled_centers = torch.stack([centers[k] for k in ids_list])
-    filled = np.array([valid.get(k, max(valid.values())) for k in ids_list])
-    low, high = np.percentile(filled, [10, 90])
-    temperature = torch.from_numpy(TAU0 * np.clip(filled, low, high) / np.clip(filled, low, high).mean())
-    positive = torch.tensor([ids_list.index(int(y)) for y in labels])
-    loss_con = F.cross_entropy(f @ sampled_centers.t() / temperature, positive)
+    loss_con = contrastive(f, labels, ids_list, sampled_centers, valid)
     loss_ali = F.cross_entropy(sampled_centers @ w[ids].t() / torch.exp(log_tau), torch.arange(len(ids_list)))
     total = loss_cg + WEIGHTS[0] * loss_con + WEIGHTS[1] * loss_ali
     total.backward()
@@ -167,7 +175,7 @@ def test_joint_head_needs_momentum_features_and_valid_config():
     labels, embeddings, _ = step_data(0)
     with pytest.raises(ValueError, match="needs the momentum encoder's features"):
         head(embeddings, labels)
-    with pytest.raises(ValueError, match=r"(?s)temperature_mode: must be one of 'pcl', 'raw', got 'paper'.*"
+    with pytest.raises(ValueError, match=r"(?s)temperature_mode: must be one of 'pcl', 'raw', 'learnable', got 'paper'.*"
                                          r"queue_size: must be >= 1, got 0"):
         cluster_config(temperature_mode="paper", queue_size=0)
 

@@ -83,6 +83,30 @@ def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> to
     return _AllGatherRows.apply(tensor, group)
 
 
+class _SumPartials(torch.autograd.Function):
+    """Forward: all-reduce (sum) of every rank's partial value. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+        return all_reduce_sum_(tensor.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def sum_partials_across_ranks(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Total of per-rank partial sums of a loss, identical on every rank; each rank's backward keeps its part.
+
+    For a loss whose rows are split between ranks (each rank sums the terms it owns): the gradient of
+    the total w.r.t. this rank's part is the identity, and `all_gather_with_grad`'s backward then sums
+    the ranks' feature gradients into the exact one.
+    """
+    if group_size(group) == 1:
+        return tensor
+    return _SumPartials.apply(tensor, group)
+
+
 def all_reduce_sum_(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)

@@ -22,9 +22,10 @@ sampled percentile is within about +-1.3 percentile points of the global one (bi
 deviation). Sampled classes without a phi (degenerate, see cluster.py) get the largest sampled
 phi, as PCL does for singleton clusters.
 
-Learnable tau: each rank's backward only sees its own columns, so d(loss)/d(log_tau) is a
-partial sum per rank. `sum_grad_across_ranks` is an identity whose backward all-reduces the
-gradient, so every rank's log_tau.grad is the full gradient and tau stays identical.
+Learnable temperatures (L_ali's tau; L_con's tau0 in temperature_mode 'learnable'): each rank's
+backward only sees its own columns, so d(loss)/d(log tau) is a partial sum per rank.
+`sum_grad_across_ranks` is an identity whose backward all-reduces the gradient, so every rank's
+gradient is the full gradient and the temperature stays identical.
 """
 from __future__ import annotations
 
@@ -132,7 +133,9 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
 
 def cluster_temperature(phi: torch.Tensor, has_phi: torch.Tensor, *, mode: str = "pcl", tau0: float = 0.1,
                         clip_percentiles: tuple[float, float] = (10.0, 90.0)) -> torch.Tensor:
-    """Per-class temperature of the sampled classes (identical on every rank).
+    """Per-class temperature of the sampled classes from phi (identical on every rank).
+
+    The phi-based modes of cluster.temperature_mode; its 'learnable' mode is `learnable_temperature`.
 
     raw (the paper's form): temperature = phi. pcl: phi clipped to its percentiles, then tau0 * phi / mean(phi),
     so the temperatures average tau0 whatever the scale of phi. Classes without a phi take the
@@ -167,14 +170,27 @@ def cluster_contrastive_loss(features: torch.Tensor, global_labels: torch.Tensor
     local_centers = _local_block(sampled, sampled.centers).to(features.dtype)
     local_temperature = _local_block(sampled, temperature).to(features.dtype)
     logits = features @ (local_centers / local_temperature.unsqueeze(1)).t()
+    return sharded_cross_entropy(logits, positive_columns(global_labels, sampled, partition), group)
+
+
+def positive_columns(global_labels: torch.Tensor, sampled: SampledCenters, partition: ClassPartition) -> torch.Tensor:
+    """(B_g,) column of each row's own class among this rank's sampled centers, -1 when it is not there."""
+    device = sampled.local_indices.device
     class_start, num_local = partition.start, partition.num_local
-    column_of = torch.full((num_local,), -1, dtype=torch.int64, device=features.device)
-    column_of[sampled.local_indices] = torch.arange(len(sampled.local_indices), device=features.device)
-    labels = global_labels.to(features.device)
+    column_of = torch.full((num_local,), -1, dtype=torch.int64, device=device)
+    column_of[sampled.local_indices] = torch.arange(len(sampled.local_indices), device=device)
+    labels = global_labels.to(device)
     inside = (labels >= class_start) & (labels < class_start + num_local)
-    target = torch.where(inside, column_of[(labels - class_start).clamp(0, num_local - 1)],
-                         torch.full_like(labels, -1))
-    return sharded_cross_entropy(logits, target, group)
+    return torch.where(inside, column_of[(labels - class_start).clamp(0, num_local - 1)], torch.full_like(labels, -1))
+
+
+def learnable_temperature(log_tau0: torch.Tensor, count: int, group: ProcessGroup | None) -> torch.Tensor:
+    """(count,) the shared learnable temperature tau0 = exp(log_tau0) of every sampled class, for L_con.
+
+    Like L_ali's tau: each rank's backward only sees its own columns, `sum_grad_across_ranks` makes
+    every rank's log_tau0.grad the full gradient.
+    """
+    return torch.exp(sum_grad_across_ranks(log_tau0, group)).expand(count)
 
 
 class _SumGradAcrossRanks(torch.autograd.Function):

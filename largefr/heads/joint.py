@@ -5,10 +5,15 @@ One forward (DESIGN.md section 5, "Order within a step"):
 2. enqueue the global batch's momentum features, update this rank's bank shard and phi
    (every class of the batch then has a center);
 3. lambda(phi) with global phi_min/phi_max, fed to the margin head as `class_lambda`;
-4. L_cg on the margin head; sample M centers (positives first); L_con and L_ali;
+4. L_cg on the margin head; sample M centers (positives first) when a term uses them; L_con
+   (or the baseline that cluster.contrastive_type puts in its place) and L_ali;
 5. L = L_cg + l1*L_con + l2*L_ali. A term whose weight is 0 is not computed at all, so with
    every cluster term off (cg_margin False, both weights 0) the loss is the margin head's, bit
    for bit.
+
+Replicated parameters (identical on every rank, gradient summed over ranks by the loss that uses
+them, stepped by the head's optimizer, saved once in the checkpoint): `replicated_parameters()`
+names them; today L_ali's `log_tau` and L_con's `contrastive_log_tau` (temperature_mode 'learnable').
 
 The momentum encoder is not part of this module: the trainer runs it and passes its features.
 """
@@ -23,12 +28,14 @@ from torch import nn
 
 from largefr.config import ClusterConfig
 from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad
+from largefr.heads.baseline_losses import center_loss, triplet_loss
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.cluster_losses import (
     SampledCenters,
     cluster_aligning_loss,
     cluster_contrastive_loss,
     cluster_temperature,
+    learnable_temperature,
     sample_centers,
 )
 from largefr.heads.queue import FeatureQueue
@@ -39,13 +46,20 @@ def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def _log_temperature(initial: float, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A learnable temperature stored as its log (stays positive; steps are relative), float32 at least:
+    a bf16 temperature would move in steps of ~1%."""
+    return nn.Parameter(torch.tensor(math.log(initial), dtype=dtype, device=device))
+
+
 class ClusterGuidedHead(nn.Module):
     """ShardedMarginHead + feature queue + cluster bank + L_con + L_ali, on the head's process group.
 
     forward(local_embeddings, local_labels, local_momentum_features) -> (loss, terms) where terms
     holds each loss term detached. `last_touched_rows` (sorted local rows of W that got a
     gradient: Partial FC's sample plus L_ali's sampled classes) is what a row-sparse optimizer
-    must step. Parameters: the margin head's `weight` and `log_tau` (when L_ali is on).
+    must step. Parameters: the margin head's `weight` (sharded) and the replicated temperatures of
+    `replicated_parameters()`.
     """
 
     def __init__(self, margin_head: ShardedMarginHead, config: ClusterConfig, *, seed: int = 0):
@@ -63,9 +77,11 @@ class ClusterGuidedHead(nn.Module):
                                     alpha=config.alpha, dtype=dtype, device=weight.device)
         self.log_tau: nn.Parameter | None = None
         if config.aligning_weight > 0:
-            # float32 at least: a bf16 temperature would move in steps of ~1%
-            initial = torch.tensor(math.log(config.align_tau_init), dtype=dtype, device=weight.device)
-            self.log_tau = nn.Parameter(initial)
+            self.log_tau = _log_temperature(config.align_tau_init, dtype, weight.device)
+        self.contrastive_log_tau: nn.Parameter | None = None
+        if config.contrastive_weight > 0 and config.contrastive_type == "cluster" \
+                and config.temperature_mode == "learnable":
+            self.contrastive_log_tau = _log_temperature(config.contrastive_tau_init, dtype, weight.device)
         self.sample_generator = torch.Generator(device=weight.device)
         self.sample_generator.manual_seed(seed * 1_000_003 + margin_head.partition.rank)
         self.last_terms: dict[str, torch.Tensor] = {}
@@ -76,6 +92,20 @@ class ClusterGuidedHead(nn.Module):
     @property
     def partition(self):
         return self.margin_head.partition
+
+    REPLICATED_PARAMETER_NAMES = ("log_tau", "contrastive_log_tau")
+    """Every replicated parameter the head can have (L_ali's tau, L_con's learnable tau0), in optimizer order."""
+
+    def replicated_parameters(self) -> dict[str, nn.Parameter]:
+        """This head's parameters identical on every rank (learnable temperatures), by checkpoint name."""
+        named = {name: getattr(self, name) for name in self.REPLICATED_PARAMETER_NAMES}
+        return {name: parameter for name, parameter in named.items() if parameter is not None}
+
+    @property
+    def _needs_sampled_centers(self) -> bool:
+        """L_ali, L_con and the triplet baseline use the M sampled centers; the Center loss uses the bank."""
+        cfg = self.config
+        return cfg.aligning_weight > 0 or (cfg.contrastive_weight > 0 and cfg.contrastive_type != "center")
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 local_momentum_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -92,8 +122,10 @@ class ClusterGuidedHead(nn.Module):
         terms = {"loss_cg": loss.detach()}
         touched = [self.margin_head.last_sampled]
         if self.config.contrastive_weight > 0 or self.config.aligning_weight > 0:
-            sampled = sample_centers(self.bank, labels, self.config.num_sampled_centers,
-                                     generator=self.sample_generator)
+            sampled = None
+            if self._needs_sampled_centers:
+                sampled = sample_centers(self.bank, labels, self.config.num_sampled_centers,
+                                         generator=self.sample_generator)
             self.last_sampled_centers = sampled
             loss = self._add_cluster_terms(loss, features, labels, sampled, terms)
             if self.log_tau is not None:
@@ -144,15 +176,12 @@ class ClusterGuidedHead(nn.Module):
         self.sample_generator.set_state(undo["generator"])
 
     def _add_cluster_terms(self, loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                           sampled: SampledCenters, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+                           sampled: SampledCenters | None, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """loss + l1*L_con + l2*L_ali (terms with weight 0 are skipped); records each term."""
         cfg = self.config
         if cfg.contrastive_weight > 0:
-            temperature = cluster_temperature(sampled.phi, sampled.has_phi, mode=cfg.temperature_mode,
-                                              tau0=cfg.pcl_tau0, clip_percentiles=tuple(cfg.pcl_clip_percentiles))
             normalized = F.normalize(features.to(self.margin_head.weight.dtype), dim=1)
-            loss_con = cluster_contrastive_loss(normalized, labels, sampled, self.partition,
-                                                temperature=temperature, group=self.group)
+            loss_con = self._contrastive_term(normalized, labels, sampled)
             terms["loss_con"] = loss_con.detach()
             loss = loss + cfg.contrastive_weight * loss_con
         if cfg.aligning_weight > 0:
@@ -160,6 +189,23 @@ class ClusterGuidedHead(nn.Module):
             terms["loss_ali"] = loss_ali.detach()
             loss = loss + cfg.aligning_weight * loss_ali
         return loss
+
+    def _contrastive_term(self, normalized: torch.Tensor, labels: torch.Tensor,
+                          sampled: SampledCenters | None) -> torch.Tensor:
+        """The contrastive_weight term: L_con (Eq. 6), or the Center / triplet baseline in its place."""
+        cfg = self.config
+        if cfg.contrastive_type == "center":
+            return center_loss(normalized, labels, self.bank, group=self.group)
+        if cfg.contrastive_type == "triplet":
+            return triplet_loss(normalized, labels, sampled, self.partition, margin=cfg.triplet_margin,
+                                group=self.group)
+        if cfg.temperature_mode == "learnable":
+            temperature = learnable_temperature(self.contrastive_log_tau, sampled.total, self.group)
+        else:
+            temperature = cluster_temperature(sampled.phi, sampled.has_phi, mode=cfg.temperature_mode,
+                                              tau0=cfg.pcl_tau0, clip_percentiles=tuple(cfg.pcl_clip_percentiles))
+        return cluster_contrastive_loss(normalized, labels, sampled, self.partition,
+                                        temperature=temperature, group=self.group)
 
     @torch.no_grad()
     def stats(self, histogram_bins: int = 10) -> dict[str, Any]:
@@ -170,6 +216,8 @@ class ClusterGuidedHead(nn.Module):
             out["queue_fill"] = float(self.queue.filled().double().mean())
         if self.log_tau is not None:
             out["align_tau"] = float(self.log_tau.exp())
+        if self.contrastive_log_tau is not None:
+            out["contrastive_tau"] = float(self.contrastive_log_tau.exp())
         return out
 
     def get_extra_state(self) -> dict[str, Any]:

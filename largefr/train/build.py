@@ -152,12 +152,13 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     else:  # 'adam' and 'adamw': the row-sparse optimizer is AdamW (decoupled weight decay)
         weight_optimizer = RowSparseAdamW([margin_head.weight], lr=lr, betas=tuple(optim.betas),
                                           weight_decay=optim.weight_decay, row_source=touched.take)
+    replicated = list(head.replicated_parameters().values())
     tau_optimizer = None
-    if head.log_tau is not None:
-        tau_optimizer = build_optimizer([head.log_tau], name=optim.name, lr=lr, momentum=optim.momentum,
+    if replicated:  # the learnable temperatures: no weight decay (it would pull log tau to 0, tau to 1)
+        tau_optimizer = build_optimizer(replicated, name=optim.name, lr=lr, momentum=optim.momentum,
                                         weight_decay=0.0, betas=tuple(optim.betas))
     step = ExternalHeadStep([o for o in (weight_optimizer, tau_optimizer) if o is not None],
-                            sharded=[margin_head.weight], replicated=[head.log_tau] if head.log_tau is not None else [],
+                            sharded=[margin_head.weight], replicated=replicated,
                             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                             clip_norm=optim.head_grad_clip, group=head.group, touched_rows=touched)
     return HeadParts(head=head, weight_optimizer=weight_optimizer, tau_optimizer=tau_optimizer, step=step)

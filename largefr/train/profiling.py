@@ -142,16 +142,18 @@ def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     """Charge a `ClusterGuidedHead`'s work to phases while the context is open.
 
     Phases: 'head_other' (queue/bank update, sampling, joining the terms), 'feature_gather',
-    'loss_cg' (margin head), 'loss_con', 'loss_ali' (forward and backward each). The joint head
-    calls the gather and the cluster losses through names imported into `largefr.heads.joint`, so
-    those names are replaced for the duration (profiling tool only; restored on exit).
+    'loss_cg' (margin head), 'loss_con' (L_con, or the Center / triplet loss that
+    cluster.contrastive_type puts in its place), 'loss_ali' (forward and backward each). The joint
+    head calls the gather and the cluster losses through names imported into `largefr.heads.joint`,
+    so those names are replaced for the duration (profiling tool only; restored on exit).
     """
     from largefr.heads import joint
 
-    saved = {name: getattr(joint, name) for name in
-             ("all_gather_with_grad", "cluster_contrastive_loss", "cluster_aligning_loss")}
+    contrastive = ("cluster_contrastive_loss", "center_loss", "triplet_loss")  # cluster.contrastive_type's terms
+    saved = {name: getattr(joint, name) for name in ("all_gather_with_grad", *contrastive, "cluster_aligning_loss")}
     joint.all_gather_with_grad = _timed_gather(saved["all_gather_with_grad"], timer)
-    joint.cluster_contrastive_loss = _timed_loss(saved["cluster_contrastive_loss"], timer, "loss_con")
+    for name in contrastive:
+        setattr(joint, name, _timed_loss(saved[name], timer, "loss_con"))
     joint.cluster_aligning_loss = _timed_loss(saved["cluster_aligning_loss"], timer, "loss_ali")
     margin_head = head.margin_head
     margin_head.loss_from_gathered = _timed_loss(margin_head.loss_from_gathered, timer, "loss_cg")

@@ -7,7 +7,8 @@ this module decides which piece of the trainer goes where:
   row-sparse optimizer's per-row state `optim.<key>`, the cluster bank `bank.<buffer>`;
 * head extras (per rank, dropped on another world size): Partial-FC and center sampling
   generators, this rank's torch/numpy/python RNG states;
-* replicated (written by rank 0): momentum encoder, feature queue, log tau and its optimizer,
+* replicated (written by rank 0): momentum encoder, feature queue, the head's replicated
+  parameters (`ClusterGuidedHead.replicated_parameters()`, each under its name) and their optimizer,
   the loop state (step, skip counters, verification), the data position and the config.
 The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint inside.
 """
@@ -71,8 +72,9 @@ class TrainingCheckpointer:
             out["momentum_encoder"] = self.momentum_encoder.state_dict()
         if self.head.queue is not None:
             out["queue"] = self.head.queue.state_dict()
-        if self.head.log_tau is not None:
-            out["log_tau"] = self.head.log_tau.detach()
+        parameters = self.head.replicated_parameters()
+        out.update({name: parameter.detach() for name, parameter in parameters.items()})
+        if parameters:
             out["tau_optimizer"] = self.tau_optimizer.state_dict()
         return out
 
@@ -146,7 +148,14 @@ class TrainingCheckpointer:
                                       "cluster section")
             if target is not None:
                 target.load_state_dict(replicated[name])
-        if self.head.log_tau is not None:
-            with torch.no_grad():
-                self.head.log_tau.copy_(replicated["log_tau"])
+        parameters = self.head.replicated_parameters()
+        saved = [name for name in self.head.REPLICATED_PARAMETER_NAMES if name in replicated]
+        if saved != list(parameters):
+            raise CheckpointError(f"checkpoint {path} holds the learnable temperatures {saved}, this run has "
+                                  f"{list(parameters)}: it was written with other cluster settings (aligning_weight, "
+                                  "contrastive_type, temperature_mode); resume with the same cluster section")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(replicated[name])
+        if parameters:
             self.tau_optimizer.load_state_dict(replicated["tau_optimizer"])
