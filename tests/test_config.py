@@ -57,6 +57,17 @@ def test_ms1m_r100_is_the_paper_setting():
     assert c.data.val_targets == ["lfw", "cfp_fp", "agedb_30"]
 
 
+def test_paper_config_is_the_tuned_setting_with_eq6_taken_literally():
+    """configs/ms1m_r100_paper.yaml differs from the tuned ms1m_r100.json only in Eq. 6's temperature."""
+    tuned = load_config(CONFIG_DIR / "ms1m_r100.json", world_size=8).to_dict()
+    paper = load_config(CONFIG_DIR / "ms1m_r100_paper.yaml", world_size=8).to_dict()
+    differences = {(section, key): (values[key], paper[section][key])
+                   for section, values in tuned.items() if isinstance(values, dict)
+                   for key in values if values[key] != paper[section][key]}
+    assert differences == {("cluster", "temperature_mode"): ("pcl", "raw")}
+    assert paper["output"] != tuned["output"]
+
+
 def test_webface42m_uses_partial_fc():
     configs = [load_config(p) for p in SHIPPED]
     large = [c for c in configs if c.data.num_classes == 2059906]
