@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed_helpers import run_distributed
+from tests.test_trainer import tiny_data  # noqa: F401  (fixture: the generated data set)
 
 GPU_STAND_IN = torch.device("meta")
 
@@ -123,3 +124,128 @@ def test_step_with_every_micro_batch_nonfinite_skips_the_head_step():
 
     for result in run_distributed(_all_nonfinite_worker, 2):
         assert result == {"applied": False, "nonfinite": 2, "reason": NO_HEAD_GRADIENT, "head_unchanged": True}
+
+
+# ---------------------------------------------------------------------------- defect 3: resume across device types
+
+SIMULATED_CUDA_STATE = {"device_type": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}  # Philox: seed, offset
+
+
+def _draws(generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(8, generator=generator)
+
+
+def _fresh(seed: int = 7) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
+    from largefr.train.checkpoint import restore_generator_state
+
+    first, second, later = _fresh(), _fresh(), _fresh()
+    assert not restore_generator_state(first, SIMULATED_CUDA_STATE, step=5)
+    assert not restore_generator_state(second, SIMULATED_CUDA_STATE, step=5)
+    assert not restore_generator_state(later, SIMULATED_CUDA_STATE, step=6)
+    reseeded = _draws(first)
+    assert torch.equal(reseeded, _draws(second))  # every resume of this checkpoint draws the same stream
+    assert not torch.equal(reseeded, _draws(later)) and not torch.equal(reseeded, _draws(_fresh()))
+
+
+def test_generator_state_without_device_type_is_typed_by_its_size():
+    from largefr.train.checkpoint import restore_generator_state
+
+    source = _fresh(3)
+    _draws(source)
+    legacy_cpu = source.get_state()  # what checkpoints held before the device type was recorded
+    target = _fresh()
+    assert restore_generator_state(target, legacy_cpu, step=1)
+    assert torch.equal(_draws(target), _draws(source))
+    assert not restore_generator_state(_fresh(), SIMULATED_CUDA_STATE["state"], step=1)
+
+
+class CudaGeneratorStandIn:
+    """A CUDA generator's interface on CPU: device type cuda, refuses a state of another size."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, seed: int):
+        self.seed, self.state = seed, torch.zeros(16, dtype=torch.uint8)
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def manual_seed(self, seed: int) -> "CudaGeneratorStandIn":
+        self.seed = seed
+        return self
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if state.numel() != 16:
+            raise RuntimeError(f"RNG state is wrong size: expected 16, got {state.numel()}")
+        self.state = state
+
+
+def test_cpu_saved_generator_state_reseeds_a_cuda_generator():
+    from largefr.train.checkpoint import capture_generator_state, reseed_value, restore_generator_state
+
+    saved = capture_generator_state(_fresh())
+    assert saved["device_type"] == "cpu"
+    generator = CudaGeneratorStandIn(seed=11)
+    assert not restore_generator_state(generator, saved, step=4)
+    assert generator.seed == reseed_value(11, 4) != reseed_value(11, 5)
+    assert restore_generator_state(generator, SIMULATED_CUDA_STATE, step=4)  # same device type: set as saved
+
+
+def _samplers(trainer) -> dict:
+    head = trainer.runner.head
+    return {"margin": head.margin_head.sample_generator.get_state(), "center": head.sample_generator.get_state()}
+
+
+def _train_recording_device(rank: int, world: int, config_dict: dict, device_type: str) -> dict:
+    """Train and checkpoint as a run on `device_type` would record its sampling generators."""
+    from largefr.config import Config
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed
+    from largefr.train.train_state import TrainingCheckpointer
+
+    original = TrainingCheckpointer.head_extra
+
+    def head_extra(self):
+        extra = original(self)
+        if device_type == "cuda":
+            extra["margin_sampler"] = extra["center_sampler"] = SIMULATED_CUDA_STATE
+        return extra
+    TrainingCheckpointer.head_extra = head_extra
+    trainer = build_trainer(Config.from_dict(config_dict, world_size=world), init_distributed())
+    fresh = _samplers(trainer)
+    trainer.train()
+    trainer.metrics.close()
+    return {"fresh": fresh, "saved": _samplers(trainer)}
+
+
+def _resumed(rank: int, world: int, config_dict: dict) -> dict:
+    from largefr.config import Config
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed
+
+    trainer = build_trainer(Config.from_dict(config_dict, world_size=world), init_distributed(), resume="auto")
+    trainer.metrics.close()
+    return {"step": trainer.state.step, **_samplers(trainer)}
+
+
+@pytest.mark.parametrize("saved_on", ["cuda", pytest.param("cpu", marks=pytest.mark.slow)])  # cpu: also test_trainer
+def test_checkpoint_saved_on_either_device_type_resumes_on_cpu(saved_on, tiny_data, tmp_path):
+    from tests.test_trainer import tiny_config
+
+    config = tiny_config(tiny_data, str(tmp_path / "run"), train={"zero_stage": 0, "max_steps": 2},
+                         head={"sample_rate": 0.5}, data={"val_targets": []}, cluster={"queue_size": 32})
+    trained = run_distributed(_train_recording_device, 1, config, saved_on)[0]
+    first, again = run_distributed(_resumed, 1, config)[0], run_distributed(_resumed, 1, config)[0]
+    assert first["step"] == again["step"] == 2
+    for key in ("margin", "center"):
+        assert torch.equal(first[key], again[key])  # deterministic: every resume continues alike
+        assert not torch.equal(trained["fresh"][key], trained["saved"][key])  # the run drew from both
+        if saved_on == "cpu":
+            assert torch.equal(first[key], trained["saved"][key])
+        else:  # re-seeded for the step: neither the saved stream nor the one a fresh run starts with
+            assert not torch.equal(first[key], trained["saved"][key])
+            assert not torch.equal(first[key], trained["fresh"][key])
