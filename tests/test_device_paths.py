@@ -249,3 +249,54 @@ def test_checkpoint_saved_on_either_device_type_resumes_on_cpu(saved_on, tiny_da
         else:  # re-seeded for the step: neither the saved stream nor the one a fresh run starts with
             assert not torch.equal(first[key], trained["saved"][key])
             assert not torch.equal(first[key], trained["fresh"][key])
+
+
+# ---------------------------------------------------------------------------- defect 4: head peak memory on GPU
+
+
+def test_head_peak_is_the_rise_over_what_was_resident(monkeypatch):
+    from largefr.heads import bench
+
+    allocated = {"now": 3_000, "peak": 3_000}  # 3000 bytes already resident: GEMM buffers, the other head
+
+    def step():  # the head's step: 700 bytes at its peak, 100 of them kept
+        allocated["peak"] = max(allocated["peak"], allocated["now"] + 700)
+        allocated["now"] += 100
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    assert bench.cuda_peak_increment(step, torch.device("cuda", 0)) == 700
+    assert bench.peak_increment(allocated_before=3_000, peak_allocated=2_000) == 0
+
+
+# ---------------------------------------------------------------------------- defect 5: MFU with accumulation
+
+
+def _profile_tool():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "profile.py")
+    spec = importlib.util.spec_from_file_location("profile_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)  # by path: `import profile` would find the standard library's module
+    return tool
+
+
+def test_step_flops_count_the_head_of_every_micro_batch(tmp_path):
+    from largefr.config import Config
+    from largefr.models import model_flops
+    from tests.test_trainer import tiny_config
+
+    tool = _profile_tool()
+    batch, world, dim, sampled = 8, 2, 16, 5
+    flops = {}
+    for gas in (1, 3):
+        config = Config.from_dict(tiny_config(str(tmp_path), str(tmp_path / "out"),
+                                              train={"gradient_accumulation_steps": gas}), world_size=world)
+        flops[gas] = tool.config_step_flops(config, world_size=world, momentum_encoder=True, sampled_classes=sampled)
+    forward = model_flops("mbf", 32, embedding_size=dim)
+    per_micro_batch = 4 * forward * batch + 3 * 2 * (batch * world) * dim * sampled  # backbone x3 + encoder, 3 GEMMs
+    assert flops[1] == per_micro_batch and flops[3] == 3 * per_micro_batch
