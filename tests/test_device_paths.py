@@ -300,3 +300,75 @@ def test_step_flops_count_the_head_of_every_micro_batch(tmp_path):
     forward = model_flops("mbf", 32, embedding_size=dim)
     per_micro_batch = 4 * forward * batch + 3 * 2 * (batch * world) * dim * sampled  # backbone x3 + encoder, 3 GEMMs
     assert flops[1] == per_micro_batch and flops[3] == 3 * per_micro_batch
+
+
+# ---------------------------------------------------------------------------- slow paths
+
+
+def test_torch_loader_pins_memory_for_a_gpu_run(monkeypatch, tiny_data):
+    import largefr.data.torch_loader as torch_loader
+    from largefr.data import build_loader
+
+    built = []
+    real = torch_loader.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        built.append(kwargs.get("pin_memory", False))
+        return real(*args, **{**kwargs, "pin_memory": False})  # no GPU here to pin for
+    monkeypatch.setattr(torch_loader, "DataLoader", recording_loader)
+    for device in ("cuda:0", "cpu"):
+        loader = build_loader("torch", rec=tiny_data, batch_size=4, rank=0, world_size=1, num_classes=16,
+                              image_size=32, num_workers=0, device=device)
+        images, labels = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+    assert built == [True, False]
+
+
+def test_radial_correction_runs_in_large_blocks_on_a_gpu(monkeypatch):
+    from largefr.heads import sharded_head
+
+    cpu_block = sharded_head.radial_block_rows(torch.device("cpu"))
+    gpu_block = sharded_head.radial_block_rows(torch.device("cuda", 0))
+    assert cpu_block == 128 and gpu_block >= 64 * cpu_block  # 128-row blocks cost ~3 launches each on a GPU
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    grad = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    inv_norm = weight.norm(dim=1).reciprocal()
+    expected = grad - (inv_norm**2 * (weight * grad).sum(1)).unsqueeze(1) * weight  # dense, per row
+    for block in (7, 300, 4096):  # several blocks with a short last one; one block; one larger than the rows
+        monkeypatch.setattr(sharded_head, "radial_block_rows", lambda device, block=block: block)
+        corrected = grad.clone()
+        sharded_head._remove_radial_component_(corrected, weight, inv_norm)
+        torch.testing.assert_close(corrected, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_reduces_gradients_in_fp32_unless_the_user_says_otherwise():
+    from largefr.train.engine import build_deepspeed_config
+
+    common = dict(micro_batch_size=4, gradient_accumulation_steps=1, world_size=2, zero_stage=1,
+                  gradient_clipping=0.0)
+    assert build_deepspeed_config(precision="bf16", **common)["communication_data_type"] == "fp32"
+    assert "communication_data_type" not in build_deepspeed_config(precision="fp32", **common)
+    user = build_deepspeed_config(precision="bf16", user_section={"communication_data_type": "bf16"}, **common)
+    assert user["communication_data_type"] == "bf16"
+
+
+def _engine_reduction_dtypes(rank: int, world: int) -> dict:
+    from largefr.train.distributed_env import init_distributed
+    from largefr.train.engine import build_deepspeed_config, build_optimizer, create_engine
+    from tests.train_helpers import tiny_backbone
+
+    init_distributed()
+    out = {}
+    for stage in (0, 1, 2):
+        backbone = tiny_backbone()
+        config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=1, world_size=world,
+                                        zero_stage=stage, precision="bf16", gradient_clipping=0.0)
+        engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=0.1), config)
+        out[stage] = str(engine.communication_data_type)
+    return out
+
+
+def test_bf16_engines_reduce_gradients_in_fp32():
+    for result in run_distributed(_engine_reduction_dtypes, 2):
+        assert result == {0: "torch.float32", 1: "torch.float32", 2: "torch.float32"}
