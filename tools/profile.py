@@ -168,7 +168,8 @@ def mfu_report(config, trainer, step_seconds: float, world_size: int) -> dict[st
         return None
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name, config.train.precision)
-    flops = config_step_flops(config, world_size=world_size, momentum_encoder=trainer.runner.momentum_encoder is not None,
+    flops = config_step_flops(config, world_size=world_size,
+                              momentum_encoder=trainer.runner.momentum_encoder is not None,
                               sampled_classes=trainer.runner.head.margin_head.num_sample)
     achieved = flops / step_seconds / 1e12
     return {"device_name": name, "precision": config.train.precision, "flops_per_step_per_rank": flops,
