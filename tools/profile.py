@@ -146,23 +146,31 @@ def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[s
             "peak_memory_bytes": peak_memory_bytes(trainer.runner.device)}
 
 
+def config_step_flops(config, *, world_size: int, momentum_encoder: bool, sampled_classes: int) -> int:
+    """Model FLOPs of one optimizer step per rank: every micro-batch of the backbone and of the head."""
+    from largefr.models import model_flops
+    from largefr.train.profiling import step_flops
+
+    gas = config.train.gradient_accumulation_steps
+    return step_flops(backbone_forward_flops=model_flops(config.model.network, config.data.image_size,
+                                                         embedding_size=config.model.embedding_size),
+                      local_batch=config.train.batch_size * gas, momentum_encoder=momentum_encoder,
+                      global_batch=config.train.batch_size * world_size, embedding_size=config.model.embedding_size,
+                      sampled_classes=sampled_classes, gradient_accumulation_steps=gas)
+
+
 def mfu_report(config, trainer, step_seconds: float, world_size: int) -> dict[str, Any] | None:
     """Model FLOPs utilisation on a GPU of the peak-rate table; None on CPU."""
-    from largefr.models import model_flops
-    from largefr.train.profiling import peak_tflops, step_flops
+    from largefr.train.profiling import peak_tflops
 
     device = trainer.runner.device
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name, config.train.precision)
-    margin_head = trainer.runner.head.margin_head
-    flops = step_flops(backbone_forward_flops=model_flops(config.model.network, config.data.image_size,
-                                                          embedding_size=config.model.embedding_size),
-                       local_batch=config.train.batch_size * config.train.gradient_accumulation_steps,
-                       momentum_encoder=trainer.runner.momentum_encoder is not None,
-                       global_batch=config.global_batch_size(world_size) // config.train.gradient_accumulation_steps,
-                       embedding_size=config.model.embedding_size, sampled_classes=margin_head.num_sample)
+    flops = config_step_flops(config, world_size=world_size,
+                              momentum_encoder=trainer.runner.momentum_encoder is not None,
+                              sampled_classes=trainer.runner.head.margin_head.num_sample)
     achieved = flops / step_seconds / 1e12
     return {"device_name": name, "precision": config.train.precision, "flops_per_step_per_rank": flops,
             "achieved_tflops_per_rank": achieved, "peak_tflops": peak,

@@ -48,7 +48,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
     DataLoader workers (torch) or DALI threads. `num_images` only sizes the synthetic loader's epoch
     (default 100 batches). `cache_dir` holds the scanned image index when `rec` is read-only
     (default: $LARGEFR_CACHE or ~/.cache/largefr). `device`: where the DALI and synthetic loaders put
-    batches (default cuda:local_rank when CUDA is available, else cpu); the torch loader yields CPU.
+    batches (default cuda:local_rank when CUDA is available, else cpu); the torch loader yields CPU
+    batches, in pinned memory when `device` is a GPU (its host-to-device copies are then asynchronous).
     """
     if kind not in LOADER_KINDS:
         raise ValueError(f"data.loader={kind!r} is not one of {LOADER_KINDS}")
@@ -67,9 +68,12 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, image_size=image_size,
                   shuffle=shuffle, random_flip=random_flip, on_bad_image=on_bad_image, drop_last=drop_last)
     if kind == "torch":
+        import torch
+
         from largefr.data.torch_loader import TorchRecLoader
 
-        return TorchRecLoader(index, num_workers=num_workers, **common)
+        pin_memory = torch.device(device or _default_device(local_rank)).type == "cuda"
+        return TorchRecLoader(index, num_workers=num_workers, pin_memory=pin_memory, **common)
     from largefr.data.dali_loader import DaliRecLoader
 
     return DaliRecLoader(index, local_rank=local_rank, num_threads=max(1, num_workers),

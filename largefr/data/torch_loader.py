@@ -95,8 +95,10 @@ class TorchRecLoader(EpochLoader):
 
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, seed: int = 0,
                  image_size: int = 112, num_workers: int = 2, shuffle: bool = True, random_flip: bool = True,
-                 on_bad_image: str = "error", drop_last: bool = True) -> None:
+                 on_bad_image: str = "error", drop_last: bool = True, pin_memory: bool = False) -> None:
         super().__init__()
+        self.pin_memory = pin_memory
+        """Batches in page-locked memory, so the trainer's non_blocking copies to a GPU overlap (CUDA runs)."""
         self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
         self.seed, self.image_size, self.num_workers = seed, image_size, num_workers
         self.shuffle, self.random_flip, self.drop_last = shuffle, random_flip, drop_last
@@ -121,7 +123,8 @@ class TorchRecLoader(EpochLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.epoch_batches(self.epoch)[self._take_skip():]
         full = [batch for batch in batches if batch]
-        loader = DataLoader(self.dataset, batch_sampler=full, num_workers=self.num_workers, collate_fn=_collate)
+        loader = DataLoader(self.dataset, batch_sampler=full, num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.pin_memory)
         for images, labels, skipped in loader:
             self.skipped_images += skipped
             yield images, labels

@@ -6,9 +6,11 @@ Shared by `tools/bench_head.py` (one configuration, GEMM floor) and `tools/scale
 * step time: wall time of head forward + backward (all-gather, sampling, logits, margin, sharded
   cross entropy, backward into W and the embeddings), ranks started together by a barrier,
   gradients set to None first so each step allocates like a training step.
-* peak head memory, CPU: bytes of the tensors alive before the step (W rows, local embeddings,
-  labels) plus the peak of the running sum of every allocation and free that torch's CPU memory
-  profiler records during one extra forward + backward. GPU: torch.cuda.max_memory_allocated.
+* peak head memory: bytes of the head's tensors alive before the step (W rows, local embeddings,
+  labels) plus the peak the step allocates above what was allocated before it, during one extra
+  forward + backward. CPU: the peak of the running sum of every allocation and free that torch's
+  CPU memory profiler records. GPU: max_memory_allocated minus memory_allocated before the step
+  (max_memory_allocated alone would count everything resident, e.g. the other head of --paired-default).
 """
 from __future__ import annotations
 
@@ -137,11 +139,29 @@ class HeadBench:
         self.clear_grads()  # freed before measuring: the step then allocates its own gradients
         self.loss = None
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.forward_backward()
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return (self.resident_bytes() + profiled_peak_increment(self.forward_backward)) / 2**20
+            increment = cuda_peak_increment(self.forward_backward, self.device)
+        else:
+            increment = profiled_peak_increment(self.forward_backward)
+        return (self.resident_bytes() + increment) / 2**20
+
+
+def peak_increment(*, allocated_before: int, peak_allocated: int) -> int:
+    """Bytes a step allocated at its peak above what was allocated before it (never negative).
+
+    `peak_allocated` (max_memory_allocated after a reset) also counts every tensor already resident:
+    the benchmark's GEMM buffers, the other head of --paired-default; only the rise belongs to the step.
+    """
+    return max(0, peak_allocated - allocated_before)
+
+
+def cuda_peak_increment(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes fn() allocates on `device` above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return peak_increment(allocated_before=before, peak_allocated=torch.cuda.max_memory_allocated(device))
 
 
 def profiled_peak_increment(fn: Callable[[], None]) -> int:

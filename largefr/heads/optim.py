@@ -72,9 +72,12 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if rows.numel() == 0:
             return
         outside = (rows[0] < 0) | (rows[-1] >= param.shape[0]) | (rows[1:] <= rows[:-1]).any()
-        if bool(outside):  # one host sync per step
-            raise ValueError(f"rows must be sorted, unique and inside [0, {param.shape[0]}) (the parameter's rows); "
-                             "use head.last_sampled")
+        message = (f"rows must be sorted, unique and inside [0, {param.shape[0]}) (the parameter's rows); "
+                   "use head.last_sampled")
+        if rows.device.type != "cpu":  # no host sync per step: asserted on the device (a failure ends the process)
+            torch._assert_async(~outside, message)
+        elif bool(outside):
+            raise ValueError(message)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

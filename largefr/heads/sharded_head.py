@@ -100,7 +100,13 @@ class _CosineLogits(torch.autograd.Function):
         return grad_features, grad_weight, None
 
 
-_RADIAL_BLOCK_ROWS = 128  # two blocks of 128 x 512 floats stay in L2 between the dot and the update
+_RADIAL_BLOCK_ROWS_CPU = 128  # two blocks of 128 x 512 floats stay in L2 between the dot and the update
+_RADIAL_BLOCK_ROWS_GPU = 16384  # ~3 kernel launches per block; temporaries of 16384 x d (32 MB at d=512)
+
+
+def radial_block_rows(device: torch.device) -> int:
+    """Rows per block of the radial correction: cache-sized on CPU, large on a GPU (launches, not cache, cost)."""
+    return _RADIAL_BLOCK_ROWS_CPU if device.type == "cpu" else _RADIAL_BLOCK_ROWS_GPU
 
 
 def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tensor, inv_norm: torch.Tensor) -> None:
@@ -110,8 +116,9 @@ def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tens
     each block is read from memory once and updated while it is still in cache.
     """
     inv_square = inv_norm.square()
-    for start in range(0, grad_weight.shape[0], _RADIAL_BLOCK_ROWS):
-        rows = slice(start, start + _RADIAL_BLOCK_ROWS)
+    block = radial_block_rows(grad_weight.device)
+    for start in range(0, grad_weight.shape[0], block):
+        rows = slice(start, start + block)
         radial = torch.linalg.vecdot(weight_rows[rows], grad_weight[rows]).mul_(inv_square[rows])
         grad_weight[rows].addcmul_(weight_rows[rows], radial.unsqueeze(1), value=-1.0)
 
@@ -279,6 +286,10 @@ class ShardedMarginHead(nn.Module):
                              f"({self.partition.num_local},): the lambda of this rank's classes "
                              f"[{self.partition.start}, {self.partition.end})")
         bad = (labels < -1) | (labels >= self.num_classes)
+        if labels.device.type != "cpu":  # no host sync per step: the check waits on the device, the message is lost
+            torch._assert_async(~bad.any(), f"a label is outside [0, {self.num_classes}) (use -1 to ignore a row); "
+                                "check the dataset's num_classes")
+            return
         if labels.numel() and bool(bad.any()):
             row = int(torch.nonzero(bad)[0])
             raise ValueError(f"label {int(labels[row])} at gathered row {row} is outside [0, {self.num_classes}) "

@@ -38,8 +38,11 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + 1_000_003 * rank)
 
 
-def run_on_first_rank(action, what: str) -> None:
-    """Run `action` on rank 0 while the others wait; every rank raises if it failed (no hang)."""
+def run_on_first_rank(action, what: str, *, device: torch.device) -> None:
+    """Run `action` on rank 0 while the others wait; every rank raises if it failed (no hang).
+
+    `device` is where the process group's collectives run (NCCL refuses CPU tensors).
+    """
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -49,7 +52,7 @@ def run_on_first_rank(action, what: str) -> None:
             if not dist.is_initialized():
                 raise DataSetupError(error) from exc
     if dist.is_initialized():
-        flag = torch.tensor([0.0 if error is None else 1.0])
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
         dist.all_reduce(flag)  # the wait is bounded by the process group's timeout
         if flag.item() > 0:
             raise DataSetupError(error or f"{what} failed on rank 0 (see its error above)")
@@ -83,7 +86,7 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
         def generate() -> None:
             ensure_synthetic_data(config, progress=env.is_main)
 
-        run_on_first_rank(generate, f"generating the synthetic data set in {folder}")
+        run_on_first_rank(generate, f"generating the synthetic data set in {folder}", device=env.device)
     if not os.path.isdir(folder):
         raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
                              "train.rec, train.idx and property")

@@ -51,7 +51,8 @@ from largefr.train.checkpoint_io import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_N
 from largefr.train.reshard import check_compatible, gather_head_rows, load_head_rows, row_schema
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
-           "resolve_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state"]
+           "resolve_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
+           "capture_generator_state", "restore_generator_state", "reseed_value"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -403,3 +404,39 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device | str | Non
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling generators (Partial FC, center sampling): their state belongs to one device type
+
+_CPU_GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()  # mt19937: 5056; CUDA's Philox: 16
+
+
+def capture_generator_state(generator: torch.Generator) -> dict[str, Any]:
+    """`generator`'s state with the device type it belongs to (a CUDA state does not fit a CPU generator)."""
+    return {"device_type": generator.device.type, "state": generator.get_state()}
+
+
+def reseed_value(initial_seed: int, step: int) -> int:
+    """The seed a generator restarts from when its saved state is of another device type.
+
+    Depends only on the generator's construction seed (train.seed and the rank) and the resumed
+    step, so every resume of that checkpoint on that device type draws the same stream.
+    """
+    return (initial_seed + 0x9E37_79B9_7F4A_7C15 * (step + 1)) % 2**64
+
+
+def restore_generator_state(generator: torch.Generator, saved: Any, *, step: int) -> bool:
+    """Put a `capture_generator_state` result back; True if restored, False if re-seeded.
+
+    A state saved on another device type (CUDA <-> CPU) cannot be set: `generator` is re-seeded
+    with `reseed_value(generator.initial_seed(), step)` instead. A bare state tensor (checkpoints
+    written before the device type was recorded) is typed by its size.
+    """
+    if torch.is_tensor(saved):
+        saved = {"device_type": "cpu" if saved.numel() == _CPU_GENERATOR_STATE_BYTES else "cuda", "state": saved}
+    if saved["device_type"] == generator.device.type:
+        generator.set_state(saved["state"])
+        return True
+    generator.manual_seed(reseed_value(generator.initial_seed(), step))
+    return False

@@ -26,6 +26,11 @@ DERIVED_KEYS = {
 NESTED_DERIVED_KEYS = [("zero_optimization", "stage", "train.zero_stage"),
                        ("bf16", "enabled", "train.precision"), ("fp16", "enabled", "train.precision")]
 PRECISIONS = ("fp32", "bf16", "fp16")
+BF16_GRADIENT_REDUCTION = "fp32"
+"""DeepSpeed `communication_data_type` written for train.precision=bf16 (the user's deepspeed section may
+override it). DeepSpeed's default follows bf16: the data-parallel sum of the backbone gradients (which carry
+the head's x world feature-gradient factor) would be rounded to 8 mantissa bits at every hop; in fp32 it is
+summed exactly and rounded to bf16 once, for twice the all-reduce bytes (docs/PERFORMANCE.md)."""
 
 
 class EngineConfigError(ValueError):
@@ -77,6 +82,7 @@ def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps
     """The dict passed to `deepspeed.initialize`, from largefr's keys plus the user's extra keys.
 
     `gradient_clipping` is always written (0.0 = off): DeepSpeed defaults it to 1.0 since 0.19.3.
+    bf16 reduces gradients in BF16_GRADIENT_REDUCTION unless the user's section sets communication_data_type.
     """
     user_section = dict(user_section or {})
     _check_user_section(user_section)
@@ -95,6 +101,8 @@ def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps
         "steps_per_print": 10**9,  # largefr logs progress itself
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        config["communication_data_type"] = BF16_GRADIENT_REDUCTION
     return _deep_merge(config, user_section)
 
 

@@ -64,7 +64,10 @@ class HeadStepDecision:
     grad_multiplier: float
     """Multiply every head gradient by this before clipping and stepping."""
     reason: str
-    """'applied', 'engine skipped the step (fp16 overflow)' or 'non-finite head gradient'."""
+    """'applied', 'engine skipped the step (fp16 overflow)', 'non-finite head gradient' or NO_HEAD_GRADIENT."""
+
+
+NO_HEAD_GRADIENT = "no head gradient (every micro-batch non-finite)"
 
 
 def head_gradient_multiplier(*, loss_scale: float, gradient_accumulation_steps: int) -> float:
@@ -77,15 +80,19 @@ def head_gradient_multiplier(*, loss_scale: float, gradient_accumulation_steps: 
 
 
 def decide_head_step(*, loss_scale: float, engine_step_applied: bool, head_grads_finite: bool,
-                     gradient_accumulation_steps: int) -> HeadStepDecision:
+                     gradient_accumulation_steps: int, head_has_gradients: bool = True) -> HeadStepDecision:
     """Pure decision for the head step, fed by the engine's scale and overflow flag.
 
     loss_scale: the factor `engine.backward` multiplied the loss by (read before `engine.step()`).
     engine_step_applied: `engine.was_step_applied()` after the boundary `engine.step()`.
     head_grads_finite: whether every head gradient is finite on every rank (all-reduced).
+    head_has_gradients: whether any head parameter received a gradient (False when every
+        micro-batch of the step was non-finite; the same on every rank, which agree on finiteness).
     """
     multiplier = head_gradient_multiplier(loss_scale=loss_scale,
                                           gradient_accumulation_steps=gradient_accumulation_steps)
+    if not head_has_gradients:
+        return HeadStepDecision(apply=False, grad_multiplier=multiplier, reason=NO_HEAD_GRADIENT)
     if not engine_step_applied:
         return HeadStepDecision(apply=False, grad_multiplier=multiplier,
                                 reason="engine skipped the step (fp16 overflow)")
@@ -101,7 +108,7 @@ def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
 def grads_finite_everywhere(params: list[torch.nn.Parameter], group: ProcessGroup | None) -> bool:
     """True when every gradient of `params` is finite on every rank of `group` (one all-reduce)."""
     grads = _grads(params)
-    bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    bad = torch.zeros(1, dtype=torch.float32, device=params[0].device)  # the group's device, grads or not
     for grad in grads:
         bad += (~torch.isfinite(grad)).any().float()
     all_reduce_max_(bad, group)
@@ -112,7 +119,7 @@ def global_grad_norm(*, sharded: list[torch.nn.Parameter], replicated: list[torc
                      group: ProcessGroup | None) -> torch.Tensor:
     """L2 norm of the whole head's gradient: sharded rows summed over ranks, replicated ones once."""
     grads = _grads(sharded)
-    device = grads[0].device if grads else (replicated[0].device if replicated else "cpu")
+    device = (sharded + replicated)[0].device  # the group's device, grads or not
     sharded_sq = torch.zeros(1, dtype=torch.float32, device=device)
     for grad in grads:
         sharded_sq += grad.float().pow(2).sum()
@@ -193,9 +200,11 @@ class ExternalHeadStep:
 
     def step(self, *, loss_scale: float, engine_step_applied: bool) -> HeadStepResult:
         """Call once per optimizer step, after the boundary `engine.step()`."""
-        finite = grads_finite_everywhere(self.parameters, self.group) if engine_step_applied else True
+        has_gradients = bool(_grads(self.parameters))
+        check = engine_step_applied and has_gradients
+        finite = grads_finite_everywhere(self.parameters, self.group) if check else True
         decision = decide_head_step(loss_scale=loss_scale, engine_step_applied=engine_step_applied,
-                                    head_grads_finite=finite,
+                                    head_grads_finite=finite, head_has_gradients=has_gradients,
                                     gradient_accumulation_steps=self.gradient_accumulation_steps)
         grad_norm = None
         if decision.apply:

@@ -202,13 +202,17 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 
 def step_flops(*, backbone_forward_flops: int, local_batch: int, momentum_encoder: bool,
-               global_batch: int, embedding_size: int, sampled_classes: int) -> int:
+               global_batch: int, embedding_size: int, sampled_classes: int,
+               gradient_accumulation_steps: int = 1) -> int:
     """Model FLOPs of one optimizer step on one rank.
 
+    local_batch: images this rank runs through the backbone per step (all micro-batches).
+    global_batch: rows B_g the head gathers per micro-batch; the head runs once per micro-batch,
+    `gradient_accumulation_steps` times a step.
     Backbone forward + backward = 3x forward; the momentum encoder adds one forward; the head's
     three GEMMs (logits, dL/dfeatures, dL/dW) are 2*B_g*d*S each over the rank's S sampled classes.
     Cluster terms and element-wise work are left out (small next to these).
     """
     backbone = (3 + (1 if momentum_encoder else 0)) * backbone_forward_flops * local_batch
-    head = 3 * 2 * global_batch * embedding_size * sampled_classes
+    head = 3 * 2 * global_batch * embedding_size * sampled_classes * gradient_accumulation_steps
     return int(backbone + head)

@@ -110,10 +110,13 @@ class StepRunner:
                                 finite=finite, stop_requested=stop_everywhere)
 
     def _agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, float(stop_requested)],
-                             device=loss.device)
+        """(finite on every rank, stop requested on some rank): built on the device, read once (one host sync)."""
+        flags = torch.zeros(2, dtype=torch.float32, device=loss.device)
+        flags[0] = (~torch.isfinite(loss.detach())).any()
+        flags[1] = float(stop_requested)
         all_reduce_max_(flags, self.group)
-        return bool(flags[0].item() == 0), bool(flags[1].item() > 0)
+        nonfinite, stop = flags.tolist()
+        return nonfinite == 0, stop > 0
 
     def _zero_loss(self) -> torch.Tensor:
         return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0

@@ -6,11 +6,18 @@ this module decides which piece of the trainer goes where:
 * head rows (this rank's classes, re-split on another world size): classifier rows `weight`, the
   row-sparse optimizer's per-row state `optim.<key>`, the cluster bank `bank.<buffer>`;
 * head extras (per rank, dropped on another world size): Partial-FC and center sampling
-  generators, this rank's torch/numpy/python RNG states;
+  generators (each with its device type), this rank's torch/numpy/python RNG states;
 * replicated (written by rank 0): momentum encoder, feature queue, the head's replicated
   parameters (`ClusterGuidedHead.replicated_parameters()`, each under its name) and their optimizer,
   the loop state (step, skip counters, verification), the data position and the config.
 The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint inside.
+
+Resume on another device type (saved on GPU, resumed on CPU or back, same world size): a sampling
+generator's state is device-specific (CUDA Philox, 16 bytes; CPU mt19937, 5056 bytes), so each
+sampler is re-seeded deterministically from its construction seed (train.seed, rank) and the
+resumed step (`checkpoint.reseed_value`). Everything else resumes as saved; the samplers draw
+other Partial-FC negatives and centers than the uninterrupted run would. The CUDA default
+generator is restored only on CUDA from a CUDA checkpoint (else it keeps the seed_everything seed).
 """
 from __future__ import annotations
 
@@ -20,8 +27,8 @@ from typing import Any
 import torch
 
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.train.checkpoint import (CheckpointError, LoadedCheckpoint, capture_rng_state, load_checkpoint,
-                                      restore_rng_state, save_checkpoint)
+from largefr.train.checkpoint import (CheckpointError, LoadedCheckpoint, capture_generator_state, capture_rng_state,
+                                      load_checkpoint, restore_generator_state, restore_rng_state, save_checkpoint)
 
 
 class TrainingCheckpointer:
@@ -54,8 +61,8 @@ class TrainingCheckpointer:
         return rows
 
     def head_extra(self) -> dict[str, Any]:
-        return {"margin_sampler": self.head.margin_head.sample_generator.get_state(),
-                "center_sampler": self.head.sample_generator.get_state(),
+        return {"margin_sampler": capture_generator_state(self.head.margin_head.sample_generator),
+                "center_sampler": capture_generator_state(self.head.sample_generator),
                 "rng": capture_rng_state(self.device)}
 
     def replicated(self, trainer) -> dict[str, Any]:
@@ -93,13 +100,22 @@ class TrainingCheckpointer:
                                  group=self.head.group)
         self._restore_rows(path, loaded.head_rows)
         if loaded.head_extra is not None:
-            self.head.margin_head.sample_generator.set_state(loaded.head_extra["margin_sampler"])
-            self.head.sample_generator.set_state(loaded.head_extra["center_sampler"])
+            self._restore_samplers(trainer, loaded.head_extra, loaded.step)
             restore_rng_state(loaded.head_extra["rng"], self.device)
         self._restore_replicated(path, loaded.replicated, trainer)
         trainer.metrics.info(f"resumed from {path} (step {loaded.step}, saved by {loaded.saved_world_size} ranks"
                              f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'})")
         return loaded
+
+    def _restore_samplers(self, trainer, extra: dict[str, Any], step: int) -> None:
+        """The sampling generators' states; re-seeded per step when saved on another device type."""
+        samplers = {"margin_sampler": self.head.margin_head.sample_generator,
+                    "center_sampler": self.head.sample_generator}
+        reseeded = [name for name, generator in samplers.items()
+                    if not restore_generator_state(generator, extra[name], step=step)]
+        if reseeded:
+            trainer.metrics.info(f"checkpoint step {step}: {', '.join(reseeded)} saved on another device type than "
+                                 f"{self.device.type}; re-seeded from train.seed, the rank and the step")
 
     MODEL_KEYS = (("model", "network"), ("model", "embedding_size"), ("data", "num_classes"))
 
