@@ -70,6 +70,7 @@ def _train(rank: int, world: int, config_dict: dict, resume: str | None = None, 
     trainer.metrics.close()
     return {"losses": [float(x) for x in trainer.loss_history], "summary": summary,
             "weight": trainer.runner.head.margin_head.weight.detach().clone(),
+            "buffers": [b.detach().clone() for b in trainer.runner.engine.module.buffers()],
             "start": trainer.runner.head.partition.start}
 
 
@@ -92,6 +93,9 @@ def test_zero_0_1_2_train_with_finite_decreasing_loss(tiny_data, tmp_path):
         assert set(summary["final_loss_terms"]) == {"loss_cg", "loss_con", "loss_ali"}
         assert 0.0 <= summary["verification"]["synth_val"] <= 1.0
         assert (tmp_path / f"z{stage}" / "checkpoints" / "step_6" / "manifest.json").is_file()
+        # the final verification ran on rank 0's BatchNorm statistics on every rank (those the checkpoint keeps)
+        for mine, first in zip(per_rank[1][stage]["buffers"], per_rank[0][stage]["buffers"], strict=True):
+            assert torch.equal(mine, first)
 
 
 def _interrupted_and_resumed(rank: int, world: int, data: str, output: str) -> dict:

@@ -125,6 +125,15 @@ def all_reduce_min_(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
     return tensor
 
 
+def broadcast_buffers_(module: torch.nn.Module, group: ProcessGroup | None, src: int = 0) -> None:
+    """Give every rank group-rank `src`'s buffers of `module` (BatchNorm running statistics), in place."""
+    if group_size(group) == 1:
+        return
+    source = dist.get_global_rank(group, src) if group is not None else src
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=source, group=group)
+
+
 def all_gather_variable_rows(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate rows from every rank when ranks hold different row counts (no autograd)."""
     world = group_size(group)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from largefr.distributed.collectives import all_reduce_sum_
+from largefr.distributed.collectives import all_reduce_sum_, broadcast_buffers_
 from largefr.eval.verification import embed_images_distributed, verification_accuracy
 from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
@@ -245,8 +245,14 @@ class Trainer:
 
     # ---- verification -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Accuracy of every verification set (all ranks embed a share; identical result everywhere)."""
+        """Accuracy of every verification set (all ranks embed a share; identical result everywhere).
+
+        Each rank's BatchNorm running statistics follow its own batches (the engine does not sync
+        buffers), and a checkpoint keeps rank 0's: every rank takes rank 0's first, so the accuracy is
+        that of the model the checkpoint holds, whatever the number of ranks.
+        """
         module = self.runner.engine.module
+        broadcast_buffers_(module, self.runner.group)
         accuracies = {}
         for target in self.verification_sets:
             embeddings = embed_images_distributed(
