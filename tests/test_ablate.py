@@ -230,3 +230,25 @@ def test_finished_run_of_other_overrides_is_not_reused(finished_grid, tiny_setup
     with pytest.raises(PlanError, match="used other overrides"):
         check_finished_runs(plan_runs(load_grid(str(tiny_setup / "grid.json")), str(tiny_setup / "config.json"),
                                       ["train.max_steps=2"], [0], out, world_size=1))
+
+
+def test_equal_run_of_another_grid_is_reused_not_retrained(finished_grid, tiny_setup, capsys):
+    out, _ = finished_grid
+    # the same full method under another name and with its defaults spelled out, plus a setting never run
+    (tiny_setup / "other.json").write_text(json.dumps({"settings": {
+        "full": ["cluster.contrastive_type=cluster", "cluster.cg_margin=true"], "half": ["cluster.aligning_weight=0"]}}))
+    code = ablate_main(_args(tiny_setup, "out_other", "other.json", seeds="1") + ["--reuse", str(out), "--report-only"])
+    assert code == 0 and "reused" not in capsys.readouterr().out  # --report-only runs and reuses nothing
+    from largefr.experiments.runner import find_equal_run
+    from largefr.experiments.measure import MeasureOptions, measured_with
+
+    runs = plan_runs(load_grid(str(tiny_setup / "other.json")), str(tiny_setup / "config.json"), [], [1],
+                     tiny_setup / "out_other", world_size=1)
+    done = json.loads((out / "runs" / "cg+con+ali" / "seed1" / "result.json").read_text())
+    options = measured_with(MeasureOptions(heldout_dir=done["measured_with"]["heldout"],
+                                           dbscan_eps=done["measured_with"]["dbscan_eps"]))
+    found = find_equal_run(runs[0], [out], options)
+    assert found["reused_from"] == str(out / "runs" / "cg+con+ali" / "seed1")
+    assert found["metrics"] == done["metrics"] and found["setting"] == "full"
+    assert find_equal_run(runs[1], [out], options) is None  # aligning weight 0: no equal run
+    assert find_equal_run(runs[0], [out], {**options, "dbscan_eps": 0.9}) is None  # measured otherwise

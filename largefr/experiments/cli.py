@@ -9,7 +9,7 @@ from pathlib import Path
 from largefr.experiments.grids import BUILTIN_GRIDS, load_grid
 from largefr.experiments.measure import DBSCAN_MIN_SAMPLES, DEFAULT_DBSCAN_EPS, MeasureOptions, heldout_identity_count
 from largefr.experiments.runner import (LAUNCHERS, RUN_DEFAULTS, TOOL_KEYS, PlanError, RunSpec, check_finished_runs,
-                                        launch_command, plan_runs, read_result, run_grid)
+                                        find_equal_run, launch_command, plan_runs, read_result, run_grid)
 
 __all__ = ["parse_args", "main"]
 
@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dbscan-eps", type=float, default=DEFAULT_DBSCAN_EPS,
                         help=f"DBSCAN radius as cosine distance 1 - cos (default {DEFAULT_DBSCAN_EPS}: "
                              f"neighbours above cosine {1 - DEFAULT_DBSCAN_EPS:g}), the same for every run")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="DIR",
+                        help="--out folders of earlier grids: a run whose resolved config (all but its folders) "
+                             "and measurement equal a finished run there takes that run's result instead of "
+                             "training again (table2's cg+con+ali is table3's cluster_con and table4's adaptive_phi)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables from finished runs; run nothing")
     return parser.parse_args(argv)
 
@@ -105,6 +109,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlanError(f"--dbscan-eps must be > 0 (a cosine distance), got {args.dbscan_eps}")
     if args.heldout is not None and not os.path.isdir(args.heldout):
         raise PlanError(f"--heldout {args.heldout}: no such folder")
+    missing = [folder for folder in args.reuse if not os.path.isdir(folder)]
+    if missing:
+        raise PlanError(f"--reuse {' '.join(missing)}: no such folder (give earlier --out folders of this tool)")
 
 
 def _refuse_other_measurements(runs: list[RunSpec], options: MeasureOptions) -> None:
@@ -121,7 +128,7 @@ def _refuse_other_measurements(runs: list[RunSpec], options: MeasureOptions) -> 
 
 def _execute(args: argparse.Namespace, runs: list[RunSpec]) -> tuple[list[dict], list[dict]]:
     from largefr.eval.weights import default_device
-    from largefr.experiments.measure import measure_run
+    from largefr.experiments.measure import measure_run, measured_with
 
     if args.report_only:
         return [r for r in map(read_result, runs) if r is not None], []
@@ -133,7 +140,8 @@ def _execute(args: argparse.Namespace, runs: list[RunSpec]) -> tuple[list[dict],
     launch_command(args.launcher, args.ranks, args.config, [])  # a launcher that cannot start N ranks: refused now
     return run_grid(runs, command_for=lambda run: launch_command(args.launcher, args.ranks, args.config, run.overrides),
                     measure=lambda run: measure_run(run.config, options),
-                    echo=lambda line: print(line, flush=True))
+                    echo=lambda line: print(line, flush=True),
+                    equal_run=lambda run: find_equal_run(run, [Path(d) for d in args.reuse], measured_with(options)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,9 @@
 Overrides of one run, in order (a later one wins): RUN_DEFAULTS (evaluation and checkpoints only at
 the end), the setting's own, the user's ``--set``, then the tool's own keys (train.seed, output,
 checkpoint.dir), which the user may not set. A run folder holding result.json is finished and skipped.
+A run equal to a finished one of another grid (``--reuse``: same resolved config but for its folders,
+measured alike) takes that run's result instead of training again: the paper's tables share settings
+(table2's cg+con+ali is table3's cluster_con and table4's adaptive_phi).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from largefr.config import Config, ConfigError, load_config
 from largefr.experiments.grids import Grid, Setting
 
 __all__ = ["RUN_DEFAULTS", "TOOL_KEYS", "LAUNCHERS", "RunSpec", "PlanError", "plan_runs", "run_grid",
-           "RESULT_FILE", "LOG_FILE"]
+           "RESULT_FILE", "LOG_FILE", "find_equal_run"]
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_SCRIPT = ROOT / "launch" / "train.py"
@@ -147,6 +150,28 @@ def check_finished_runs(runs: Sequence[RunSpec]) -> None:
                         + "\n".join(stale) + "\nuse another --out, or delete those run folders to rerun them")
 
 
+def _computes(config: dict[str, Any]) -> Config:
+    """A resolved config without the folders it writes to: what decides a run's numbers."""
+    data = json.loads(json.dumps(config))
+    data["output"], data["checkpoint"]["dir"] = "<run folder>", None
+    return Config.from_dict(data)
+
+
+def find_equal_run(run: RunSpec, roots: Sequence[Path], measured_with: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run under <root>/runs/*/seed<seed>/ of `roots` whose resolved config equals `run`'s, measured alike."""
+    wanted = _computes(run.config.to_dict())
+    for root in roots:
+        for result_path in sorted(Path(root).glob(f"runs/*/seed{run.seed}/{RESULT_FILE}")):
+            config_path = result_path.parent / "config.json"  # the trainer writes its resolved config there
+            if result_path.parent == run.folder or not config_path.is_file():
+                continue
+            result = json.loads(result_path.read_text())
+            if result.get("measured_with") == measured_with and _computes(json.loads(config_path.read_text())) == wanted:
+                return {**result, "setting": run.setting.name, "overrides": list(run.overrides),
+                        "reused_from": str(result_path.parent)}
+    return None
+
+
 def _finish(run: RunSpec, code: int, wall: float, measure: Callable[[RunSpec], dict]) -> dict[str, Any]:
     """result.json of a run that trained, or a failure record of one that did not."""
     summary_path = run.folder / "summary.json"
@@ -180,8 +205,12 @@ def _headline(result: dict[str, Any]) -> str:
 
 
 def run_grid(runs: list[RunSpec], *, command_for: Callable[[RunSpec], list[str]],
-             measure: Callable[[RunSpec], dict], echo: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
-    """(results, failures) of every run, in order; finished runs are read back, not rerun."""
+             measure: Callable[[RunSpec], dict], echo: Callable[[str], None] = print,
+             equal_run: Callable[[RunSpec], dict | None] = lambda run: None) -> tuple[list[dict], list[dict]]:
+    """(results, failures) of every run, in order; finished runs are read back, not rerun.
+
+    `equal_run(run)`: the result of an equal finished run elsewhere (see `find_equal_run`), or None.
+    """
     results, failures, durations = [], [], []
     for index, run in enumerate(runs, 1):
         prefix = f"[{index}/{len(runs)}] {run.label}:"
@@ -189,6 +218,15 @@ def run_grid(runs: list[RunSpec], *, command_for: Callable[[RunSpec], list[str]]
         if done is not None:
             results.append(done)
             echo(f"{prefix} skipped (done)")
+            continue
+        reused = equal_run(run)
+        if reused is not None:
+            from largefr.eval.cli import write_json
+
+            run.folder.mkdir(parents=True, exist_ok=True)
+            write_json(str(run.folder / RESULT_FILE), reused)
+            results.append(reused)
+            echo(f"{prefix} reused {reused['reused_from']} (same resolved config)")
             continue
         started = time.perf_counter()
         code, wall = train_run(run, command_for(run))
