@@ -35,7 +35,9 @@ def test_head_config_fields_mirror_margin_config_with_the_papers_defaults():
 
 
 def test_bad_adaptive_settings_are_all_reported():
-    with pytest.raises(ConfigError, match="(?s)3 problems.*head.elastic_form: must be one of.*head.magface_u_a: must be > head.magface_l_a.*head.adaface_t_alpha: must be in"):
+    expected = ("(?s)3 problems.*head.elastic_form: must be one of.*head.magface_u_a: must be > head.magface_l_a"
+                ".*head.adaface_t_alpha: must be in")
+    with pytest.raises(ConfigError, match=expected):
         load_config(QUICKSTART, ["head.magface_u_a=5", "head.adaface_t_alpha=0", "head.elastic_form=sphere"])
     with pytest.raises(ValueError, match="magface_l_a=20.0, magface_u_a=10.0 need 0 < l_a < u_a"):
         MarginConfig(type="magface", magface_l_a=20.0, magface_u_a=10.0)
