@@ -128,16 +128,47 @@ class ModelConfig(_Section):
 @dataclass(kw_only=True)
 class HeadConfig(_Section):
     section: ClassVar[str] = "head"
-    type: Literal["arcface", "cosface", "combined"] = "arcface"
-    """Margin form: 'arcface' cos(t + m), 'cosface' cos(t) - m, 'combined' cos(m1*t + m2) - m3."""
+    type: Literal["arcface", "cosface", "combined", "curricularface", "magface", "adaface", "elasticface"] = "arcface"
+    """Margin form: 'arcface' cos(t + m), 'cosface' cos(t) - m, 'combined' cos(m1*t + m2) - m3; the adaptive
+    ones (largefr/heads/adaptive_margins.py): 'curricularface' (Huang et al. 2020), 'magface' (Meng et al.
+    2021), 'adaface' (Kim et al. 2022), 'elasticface' (Boutros et al. 2022), each with its head.* fields."""
     scale: float = 64.0
-    """Logit scale s."""
+    """Logit scale s (64 in every one of the papers)."""
     margin: float = 0.5
-    """Additive angular margin of arcface, or additive cosine margin of cosface."""
+    """Additive angular margin of arcface and curricularface (paper: 0.5), or additive cosine margin of
+    cosface."""
     combined_margins: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])
     """[m1, m2, m3] of the combined margin, used when head.type is 'combined'."""
     easy_margin: bool = False
     """Where t + m > pi: keep cos(t) when cos(t) <= 0 (easy margin) instead of cos(t) - m*sin(m)."""
+    curricular_momentum: float = 0.01
+    """curricularface: momentum alpha of t <- alpha * mean target cosine + (1 - alpha) * t (paper: 0.01)."""
+    magface_l_a: float = 10.0
+    """magface: lower bound l_a of the feature magnitude (authors' run script: 10)."""
+    magface_u_a: float = 110.0
+    """magface: upper bound u_a of the feature magnitude (110)."""
+    magface_l_margin: float = 0.45
+    """magface: margin at magnitude l_a (0.45)."""
+    magface_u_margin: float = 0.8
+    """magface: margin at magnitude u_a (0.8)."""
+    magface_lambda_g: float = 35.0
+    """magface: weight lambda_g of the magnitude regulariser g(a) = a / u_a^2 + 1 / a (35)."""
+    magface_easy_margin: bool = True
+    """magface: margin only where cos(t) > 0 (the authors' MagLinear default); false: the th/mm fallback."""
+    adaface_margin: float = 0.4
+    """adaface: margin m (paper: 0.4)."""
+    adaface_h: float = 0.333
+    """adaface: h, how much of the normalised norm's spread reaches the margin (0.333)."""
+    adaface_t_alpha: float = 0.01
+    """adaface: momentum of the running mean and std of the feature norms (0.01)."""
+    elastic_form: Literal["arc", "cos"] = "arc"
+    """elasticface: 'arc' (ElasticFace-Arc, angular margin) or 'cos' (ElasticFace-Cos, cosine margin)."""
+    elastic_margin: float | None = None
+    """elasticface: mean m of the per-sample margin draw; null: the paper's 0.5 (arc) or 0.35 (cos)."""
+    elastic_std: float | None = None
+    """elasticface: std sigma of the draw; null: the paper's 0.05, with elastic_sorted 0.0175 (arc) / 0.02 (cos)."""
+    elastic_sorted: bool = False
+    """elasticface: ElasticFace+ (sorted margins assigned by the order of the target cosines)."""
     sample_rate: float = 1.0
     """Partial FC: fraction of each rank's classes used per step (positives kept); 1.0 = all."""
     logits_dtype: Literal["fp32", "bf16"] = "fp32"

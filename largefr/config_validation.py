@@ -125,6 +125,21 @@ def _head_checks(h: Any) -> list[Check]:
          f"must be in (0, 1] (1.0 uses every class), got {h.sample_rate}"),
         ("chunk_size", _min(h.chunk_size, 0)),
         ("init_std", _positive(h.init_std)),
+        ("curricular_momentum", None if 0 < h.curricular_momentum <= 1 else
+         f"must be in (0, 1], got {h.curricular_momentum}"),
+        ("magface_l_a", _positive(h.magface_l_a)),
+        ("magface_u_a", None if h.magface_u_a > h.magface_l_a else
+         f"must be > head.magface_l_a ({h.magface_l_a}), got {h.magface_u_a}"),
+        ("magface_l_margin", _min(h.magface_l_margin, 0.0)),
+        ("magface_u_margin", None if h.magface_l_margin <= h.magface_u_margin < math.pi else
+         f"must be in [head.magface_l_margin, pi) = [{h.magface_l_margin}, pi), got {h.magface_u_margin}"),
+        ("magface_lambda_g", _min(h.magface_lambda_g, 0.0)),
+        ("adaface_margin", None if 0 <= h.adaface_margin < math.pi / 2 else
+         f"must be in [0, pi/2), got {h.adaface_margin}"),
+        ("adaface_h", _positive(h.adaface_h)),
+        ("adaface_t_alpha", None if 0 < h.adaface_t_alpha <= 1 else f"must be in (0, 1], got {h.adaface_t_alpha}"),
+        ("elastic_margin", None if h.elastic_margin is None else _min(h.elastic_margin, 0.0)),
+        ("elastic_std", None if h.elastic_std is None else _min(h.elastic_std, 0.0)),
     ]
 
 

@@ -17,6 +17,8 @@ Spawns `--world` ranks (gloo on CPU, or nccl with one GPU per rank when enough G
 
 `--chunk-size N` measures the low-memory head (logits over blocks of N classes, recomputed in
 backward); the GEMM floor stays the default mode's three GEMMs. The JSON also holds each rank's loss.
+`--type X` (a head.type) measures that margin and times an ArcFace head of the same shapes right after
+it in every repeat, then prints both step times and their ratio per repeat.
 `--chunk-size N --paired-default` also builds the default head (same W, same data) and times its step
 right after the low-memory step in every repeat (a fair ratio on a shared, noisy machine), then
 prints a second table: both step times, both peak memories and both losses.
@@ -33,6 +35,7 @@ import sys
 import torch
 
 from largefr.heads.bench import DTYPES, HeadBenchSettings, machine_description, run_head_bench
+from largefr.heads.margin import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="logits (GEMM) dtype")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="low-memory head: classes per block (0: default head)")
+    parser.add_argument("--type", default="arcface", choices=MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES,
+                        help="margin of the head (head.type); other than arcface, an ArcFace head of the same "
+                             "shapes is timed right after it in every repeat")
     parser.add_argument("--paired-default", action="store_true",
                         help="with --chunk-size: also time the default head in the same run, step by step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
@@ -56,22 +62,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --batch >= 1, --dim >= 1, --repeats >= 1 and --classes >= --world >= 1")
     if args.chunk_size < 0:
         parser.error("need --chunk-size >= 0")
+    if args.paired_default and args.type != "arcface":
+        parser.error("--paired-default pairs the low-memory ArcFace head with the default one; with --type the "
+                     "pair is the ArcFace head: drop one of them")
     if args.threads == 0:
         args.threads = max(1, (os.cpu_count() or 1) // args.world)
     return args
 
 
-def print_paired(ranks: list[dict]) -> None:
-    print("\nsame run, default head timed right after each low-memory step:")
-    print("| rank | default step_ms | low-memory step_ms | time ratio (per repeat) | default peak_mem_mb | "
-          "low-memory peak_mem_mb | memory ratio | loss difference |")
+def print_paired(ranks: list[dict], label: str = "default", measured: str = "low-memory") -> None:
+    print(f"\nsame run, {label} head timed right after each {measured} step:")
+    print(f"| rank | {label} step_ms | {measured} step_ms | time ratio (per repeat) | {label} peak_mem_mb | "
+          f"{measured} peak_mem_mb | memory ratio | loss difference |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in ranks:
-        per_repeat = ", ".join(f"{ratio:.2f}" for ratio in r["step_ratio_to_default"])
-        print(f"| {r['rank']} | {r['default_step_ms']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['step_ms'] / r['default_step_ms']:.3f} ({per_repeat}) | {r['default_peak_mem_mb']:.1f} | "
-              f"{r['peak_mem_mb']:.1f} | {r['peak_mem_mb'] / r['default_peak_mem_mb']:.3f} | "
-              f"{abs(r['loss'] - r['default_loss']):.1e} |")
+        per_repeat = ", ".join(f"{ratio:.2f}" for ratio in r[f"step_ratio_to_{label}"])
+        print(f"| {r['rank']} | {r[f'{label}_step_ms']:.1f} | {r['step_ms']:.1f} | "
+              f"{r['step_ms'] / r[f'{label}_step_ms']:.3f} ({per_repeat}) | {r[f'{label}_peak_mem_mb']:.1f} | "
+              f"{r['peak_mem_mb']:.1f} | {r['peak_mem_mb'] / r[f'{label}_peak_mem_mb']:.3f} | "
+              f"{abs(r['loss'] - r[f'{label}_loss']):.1e} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     settings = HeadBenchSettings(batch=args.batch, classes=args.classes, dim=args.dim, world=args.world,
                                  sample_rate=args.sample_rate, dtype=args.dtype, chunk_size=args.chunk_size,
                                  repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                                 paired_default=args.paired_default)
+                                 paired_default=args.paired_default, margin_type=args.type)
     ranks = run_head_bench(settings)
     report = dict(command="python tools/bench_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   machine=machine_description(args.world), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, threads_per_rank=args.threads, batch_per_rank=args.batch,
                   classes=args.classes, dim=args.dim, world=args.world, sample_rate=args.sample_rate,
-                  dtype=args.dtype, chunk_size=args.chunk_size, ranks=ranks)
+                  dtype=args.dtype, chunk_size=args.chunk_size, margin_type=args.type, ranks=ranks)
     print(f"{report['command']}\n{report['machine']}, torch {report['torch']}, {args.threads} thread(s)/rank")
     print("| rank | num_local | sampled | step_ms | gemm_ms | gemm_floor_ratio | peak_mem_mb |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -94,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['gemm_floor_ratio']:.3f} | {r['peak_mem_mb']:.1f} |")
     if "default_step_ms" in ranks[0]:
         print_paired(ranks)
+    if "arcface_step_ms" in ranks[0]:
+        print_paired(ranks, "arcface", args.type)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

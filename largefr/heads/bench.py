@@ -60,6 +60,9 @@ class HeadBenchSettings:
     """Torch threads per rank (0: cores / world)."""
     gemm_floor: bool = True
     """Also time the step's three GEMMs alone (bench_head's floor); off saves their buffers' time."""
+    margin_type: str = "arcface"
+    """Margin of the measured head (a head.type); any other than 'arcface' also builds an ArcFace head
+    (same shapes, same data) and times its step right after this one in every repeat."""
     paired_default: bool = False
     """With chunk_size > 0: also build a default-mode head (same W, same data) and time its step in
     every repeat right after the low-memory one, so both modes see the same machine load."""
@@ -95,7 +98,7 @@ class HeadBench:
 
     def __init__(self, settings: HeadBenchSettings, rank: int, device: torch.device):
         self.device = device
-        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=MarginConfig(),
+        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=MarginConfig(type=settings.margin_type),
                                       sample_rate=settings.sample_rate, logits_dtype=DTYPES[settings.dtype],
                                       device=device, generator=torch.Generator().manual_seed(0),
                                       chunk_size=settings.chunk_size)
@@ -179,7 +182,7 @@ def profiled_peak_increment(fn: Callable[[], None]) -> int:
 
 
 def measure_rank(bench: HeadBench, settings: HeadBenchSettings, rank: int,
-                 reference: HeadBench | None = None) -> dict:
+                 reference: HeadBench | None = None, label: str = "default") -> dict:
     """Warm-up, timed steps (and GEMMs, and the reference head's steps), then the peak memory of one more step."""
     for _ in range(settings.warmup):
         bench.step()
@@ -200,9 +203,9 @@ def measure_rank(bench: HeadBench, settings: HeadBenchSettings, rank: int,
     dist.barrier()
     result = {}
     if reference is not None:  # measured and dropped first: its tensors must not sit in this head's peak
-        result.update(default_step_ms=statistics.median(reference_ms), default_step_ms_all=reference_ms,
-                      default_peak_mem_mb=reference.peak_memory_mb(), default_loss=float(reference.loss),
-                      step_ratio_to_default=[a / b for a, b in zip(step_ms, reference_ms, strict=True)])
+        result.update({f"{label}_step_ms": statistics.median(reference_ms), f"{label}_step_ms_all": reference_ms,
+                       f"{label}_peak_mem_mb": reference.peak_memory_mb(), f"{label}_loss": float(reference.loss),
+                       f"step_ratio_to_{label}": [a / b for a, b in zip(step_ms, reference_ms, strict=True)]})
         del reference
     result.update(rank=rank, step_ms=statistics.median(step_ms), peak_mem_mb=bench.peak_memory_mb(),
                   num_local=bench.head.partition.num_local, num_sampled=len(bench.head.last_sampled),
@@ -224,10 +227,15 @@ def _run_rank(rank: int, settings: HeadBenchSettings, port: int, result_dir: str
     try:
         bench = HeadBench(settings, rank, device)
         paired = settings.paired_default and settings.chunk_size > 0
+        against_arcface = settings.margin_type != "arcface"
         # built inline so that measure_rank holds the only reference and can free it
-        result = measure_rank(bench, settings, rank,
-                              HeadBench(replace(settings, chunk_size=0, gemm_floor=False), rank, device)
-                              if paired else None)
+        if against_arcface:
+            result = measure_rank(bench, settings, rank, HeadBench(replace(settings, margin_type="arcface",
+                                                                           gemm_floor=False), rank, device), "arcface")
+        else:
+            result = measure_rank(bench, settings, rank,
+                                  HeadBench(replace(settings, chunk_size=0, gemm_floor=False), rank, device)
+                                  if paired else None)
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(result, handle)
     finally:

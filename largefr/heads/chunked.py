@@ -22,10 +22,13 @@ dtype, two (chunk x d) row buffers and a few (B_g x d) feature buffers; nothing 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
+from largefr.heads.adaptive_margins import modulate_hard_negatives_
 from largefr.heads.margin import MarginConfig, target_logit
 
 _NORM_EPS = 1e-12  # same clamp as ShardedMarginHead's normalisation
@@ -98,53 +101,65 @@ def _target_cosines(features: torch.Tensor, blocks: _Blocks, scale: float) -> to
 
 
 def _margin_block(gemm_features: torch.Tensor, blocks: _Blocks, start: int, end: int,
-                  workspace: _BlockWorkspace, target_value: torch.Tensor):
-    """One block's logits with the margin on its target entries: (logits, Wn_b, 1/||W_b||, targets)."""
+                  workspace: _BlockWorkspace, target_value: torch.Tensor, hard_negatives, scale: float):
+    """One block's logits with the margin on its target entries: (logits, Wn_b, 1/||W_b||, targets, d modulation).
+
+    hard_negatives: CurricularFace's (threshold, t) or None; the last item is then the derivative of the
+    modulated block w.r.t. s*cos (1 off the hard negatives), else None.
+    """
     width = end - start
     normalized, inv_norm = blocks.normalized_rows(start, end, workspace.weight_block(width))
     logits = _block_logits(gemm_features, normalized, workspace.logits_block(width))
     index, target_rows, target_cols = blocks.targets_in(start, end)
+    derivative = None
+    if hard_negatives is not None:
+        derivative = modulate_hard_negatives_(logits, *hard_negatives, target_rows, target_cols, scale)
     logits[target_rows, target_cols] = target_value[index]
-    return logits, normalized, inv_norm, (index, target_rows, target_cols)
+    return logits, normalized, inv_norm, (index, target_rows, target_cols), derivative
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scaled_features, weight, sampled, local_target, row_lambda, cfg, group, chunk_size,
-                logits_dtype):
+    def forward(ctx, scaled_features, weight, sampled, local_target, params, target_fn, scale, hard_threshold,
+                hard_t, group, chunk_size, logits_dtype):
         features = scaled_features.to(_softmax_dtype(weight.dtype))
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, chunk_size, target_rows, local_target[target_rows])
-        cos_target = _target_cosines(features, blocks, cfg.scale)
-        target_value = target_logit(cos_target, cfg, row_lambda)
-        row_max, row_sum = _online_logsumexp(features, blocks, target_value, logits_dtype)
+        cos_target = _target_cosines(features, blocks, scale)
+        target_value = target_fn(cos_target, None if params is None else params.detach())
+        hard = None if hard_threshold is None else (hard_threshold, hard_t)
+        row_max, row_sum = _online_logsumexp(features, blocks, target_value, logits_dtype, hard, scale)
         row_max, sum_exp, positive, valid = _reduce_over_ranks(row_max, row_sum, target_rows, target_value, group)
         num_valid = valid.sum().clamp(min=1)
         log_normalizer = torch.log(sum_exp) + row_max
         loss = torch.where(valid, log_normalizer - positive, torch.zeros_like(row_max)).sum() / num_valid
-        ctx.save_for_backward(scaled_features, weight, sampled, local_target, cos_target, target_value, row_lambda,
-                              log_normalizer, valid, num_valid)
-        ctx.cfg, ctx.chunk_size, ctx.logits_dtype = cfg, chunk_size, logits_dtype
+        ctx.save_for_backward(scaled_features, weight, sampled, local_target, cos_target, target_value, params,
+                              log_normalizer, valid, num_valid, hard_threshold, hard_t)
+        ctx.target_fn, ctx.scale, ctx.chunk_size, ctx.logits_dtype = target_fn, scale, chunk_size, logits_dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (scaled_features, weight, sampled, local_target, cos_target, target_value, row_lambda, log_normalizer,
-         valid, num_valid) = ctx.saved_tensors
+        (scaled_features, weight, sampled, local_target, cos_target, target_value, params, log_normalizer,
+         valid, num_valid, hard_threshold, hard_t) = ctx.saved_tensors
         features = scaled_features.to(_softmax_dtype(weight.dtype))
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, ctx.chunk_size, target_rows, local_target[target_rows])
         row_coef = (grad_loss / num_valid) * valid.to(features.dtype)  # dL/dloss_i of every gathered row
-        target_slope = _target_slope(cos_target, ctx.cfg, row_lambda)
+        # dL/d(target logit) of each local target row: c_i * (softmax of the target - 1)
+        target_upstream = row_coef[target_rows] * (torch.exp(target_value - log_normalizer[target_rows]) - 1.0)
+        target_slope, grad_params = _target_slopes(cos_target, params, ctx.target_fn, ctx.scale, target_upstream,
+                                                   ctx.needs_input_grad[4])
+        hard = None if hard_threshold is None else (hard_threshold, hard_t)
         grad_features, grad_weight = _blocked_backward(features, blocks, row_coef, log_normalizer, target_value,
-                                                       target_slope, ctx.logits_dtype)
+                                                       target_slope, ctx.logits_dtype, hard, ctx.scale)
         grad_features = grad_features.to(scaled_features.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_features, grad_weight, None, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, grad_params, None, None, None, None, None, None, None
 
 
 def _online_logsumexp(features: torch.Tensor, blocks: _Blocks, target_value: torch.Tensor,
-                      logits_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      logits_dtype: torch.dtype, hard_negatives, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's per-row max and sum of exp(logit - max) over its sampled columns, block by block."""
     rows, dim = features.shape
     row_max = torch.full((rows,), float("-inf"), dtype=features.dtype, device=features.device)
@@ -152,7 +167,7 @@ def _online_logsumexp(features: torch.Tensor, blocks: _Blocks, target_value: tor
     workspace = _BlockWorkspace(rows, min(blocks.chunk_size, blocks.num_cols), dim, features.dtype, features.device)
     gemm_features = features.to(logits_dtype)  # cast once, not per block
     for start, end in blocks.ranges():
-        logits, *_ = _margin_block(gemm_features, blocks, start, end, workspace, target_value)
+        logits, *_ = _margin_block(gemm_features, blocks, start, end, workspace, target_value, hard_negatives, scale)
         new_max = torch.maximum(row_max, logits.amax(dim=1))
         row_sum.mul_(torch.exp(row_max - new_max))  # first block: exp(-inf) = 0 times the empty sum
         row_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
@@ -172,16 +187,20 @@ def _reduce_over_ranks(row_max, row_sum, target_rows, target_value, group):
     return row_max, fused[0], fused[1], fused[2] > 0.5
 
 
-def _target_slope(cos_target: torch.Tensor, cfg: MarginConfig, row_lambda: torch.Tensor | None) -> torch.Tensor:
-    """d(target logit)/d(s*cos) per target row, i.e. psi'(cos): the exact derivative of the margin."""
+def _target_slopes(cos_target: torch.Tensor, params: torch.Tensor | None, target_fn, scale: float,
+                   target_upstream: torch.Tensor, params_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d(target logit)/d(s*cos) per target row = psi'(cos), dL/dparams or None): the margin's exact derivatives."""
     with torch.enable_grad():
         cos_leaf = cos_target.detach().requires_grad_(True)
-        (slope,) = torch.autograd.grad(target_logit(cos_leaf, cfg, row_lambda).sum(), cos_leaf)
-    return slope / cfg.scale
+        params_leaf = None if params is None else params.detach().requires_grad_(params_grad)
+        value = target_fn(cos_leaf, params_leaf)
+        (slope,) = torch.autograd.grad(value.sum(), cos_leaf, retain_graph=params_grad)
+        grad_params = torch.autograd.grad(value, params_leaf, target_upstream)[0] if params_grad else None
+    return slope / scale, grad_params
 
 
 def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, target_value, target_slope,
-                      logits_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      logits_dtype, hard_negatives, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dF_s, dL/dW): each block's softmax is recomputed and turned into its share of the gradients."""
     rows, dim = features.shape
     width_max = min(blocks.chunk_size, blocks.num_cols)
@@ -193,11 +212,13 @@ def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, targe
     workspace = _BlockWorkspace(rows, width_max, dim, features.dtype, features.device)
     gemm_features = features.to(logits_dtype)
     for start, end in blocks.ranges():
-        logits, normalized, inv_norm, (index, target_rows, target_cols) = _margin_block(
-            gemm_features, blocks, start, end, workspace, target_value)
+        logits, normalized, inv_norm, (index, target_rows, target_cols), derivative = _margin_block(
+            gemm_features, blocks, start, end, workspace, target_value, hard_negatives, scale)
         softmax = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
         # target entries: (softmax - onehot) times the margin's slope d psi / d cos
         softmax[target_rows, target_cols] = (softmax[target_rows, target_cols] - 1.0) * target_slope[index]
+        if derivative is not None:  # CurricularFace: the hard negatives' t + 2c
+            softmax.mul_(derivative)
         block_grad = grad_weight[start:end] if full else row_grads[: (end - start) * dim].view(end - start, dim)
         _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features, block_grad,
                                     logits_dtype)
@@ -224,7 +245,9 @@ def _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features
 def chunked_margin_loss(scaled_features: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor | None,
                         local_target: torch.Tensor, row_lambda: torch.Tensor | None, margin: MarginConfig, *,
                         group: ProcessGroup | None, chunk_size: int,
-                        logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        logits_dtype: torch.dtype = torch.float32, target_fn=None,
+                        target_params: torch.Tensor | None = None,
+                        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean margin-softmax loss over the gathered rows, computed block by block (same value on every rank).
 
     scaled_features: (B_g, d) s * normalize(f), with grad. weight: (num_local, d) this rank's raw rows.
@@ -232,11 +255,21 @@ def chunked_margin_loss(scaled_features: torch.Tensor, weight: torch.Tensor, sam
     of the row's positive among the sampled columns, -1 when it lives elsewhere or the row is ignored.
     row_lambda: margin factor of each row with a local target, in `nonzero(local_target >= 0)` order,
     or None (= 1). chunk_size: sampled columns per block (> 0).
+    target_fn, target_params: an adaptive margin's s*psi_i(cos, params) and its per-row params (then
+    row_lambda is unused); hard_negatives: CurricularFace's (threshold per gathered row, t).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (classes per block of the low-memory head)")
     if scaled_features.dim() != 2 or local_target.shape != scaled_features.shape[:1]:
         raise ValueError(f"expected features (B_g, d) and local_target (B_g,), got {tuple(scaled_features.shape)} "
                          f"and {tuple(local_target.shape)}")
-    return _ChunkedMarginSoftmax.apply(scaled_features, weight, sampled, local_target.long(), row_lambda, margin,
-                                       group, int(chunk_size), logits_dtype)
+    if target_fn is None:
+        target_fn, target_params = functools.partial(_fixed_target, margin), row_lambda
+    hard_threshold, hard_t = hard_negatives if hard_negatives is not None else (None, None)
+    return _ChunkedMarginSoftmax.apply(scaled_features, weight, sampled, local_target.long(), target_params,
+                                       target_fn, float(margin.scale), hard_threshold, hard_t, group,
+                                       int(chunk_size), logits_dtype)
+
+
+def _fixed_target(cfg: MarginConfig, cos: torch.Tensor, row_lambda: torch.Tensor | None) -> torch.Tensor:
+    return target_logit(cos, cfg, row_lambda)

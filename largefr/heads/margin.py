@@ -29,12 +29,17 @@ increase again, rewarding a worse target. Two documented fallbacks:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 MARGIN_TYPES = ("arcface", "cosface", "combined")
+ADAPTIVE_MARGIN_TYPES = ("curricularface", "magface", "adaface", "elasticface")
+"""Margins computed per step from running statistics, feature norms or random draws
+(`largefr.heads.adaptive_margins`)."""
+ELASTIC_FORMS = ("arc", "cos")
 _SIN_FLOOR = 1e-12  # floor of 1 - c^2 so d sqrt / dc stays finite at |c| = 1
 _ACOS_CLAMP = 1e-7  # keep acos away from +-1 where its derivative is infinite
 
@@ -44,20 +49,50 @@ class MarginConfig:
     """Which margin the target logit gets, and the logit scale."""
 
     type: str = "arcface"
-    """'arcface' (s*cos(theta+m)), 'cosface' (s*(cos-m)) or 'combined' (s*(cos(m1*theta+m2)-m3))."""
+    """'arcface' (s*cos(theta+m)), 'cosface' (s*(cos-m)), 'combined' (s*(cos(m1*theta+m2)-m3)), or one of
+    ADAPTIVE_MARGIN_TYPES (see `largefr.heads.adaptive_margins`)."""
     scale: float = 64.0
     """Logit scale s applied to every logit."""
     margin: float = 0.5
-    """m for 'arcface' (angular, radians) and 'cosface' (cosine); ignored by 'combined'."""
+    """m for 'arcface' (angular, radians), 'cosface' (cosine) and 'curricularface' (angular)."""
     combined_margins: tuple[float, float, float] = (1.0, 0.5, 0.0)
     """(m1, m2, m3) for 'combined' (insightface's convention); lambda scales m2 and m3."""
     easy_margin: bool = False
     """Apply the margin only where cos(theta) > 0 instead of the th/mm fallback past pi."""
+    curricular_momentum: float = 0.01
+    """CurricularFace: t <- momentum * mean target cosine + (1 - momentum) * t."""
+    magface_l_a: float = 10.0
+    """MagFace: lower bound l_a of the feature magnitude."""
+    magface_u_a: float = 110.0
+    """MagFace: upper bound u_a of the feature magnitude."""
+    magface_l_margin: float = 0.45
+    """MagFace: margin at magnitude l_a."""
+    magface_u_margin: float = 0.8
+    """MagFace: margin at magnitude u_a."""
+    magface_lambda_g: float = 35.0
+    """MagFace: weight of the magnitude regulariser g(a) = a / u_a^2 + 1 / a."""
+    magface_easy_margin: bool = True
+    """MagFace: the margin only where cos > 0 (the authors' default); False: the th/mm fallback."""
+    adaface_margin: float = 0.4
+    """AdaFace: m."""
+    adaface_h: float = 0.333
+    """AdaFace: h, the concentration of the normalised norm."""
+    adaface_t_alpha: float = 0.01
+    """AdaFace: momentum of the running mean and std of the feature norms."""
+    elastic_form: str = "arc"
+    """ElasticFace: 'arc' (angular margin) or 'cos' (cosine margin)."""
+    elastic_margin: float | None = None
+    """ElasticFace: mean m of the margin draw; None: the paper's 0.5 (arc) or 0.35 (cos)."""
+    elastic_std: float | None = None
+    """ElasticFace: std of the draw; None: the paper's 0.05, or with elastic_sorted 0.0175 (arc) / 0.02 (cos)."""
+    elastic_sorted: bool = False
+    """ElasticFace+: sorted margins assigned by the target cosines' order (the authors' 'plus')."""
 
     def __post_init__(self) -> None:
         problems = []
-        if self.type not in MARGIN_TYPES:
-            problems.append(f"type={self.type!r} is not one of {MARGIN_TYPES}")
+        if self.type not in MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES:
+            problems.append(f"type={self.type!r} is not one of {MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES}")
+        problems += _adaptive_problems(self)
         if not self.scale > 0:
             problems.append(f"scale={self.scale} must be > 0")
         if not 0 <= self.margin < math.pi:
@@ -75,6 +110,21 @@ class MarginConfig:
         if problems:
             raise ValueError("invalid MarginConfig: " + "; ".join(problems))
 
+    @property
+    def adaptive(self) -> bool:
+        """True for the margins of `largefr.heads.adaptive_margins` (state or per-step inputs)."""
+        return self.type in ADAPTIVE_MARGIN_TYPES
+
+    def elastic_mean_std(self) -> tuple[float, float]:
+        """ElasticFace's (m, sigma): the configured values, else the paper's for the form and variant."""
+        mean = self.elastic_margin if self.elastic_margin is not None else (0.5 if self.elastic_form == "arc"
+                                                                            else 0.35)
+        if self.elastic_std is not None:
+            return mean, self.elastic_std
+        if not self.elastic_sorted:
+            return mean, 0.05
+        return mean, 0.0175 if self.elastic_form == "arc" else 0.02
+
     def margins(self) -> tuple[float, float, float]:
         """(m1, m2, m3) of the combined form that this config is."""
         if self.type == "arcface":
@@ -83,6 +133,42 @@ class MarginConfig:
             return 1.0, 0.0, self.margin
         m1, m2, m3 = self.combined_margins
         return float(m1), float(m2), float(m3)
+
+
+ADAPTIVE_FIELD_PREFIXES = ("curricular_", "magface_", "adaface_", "elastic_")
+"""MarginConfig fields of the adaptive margins; the run config's head section has the same names."""
+
+
+def adaptive_margin_settings(source: object) -> dict:
+    """The adaptive margins' fields of `source` (e.g. the config's head section), as MarginConfig keywords."""
+    names = [f.name for f in dataclasses.fields(MarginConfig) if f.name.startswith(ADAPTIVE_FIELD_PREFIXES)]
+    return {name: getattr(source, name) for name in names}
+
+
+def _adaptive_problems(cfg: MarginConfig) -> list[str]:
+    problems = []
+    if not 0 < cfg.curricular_momentum <= 1:
+        problems.append(f"curricular_momentum={cfg.curricular_momentum} must be in (0, 1]")
+    if not 0 < cfg.magface_l_a < cfg.magface_u_a:
+        problems.append(f"magface_l_a={cfg.magface_l_a}, magface_u_a={cfg.magface_u_a} need 0 < l_a < u_a")
+    if not 0 <= cfg.magface_l_margin <= cfg.magface_u_margin < math.pi:
+        problems.append(f"magface_l_margin={cfg.magface_l_margin}, magface_u_margin={cfg.magface_u_margin} need "
+                        "0 <= l_margin <= u_margin < pi")
+    if not cfg.magface_lambda_g >= 0:
+        problems.append(f"magface_lambda_g={cfg.magface_lambda_g} must be >= 0")
+    if not 0 <= cfg.adaface_margin < math.pi / 2:
+        problems.append(f"adaface_margin={cfg.adaface_margin} must be in [0, pi/2)")
+    if not cfg.adaface_h > 0:
+        problems.append(f"adaface_h={cfg.adaface_h} must be > 0")
+    if not 0 < cfg.adaface_t_alpha <= 1:
+        problems.append(f"adaface_t_alpha={cfg.adaface_t_alpha} must be in (0, 1]")
+    if cfg.elastic_form not in ELASTIC_FORMS:
+        problems.append(f"elastic_form={cfg.elastic_form!r} is not one of {ELASTIC_FORMS}")
+    if cfg.elastic_margin is not None and not 0 <= cfg.elastic_margin < math.pi:
+        problems.append(f"elastic_margin={cfg.elastic_margin} must be in [0, pi) (or None: the paper's)")
+    if cfg.elastic_std is not None and not cfg.elastic_std >= 0:
+        problems.append(f"elastic_std={cfg.elastic_std} must be >= 0 (or None: the paper's)")
+    return problems
 
 
 def _shifted_cosine(cos: torch.Tensor, m1: float, m2: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad, group_rank, group_size
+from largefr.distributed.collectives import (all_gather_rows, all_gather_with_grad, all_reduce_sum_, group_rank,
+                                            group_size)
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
+from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_negatives_
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import MarginConfig, target_logit
 
@@ -29,6 +31,7 @@ ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
 _NORM_EPS = 1e-12
 _SAMPLE_STREAM = 0x5A3D_17C4_9E21_0B6F  # separates the sampling seed from the init seeds
+_MARGIN_STREAM = 0x2C6E_B9A1_04F7_D853  # ElasticFace's margin draws: same seed on every rank
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -123,33 +126,63 @@ def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tens
         grad_weight[rows].addcmul_(weight_rows[rows], radial.unsqueeze(1), value=-1.0)
 
 
-class _TargetMarginInPlace(torch.autograd.Function):
-    """Overwrite logits[rows, cols] (= s*cos) with s*psi(cos) in place; exact backward.
+class _TargetLogitInPlace(torch.autograd.Function):
+    """Overwrite logits[rows, cols] (= s*cos) with target_fn(cos, params) in place; exact backward.
 
+    target_fn: s*psi_i(cos) per target row (the fixed margins: `target_logit` with params = the row
+    lambdas; the adaptive ones: their per-row margins, which may carry a gradient, e.g. MagFace's).
     The backward multiplies the B_g target entries of the incoming gradient by psi'(cos) in place
     (the gradient is the cross entropy's softmax buffer, held by nobody else).
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, cols, row_lambda, cfg: MarginConfig):
+    def forward(ctx, logits, rows, cols, target_fn, scale: float, params):
         compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        cos_target = logits[rows, cols].to(compute_dtype) / cfg.scale
-        logits[rows, cols] = target_logit(cos_target, cfg, row_lambda).to(logits.dtype)
+        cos_target = logits[rows, cols].to(compute_dtype) / scale
+        logits[rows, cols] = target_fn(cos_target, params).to(logits.dtype)
         ctx.mark_dirty(logits)
-        ctx.save_for_backward(cos_target, rows, cols, row_lambda)
-        ctx.cfg = cfg
+        ctx.save_for_backward(cos_target, rows, cols, params)
+        ctx.target_fn, ctx.scale = target_fn, scale
         return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        cos_target, rows, cols, row_lambda = ctx.saved_tensors
+        cos_target, rows, cols, params = ctx.saved_tensors
+        params_grad = ctx.needs_input_grad[5]
         with torch.enable_grad():
             cos_leaf = cos_target.detach().requires_grad_(True)
-            logit = target_logit(cos_leaf, ctx.cfg, row_lambda)
-            upstream = grad_logits[rows, cols].to(cos_leaf.dtype) / ctx.cfg.scale
-            (grad_cos,) = torch.autograd.grad(logit, cos_leaf, upstream)
-        grad_logits[rows, cols] = grad_cos.to(grad_logits.dtype)
-        return grad_logits, None, None, None, None
+            params_leaf = None if params is None else params.detach().requires_grad_(params_grad)
+            logit = ctx.target_fn(cos_leaf, params_leaf)
+            upstream = grad_logits[rows, cols].to(cos_leaf.dtype)
+            grads = torch.autograd.grad(logit, (cos_leaf, params_leaf) if params_grad else (cos_leaf,), upstream)
+        grad_logits[rows, cols] = (grads[0] / ctx.scale).to(grad_logits.dtype)
+        return grad_logits, None, None, None, None, grads[1] if params_grad else None
+
+
+class _HardNegativesInPlace(torch.autograd.Function):
+    """CurricularFace: s*c -> s*c*(t + c) on the hard negatives, in place; backward multiplies by t + 2c."""
+
+    @staticmethod
+    def forward(ctx, logits, threshold, t, rows, cols, scale: float):
+        derivative = modulate_hard_negatives_(logits, threshold, t, rows, cols, scale)
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(derivative)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        (derivative,) = ctx.saved_tensors
+        return grad_logits.mul_(derivative), None, None, None, None, None
+
+
+class _FixedMarginTarget:
+    """target_fn of the fixed margins: `target_logit(cos, cfg, row_lambda)`."""
+
+    def __init__(self, cfg: MarginConfig):
+        self.cfg = cfg
+
+    def __call__(self, cos: torch.Tensor, row_lambda: torch.Tensor | None) -> torch.Tensor:
+        return target_logit(cos, self.cfg, row_lambda)
 
 
 class ShardedMarginHead(nn.Module):
@@ -202,6 +235,9 @@ class ShardedMarginHead(nn.Module):
         self.sample_generator = torch.Generator(device="cpu" if on_meta else self.weight.device)
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
+        # CurricularFace / MagFace / AdaFace / ElasticFace: per-step margins and their (replicated) state
+        self.adaptive = build_adaptive_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0),
+                                              device=self.weight.device) if margin.adaptive else None
 
     @property
     def num_classes(self) -> int:
@@ -246,14 +282,58 @@ class ShardedMarginHead(nn.Module):
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         row_lambda = None if class_lambda is None else class_lambda[sampled[cols]].detach()
+        if self.adaptive is not None:
+            return self._adaptive_loss(features, labels, scaled, sampled, local_target, rows, cols, row_lambda, full)
         if self.chunk_size > 0:
             return chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, row_lambda,
                                        self.margin, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
         weight_rows = self.weight if full else self.weight.index_select(0, sampled)  # grad reaches sampled rows only
         logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
-        logits = _TargetMarginInPlace.apply(logits, rows, cols, row_lambda, self.margin)
+        logits = _TargetLogitInPlace.apply(logits, rows, cols, _FixedMarginTarget(self.margin), self.margin.scale,
+                                           row_lambda)
         return sharded_cross_entropy(logits, local_target, self.group)
+
+    def _adaptive_loss(self, features: torch.Tensor, labels: torch.Tensor, scaled: torch.Tensor,
+                       sampled: torch.Tensor, local_target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       row_lambda: torch.Tensor | None, full: bool) -> torch.Tensor:
+        """Loss of CurricularFace / MagFace / AdaFace / ElasticFace (`largefr.heads.adaptive_margins`)."""
+        norms = torch.linalg.vector_norm(features.to(self.weight.dtype), dim=1)
+        target_cos = global_lambda = None
+        if self.adaptive.needs_target_facts:
+            target_cos, global_lambda = self._global_target_facts(scaled, labels, sampled, rows, cols, row_lambda)
+        step = self.adaptive.step(norms=norms, labels=labels, rows=rows, target_cos=target_cos,
+                                  global_lambda=global_lambda, row_lambda=row_lambda, group=self.group)
+        hard = None if step.hard_threshold is None else (step.hard_threshold, step.curricular_t)
+        if self.chunk_size > 0:
+            loss = chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, None,
+                                       self.margin, group=self.group, chunk_size=self.chunk_size,
+                                       logits_dtype=self.logits_dtype, target_fn=self.adaptive.target_logit,
+                                       target_params=step.params, hard_negatives=hard)
+        else:
+            weight_rows = self.weight if full else self.weight.index_select(0, sampled)
+            logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
+            if hard is not None:
+                logits = _HardNegativesInPlace.apply(logits, *hard, rows, cols, self.margin.scale)
+            logits = _TargetLogitInPlace.apply(logits, rows, cols, self.adaptive.target_logit, self.margin.scale,
+                                               step.params)
+            loss = sharded_cross_entropy(logits, local_target, self.group)
+        return loss if step.extra_loss is None else loss + step.extra_loss
+
+    @torch.no_grad()
+    def _global_target_facts(self, scaled: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor,
+                             rows: torch.Tensor, cols: torch.Tensor,
+                             row_lambda: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_g,) target cosine and lambda of every gathered row, from the rank owning its class (one all-reduce);
+        0 and 1 where the row is ignored."""
+        weight_rows = self.weight.index_select(0, sampled[cols])
+        norms = torch.linalg.vector_norm(weight_rows, dim=1).clamp(min=_NORM_EPS)
+        facts = torch.zeros((2, labels.shape[0]), dtype=scaled.dtype, device=scaled.device)
+        facts[0, rows] = torch.linalg.vecdot(scaled[rows], weight_rows.to(scaled.dtype)) / norms / self.margin.scale
+        facts[1, rows] = 1.0 if row_lambda is None else row_lambda.to(scaled.dtype)
+        all_reduce_sum_(facts, self.group)
+        facts[1, labels < 0] = 1.0
+        return facts[0], facts[1]
 
     @torch.no_grad()
     def sample_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from largefr.config import Config, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.heads.margin import MarginConfig
+from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
@@ -141,7 +141,7 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     """The joint head (margin head + cluster terms) and its own optimizers, outside the engine."""
     h, optim = config.head, config.optim
     margin = MarginConfig(type=h.type, scale=h.scale, margin=h.margin, combined_margins=tuple(h.combined_margins),
-                          easy_margin=h.easy_margin)
+                          easy_margin=h.easy_margin, **adaptive_margin_settings(h))
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size,

@@ -9,6 +9,8 @@ this module decides which piece of the trainer goes where:
   generators (each with its device type), this rank's torch/numpy/python RNG states;
 * replicated (written by rank 0): momentum encoder, feature queue, the head's replicated
   parameters (`ClusterGuidedHead.replicated_parameters()`, each under its name) and their optimizer,
+  the adaptive margin's running state (`margin_state`: CurricularFace's t, AdaFace's norm statistics,
+  ElasticFace's CPU generator; world-size and device independent),
   the loop state (step, skip counters, verification), the data position and the config.
 The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint inside.
 
@@ -83,6 +85,8 @@ class TrainingCheckpointer:
         out.update({name: parameter.detach() for name, parameter in parameters.items()})
         if parameters:
             out["tau_optimizer"] = self.tau_optimizer.state_dict()
+        if self.head.margin_head.adaptive is not None:  # running margin state: identical on every rank
+            out["margin_state"] = self.head.margin_head.adaptive.state_dict()
         return out
 
     def save(self, trainer) -> str:
@@ -175,3 +179,10 @@ class TrainingCheckpointer:
                 parameter.copy_(replicated[name])
         if parameters:
             self.tau_optimizer.load_state_dict(replicated["tau_optimizer"])
+        adaptive = self.head.margin_head.adaptive
+        if (adaptive is None) != ("margin_state" not in replicated):
+            raise CheckpointError(f"checkpoint {path} {'lacks' if adaptive is not None else 'holds'} the running "
+                                  "margin state of head.type curricularface/magface/adaface/elasticface; resume "
+                                  "with the head.type it was written with")
+        if adaptive is not None:
+            adaptive.load_state_dict(replicated["margin_state"])
