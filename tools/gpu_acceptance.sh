@@ -170,6 +170,7 @@ for dtype in $BENCH_DTYPES; do
 done
 
 # ------------------------------------------------------------------------------ not run
-record dali skipped 0 0 "DALI's GPU decoder checks: its wheel (nvidia-dali-cuda*) is far over the 64 MiB a device run can carry and the device has none"
+DALI_REASON="DALI's GPU decoder checks: its wheel (nvidia-dali-cuda*) is far over the 64 MiB a device run can"
+record dali skipped 0 0 "$DALI_REASON carry and the device has none"
 
 "$PYTHON" tools/gpu_acceptance_summary.py --out "$OUT" --dry-run "$DRY_RUN" --budget "$BUDGET_S"

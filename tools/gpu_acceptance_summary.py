@@ -21,10 +21,12 @@ FAILED_STATUSES = ("failed", "timeout")
 
 
 def read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
+    """The file's JSON; None when a step left none, or a cut one (killed while writing)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def read_steps(out: str) -> list[dict]:
@@ -34,9 +36,10 @@ def read_steps(out: str) -> list[dict]:
 
 def junit_results(path: str) -> dict | None:
     """Counts, failed test ids with their first message line, and skip reasons of a pytest junit file."""
-    if not os.path.exists(path):
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (FileNotFoundError, ElementTree.ParseError):  # no file, or one cut by a killed pytest
         return None
-    root = ElementTree.parse(path).getroot()
     failures, skips = [], {}
     cases = list(root.iter("testcase"))
     for case in cases:
@@ -80,6 +83,8 @@ def bench_numbers(out: str) -> dict:
     results = {}
     for path in sorted(glob.glob(os.path.join(out, "bench_head_*.json"))):
         report = read_json(path)
+        if report is None:
+            continue
         rank = report["ranks"][0]
         results[report["dtype"]] = {"classes": report["classes"], "batch_per_rank": report["batch_per_rank"],
                                     "dim": report["dim"], "machine": report["machine"], "step_ms": rank["step_ms"],
@@ -106,8 +111,9 @@ def format_markdown(summary: dict, table: str) -> str:
     machine = summary["machine"] or {}
     mode = "dry run (CPU, tiny shapes)" if summary["dry_run"] else "GPU run"
     lines = [f"# GPU acceptance, {mode}, {summary['date']}", "",
-             f"Machine: {machine.get('device', '?')}; Python {machine.get('python', '?')}, torch {machine.get('torch', '?')}"
-             f" (CUDA {machine.get('cuda')}); {summary['total_seconds']} s of a {summary['budget_seconds']} s budget.", "",
+             f"Machine: {machine.get('device', '?')}; Python {machine.get('python', '?')}, "
+             f"torch {machine.get('torch', '?')} (CUDA {machine.get('cuda')}); "
+             f"{summary['total_seconds']} s of a {summary['budget_seconds']} s budget.", "",
              "| step | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['reason']} |" for s in summary["steps"]]
     tests = summary["gpu_tests"]

@@ -140,7 +140,8 @@ def _check_step(got: dict, name: str, ref_loss: float, ref_backbone: dict, ref_w
         # bf16/fp16 forward and backward of the backbone: a few percent of each gradient
         torch.testing.assert_close(got["backbone"][param].double(), grad, rtol=5e-2, atol=3e-2,
                                    msg=lambda m: f"{name} {param}: {m}")
-    torch.testing.assert_close(got["head"].double(), ref_weight, rtol=1e-2, atol=3e-2, msg=lambda m: f"{name} head: {m}")
+    torch.testing.assert_close(got["head"].double(), ref_weight, rtol=1e-2, atol=3e-2,
+                               msg=lambda m: f"{name} head: {m}")
 
 
 def _engine_reference():
