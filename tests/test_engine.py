@@ -163,3 +163,36 @@ def test_backbone_and_head_updates_equal_dense_reference_zero_0_1_2():
             rows = ref_weight[got["start"]:got["start"] + got["head"].shape[0]]
             torch.testing.assert_close(got["head"].double(), rows, rtol=1e-4, atol=atol,
                                        msg=lambda m: f"ZeRO {stage} rank {rank} head rows: {m}")
+
+
+def _bf16_batchnorm_steps(rank: int, world: int, networks: list[str]) -> dict:
+    from largefr.models import get_model
+    from largefr.train.engine import create_engine, engine_dtype
+
+    results = {}
+    for network in networks:
+        torch.manual_seed(0)
+        backbone = get_model(network, embedding_size=16, image_size=16)
+        config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=1, world_size=world,
+                                        zero_stage=1, precision="bf16", gradient_clipping=0.0)
+        engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=0.1), config)
+        norms = [m for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        before = norms[0].running_var.clone()
+        images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+        loss = engine(images.to(engine_dtype(engine))).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        results[network] = {"loss": float(loss), "param": engine_dtype(engine),
+                            "stats": {m.running_mean.dtype for m in norms} | {m.running_var.dtype for m in norms},
+                            "stats_moved": not torch.equal(before, norms[0].running_var)}
+    return results
+
+
+def test_bf16_engine_trains_batchnorm_backbones_with_fp32_running_stats():
+    # DeepSpeed 0.19.8 casts parameters to bf16 but leaves buffers fp32; a plain BatchNorm then fails on
+    # its first forward ("expected scalar type BFloat16 but found Float" on CPU)
+    for network, got in run_distributed(_bf16_batchnorm_steps, 1, ["mbf", "r18"])[0].items():
+        assert got["param"] == torch.bfloat16, network
+        assert got["stats"] == {torch.float32}, network
+        assert got["stats_moved"], network
+        assert torch.isfinite(torch.tensor(got["loss"])), network

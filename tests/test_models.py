@@ -230,6 +230,33 @@ def test_mbf_forward_matches_insightface_order():
         torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_with_bf16_parameters_keeps_fp32_statistics(momentum):
+    from largefr.models.norm import BatchNorm2d
+
+    reference = nn.BatchNorm2d(3, momentum=momentum)
+    layer = BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor([0.5, 1.0, 2.0]).bfloat16().float())
+        reference.bias.copy_(torch.tensor([0.25, -1.0, 0.0]))
+    layer.load_state_dict(reference.state_dict())
+    for parameter in layer.parameters():  # what a bf16 DeepSpeed engine does: parameters only
+        parameter.data = parameter.data.bfloat16()
+    for step in range(3):
+        images = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(step)).bfloat16()
+        expected, got = reference(images.float()), layer(images)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    assert layer.running_var.dtype == torch.float32
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == 3
+    got.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16 and torch.isfinite(layer.weight.grad.float()).all()
+    layer.eval()
+    torch.testing.assert_close(layer(images).float(), reference.eval()(images.float()), rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------- checkpoints and options
 
 @pytest.mark.parametrize("name", SMALL)

@@ -3,7 +3,8 @@
 Module and attribute names (conv1, bn1, prelu, layer1..layer4, bn2, dropout, fc, features and,
 inside a block, bn1, conv1, bn2, prelu, conv2, bn3, downsample.0/.1) are the ones of
 `recognition/arcface_torch/backbones/iresnet.py`, so a `backbone.pth` trained there loads here with
-`strict=True`. Precision (bf16/fp16) is left to DeepSpeed/autocast outside the model.
+`strict=True`. Precision (bf16/fp16) is left to DeepSpeed/autocast outside the model; the
+BatchNorm layers keep float32 running statistics beside bf16/fp16 parameters (largefr/models/norm.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from largefr.models.norm import BatchNorm1d, BatchNorm2d
 
 # Blocks per stage; every stage halves the spatial size (112 -> 56 -> 28 -> 14 -> 7).
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -37,17 +40,17 @@ class IBasicBlock(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+        self.bn1 = BatchNorm2d(in_channels, eps=BN_EPS)
         self.conv1 = _conv3x3(in_channels, channels)
-        self.bn2 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.bn2 = BatchNorm2d(channels, eps=BN_EPS)
         self.prelu = nn.PReLU(channels)
         self.conv2 = _conv3x3(channels, channels, stride)  # the stride sits on the second conv, as upstream
-        self.bn3 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.bn3 = BatchNorm2d(channels, eps=BN_EPS)
         self.downsample: nn.Sequential | None = None
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(channels, eps=BN_EPS),
+                BatchNorm2d(channels, eps=BN_EPS),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,17 +92,17 @@ class IResNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.activation_checkpointing = activation_checkpointing
         self.conv1 = _conv3x3(3, STEM_WIDTH)
-        self.bn1 = nn.BatchNorm2d(STEM_WIDTH, eps=BN_EPS)
+        self.bn1 = BatchNorm2d(STEM_WIDTH, eps=BN_EPS)
         self.prelu = nn.PReLU(STEM_WIDTH)
         in_channels = STEM_WIDTH
         for index, (num_blocks, width) in enumerate(zip(layers, STAGE_WIDTHS), start=1):
             setattr(self, f"layer{index}", _make_stage(in_channels, width, num_blocks))
             in_channels = width
-        self.bn2 = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+        self.bn2 = BatchNorm2d(in_channels, eps=BN_EPS)
         self.dropout = nn.Dropout(p=dropout)
         final_side = image_size // DOWNSAMPLE_FACTOR
         self.fc = nn.Linear(in_channels * final_side * final_side, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        self.features = BatchNorm1d(embedding_size, eps=BN_EPS)
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from largefr.models.iresnet import DOWNSAMPLE_FACTOR, check_backbone_args
+from largefr.models.norm import BatchNorm1d, BatchNorm2d
 
 
 def _conv(in_c: int, out_c: int, kernel: int, stride: int, groups: int, padding: int | None = None) -> nn.Conv2d:
@@ -26,7 +27,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_c: int, out_c: int, *, kernel: int = 1, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
-        self.layers = nn.Sequential(_conv(in_c, out_c, kernel, stride, groups), nn.BatchNorm2d(out_c), nn.PReLU(out_c))
+        self.layers = nn.Sequential(_conv(in_c, out_c, kernel, stride, groups), BatchNorm2d(out_c), nn.PReLU(out_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -38,7 +39,7 @@ class LinearBlock(nn.Module):
     def __init__(self, in_c: int, out_c: int, *, kernel: int = 1, stride: int = 1, groups: int = 1,
                  padding: int | None = None) -> None:
         super().__init__()
-        self.layers = nn.Sequential(_conv(in_c, out_c, kernel, stride, groups, padding), nn.BatchNorm2d(out_c))
+        self.layers = nn.Sequential(_conv(in_c, out_c, kernel, stride, groups, padding), BatchNorm2d(out_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -88,7 +89,7 @@ class GDC(nn.Module):
             LinearBlock(channels, channels, kernel=side, groups=channels, padding=0),
             nn.Flatten(),  # no parameters, but it keeps the linear layer at index 2 as upstream
             nn.Linear(channels, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size),
+            BatchNorm1d(embedding_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

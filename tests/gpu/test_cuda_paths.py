@@ -5,7 +5,6 @@ The CPU stand-ins of these checks are in tests/test_device_paths.py.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -142,60 +141,13 @@ def test_head_bench_peak_ignores_other_resident_tensors():
     assert with_ballast == pytest.approx(alone, rel=0.02)
 
 
-def _gpu_training(rank: int, world: int, config_dict: dict, resume: str | None) -> dict:
-    from largefr.config import Config
-    from largefr.train.build import build_trainer
-    from largefr.train.distributed_env import init_distributed, shutdown_distributed
-
-    trainer = build_trainer(Config.from_dict(config_dict, world_size=world), init_distributed(), resume=resume)
-    summary = trainer.train()
-    trainer.metrics.close()
-    shutdown_distributed(wait_for_peers=True)
-    return {"summary": summary, "step": trainer.state.step, "device": str(trainer.runner.device)}
-
-
-def _spawn_one_gpu_rank(fn, *args):
-    """One rank under NCCL in a fresh process (what `python launch/train.py` on one GPU does)."""
-    import torch.multiprocessing as mp
-
-    from tests.distributed_helpers import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    process = context.Process(target=_queue_result, args=(queue, fn, args))
-    process.start()
-    process.join(timeout=540)
-    assert process.exitcode == 0, f"GPU rank exited with {process.exitcode}"
-    return queue.get()
-
-
-def _queue_result(queue, fn, args) -> None:
-    queue.put(fn(0, 1, *args))
-
-
 def test_generated_data_gas_2_training_and_resume_on_gpu(tmp_path):
     """Defect 1 (rank 0 generates the data under NCCL), 2 (gas 2) and 3 (GPU-saved checkpoint) end to end."""
-    config = {
-        "data": {"num_classes": 16, "num_images": 128, "loader": "torch", "image_size": 32, "num_workers": 0,
-                 "val_targets": [],
-                 "synthetic": {"identities": 16, "images_per_identity": 8, "val_pairs": 20, "seed": 1,
-                               "cache_dir": str(tmp_path / "data")}},
-        "model": {"network": "mbf", "embedding_size": 16},
-        "head": {"scale": 16.0, "margin": 0.3, "sample_rate": 0.5},
-        "cluster": {"queue_size": 32, "num_sampled_centers": 8},
-        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
-        "schedule": {"type": "step", "epochs": 4},
-        "train": {"batch_size": 4, "precision": "fp32", "zero_stage": 1, "seed": 3, "max_steps": 2,
-                  "gradient_accumulation_steps": 2},
-        "eval": {"every": 0, "batch_size": 16, "nfolds": 2},
-        "checkpoint": {"every": 0, "keep_last": 2},
-        "logging": {"every": 1, "tensorboard": False},
-        "output": str(tmp_path / "run"),
-    }
-    first = _spawn_one_gpu_rank(_gpu_training, config, None)
+    from tests.gpu.gpu_helpers import small_run_config, spawn_one_rank, train_run
+
+    config = small_run_config(tmp_path, train={"gradient_accumulation_steps": 2})
+    first = spawn_one_rank(train_run, config, None)
     config["train"]["max_steps"] = 3
-    resumed = _spawn_one_gpu_rank(_gpu_training, config, "auto")
+    resumed = spawn_one_rank(train_run, config, "auto")
     assert first["step"] == 2 and resumed["step"] == 3
     assert first["device"] == resumed["device"] == str(DEVICE)

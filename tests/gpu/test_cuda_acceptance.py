@@ -1,0 +1,193 @@
+"""Issue 18's GPU checks: the head's CUDA kernels, NCCL DeepSpeed steps in bf16/fp16, training, checkpoints, memory.
+
+Marked `gpu`, skipped without CUDA: `python -m pytest -q -m gpu tests/gpu` (tools/gpu_acceptance.sh runs it).
+LARGEFR_GPU_TESTS_ON_CPU=1 runs them on the CPU to check their wiring (tests/gpu/gpu_helpers.py).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.gpu.gpu_helpers import (CPU_RANK_ENV, DEVICE, ON_CPU, needs_cuda, needs_device, small_run_config,
+                                   spawn_one_rank, train_run)
+from tests.train_helpers import ShardedArcFace, dense_reference, full_weight, rank_batch, tiny_backbone
+
+pytestmark = [pytest.mark.gpu, needs_device]
+
+CLASSES, DIM, BATCH, SCALE, MARGIN = 5003, 64, 96, 32.0, 0.4
+LOGITS = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 3e-2)}  # dtype, relative tolerance
+
+
+# ---------------------------------------------------------------------------- the head on the device
+
+
+def _head_on_device(rate: float, chunk: int, logits: str):
+    from largefr.heads.margin import MarginConfig
+    from largefr.heads.sharded_head import ShardedMarginHead
+
+    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(type="arcface", scale=SCALE, margin=MARGIN),
+                             sample_rate=rate, chunk_size=chunk, logits_dtype=LOGITS[logits][0], device=DEVICE,
+                             generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(BATCH, DIM, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    local = embeddings.float().to(DEVICE).requires_grad_(True)
+    loss = head(local, labels.to(DEVICE))
+    loss.backward()
+    return (head.weight.detach().double().cpu(), head.last_sampled.cpu(), embeddings, labels, float(loss.detach()),
+            local.grad.double().cpu(), head.weight.grad.double().cpu())
+
+
+def _arcface_reference(weight, sampled, embeddings, labels):
+    """float64 ArcFace cross entropy over the sampled classes, written from the formula; loss and gradients."""
+    embeddings, weight = embeddings.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(weight[sampled], dim=1).t()
+    column = torch.searchsorted(sampled, labels)
+    assert torch.equal(sampled[column], labels), "a positive is missing from the sampled classes"
+    positive = F.one_hot(column, len(sampled)).bool()
+    theta = torch.acos(cos.clamp(-1 + 1e-12, 1 - 1e-12))
+    # insightface's continuation past theta + m = pi: cos - m sin(m)
+    target = torch.where(theta + MARGIN <= math.pi, torch.cos(theta + MARGIN), cos - MARGIN * math.sin(MARGIN))
+    loss = F.cross_entropy(SCALE * torch.where(positive, target, cos), column)
+    loss.backward()
+    return float(loss), embeddings.grad, weight.grad
+
+
+@pytest.mark.parametrize("logits", list(LOGITS))
+@pytest.mark.parametrize("rate,chunk", [(1.0, 0), (0.3, 0), (1.0, 1024), (0.3, 1024)],
+                         ids=["sharded", "sharded_partial_fc", "chunked", "chunked_partial_fc"])
+def test_head_on_device_matches_cpu_float64_reference(rate, chunk, logits):
+    weight, sampled, embeddings, labels, loss, embedding_grad, weight_grad = _head_on_device(rate, chunk, logits)
+    ref_loss, ref_embedding_grad, ref_weight_grad = _arcface_reference(weight, sampled, embeddings, labels)
+    tolerance = LOGITS[logits][1]
+    assert loss == pytest.approx(ref_loss, rel=tolerance)
+    torch.testing.assert_close(embedding_grad, ref_embedding_grad, rtol=tolerance,
+                               atol=tolerance * float(ref_embedding_grad.abs().max()))
+    torch.testing.assert_close(weight_grad[sampled], ref_weight_grad[sampled], rtol=tolerance,
+                               atol=tolerance * float(ref_weight_grad.abs().max()))
+
+
+HEAD_MEMORY_CASES = {"default": (1.0, "fp32", 0), "partial_fc": (0.3, "fp32", 0), "bf16": (1.0, "bf16", 0),
+                     "chunked": (1.0, "fp32", 8192)}
+
+
+@pytest.mark.parametrize("case", list(HEAD_MEMORY_CASES))
+def test_head_max_memory_allocated_matches_the_planner(case):
+    from largefr.heads.bench import HeadBench, HeadBenchSettings
+    from largefr.train.memory_plan import PlanInputs, plan_memory
+
+    rate, precision, chunk = HEAD_MEMORY_CASES[case]
+    classes, batch, dim = (20_000, 64, 64) if ON_CPU else (400_000, 256, 256)
+    settings = HeadBenchSettings(batch=batch, classes=classes, dim=dim, world=1, sample_rate=rate,
+                                 dtype={"fp32": "float32", "bf16": "bfloat16"}[precision], chunk_size=chunk,
+                                 gemm_floor=False, threads=1)
+    measured = HeadBench(settings, 0, DEVICE).peak_memory_mb() * 2**20  # GPU: torch.cuda.max_memory_allocated
+    planned = plan_memory(PlanInputs(num_classes=classes, world_size=1, dim=dim, batch=batch, sample_rate=rate,
+                                     precision=precision, optimizer="none", chunk_size=chunk,
+                                     bank=False)).head_step_peak
+    assert abs(planned / measured - 1) < 0.15, (case, planned / 2**20, measured / 2**20)
+
+
+# ---------------------------------------------------------------------------- DeepSpeed engine steps
+
+
+ENGINE_CLASSES, ENGINE_BATCH = 7, 5
+
+
+def _engine_steps(rank: int, world: int, runs: list[tuple[int, str, dict]]) -> dict:
+    """One step per (ZeRO stage, precision, user deepspeed section) of a fresh engine + external head."""
+    from largefr.train.distributed_env import init_distributed
+    from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, create_engine,
+                                      engine_loss_scale)
+    from largefr.train.head_step import ExternalHeadStep
+    from largefr.train.step import StepRunner
+
+    env = init_distributed()
+    accelerator, fp16_supported = accelerator_facts()
+    images, labels = rank_batch(rank, ENGINE_BATCH, ENGINE_CLASSES)
+    results = {}
+    for stage, precision, section in runs:
+        backbone = tiny_backbone()
+        before = {name: p.detach().clone() for name, p in backbone.named_parameters()}
+        head = ShardedArcFace(full_weight(ENGINE_CLASSES)).to(env.device)
+        head_before = head.weight.detach().cpu().clone()
+        config = build_deepspeed_config(micro_batch_size=ENGINE_BATCH, gradient_accumulation_steps=1, world_size=world,
+                                        zero_stage=stage, precision=precision, gradient_clipping=0.0,
+                                        user_section=section, accelerator_name=accelerator,
+                                        fp16_supported=fp16_supported)
+        engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=1.0, momentum=0.0),
+                               config)
+        head_step = ExternalHeadStep(torch.optim.SGD(head.parameters(), lr=1.0), sharded=[head.weight],
+                                     replicated=[], gradient_accumulation_steps=1)
+        runner = StepRunner(engine=engine, head=head, head_step=head_step, device=env.device)
+        loss_scale = engine_loss_scale(engine)
+        step = runner.train_step([(images, labels)], lr=1.0, head_lr=1.0)
+        after = {name: p.detach().float().cpu() for name, p in engine.module.named_parameters()}
+        results[(stage, precision, bool(section))] = {
+            "backbone": {n: before[n] - after[n] for n in before}, "head": head_before - head.weight.detach().cpu(),
+            "applied": step.applied, "reason": step.skip_reason, "loss": float(step.loss), "loss_scale": loss_scale,
+            "head_grad_cleared": head.weight.grad is None, "device": str(env.device)}
+    return results
+
+
+def _check_step(got: dict, name: str, ref_loss: float, ref_backbone: dict, ref_weight: torch.Tensor) -> None:
+    assert got["applied"], f"{name}: step not applied ({got['reason']})"
+    assert got["loss"] == pytest.approx(ref_loss, rel=2e-2), name
+    for param, grad in ref_backbone.items():  # SGD lr 1, no momentum: the update is the gradient
+        # bf16/fp16 forward and backward of the backbone: a few percent of each gradient
+        torch.testing.assert_close(got["backbone"][param].double(), grad, rtol=5e-2, atol=3e-2,
+                                   msg=lambda m: f"{name} {param}: {m}")
+    torch.testing.assert_close(got["head"].double(), ref_weight, rtol=1e-2, atol=3e-2,
+                               msg=lambda m: f"{name} head: {m}")
+
+
+def _engine_reference():
+    images, labels = rank_batch(0, ENGINE_BATCH, ENGINE_CLASSES)
+    return dense_reference(tiny_backbone(), full_weight(ENGINE_CLASSES), images, labels)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_rank_engine_step_in_bf16_matches_dense_reference(stage):
+    got = spawn_one_rank(_engine_steps, [(stage, "bf16", {})])[(stage, "bf16", False)]
+    assert got["device"] == str(DEVICE) and got["loss_scale"] == 1.0
+    _check_step(got, f"ZeRO {stage} bf16", *_engine_reference())
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_rank_fp16_engine_scales_the_loss_unscales_the_head_and_skips_an_overflow(stage):
+    overflow = {"fp16": {"initial_scale_power": 40}}  # 2^40 x the loss overflows fp16 in the backbone's backward
+    results = spawn_one_rank(_engine_steps, [(stage, "fp16", {}), (stage, "fp16", overflow)])
+    scaled = results[(stage, "fp16", False)]
+    assert scaled["loss_scale"] == 2.0**16  # DeepSpeed's initial_scale_power default
+    _check_step(scaled, f"ZeRO {stage} fp16", *_engine_reference())  # head update unscaled: equals the reference
+    skipped = results[(stage, "fp16", True)]
+    assert not skipped["applied"] and "overflow" in skipped["reason"], skipped["reason"]
+    assert all(float(update.abs().max()) == 0.0 for update in skipped["backbone"].values())
+    assert float(skipped["head"].abs().max()) == 0.0 and skipped["head_grad_cleared"]
+
+
+# ---------------------------------------------------------------------------- training runs and checkpoints
+
+
+@pytest.mark.parametrize("loader", ["synthetic", "torch"])
+def test_short_bf16_training_run_on_the_device(loader, tmp_path):
+    config = small_run_config(tmp_path, data={"loader": loader}, train={"precision": "bf16", "max_steps": 3})
+    result = spawn_one_rank(train_run, config, None)
+    assert result["step"] == 3 and result["device"] == str(DEVICE)
+    assert result["summary"]["skipped_nonfinite_steps"] == 0
+    assert torch.isfinite(torch.tensor(result["summary"]["final_loss"])), result["summary"]
+
+
+def test_checkpoint_saved_on_the_device_resumes_on_cpu_and_back(tmp_path):
+    config = small_run_config(tmp_path, train={"max_steps": 2})
+    first = spawn_one_rank(train_run, config, None)
+    config["train"]["max_steps"] = 3
+    on_cpu = spawn_one_rank(train_run, config, "auto", env=CPU_RANK_ENV)
+    config["train"]["max_steps"] = 4
+    back = spawn_one_rank(train_run, config, "auto")
+    assert (first["step"], on_cpu["step"], back["step"]) == (2, 3, 4)
+    assert (first["device"], on_cpu["device"], back["device"]) == (str(DEVICE), "cpu", str(DEVICE))
