@@ -81,12 +81,23 @@ class SyntheticDataConfig(_Section):
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
     rec: str | None = None
-    """Folder holding train.rec, train.idx and property (insightface layout); required unless
-    data.loader is 'synthetic' or data.synthetic.cache_dir is set."""
-    num_classes: int
-    """Number of identities in the training set (must match the property file)."""
-    num_images: int
-    """Number of training images (sets the number of steps per epoch)."""
+    """Folder holding train.rec, train.idx and property, in any layout insightface's tools write
+    (faces_emore's header and identity records, or RecBuilder's images from key 0, property with a
+    second line, train.meta); one of data.rec / data.images is required unless data.loader is
+    'synthetic' or data.synthetic.cache_dir is set."""
+    images: str | None = None
+    """Folder of identity sub-folders of images (as arcface_torch's ImageFolder fallback reads: labels
+    follow sorted folder names), packed once into a cached train.rec under data.cache_dir (packed
+    again when a file is added, removed or changed); instead of data.rec."""
+    cache_dir: str | None = None
+    """Folder of the packed copy of data.images, and of the scanned index of a read-only data.rec;
+    null = $LARGEFR_CACHE, else ~/.cache/largefr."""
+    num_classes: int | None = None
+    """Number of identities in the training set; null = read from the property file (else the largest
+    label + 1). Given and different from the data: an error says which value is right."""
+    num_images: int | None = None
+    """Number of training images (sets the number of steps per epoch); null = counted by the scan of
+    train.rec. Given and different from the data: an error says which value is right."""
     loader: Literal["dali", "torch", "synthetic"] = "dali"
     """'dali' (GPU or CPU DALI pipeline), 'torch' (DataLoader fallback, same outputs) or
     'synthetic' (random in-memory tensors, for benchmarks)."""
@@ -108,9 +119,13 @@ class DataConfig(_Section):
 
     @property
     def data_dir(self) -> str | None:
-        """Folder holding the training files: data.rec, else the synthetic cache folder."""
+        """Folder holding the training files: data.rec, the packed copy of data.images, else the synthetic cache."""
         if self.rec is not None:
             return self.rec
+        if self.images is not None:
+            from largefr.data.pack import packed_folder_for
+
+            return packed_folder_for(self.images, self.cache_dir)
         return self.synthetic.cache_dir if self.synthetic is not None else None
 
 

@@ -1,6 +1,7 @@
 """Assemble a `Trainer` from a `Config`: data, backbone engine, head, optimizers, schedule, logs, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -82,7 +83,12 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
     if folder is None:
         raise DataSetupError("data.rec is not set: give the folder holding train.rec, train.idx and property "
                              "(or data.synthetic.cache_dir for a generated data set)")
-    if data.rec is None and data.synthetic is not None:
+    if data.images is not None:
+        from largefr.data.pack import ensure_packed
+
+        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir),
+                          f"packing data.images={data.images} into {folder}", device=env.device)
+    elif data.rec is None and data.synthetic is not None:
         def generate() -> None:
             ensure_synthetic_data(config, progress=env.is_main)
 
@@ -91,6 +97,27 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
         raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
                              "train.rec, train.idx and property")
     return folder
+
+
+def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) -> Config:
+    """`config` with data.num_classes / num_images read from the data where not given (checked where given)."""
+    from largefr.config_validation import world_size_issues
+    from largefr.data import prepare_image_index
+    from largefr.data.image_index import counts_from_data
+
+    data = config.data
+    if data.loader == "synthetic":
+        return config  # nothing to count: the config check required both
+    index = prepare_image_index(folder, on_bad_image=data.on_bad_image, cache_dir=data.cache_dir)
+    num_classes, num_images = counts_from_data(folder, index, num_classes=data.num_classes,
+                                               num_images=data.num_images)
+    resolved = dataclasses.replace(config, data=dataclasses.replace(data, num_classes=num_classes,
+                                                                    num_images=num_images))
+    issues = world_size_issues(resolved, env.world_size)
+    if issues:
+        raise DataSetupError("; ".join(f"{key}: {problem}" for key, problem in issues)
+                             + f" (counts read from the data in {folder})")
+    return resolved
 
 
 def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
@@ -126,7 +153,7 @@ def build_train_loader(config: Config, folder: str | None, env: DistributedEnv):
                         seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
                         shuffle=True, random_flip=data.random_flip, shuffle_buffer=data.shuffle_buffer,
                         on_bad_image=data.on_bad_image, drop_last=True, num_images=data.num_images,
-                        device=env.device)
+                        cache_dir=data.cache_dir, device=env.device)
 
 
 @dataclass(kw_only=True)
@@ -194,6 +221,7 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
     seed_everything(config.train.seed, env.rank)
     folder = prepare_data_dir(config, env)
+    config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)
     loader = build_train_loader(config, folder, env)
     engine, encoder = build_engine(config, env)
