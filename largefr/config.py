@@ -138,6 +138,12 @@ class ModelConfig(_Section):
     """Dimension of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface's IResNet uses 0)."""
+    init_from: str | None = None
+    """Start the backbone from these weights: an insightface backbone.pth, a largefr model.pt
+    (tools/export_backbone.py) or a largefr checkpoint (run folder, checkpoints/ or step_N; its backbone
+    only, so the classifier may have another number of classes). Names and shapes must fit model.network
+    and model.embedding_size exactly (an error names the keys; nothing is loaded in part). The momentum
+    encoder starts as a copy of the loaded backbone. Ignored when the run resumes from a checkpoint."""
 
 
 @dataclass(kw_only=True)
@@ -161,6 +167,11 @@ class HeadConfig(_Section):
     """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
     init_std: float = 0.01
     """Standard deviation of the normal initialization of classifier rows."""
+    init: Literal["random", "class_mean"] = "random"
+    """Classifier start: 'random' (normal, head.init_std), or 'class_mean' (needs model.init_from): one pass
+    of the loaded backbone over the training data sets each class's W row to its normalized mean embedding
+    (weight imprinting, scaled to the norm of a random row) and its cluster-bank center and phi from the
+    same pass, so the cluster terms are active from step 1. Skipped when the run resumes."""
 
 
 @dataclass(kw_only=True)
@@ -298,6 +309,9 @@ class TrainConfig(_Section):
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Use deterministic kernels (slower)."""
+    freeze_backbone_steps: int = 0
+    """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
+    first; BatchNorm statistics still move); the schedule is not shifted."""
 
 
 @dataclass(kw_only=True)

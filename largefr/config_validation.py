@@ -121,7 +121,8 @@ def _synthetic_checks(s: Any) -> list[Check]:
 
 
 def _model_checks(m: Any) -> list[Check]:
-    return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout))]
+    return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout)),
+            ("init_from", _nonempty(m.init_from))]
 
 
 def _head_checks(h: Any) -> list[Check]:
@@ -254,6 +255,11 @@ def config_issues(config: Any) -> list[Issue]:
               for key in _owned_deepspeed_keys(config.deepspeed)]
     if not config.output.strip():
         issues.append(("output", "must not be empty: the run folder"))
+    if config.head.init == "class_mean" and config.model.init_from is None:
+        issues.append(("head.init", "'class_mean' needs model.init_from (class means of a random backbone say "
+                       "nothing); set model.init_from or head.init=random"))
+    if config.train.freeze_backbone_steps < 0:
+        issues.append(("train.freeze_backbone_steps", f"must be >= 0, got {config.train.freeze_backbone_steps}"))
     return issues + world_size_issues(config, 1)
 
 
