@@ -90,8 +90,8 @@ class DataConfig(_Section):
     follow sorted folder names), packed once into a cached train.rec under data.cache_dir (packed
     again when a file is added, removed or changed); instead of data.rec."""
     cache_dir: str | None = None
-    """Folder of the packed copy of data.images, and of the scanned index of a read-only data.rec;
-    null = $LARGEFR_CACHE, else ~/.cache/largefr."""
+    """Folder of the packed copy of data.images and of the scanned image indexes; null = $LARGEFR_CACHE,
+    else ~/.cache/largefr (a scan of a writable data.rec is then written beside it)."""
     num_classes: int | None = None
     """Number of identities in the training set; null = read from the property file (else the largest
     label + 1). Given and different from the data: an error says which value is right."""

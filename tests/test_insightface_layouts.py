@@ -14,6 +14,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from largefr.data import prepare_image_index
@@ -188,12 +189,18 @@ def _train_each(rank: int, world: int, layouts: dict[str, str], output: str, cac
     results = {}
     for name, folder in layouts.items():
         source = {"images": folder, "cache_dir": cache} if name == "images" else {"rec": folder}
-        config = Config.from_dict(_config(f"{output}/{name}", **source), world_size=world)
-        trainer = build_trainer(config, env)
+        config = _config(f"{output}/{name}", **source)
+        config["train"]["freeze_backbone_steps"] = 2 if name == "images" else 0  # the image folder run: frozen
+        trainer = build_trainer(Config.from_dict(config, world_size=world), env)
         trainer.loss_history = []
+        before = [p.detach().clone() for p in trainer.runner.engine.module.parameters()]
+        head_before = trainer.runner.head.margin_head.weight.detach().clone()
         summary = trainer.train()
         trainer.metrics.close()
-        results[name] = {"losses": [float(x) for x in trainer.loss_history], "summary": summary}
+        after = list(trainer.runner.engine.module.parameters())
+        results[name] = {"losses": [float(x) for x in trainer.loss_history], "summary": summary,
+                         "backbone_moved": any(not torch.equal(a, b) for a, b in zip(before, after)),
+                         "head_moved": not torch.equal(head_before, trainer.runner.head.margin_head.weight)}
     return results
 
 
@@ -205,4 +212,7 @@ def test_every_layout_and_an_image_folder_train_with_counts_from_the_data(layout
         assert result["summary"]["num_classes"] == IDENTITIES, name
         assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"])), name
         assert result["losses"] == pytest.approx(per_rank[1][name]["losses"], rel=1e-6)
-    assert os.path.isfile(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0] / "source.json")
+        assert result["head_moved"]
+        assert result["backbone_moved"] == (name != "images"), name  # train.freeze_backbone_steps=2 there
+    packed = [name for name in os.listdir(tmp_path / "cache") if name.startswith("images-")]
+    assert len(packed) == 1 and os.path.isfile(tmp_path / "cache" / packed[0] / "source.json")
