@@ -81,12 +81,23 @@ class SyntheticDataConfig(_Section):
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
     rec: str | None = None
-    """Folder holding train.rec, train.idx and property (insightface layout); required unless
-    data.loader is 'synthetic' or data.synthetic.cache_dir is set."""
-    num_classes: int
-    """Number of identities in the training set (must match the property file)."""
-    num_images: int
-    """Number of training images (sets the number of steps per epoch)."""
+    """Folder holding train.rec, train.idx and property, in any layout insightface's tools write
+    (faces_emore's header and identity records, or RecBuilder's images from key 0, property with a
+    second line, train.meta); one of data.rec / data.images is required unless data.loader is
+    'synthetic' or data.synthetic.cache_dir is set."""
+    images: str | None = None
+    """Folder of identity sub-folders of images (as arcface_torch's ImageFolder fallback reads: labels
+    follow sorted folder names), packed once into a cached train.rec under data.cache_dir (packed
+    again when a file is added, removed or changed); instead of data.rec."""
+    cache_dir: str | None = None
+    """Folder of the packed copy of data.images and of the scanned image indexes; null = $LARGEFR_CACHE,
+    else ~/.cache/largefr (a scan of a writable data.rec is then written beside it)."""
+    num_classes: int | None = None
+    """Number of identities in the training set; null = read from the property file (else the largest
+    label + 1). Given and different from the data: an error says which value is right."""
+    num_images: int | None = None
+    """Number of training images (sets the number of steps per epoch); null = counted by the scan of
+    train.rec. Given and different from the data: an error says which value is right."""
     loader: Literal["dali", "torch", "synthetic"] = "dali"
     """'dali' (GPU or CPU DALI pipeline), 'torch' (DataLoader fallback, same outputs) or
     'synthetic' (random in-memory tensors, for benchmarks)."""
@@ -108,9 +119,13 @@ class DataConfig(_Section):
 
     @property
     def data_dir(self) -> str | None:
-        """Folder holding the training files: data.rec, else the synthetic cache folder."""
+        """Folder holding the training files: data.rec, the packed copy of data.images, else the synthetic cache."""
         if self.rec is not None:
             return self.rec
+        if self.images is not None:
+            from largefr.data.pack import packed_folder_for
+
+            return packed_folder_for(self.images, self.cache_dir)
         return self.synthetic.cache_dir if self.synthetic is not None else None
 
 
@@ -123,6 +138,12 @@ class ModelConfig(_Section):
     """Dimension of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface's IResNet uses 0)."""
+    init_from: str | None = None
+    """Start the backbone from these weights: an insightface backbone.pth, a largefr model.pt
+    (tools/export_backbone.py) or a largefr checkpoint (run folder, checkpoints/ or step_N; its backbone
+    only, so the classifier may have another number of classes). Names and shapes must fit model.network
+    and model.embedding_size exactly (an error names the keys; nothing is loaded in part). The momentum
+    encoder starts as a copy of the loaded backbone. Ignored when the run resumes from a checkpoint."""
 
 
 @dataclass(kw_only=True)
@@ -177,6 +198,11 @@ class HeadConfig(_Section):
     """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
     init_std: float = 0.01
     """Standard deviation of the normal initialization of classifier rows."""
+    init: Literal["random", "class_mean"] = "random"
+    """Classifier start: 'random' (normal, head.init_std), or 'class_mean' (needs model.init_from): one pass
+    of the loaded backbone over the training data sets each class's W row to its normalized mean embedding
+    (weight imprinting, scaled to the norm of a random row) and its cluster-bank center and phi from the
+    same pass, so the cluster terms are active from step 1. Skipped when the run resumes."""
 
 
 @dataclass(kw_only=True)
@@ -314,6 +340,9 @@ class TrainConfig(_Section):
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Use deterministic kernels (slower)."""
+    freeze_backbone_steps: int = 0
+    """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
+    first; BatchNorm statistics still move); the schedule is not shifted."""
 
 
 @dataclass(kw_only=True)

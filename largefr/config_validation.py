@@ -69,13 +69,14 @@ def _data_checks(d: Any) -> list[Check]:
     reads_rec = d.loader != "synthetic" and not (d.synthetic and d.synthetic.cache_dir)
     repeated = sorted({t for t in d.val_targets if d.val_targets.count(t) > 1})
     checks = [
-        ("rec", "required: the folder holding train.rec, train.idx and property (or set "
+        ("rec", "required: the folder holding train.rec, train.idx and property (or set data.images, "
                 "data.synthetic.cache_dir, or data.loader 'synthetic')"
-         if reads_rec and d.rec is None else _nonempty(d.rec)),
-        ("num_classes", _min(d.num_classes, 1)),
-        ("num_images", None if d.num_images >= max(d.num_classes, 1) else
-         f"must be >= data.num_classes ({d.num_classes}): every identity has an image, "
-         f"got {d.num_images}"),
+         if reads_rec and d.rec is None and d.images is None else _nonempty(d.rec)),
+        ("images", "give data.rec or data.images, not both" if d.rec is not None and d.images is not None
+         else _nonempty(d.images)),
+        ("cache_dir", _nonempty(d.cache_dir)),
+        ("num_classes", None if d.num_classes is None else _min(d.num_classes, 1)),
+        ("num_images", _counts_problem(d.num_classes, d.num_images, d.loader)),
         ("val_targets", f"listed twice: {repeated}" if repeated else
          ("names must not be empty" if not all(t.strip() for t in d.val_targets) else None)),
         ("image_size", None if d.image_size > 0 and d.image_size % 16 == 0 else
@@ -85,16 +86,26 @@ def _data_checks(d: Any) -> list[Check]:
         ("shuffle_buffer", _min(d.shuffle_buffer, 1)),
     ]
     synthetic = d.synthetic
-    if synthetic is not None and d.rec is None and d.loader != "synthetic":
+    if synthetic is not None and d.rec is None and d.images is None and d.loader != "synthetic":
         images = synthetic.identities * synthetic.images_per_identity
         checks += [
-            ("num_classes", None if d.num_classes == synthetic.identities else
+            ("num_classes", None if d.num_classes in (None, synthetic.identities) else
              f"must equal data.synthetic.identities ({synthetic.identities}), got {d.num_classes}"),
-            ("num_images", None if d.num_images == images else
+            ("num_images", None if d.num_images in (None, images) else
              f"must equal identities x images_per_identity of data.synthetic ({images}), "
              f"got {d.num_images}"),
         ]
     return checks
+
+
+def _counts_problem(num_classes: int | None, num_images: int | None, loader: str) -> str | None:
+    """data.num_images against data.num_classes; both are required by the synthetic loader (no data to count)."""
+    if loader == "synthetic" and (num_classes is None or num_images is None):
+        return "data.num_classes and data.num_images are required with data.loader 'synthetic' (no data to count)"
+    if num_images is None or num_classes is None:
+        return None
+    return None if num_images >= max(num_classes, 1) else \
+        f"must be >= data.num_classes ({num_classes}): every identity has an image, got {num_images}"
 
 
 def _synthetic_checks(s: Any) -> list[Check]:
@@ -110,7 +121,8 @@ def _synthetic_checks(s: Any) -> list[Check]:
 
 
 def _model_checks(m: Any) -> list[Check]:
-    return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout))]
+    return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout)),
+            ("init_from", _nonempty(m.init_from))]
 
 
 def _head_checks(h: Any) -> list[Check]:
@@ -258,6 +270,11 @@ def config_issues(config: Any) -> list[Issue]:
               for key in _owned_deepspeed_keys(config.deepspeed)]
     if not config.output.strip():
         issues.append(("output", "must not be empty: the run folder"))
+    if config.head.init == "class_mean" and config.model.init_from is None:
+        issues.append(("head.init", "'class_mean' needs model.init_from (class means of a random backbone say "
+                       "nothing); set model.init_from or head.init=random"))
+    if config.train.freeze_backbone_steps < 0:
+        issues.append(("train.freeze_backbone_steps", f"must be >= 0, got {config.train.freeze_backbone_steps}"))
     return issues + world_size_issues(config, 1)
 
 
@@ -266,10 +283,10 @@ def world_size_issues(config: Any, world_size: int) -> list[Issue]:
     issues: list[Issue] = []
     data, batch = config.data, config.train.batch_size * world_size
     ranks = f" x world size {world_size}" if world_size > 1 else ""
-    if world_size > 1 and data.num_classes < world_size:
+    if world_size > 1 and data.num_classes is not None and data.num_classes < world_size:
         issues.append(("data.num_classes", f"{data.num_classes} is smaller than the world size "
                        f"({world_size}): every rank must own at least one class; use fewer ranks"))
-    if data.num_images < batch:
+    if data.num_images is not None and data.num_images < batch:
         issues.append(("data.num_images", f"{data.num_images} images give no full batch of "
                        f"train.batch_size {config.train.batch_size}{ranks} (the last incomplete "
                        "batch is dropped); lower train.batch_size"))

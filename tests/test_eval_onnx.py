@@ -95,3 +95,53 @@ def test_missing_extra_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "largefr\[eval\]"'):
         export_onnx(torch.nn.Identity(), str(tmp_path / "x.onnx"))
+
+
+def _large_norm_weights(tmp_path) -> tuple[torch.nn.Module, str]:
+    """A small model whose embeddings have norms ~1e6 (its last BatchNorm scaled; unscaled they are ~1e-5):
+    float rounding alone makes raw differences far above 1e-4."""
+    torch.manual_seed(0)
+    model = get_model("mbf", embedding_size=8, image_size=112).eval()
+    with torch.no_grad():
+        last_norm = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)][-1]
+        last_norm.weight.mul_(1e11)
+    path = str(tmp_path / "model.pt")
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_parity_is_judged_on_normalized_embeddings(tmp_path, capsys):
+    model, weights = _large_norm_weights(tmp_path)
+    out = str(tmp_path / "model.onnx")
+    assert load_tool("export_onnx").main(["--weights", weights, "--out", out]) == 0, capsys.readouterr().err
+    images = random_images(4)
+    with torch.no_grad():
+        assert model(images).norm(dim=1).min() > 1e5
+    assert max_abs_difference(model, out, images) > TOLERANCE  # the raw check would refuse this model
+    assert "L2-normalized embeddings; raw" in capsys.readouterr().out
+    with torch.no_grad():
+        model.features.layers[2].weight.mul_(-1)  # a real difference is still caught
+    from largefr.eval.onnx_export import normalized_difference
+
+    assert normalized_difference(model, out, images) > 0.1
+
+
+def test_exported_model_loads_in_insightface_arcface_onnx(tmp_path):
+    """insightface's own inference class (INSIGHTFACE_SRC: an unpacked insightface wheel) reads the export."""
+    if os.environ.get("INSIGHTFACE_SRC"):
+        sys.path.insert(0, os.environ["INSIGHTFACE_SRC"])
+    try:
+        from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    except Exception as error:  # noqa: BLE001 - any missing dependency of insightface (cv2, skimage, ...)
+        pytest.skip(f"insightface's ArcFaceONNX is not importable here ({type(error).__name__}: {error})")
+    model, weights = _large_norm_weights(tmp_path)
+    out = str(tmp_path / "model.onnx")
+    export_onnx(model, out)
+    recognizer = ArcFaceONNX(model_file=out)
+    assert (recognizer.input_mean, recognizer.input_std) == (127.5, 127.5)  # its normalization is ours
+    assert recognizer.input_size == (112, 112) and recognizer.output_names == ["embedding"]
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 3, 112, 112)).astype(np.float32)
+    ours = torch.nn.functional.normalize(model(torch.from_numpy((pixels - 127.5) / 127.5)), dim=1).detach().numpy()
+    theirs = recognizer.forward(pixels)
+    theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=TOLERANCE)

@@ -83,7 +83,7 @@ def test_bad_files_rejected(tmp_path):
         pickle.dump({"weight": os.system}, handle, protocol=2)  # would name a callable on load
     with pytest.raises(WeightsError, match="refused to load"):
         read_state_dict(hostile)
-    with pytest.raises(WeightsError, match="no manifest.json"):
+    with pytest.raises(WeightsError, match=r"holds no checkpoint \(found: hostile.pt, list.pt\); name a run folder"):
         load_backbone(checkpoint=str(tmp_path))
     with pytest.raises(WeightsError, match="exactly one of --weights FILE or --checkpoint DIR"):
         load_backbone()

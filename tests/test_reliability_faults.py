@@ -342,9 +342,12 @@ def _make_bad_data(case: str, data: str) -> tuple[dict, str]:
         write_insightface_rec(data, [], num_classes=16, image_size=(32, 32))
         return {}, "train.rec: holds no usable image records"
     if case == "shard smaller than one batch":
-        # data.num_images overstated, so the config check passes and the loader meets the real 128 images
-        return ({"train": {"batch_size": 80}, "cluster": {"queue_size": 256}, "data": {"num_images": 1000}},
-                "smaller than one batch of 80")
+        # the config gives no count, so only the 128 images counted in the data show the problem
+        return ({"train": {"batch_size": 80}, "cluster": {"queue_size": 256},
+                 "data": {"num_images": None, "num_classes": None}},
+                "128 images give no full batch of train.batch_size 80 x world size 2")
+    if case == "num_images overstated":
+        return {"data": {"num_images": 1000}}, "holds 128 usable images but the config has data.num_images=1000"
     if case == "world size > num_classes":
         return {"data": {"num_classes": 1}}, "num_classes"
     if case == "pickled callable in a .bin":
@@ -360,7 +363,7 @@ def _make_bad_data(case: str, data: str) -> tuple[dict, str]:
 BAD_INPUT_CASES = ["not an image (scan)", "undecodable image, torch loader", "undecodable image, dali loader",
                    "truncated rec", "wrong magic", "idx offset past the end", "duplicate idx key", "missing idx key",
                    "negative label", "label >= num_classes", "property mismatch", "empty data set",
-                   "shard smaller than one batch", "world size > num_classes", "pickled callable in a .bin"]
+                   "shard smaller than one batch", "num_images overstated", "world size > num_classes", "pickled callable in a .bin"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from largefr.train.checkpoint import locate_checkpoint
 from largefr.train.checkpoint_io import CheckpointError
 from largefr.train.reshard import export_backbone
 
@@ -21,7 +22,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step_<N>)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder, its checkpoints/ folder or one step_<N> folder (latest complete step)")
     parser.add_argument("--out", required=True, help="output file, e.g. model.pt")
     parser.add_argument("--prefix", default="", help="keep only keys under this prefix and strip it (e.g. 'backbone.')")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        weights = export_backbone(args.checkpoint, args.out, prefix=args.prefix, dtype=DTYPES[args.dtype])
+        weights = export_backbone(locate_checkpoint(args.checkpoint), args.out, prefix=args.prefix,
+                                  dtype=DTYPES[args.dtype])
     except (CheckpointError, OSError) as error:
         print(f"export_backbone: error: {error}", file=sys.stderr)
         return 2

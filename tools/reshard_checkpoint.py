@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from largefr.train.checkpoint import locate_checkpoint
 from largefr.train.checkpoint_io import CheckpointError
 from largefr.train.reshard import reshard_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a complete checkpoint directory (step_<N>)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder, its checkpoints/ folder or one step_<N> folder (latest complete step)")
     parser.add_argument("--world", type=int, required=True, help="number of ranks that will resume it")
     parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
     return parser.parse_args(argv)
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.world < 1:
             raise ValueError(f"--world must be >= 1, got {args.world}")
-        out = reshard_checkpoint(args.checkpoint, args.out, args.world)
+        out = reshard_checkpoint(locate_checkpoint(args.checkpoint), args.out, args.world)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"reshard_checkpoint: error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from largefr.data.recordio import (IR_HEADER_SIZE, RECORDIO_MAGIC, BadImageError, IndexedRecordReader,
-                                   RecordIOError, first_label, read_property, unpack_header)
+                                   RecordIOError, first_label, read_property, read_property_file,
+                                   unpack_header)
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,15 @@ class ImageIndex:
                                 "label, or the file is corrupt")
 
 
+def cache_base(cache_dir: str | None) -> str:
+    """Where largefr keeps what it derives from data: `cache_dir`, else $LARGEFR_CACHE, else ~/.cache/largefr."""
+    return cache_dir or os.environ.get("LARGEFR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "largefr")
+
+
 def _cache_dir_for(rec_dir: str, cache_dir: str | None) -> str:
     if cache_dir is None and os.access(rec_dir, os.W_OK):
         return rec_dir
-    base = cache_dir or os.environ.get("LARGEFR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "largefr")
+    base = cache_base(cache_dir)
     folder = os.path.join(base, hashlib.sha1(os.path.abspath(rec_dir).encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
     return folder
@@ -211,3 +217,25 @@ def prepare_image_index(rec_dir: str, *, num_classes: int | None = None, on_bad_
     if num_classes is not None:
         index.check_labels(num_classes)
     return index
+
+
+def counts_from_data(rec_dir: str, index: ImageIndex, *, num_classes: int | None = None,
+                     num_images: int | None = None) -> tuple[int, int]:
+    """(num_classes, num_images) the data holds, checked against the values the config gives (None: not given).
+
+    Classes: the property file's count, else the largest label + 1. Images: the usable images of the scan.
+    """
+    path = os.path.join(rec_dir, "property")
+    has_property = os.path.exists(path)
+    found_classes = read_property_file(rec_dir)[0] if has_property else int(index.labels.max()) + 1
+    source = path if has_property else f"{index.rec_path} (largest label + 1; no property file)"
+    if num_classes is not None and num_classes != found_classes:
+        raise RecordIOError(f"{source}: says {found_classes} classes but the config has data.num_classes="
+                            f"{num_classes}; set data.num_classes={found_classes} or leave it out to read it")
+    index.check_labels(found_classes)
+    skipped = f" ({len(index.bad_keys)} records that are not images left out)" if index.bad_keys else ""
+    if num_images is not None and num_images != len(index):
+        raise RecordIOError(f"{index.rec_path}: holds {len(index)} usable images{skipped} but the config has "
+                            f"data.num_images={num_images}; set data.num_images={len(index)} or leave it out to "
+                            "count them")
+    return found_classes, len(index)

@@ -11,6 +11,9 @@ encoded image. insightface layout: key 0 is a header with flag 2 and label
 `[first_identity_key, end_key]`; images are keys `1 .. first_identity_key-1`; keys
 `first_identity_key .. end_key-1` hold one record per identity with label
 `[first_image_key, end_image_key]`. `train.idx` is text `key\\toffset`; `property` is `C,H,W`.
+insightface's current RecBuilder writes another layout: images from key 0, no header nor identity
+records, a label that may be a vector (class = its first element), a second `property` line holding
+the number of images and a pickled `train.meta` beside them (not needed here). Both are read.
 """
 from __future__ import annotations
 
@@ -149,21 +152,35 @@ def read_index(path_idx: str) -> dict[int, int]:
     return offsets
 
 
-def read_property(folder: str) -> tuple[int, int, int]:
-    """(num_classes, H, W) from `folder/property` (insightface writes `num_classes,H,W`)."""
+def read_property_file(folder: str) -> tuple[int, int, int, int | None]:
+    """(num_classes, H, W, num_images or None) from `folder/property`.
+
+    insightface's packing scripts write one line `num_classes,H,W`; its RecBuilder adds a second line
+    holding the number of images.
+    """
     path = os.path.join(folder, "property")
     try:
         with open(path, encoding="ascii") as f:
-            text = f.read().strip()
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except FileNotFoundError:
         raise RecordIOError(f"{path}: missing; it must hold 'num_classes,height,width' (e.g. 85742,112,112)") from None
+    if not 1 <= len(lines) <= 2:
+        raise RecordIOError(f"{path}: holds {len(lines)} lines, expected 'num_classes,height,width' and "
+                            "optionally a second line with the number of images")
     try:
-        num_classes, height, width = (int(v) for v in text.split(","))
+        num_classes, height, width = (int(v) for v in lines[0].split(","))
+        num_images = int(lines[1]) if len(lines) == 2 else None
     except ValueError:
-        raise RecordIOError(f"{path}: holds {text!r}, expected 'num_classes,height,width'") from None
-    if min(num_classes, height, width) <= 0:
-        raise RecordIOError(f"{path}: values must be positive, got {text!r}")
-    return num_classes, height, width
+        raise RecordIOError(f"{path}: holds {' / '.join(lines)!r}, expected 'num_classes,height,width' "
+                            "(and optionally a line with the number of images)") from None
+    if min(num_classes, height, width) <= 0 or (num_images is not None and num_images <= 0):
+        raise RecordIOError(f"{path}: values must be positive, got {' / '.join(lines)!r}")
+    return num_classes, height, width, num_images
+
+
+def read_property(folder: str) -> tuple[int, int, int]:
+    """(num_classes, H, W) from `folder/property` (insightface writes `num_classes,H,W`)."""
+    return read_property_file(folder)[:3]
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -265,11 +282,12 @@ class IndexedRecordReader:
         return self.file.read_sample_at(self.offset_of(key), key)
 
     def image_keys(self) -> list[int]:
-        """Image keys in insightface's layout: 1..label[0]-1 when record 0 is a header, else all keys."""
+        """Image keys: 1..label[0]-1 when record 0 is a header (a label vector and no image: faces_emore's
+        layout), else every key (RecBuilder's layout, images from key 0, labels scalar or vectors)."""
         if 0 not in self.offsets:
             return list(self.keys)
-        flag, label, *_ = unpack_header(self.read(0))
-        if flag == 0:
+        flag, label, _, _, image = unpack_header(self.read(0))
+        if flag == 0 or image:  # an image record 0 (insightface's RecBuilder layout), not a header
             return list(self.keys)
         end = int(label[0])
         missing = [k for k in range(1, end) if k not in self.offsets]

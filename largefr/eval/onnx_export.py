@@ -2,7 +2,9 @@
 
 The model: input `data`, float32 N x 3 x 112 x 112 (N dynamic), RGB, normalized as in training:
 `(pixel - 127.5) / 127.5` (so values in [-1, 1]); output `embedding`, float32 N x d, raw (not
-L2-normalized; normalize it before taking cosine similarities). The same contract is written into
+L2-normalized; normalize it before taking cosine similarities), so the parity check compares the
+L2-normalized embeddings (`normalized_difference`). insightface's ArcFaceONNX reads such a file as
+it is: no Sub/Mul node at the start of the graph makes it normalize pixels with 127.5 / 127.5 itself. The same contract is written into
 the file's metadata (`normalization`, `color`, `network`, `embedding_size`). Exported with torch's
 TorchScript-based exporter (`dynamo=False`), which needs only the `onnx` package, in eval mode
 (BatchNorm uses its running statistics, dropout is off).
@@ -70,6 +72,16 @@ def onnx_embeddings(path: str, images: np.ndarray | torch.Tensor) -> np.ndarray:
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     inputs = np.ascontiguousarray(torch.as_tensor(images).numpy(), dtype=np.float32)
     return session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+
+
+@torch.no_grad()
+def normalized_difference(model: nn.Module, path: str, images: np.ndarray | torch.Tensor) -> float:
+    """max |onnxruntime - torch| over the L2-normalized embeddings of `images`: what a user compares
+    (cosine similarities), so float rounding on embeddings of large norm is not mistaken for a difference."""
+    model = model.float().cpu().eval()
+    reference = torch.nn.functional.normalize(model(torch.as_tensor(images, dtype=torch.float32)), dim=1)
+    exported = torch.nn.functional.normalize(torch.from_numpy(onnx_embeddings(path, images)), dim=1)
+    return float((exported - reference).abs().max())
 
 
 @torch.no_grad()

@@ -100,12 +100,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(backbone weights, checkpoint directory) of a checkpoint directory or a root holding `step_<N>` ones."""
-    from largefr.train.checkpoint import CheckpointError, resolve_checkpoint
+    """(backbone weights, checkpoint directory) of a run folder, its checkpoints/ folder or one step_<N> folder."""
+    from largefr.train.checkpoint import CheckpointError, locate_checkpoint
     from largefr.train.reshard import export_backbone
 
     try:
-        resolved = resolve_checkpoint(path, path)
+        resolved = locate_checkpoint(path)
         # export_backbone writes the file `tools/export_backbone.py` ships; here it is only read back
         with tempfile.TemporaryDirectory(prefix="largefr-backbone-") as scratch:
             weights = export_backbone(resolved, os.path.join(scratch, "backbone.pt"))
@@ -219,7 +219,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--weights/--checkpoint, --network, --embedding-size, --device, --batch-size: shared by the eval tools."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="backbone state_dict file (insightface backbone.pth, export_backbone.py)")
-    source.add_argument("--checkpoint", help="largefr checkpoint directory, or a run's root (latest complete step)")
+    source.add_argument("--checkpoint", help="a run folder, its checkpoints/ folder or one step_<N> folder (latest complete step)")
     parser.add_argument("--network", choices=NETWORK_NAMES, default=None,
                         help="backbone name (default: inferred from the weights' names and shapes)")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: inferred from the weights")

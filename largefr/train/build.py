@@ -1,8 +1,10 @@
 """Assemble a `Trainer` from a `Config`: data, backbone engine, head, optimizers, schedule, logs, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from largefr.train.metrics import MetricsLogger
 from largefr.train.schedule import build_lr_schedule, steps_per_epoch
 from largefr.train.step import StepRunner
 from largefr.train.train_state import TrainingCheckpointer
+from largefr.train.warm_start import class_mean_warm_start, load_init_weights
 from largefr.train.trainer import LoopPlan, Trainer, VerificationSet
 
 
@@ -82,7 +85,12 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
     if folder is None:
         raise DataSetupError("data.rec is not set: give the folder holding train.rec, train.idx and property "
                              "(or data.synthetic.cache_dir for a generated data set)")
-    if data.rec is None and data.synthetic is not None:
+    if data.images is not None:
+        from largefr.data.pack import ensure_packed
+
+        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir),
+                          f"packing data.images={data.images} into {folder}", device=env.device)
+    elif data.rec is None and data.synthetic is not None:
         def generate() -> None:
             ensure_synthetic_data(config, progress=env.is_main)
 
@@ -91,6 +99,27 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
         raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
                              "train.rec, train.idx and property")
     return folder
+
+
+def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) -> Config:
+    """`config` with data.num_classes / num_images read from the data where not given (checked where given)."""
+    from largefr.config_validation import world_size_issues
+    from largefr.data import prepare_image_index
+    from largefr.data.image_index import counts_from_data
+
+    data = config.data
+    if data.loader == "synthetic":
+        return config  # nothing to count: the config check required both
+    index = prepare_image_index(folder, on_bad_image=data.on_bad_image, cache_dir=data.cache_dir)
+    num_classes, num_images = counts_from_data(folder, index, num_classes=data.num_classes,
+                                               num_images=data.num_images)
+    resolved = dataclasses.replace(config, data=dataclasses.replace(data, num_classes=num_classes,
+                                                                    num_images=num_images))
+    issues = world_size_issues(resolved, env.world_size)
+    if issues:
+        raise DataSetupError("; ".join(f"{key}: {problem}" for key, problem in issues)
+                             + f" (counts read from the data in {folder})")
+    return resolved
 
 
 def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
@@ -126,7 +155,7 @@ def build_train_loader(config: Config, folder: str | None, env: DistributedEnv):
                         seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
                         shuffle=True, random_flip=data.random_flip, shuffle_buffer=data.shuffle_buffer,
                         on_bad_image=data.on_bad_image, drop_last=True, num_images=data.num_images,
-                        device=env.device)
+                        cache_dir=data.cache_dir, device=env.device)
 
 
 @dataclass(kw_only=True)
@@ -167,13 +196,20 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     return HeadParts(head=head, weight_optimizer=weight_optimizer, tau_optimizer=tau_optimizer, step=step)
 
 
-def build_engine(config: Config, env: DistributedEnv):
-    """(engine, momentum encoder or None); the encoder is an fp32 copy of the backbone before wrapping."""
+def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True):
+    """(engine, momentum encoder or None); the encoder is an fp32 copy of the backbone (model.init_from
+    loaded first unless `load_init` is False) before wrapping."""
     from largefr.models import get_model
 
     check_zero_stage(config.train.zero_stage)
-    backbone = get_model(config.model.network, embedding_size=config.model.embedding_size,
-                         dropout=config.model.dropout, image_size=config.data.image_size)
+    m = config.model
+    backbone = get_model(m.network, embedding_size=m.embedding_size, dropout=m.dropout,
+                         image_size=config.data.image_size)
+    if m.init_from is not None and load_init:
+        source = load_init_weights(backbone, m.init_from, network=m.network, embedding_size=m.embedding_size,
+                                   device=env.device)
+        if env.is_main:
+            print(f"largefr: backbone loaded from {source} (model.init_from)", file=sys.stderr, flush=True)
     encoder = None
     if config.cluster.enabled:
         encoder = MomentumEncoder(backbone, momentum=config.cluster.encoder_momentum, dtype=torch.float32)
@@ -194,10 +230,14 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
     seed_everything(config.train.seed, env.rank)
     folder = prepare_data_dir(config, env)
+    config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)
     loader = build_train_loader(config, folder, env)
-    engine, encoder = build_engine(config, env)
+    resume_path = _resolve_resume(resume if resume is not None else config.checkpoint.resume, config)
+    engine, encoder = build_engine(config, env, load_init=resume_path is None)
     parts = build_head(config, env)
+    if config.head.init == "class_mean" and resume_path is None:
+        warm_start_head(config, folder, env, parts.head, encoder.encoder if encoder is not None else engine.module)
     runner = StepRunner(engine=engine, head=parts.head, head_step=parts.step, momentum_encoder=encoder,
                         encoder_momentum=config.cluster.encoder_momentum, group=parts.head.group,
                         on_nonfinite=config.train.on_nonfinite, device=env.device)
@@ -215,13 +255,12 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                     max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
                     debug_nan_steps=(frozenset(config.train.debug_inject_nan_steps)
                                      if env.rank == config.train.debug_inject_nan_rank else frozenset()),
-                    eval_batch_size=config.eval.batch_size, eval_folds=config.eval.nfolds, eval_flip=config.eval.flip,
+                    freeze_backbone_steps=config.train.freeze_backbone_steps, eval_batch_size=config.eval.batch_size, eval_folds=config.eval.nfolds, eval_flip=config.eval.flip,
                     embedding_size=config.model.embedding_size)
     checkpointer = TrainingCheckpointer(str(config.checkpoint_dir), head=parts.head,
                                         weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,
                                         momentum_encoder=encoder, keep_last=config.checkpoint.keep_last,
                                         config=config.to_dict(), device=env.device)
-    resume_path = _resolve_resume(resume if resume is not None else config.checkpoint.resume, config)
     metrics = MetricsLogger(config.output, rank=env.rank, every=config.logging.every, total_steps=total,
                             global_batch=global_batch, warmup_steps=min(5, max(total - 1, 0)),
                             start_step=_saved_step(resume_path), tensorboard=config.logging.tensorboard,
@@ -236,6 +275,24 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     if resume_path is not None:
         checkpointer.restore(trainer, resume_path)
     return trainer
+
+
+def warm_start_head(config: Config, folder: str | None, env: DistributedEnv, head: ClusterGuidedHead,
+                    backbone: torch.nn.Module) -> None:
+    """head.init='class_mean': the loaded backbone's class means into W and the cluster bank (one data pass)."""
+    from largefr.data import build_loader
+
+    data = config.data
+    loader = build_loader(data.loader, rec=folder, batch_size=config.eval.batch_size, rank=env.rank,
+                          world_size=env.world_size, num_classes=data.num_classes, local_rank=env.local_rank,
+                          seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
+                          shuffle=False, random_flip=False, on_bad_image=data.on_bad_image, drop_last=False,
+                          num_images=data.num_images, cache_dir=data.cache_dir, device=env.device)
+    done = class_mean_warm_start(head, backbone, loader, alpha=config.cluster.alpha, init_std=config.head.init_std,
+                                 device=env.device, batch_size=config.eval.batch_size, progress=env.is_main)
+    if env.is_main:
+        print(f"largefr: head.init=class_mean: {done['classes']:.0f} of {done['num_classes']:.0f} classes set from "
+              f"{done['images']:.0f} images", file=sys.stderr, flush=True)
 
 
 def _check_loader_length(config: Config, loader, per_epoch: int, env: DistributedEnv) -> None:

@@ -44,14 +44,15 @@ import torch.distributed as dist
 
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
-from largefr.train.checkpoint_io import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_NAME, CheckpointError, file_digest,
+from largefr.train.checkpoint_io import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_NAME, STEP_DIR_PATTERN,
+                                         CheckpointError, file_digest,
                                          fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
                                          safe_load, save_file, scan_engine_files, step_dir_name,
                                          validate_checkpoint, verify_digests, write_manifest)
 from largefr.train.reshard import check_compatible, gather_head_rows, load_head_rows, row_schema
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
-           "resolve_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
+           "resolve_checkpoint", "locate_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
            "capture_generator_state", "restore_generator_state", "reseed_value"]
 
 log = logging.getLogger(__name__)
@@ -273,18 +274,47 @@ def find_latest_checkpoint(ckpt_root: str) -> str | None:
 
 def resolve_checkpoint(resume: str | None, ckpt_root: str) -> str | None:
     """`checkpoint.resume` to a directory: None -> None; 'auto' -> latest complete under `ckpt_root`
-    or None; a path -> that checkpoint (must be complete), or the latest under it if it is a root."""
+    or None; a path -> as `locate_checkpoint`."""
     if resume is None:
         return None
     if resume == "auto":
         return find_latest_checkpoint(ckpt_root)
-    if os.path.isfile(os.path.join(resume, MANIFEST_NAME)) or not list_step_dirs(resume):
-        validate_checkpoint(resume)  # an explicitly named checkpoint: say exactly what is wrong
-        return resume
-    latest = find_latest_checkpoint(resume)
+    return locate_checkpoint(resume)
+
+
+CHECKPOINT_NAMING = "a run folder, its checkpoints/ folder or one step_<N> folder"
+"""What every tool's --checkpoint (and checkpoint.resume, model.init_from) accepts."""
+
+
+def locate_checkpoint(path: str) -> str:
+    """The checkpoint `path` names: a step_<N> folder (must be complete), or the latest complete one of a
+    checkpoints/ folder or of a run folder; the error says what was found there."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such folder; name {CHECKPOINT_NAMING}")
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)) or STEP_DIR_PATTERN.match(os.path.basename(os.path.normpath(path))):
+        validate_checkpoint(path)  # one named checkpoint: say exactly what is wrong with it
+        return path
+    root = path
+    if not list_step_dirs(root) and os.path.isdir(os.path.join(path, "checkpoints")):
+        root = os.path.join(path, "checkpoints")  # a run folder
+    steps = list_step_dirs(root)
+    if not steps:
+        entries = sorted(os.listdir(root))
+        shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") if entries else "nothing"
+        raise CheckpointError(f"{root}: holds no checkpoint (found: {shown}); name {CHECKPOINT_NAMING}")
+    latest = find_latest_checkpoint(root)
     if latest is None:
-        raise CheckpointError(f"{resume} holds no complete checkpoint (step_<N> directories with a manifest)")
+        reasons = "; ".join(f"{os.path.basename(step_dir)}: {_why_incomplete(step_dir)}" for _, step_dir in steps)
+        raise CheckpointError(f"{root}: holds {len(steps)} step_<N> folder(s), none complete ({reasons})")
     return latest
+
+
+def _why_incomplete(path: str) -> str:
+    try:
+        validate_checkpoint(path)
+    except CheckpointError as error:
+        return str(error).replace(f"checkpoint {path} ", "").replace(f"checkpoint {path}: ", "")
+    return "complete"
 
 
 @dataclass(kw_only=True)

@@ -38,9 +38,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from largefr.train.checkpoint import CheckpointError
     from largefr.train.engine import EngineConfigError
     from largefr.train.step import NonFiniteLossError
+    from largefr.train.warm_start import InitFromError
 
     return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
-            NonFiniteLossError, FileNotFoundError, FileExistsError)
+            NonFiniteLossError, InitFromError, FileNotFoundError, FileExistsError)
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",

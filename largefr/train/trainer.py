@@ -45,6 +45,8 @@ class LoopPlan:
     eval_every: int
     checkpoint_every: int
     max_consecutive_nonfinite: int
+    freeze_backbone_steps: int = 0
+    """Steps (from step 0) whose backbone learning rate is 0 (train.freeze_backbone_steps)."""
     debug_nan_steps: frozenset[int] = frozenset()
     """FAULT INJECTION (train.debug_inject_nan_steps; tests only): 1-based steps whose loss this rank makes NaN."""
     eval_batch_size: int = 64
@@ -186,8 +188,9 @@ class Trainer:
     # ---- layer 1: one step ------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         lr = self.schedule.lr_at(self.state.step)
+        backbone_lr = 0.0 if self.state.step < self.plan.freeze_backbone_steps else lr
         self.runner.inject_nan = self.state.step + 1 in self.plan.debug_nan_steps
-        result = self.runner.train_step(micro_batches, lr=lr, head_lr=lr * self.head_lr_factor,
+        result = self.runner.train_step(micro_batches, lr=backbone_lr, head_lr=lr * self.head_lr_factor,
                                         stop_requested=self.stop.requested)
         self.last_result = result
         if self.loss_history is not None:
