@@ -182,7 +182,7 @@ def test_tools_fail_with_a_message(engine_checkpoints, tmp_path):
     paths, _ = engine_checkpoints
     missing = str(tmp_path / "nowhere")
     done = _tool("tools/export_backbone.py", "--checkpoint", missing, "--out", str(tmp_path / "m.pt"))
-    assert done.returncode != 0 and "nowhere does not exist" in done.stderr
+    assert done.returncode != 0 and "nowhere: no such folder; name a run folder" in done.stderr
     done = _tool("tools/reshard_checkpoint.py", "--checkpoint", paths[0], "--world", "2", "--out", str(tmp_path))
     assert done.returncode != 0 and "already exists" in done.stderr
     with pytest.raises(CheckpointError, match="no weight key starts with 'backbone.'"):
