@@ -458,9 +458,10 @@ def test_bad_checkpoint_on_resume_exits_every_rank_nonzero(trained_run, tmp_path
     elif case == "other embedding size":
         config["model"] = {**config["model"], "embedding_size": 8}
         expected = "was written with model.embedding_size=16, this run has 8"
-    elif case == "other num_classes":  # the same images declared as 20 classes (no property file to disagree)
+    elif case == "other num_classes":  # the same images declared as 20 classes (the property file agrees)
         data = _copy_data(config["data"]["rec"], tmp_path / "data")
-        os.remove(os.path.join(data, "property"))
+        with open(os.path.join(data, "property"), "w") as f:
+            f.write("20,32,32\n")
         config["data"] = {**config["data"], "rec": data, "num_classes": 20}
         expected = "was written with data.num_classes=16, this run has 20"
     else:  # 'auto' skips a half-written checkpoint by design; a named one must say what is wrong
