@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from largefr.config import Config, ConfigError, load_config
 from largefr.experiments.grids import Grid, Setting
+from largefr.train.distributed_env import free_port
 
 __all__ = ["RUN_DEFAULTS", "TOOL_KEYS", "LAUNCHERS", "RunSpec", "PlanError", "plan_runs", "run_grid",
            "RESULT_FILE", "LOG_FILE", "find_equal_run"]
@@ -90,12 +90,6 @@ def plan_runs(grid: Grid, config_path: str, user_overrides: Sequence[str], seeds
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch_command(launcher: str, ranks: int, config_path: str, overrides: Sequence[str]) -> list[str]:
     """The training command line: deepspeed for ranks > 1 by default ('auto'), plain python for one rank."""
     if launcher == "auto":
@@ -105,9 +99,9 @@ def launch_command(launcher: str, ranks: int, config_path: str, overrides: Seque
     prefix = {
         "python": [sys.executable],
         "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                      "--master_port", str(_free_port())],
+                      "--master_port", str(free_port())],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                     "--master_port", str(_free_port())],
+                     "--master_port", str(free_port())],
     }[launcher]
     return [*prefix, str(LAUNCH_SCRIPT), "--config", config_path, "--set", *overrides]
 
