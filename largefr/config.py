@@ -262,6 +262,14 @@ class ClusterConfig(_Section):
     """[low, high] percentiles phi is clipped to in the 'pcl' mode."""
     align_tau_init: float = 0.07
     """Initial value of the learnable temperature of L_ali (stored as log tau)."""
+    warmup_steps: int = 0
+    """Ramp the cluster terms in over the first warmup_steps optimizer steps; 0 (the paper's way): full
+    strength from step 1. With r = min(step / warmup_steps, 1), step counted from 0 at the first step,
+    each class's margin scale is 1 + r * (lambda - 1) (ArcFace's margin at the start, the cluster-guided
+    one from step warmup_steps on) and L_con and L_ali weigh r * contrastive_weight and
+    r * aligning_weight. Why: at step 1 the queue is empty and the embedding untrained, so phi and the
+    centers describe noise; the ramp lets the momentum encoder and the queue settle first. The queue
+    and the bank are filled from step 1 whatever the ramp."""
 
     @property
     def enabled(self) -> bool:

@@ -170,6 +170,7 @@ def _cluster_checks(c: Any) -> list[Check]:
         ("align_tau_init", _positive(c.align_tau_init)),
         ("triplet_margin", _min(c.triplet_margin, 0.0)),
         ("contrastive_tau_init", _positive(c.contrastive_tau_init)),
+        ("warmup_steps", _min(c.warmup_steps, 0)),
     ]
 
 

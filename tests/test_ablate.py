@@ -66,6 +66,21 @@ def test_builtin_grids_follow_the_paper():
     assert not any(o.startswith("cluster.temperature_mode") for o in table4["adaptive_phi"])
 
 
+@pytest.mark.parametrize("grid", ["table3", "table4", "margins", str(ROOT / "configs" / "grids" / "quickstart_investigation.json")])
+def test_every_shipped_grid_plans_on_the_quickstart(tmp_path, grid):
+    """Each setting of the built-in grids and of configs/grids/ loads as a valid config (a typo fails here)."""
+    loaded = load_grid(grid)
+    runs = plan_runs(loaded, str(ROOT / "configs" / "quickstart.json"), [], [0], tmp_path, world_size=2)
+    assert [run.setting.name for run in runs] == [s.name for s in loaded.settings]
+    if loaded.name == "margins":
+        assert [run.config.head.type for run in runs] == ["arcface", "curricularface", "magface", "adaface", "elasticface"]
+        assert not any(run.config.cluster.enabled for run in runs)
+    if loaded.name == "quickstart_investigation":
+        by_name = {run.setting.name: run.config for run in runs}
+        assert by_name["warmup_50"].cluster.warmup_steps == 50 and by_name["queue_4096"].cluster.queue_size == 4096
+        assert by_name["lambda_0.5_1.5"].cluster.lambda_range == [0.5, 1.5]
+
+
 def test_table2_configs_load_on_the_quickstart(tmp_path):
     runs = plan_runs(BUILTIN_GRIDS["table2"], str(ROOT / "configs" / "quickstart.json"), ["train.max_steps=10"],
                      [0, 1], tmp_path, world_size=2)
@@ -106,7 +121,7 @@ def test_user_grid_from_yaml_keeps_order_and_refuses_bad_files(tmp_path):
         load_grid(str(path))
     with pytest.raises(GridError, match="no such file"):
         load_grid(str(tmp_path / "absent.json"))
-    with pytest.raises(GridError, match="neither a built-in grid .table2, table3, table4."):
+    with pytest.raises(GridError, match="neither a built-in grid .table2, table3, table4, margins."):
         load_grid("table9")
 
 

@@ -261,3 +261,53 @@ if __name__ == "__main__":  # python -m tests.test_joint_head: print the run's n
         print(f"{index + 1:4d}  {row['loss_cg']:7.3f}  {row['loss_con']:8.3f}  {row['loss_ali']:8.3f}  "
               f"{row['phi_fraction']:8.3f}  {row['seen_fraction']:9.3f}  {row['queue_fill']:10.3f}  "
               f"{row['lambda_mean']:11.3f}  {row['align_tau']:.4f}")
+
+
+# ---- cluster.warmup_steps: the ramp is the scaled setting it claims to be --------------------------
+WARMUP_STEPS = 4
+
+
+def _warmup_rank(rank, world):
+    """Per step: the warmed-up head against a plain head whose config is the ramp written out."""
+    rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
+    part = ClassPartition(CLASSES, world, rank)
+    out = []
+    for step in (0, 2, 4, 7):  # r = 0, 0.5, 1, 1
+        r = min(step / WARMUP_STEPS, 1.0)
+        low, high = LAMBDA_RANGE  # lambda' = 1 + r (lambda - 1) is lambda with the range [1 - r + r lo, 1 - r + r hi]
+        written_out = cluster_config(lambda_range=(1 - r + r * low, 1 - r + r * high),
+                                     contrastive_weight=r * WEIGHTS[0], aligning_weight=r * WEIGHTS[1])
+        if r == 0:  # weight 0 would skip the terms (and their sampling): keep them, weighted by 0
+            written_out = cluster_config(lambda_range=(1.0, 1.0), contrastive_weight=1e-300, aligning_weight=1e-300)
+        warmed = ClusterGuidedHead(make_margin_head(), cluster_config(warmup_steps=WARMUP_STEPS), seed=1)
+        plain = ClusterGuidedHead(make_margin_head(), written_out, seed=1)
+        results = []
+        for head in (warmed, plain):
+            with torch.no_grad():
+                head.margin_head.weight.copy_(dense_weight()[part.start:part.end])
+            head.set_step(step)
+            per_head = []
+            for data_step in range(STEPS):
+                labels, embeddings, momentum = step_data(data_step)
+                local = embeddings[rows].clone().requires_grad_(True)
+                head.zero_grad()
+                loss, _ = head(local, labels[rows], momentum[rows])
+                loss.backward()
+                per_head.append((loss.detach(), local.grad, head.margin_head.weight.grad.clone()))
+            results.append(per_head)
+        out.append({"step": step, "ramp": warmed.ramp,
+                    "diff": max(float((a - b).abs().max()) for w, p in zip(*results) for a, b in zip(w, p))})
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_warmup_ramp_is_arcface_margin_then_the_cluster_terms_scaled_in(world):
+    for rank_result in run_distributed(_warmup_rank, world):
+        assert [r["ramp"] for r in rank_result] == [0.0, 0.5, 1.0, 1.0]
+        for r in rank_result:
+            assert r["diff"] < 1e-12, f"step {r['step']} (ramp {r['ramp']}): {r['diff']}"
+
+
+def test_warmup_steps_must_not_be_negative():
+    with pytest.raises(ValueError, match="warmup_steps: must be >= 0, got -1"):
+        cluster_config(warmup_steps=-1)

@@ -71,7 +71,7 @@ def _train(rank: int, world: int, config_dict: dict, resume: str | None = None, 
     return {"losses": [float(x) for x in trainer.loss_history], "summary": summary,
             "weight": trainer.runner.head.margin_head.weight.detach().clone(),
             "buffers": [b.detach().clone() for b in trainer.runner.engine.module.buffers()],
-            "start": trainer.runner.head.partition.start}
+            "start": trainer.runner.head.partition.start, "ramp": trainer.runner.head.ramp}
 
 
 def _zero_stages(rank: int, world: int, data: str, output: str) -> dict:
@@ -99,9 +99,10 @@ def test_zero_0_1_2_train_with_finite_decreasing_loss(tiny_data, tmp_path):
 
 
 def _interrupted_and_resumed(rank: int, world: int, data: str, output: str) -> dict:
-    config = tiny_config(data, f"{output}/straight", train={"zero_stage": 2})
+    warmup = {"warmup_steps": 4}  # the ramp must follow the restored step, not restart
+    config = tiny_config(data, f"{output}/straight", train={"zero_stage": 2}, cluster=warmup)
     straight = _train(rank, world, config)
-    config = tiny_config(data, f"{output}/stopped", train={"zero_stage": 2})
+    config = tiny_config(data, f"{output}/stopped", train={"zero_stage": 2}, cluster=warmup)
     stopped = _train(rank, world, config, sigterm_after=2)
     resumed = _train(rank, world, config, resume="auto")
     return {"straight": straight, "stopped": stopped, "resumed": resumed}
@@ -117,6 +118,7 @@ def test_sigterm_checkpoints_and_resume_reproduces_losses(tiny_data, tmp_path):
         torch.testing.assert_close(torch.tensor(stopped["losses"] + resumed["losses"]),
                                    torch.tensor(straight["losses"]), rtol=0, atol=1e-6)
         torch.testing.assert_close(resumed["weight"], straight["weight"], rtol=0, atol=1e-6)
+        assert (stopped["ramp"], resumed["ramp"]) == (0.5, 1.0)  # set from steps 2 and 5 (counted from 0)
     assert (tmp_path / "stopped" / "checkpoints" / "step_3" / "manifest.json").is_file()
 
 

@@ -1,7 +1,7 @@
 """Experiment grids: ordered, named settings, each a list of ``--set`` overrides; the first is the baseline.
 
 Built-in grids follow the paper's tables (weights l1 = 1.0 for L_con and l2 = 0.5 for L_ali, as the
-paper trains them). A user grid is a JSON or YAML file ``{"settings": {"name": ["key=value", ...], ...}}``
+paper trains them), plus `margins`: the margin heads the paper compares against, each without cluster terms. A user grid is a JSON or YAML file ``{"settings": {"name": ["key=value", ...], ...}}``
 (order kept, first = baseline).
 """
 from __future__ import annotations
@@ -68,6 +68,12 @@ BUILTIN_GRIDS: dict[str, Grid] = {
     "table4": _grid("table4", {
         "learnable_tau0": [_CG, _CON, _ALI, "cluster.temperature_mode=learnable"],
         "adaptive_phi": [_CG, _CON, _ALI],
+    }),
+    # The margin heads of issue 15 side by side, each alone (no cluster term), with its paper's defaults.
+    "margins": _grid("margins", {
+        "arcface": [_NO_CG, _NO_CON, _NO_ALI],
+        **{kind: [_NO_CG, _NO_CON, _NO_ALI, f"head.type={kind}"]
+           for kind in ("curricularface", "magface", "adaface", "elasticface")},
     }),
 }
 

@@ -7,7 +7,8 @@ One forward (DESIGN.md section 5, "Order within a step"):
 3. lambda(phi) with global phi_min/phi_max, fed to the margin head as `class_lambda`;
 4. L_cg on the margin head; sample M centers (positives first) when a term uses them; L_con
    (or the baseline that cluster.contrastive_type puts in its place) and L_ali;
-5. L = L_cg + l1*L_con + l2*L_ali. A term whose weight is 0 is not computed at all, so with
+5. L = L_cg + l1*L_con + l2*L_ali (during cluster.warmup_steps the margin scale goes from 1 to
+   lambda and l1, l2 from 0 to their values: `set_step`). A term whose weight is 0 is not computed at all, so with
    every cluster term off (cg_margin False, both weights 0) the loss is the margin head's, bit
    for bit.
 
@@ -52,6 +53,11 @@ def _log_temperature(initial: float, dtype: torch.dtype, device: torch.device) -
     return nn.Parameter(torch.tensor(math.log(initial), dtype=dtype, device=device))
 
 
+def warmup_ramp(step: int, warmup_steps: int) -> float:
+    """r = min(step / warmup_steps, 1) of cluster.warmup_steps (1 when there is no warm-up)."""
+    return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
+
+
 class ClusterGuidedHead(nn.Module):
     """ShardedMarginHead + feature queue + cluster bank + L_con + L_ali, on the head's process group.
 
@@ -88,6 +94,12 @@ class ClusterGuidedHead(nn.Module):
         self.last_touched_rows: torch.Tensor | None = None
         self.last_sampled_centers: SampledCenters | None = None
         self._undo: dict[str, Any] | None = None
+        self.ramp = warmup_ramp(0, config.warmup_steps)
+        """The cluster terms' strength in [0, 1] (cluster.warmup_steps); the loop sets it with set_step."""
+
+    def set_step(self, step: int) -> None:
+        """Tell the head which optimizer step comes next (0 for the first): sets the warm-up ramp."""
+        self.ramp = warmup_ramp(step, self.config.warmup_steps)
 
     @property
     def partition(self):
@@ -118,6 +130,8 @@ class ClusterGuidedHead(nn.Module):
             self._update_clusters(local_momentum_features, labels)
             if self.config.cg_margin:
                 class_lambda = self.bank.lambda_from_phi(*self.config.lambda_range)
+                if self.ramp < 1.0:  # warm-up: from ArcFace's margin (lambda 1) to the cluster-guided one
+                    class_lambda = 1.0 + self.ramp * (class_lambda - 1.0)
         loss = self.margin_head.loss_from_gathered(features, labels, class_lambda)
         terms = {"loss_cg": loss.detach()}
         touched = [self.margin_head.last_sampled]
@@ -179,17 +193,17 @@ class ClusterGuidedHead(nn.Module):
 
     def _add_cluster_terms(self, loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
                            sampled: SampledCenters | None, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """loss + l1*L_con + l2*L_ali (terms with weight 0 are skipped); records each term."""
+        """loss + r*l1*L_con + r*l2*L_ali, r the warm-up ramp (terms with weight 0 are skipped); records each term."""
         cfg = self.config
         if cfg.contrastive_weight > 0:
             normalized = F.normalize(features.to(self.margin_head.weight.dtype), dim=1)
             loss_con = self._contrastive_term(normalized, labels, sampled)
             terms["loss_con"] = loss_con.detach()
-            loss = loss + cfg.contrastive_weight * loss_con
+            loss = loss + self.ramp * cfg.contrastive_weight * loss_con
         if cfg.aligning_weight > 0:
             loss_ali = cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group)
             terms["loss_ali"] = loss_ali.detach()
-            loss = loss + cfg.aligning_weight * loss_ali
+            loss = loss + self.ramp * cfg.aligning_weight * loss_ali
         return loss
 
     def _contrastive_term(self, normalized: torch.Tensor, labels: torch.Tensor,

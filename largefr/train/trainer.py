@@ -190,6 +190,7 @@ class Trainer:
         lr = self.schedule.lr_at(self.state.step)
         backbone_lr = 0.0 if self.state.step < self.plan.freeze_backbone_steps else lr
         self.runner.inject_nan = self.state.step + 1 in self.plan.debug_nan_steps
+        self.runner.head.set_step(self.state.step)  # the cluster terms' warm-up ramp (cluster.warmup_steps)
         result = self.runner.train_step(micro_batches, lr=backbone_lr, head_lr=lr * self.head_lr_factor,
                                         stop_requested=self.stop.requested)
         self.last_result = result
