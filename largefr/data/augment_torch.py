@@ -1,0 +1,111 @@
+"""data.augment for the torch loader: the operators of largefr/data/augment.py in numpy and plain torch.
+
+Works on one H x W x 3 uint8 RGB image with its own numpy generator (seeded by the loader per image)
+and rounds to uint8 after every operator, as DALI's uint8 operators do. No torchvision: resizing is
+torch's bilinear interpolate with antialiasing, the blur a separable convolution with mirrored
+borders, the JPEG round trip PIL's (libjpeg-turbo).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from largefr.data.augment import (CONTRAST_CENTER, GRAY_WEIGHTS, AugmentConfig, blur_window, crop_box, erase_box,
+                                  hsv_matrix, mask_box, uniform)
+
+
+def _to_uint8(pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+    pixels = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize (antialiased when shrinking) of an H x W x 3 uint8 image."""
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(chw, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return _to_uint8(out[0].permute(1, 2, 0))
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> np.ndarray:
+    top, left, box_h, box_w = crop_box(rng, image.shape[0], image.shape[1], augment)
+    return resize(image[top:top + box_h, left:left + box_w], image.shape[0], image.shape[1])
+
+
+def downscale(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> np.ndarray:
+    height, width = image.shape[:2]
+    share = uniform(rng.random(), augment.downscale_range)
+    small = resize(image, max(1, round(share * height)), max(1, round(share * width)))
+    return resize(small, height, width)
+
+
+def fill_box(image: np.ndarray, box: tuple[float, float, float, float], color: list[int]) -> np.ndarray:
+    """`image` with the box (top, left, height, width as shares of the image) set to `color`."""
+    height, width = image.shape[:2]
+    top, left, box_h, box_w = (float(v) for v in box)
+    rows = slice(round(top * height), round((top + box_h) * height))
+    cols = slice(round(left * width), round((left + box_w) * width))
+    out = image.copy()
+    out[rows, cols] = np.asarray(color, dtype=np.uint8)
+    return out
+
+
+def jitter(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> np.ndarray:
+    """Brightness and contrast, then hue and saturation (each rounded to uint8, as DALI's two operators)."""
+    brightness, contrast = uniform(rng.random(), augment.brightness), uniform(rng.random(), augment.contrast)
+    hue, saturation = uniform(rng.random(), augment.hue), uniform(rng.random(), augment.saturation)
+    pixels = image.astype(np.float32)
+    image = _to_uint8(brightness * (CONTRAST_CENTER + contrast * (pixels - CONTRAST_CENTER)))
+    matrix = hsv_matrix(hue, saturation).astype(np.float32)
+    return _to_uint8(image.astype(np.float32) @ matrix.T)
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+    luma = _to_uint8(image.astype(np.float32) @ np.asarray(GRAY_WEIGHTS, dtype=np.float32))
+    return np.repeat(luma[..., None], 3, axis=2)
+
+
+def gaussian_blur(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> np.ndarray:
+    sigma = uniform(rng.random(), augment.blur_sigma)
+    radius = blur_window(sigma) // 2
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps /= taps.sum()
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[:, None].float()  # 3 x 1 x H x W
+    pad = (min(radius, image.shape[1] - 1), min(radius, image.shape[0] - 1))
+    chw = F.pad(chw, (pad[0], pad[0], pad[1], pad[1]), mode="reflect")  # mirrored, edge not repeated
+    chw = F.conv2d(chw, taps[radius - pad[1]:radius + pad[1] + 1].view(1, 1, -1, 1))
+    chw = F.conv2d(chw, taps[radius - pad[0]:radius + pad[0] + 1].view(1, 1, 1, -1))
+    return _to_uint8(chw[:, 0].permute(1, 2, 0))
+
+
+def jpeg(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfig) -> np.ndarray:
+    from PIL import Image
+
+    quality = int(rng.integers(augment.jpeg_quality[0], augment.jpeg_quality[1] + 1))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+        return np.array(decoded.convert("RGB"), dtype=np.uint8)
+
+
+def augment_image(image: np.ndarray, augment: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """`image` (H x W x 3 uint8) through every data.augment operator whose coin lands, in AUGMENT_OPERATORS order."""
+    if augment.crop_prob > 0 and rng.random() < augment.crop_prob:
+        image = random_resized_crop(image, rng, augment)
+    if augment.downscale_prob > 0 and rng.random() < augment.downscale_prob:
+        image = downscale(image, rng, augment)
+    if augment.erase_prob > 0 and rng.random() < augment.erase_prob:
+        image = fill_box(image, erase_box(*rng.random(4), augment), augment.erase_fill)
+    if augment.mask_prob > 0 and rng.random() < augment.mask_prob:
+        image = fill_box(image, mask_box(*rng.random(2), augment), augment.mask_fill)
+    if augment.jitter_prob > 0 and rng.random() < augment.jitter_prob:
+        image = jitter(image, rng, augment)
+    if augment.grayscale_prob > 0 and rng.random() < augment.grayscale_prob:
+        image = grayscale(image)
+    if augment.blur_prob > 0 and rng.random() < augment.blur_prob:
+        image = gaussian_blur(image, rng, augment)
+    if augment.jpeg_prob > 0 and rng.random() < augment.jpeg_prob:
+        image = jpeg(image, rng, augment)
+    return image
