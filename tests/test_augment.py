@@ -54,6 +54,16 @@ def ramp_rec(tmp_path_factory) -> str:
     return _write_rec(str(tmp_path_factory.mktemp("ramp")), [image] * COUNT)
 
 
+@pytest.fixture(scope="module")
+def smooth_rec(tmp_path_factory) -> str:
+    """Smooth random colors (bicubic upsampling of 8x8 noise): every operator has something to change."""
+    rng = np.random.default_rng(1)
+    images = [np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((SIZE, SIZE),
+                                                                                                  Image.BICUBIC))
+              for _ in range(COUNT)]
+    return _write_rec(str(tmp_path_factory.mktemp("smooth")), images)
+
+
 def _augmented(kind: str, folder: str, **fields) -> np.ndarray:
     """N x H x W x 3 uint8 of one epoch (file order, no flip) through data.augment `fields`."""
     loader = build_loader(kind, rec=folder, batch_size=16, rank=0, world_size=1, num_classes=2, image_size=SIZE,
@@ -200,6 +210,27 @@ def test_resumed_run_replays_the_augmentations(tmp_path, kind):
     plain = epoch(make(None), 1)
     assert not any(torch.equal(a, b) for a, b in zip(plain, full))  # augmentation changed every batch
     assert not any(torch.equal(a, b) for a, b in zip(full, next_epoch))
+
+
+SAME_IN_BOTH = {  # operators with fixed parameters: one formula, so both loaders agree to rounding
+    "grayscale": dict(grayscale_prob=1.0),
+    "brightness_contrast": dict(jitter_prob=1.0, brightness=[1.2, 1.2], contrast=[0.7, 0.7]),
+    "hue_saturation": dict(jitter_prob=1.0, hue=[30.0, 30.0], saturation=[1.3, 1.3]),
+    "blur": dict(blur_prob=1.0, blur_sigma=[1.0, 1.0]),
+    "mask": dict(mask_prob=1.0, mask_top=[0.61, 0.61], mask_width=[0.55, 0.55]),
+    "jpeg": dict(jpeg_prob=1.0, jpeg_quality=[50, 50]),
+}
+
+
+@needs_dali
+def test_both_loaders_apply_the_same_operator(smooth_rec):
+    for name, fields in SAME_IN_BOTH.items():
+        dali, fallback = (_augmented(kind, smooth_rec, **fields).astype(int) for kind in ("dali", "torch"))
+        assert np.abs(dali - fallback).max() <= 1, name
+        assert np.abs(dali - _augmented("torch", smooth_rec)).mean() > 0.5, name  # and it did change the images
+    fields = dict(downscale_prob=1.0, downscale_range=[0.5, 0.5])  # two resamplers: close, not equal
+    dali, fallback = (_augmented(kind, smooth_rec, **fields).astype(int) for kind in ("dali", "torch"))
+    assert np.abs(dali - fallback).mean() < 0.5
 
 
 def test_augment_fields_are_checked_all_at_once():

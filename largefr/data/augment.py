@@ -6,8 +6,12 @@ operator's probability and, when it lands, the operator's parameters from unifor
 the DALI loader with DALI's random operators inside its pipeline (largefr/data/augment_dali.py),
 the torch loader with a numpy generator per image (largefr/data/augment_torch.py). Both turn the
 uniforms into parameters with the functions below (written once, over either numpy or DALI's
-math), so the parameter distributions are the same; the pixels are not bit-identical (resampling,
-rounding, the JPEG codec and the crop operator's own draw differ slightly; docs/AUGMENTATION.md).
+math), so the parameter distributions are the same, but the two loaders draw different values
+(their generators differ), so batches are not bit-identical. Given the same parameters, grayscale,
+brightness/contrast, hue/saturation, blur, the mask and JPEG agree to 1 intensity level
+(tests/test_augment.py::test_both_loaders_apply_the_same_operator); the two resamplers of the crop
+and the low-resolution copy differ by a fraction of a level on average; DALI's crop operator draws
+its box itself, by the rule crop_box documents.
 
 Seeds: the DALI pipeline of (train.seed, epoch, rank) draws everything, and a resume re-runs the
 epoch's first batches (DaliRecLoader.skip); the torch loader seeds each image's generator from

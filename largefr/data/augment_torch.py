@@ -8,6 +8,7 @@ borders, the JPEG round trip PIL's (libjpeg-turbo).
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -41,12 +42,18 @@ def downscale(image: np.ndarray, rng: np.random.Generator, augment: AugmentConfi
     return resize(small, height, width)
 
 
+def pixel_edge(share: float, size: int) -> int:
+    """Pixel index of an edge at `share` of `size`: rounded down, as DALI's erase with normalized coordinates
+    (the 1e-4 keeps an edge at exactly 1.0 from falling a pixel short through float error)."""
+    return int(math.floor(share * size + 1e-4))
+
+
 def fill_box(image: np.ndarray, box: tuple[float, float, float, float], color: list[int]) -> np.ndarray:
     """`image` with the box (top, left, height, width as shares of the image) set to `color`."""
     height, width = image.shape[:2]
     top, left, box_h, box_w = (float(v) for v in box)
-    rows = slice(round(top * height), round((top + box_h) * height))
-    cols = slice(round(left * width), round((left + box_w) * width))
+    rows = slice(pixel_edge(top, height), pixel_edge(top + box_h, height))
+    cols = slice(pixel_edge(left, width), pixel_edge(left + box_w, width))
     out = image.copy()
     out[rows, cols] = np.asarray(color, dtype=np.uint8)
     return out
