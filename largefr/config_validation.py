@@ -141,6 +141,10 @@ def _augment_checks(a: Any) -> list[Check]:
     from largefr.config import AUGMENT_OPERATORS
 
     checks = [(f"{name}_prob", _probability(getattr(a, f"{name}_prob"))) for name in AUGMENT_OPERATORS]
+    unchanged = [a.brightness, a.contrast, a.saturation] == [[1.0, 1.0]] * 3 and list(a.hue) == [0.0, 0.0]
+    if a.jitter_prob > 0 and unchanged:
+        checks.append(("jitter_prob", "the jitter would change nothing: brightness, contrast and saturation are "
+                                      "[1, 1] and hue [0, 0]; give one of them a range or set jitter_prob 0"))
     return checks + [
         ("crop_scale", _range(a.crop_scale, 0.0, 1.0, open_low=True)),
         ("crop_ratio", _range(a.crop_ratio, 0.0, math.inf, open_low=True)),

@@ -242,4 +242,34 @@ def test_augment_fields_are_checked_all_at_once():
                           "output": "x"})
     with pytest.raises(ConfigError, match=r"data\.augment\.crop_scale: must satisfy 0\.0 < low"):
         AugmentConfig(crop_scale=[0.0, 1.0])
+    with pytest.raises(ConfigError, match=r"data\.augment\.jitter_prob: the jitter would change nothing"):
+        AugmentConfig(jitter_prob=0.5)
     assert not AugmentConfig().enabled and AugmentConfig(jpeg_prob=0.1).enabled
+
+
+def _resume_with_augmentation(rank: int, world: int, data: str, output: str, kind: str) -> dict:
+    from tests.test_trainer import _train, tiny_config
+
+    augment = {"crop_prob": 0.5, "erase_prob": 0.3, "mask_prob": 0.3, "jitter_prob": 0.5, "brightness": [0.7, 1.3],
+               "grayscale_prob": 0.3, "blur_prob": 0.3, "jpeg_prob": 0.3}
+    sections = dict(data={"loader": kind, "augment": augment}, train={"zero_stage": 2})
+    straight = _train(rank, world, tiny_config(data, f"{output}/straight", **sections))
+    config = tiny_config(data, f"{output}/stopped", **sections)
+    stopped = _train(rank, world, config, sigterm_after=2)
+    resumed = _train(rank, world, config, resume="auto")
+    plain = _train(rank, world, tiny_config(data, f"{output}/plain", data={"loader": kind}, train={"zero_stage": 2}))
+    return {"straight": straight["losses"], "stopped": stopped["losses"], "resumed": resumed["losses"],
+            "plain": plain["losses"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_trainer_resumed_with_augmentation_reproduces_the_losses(tmp_path, kind):
+    from tests.distributed_helpers import run_distributed
+
+    data = str(tmp_path / "data")
+    generate_dataset(data, identities=16, images_per_identity=8, pairs=20, image_size=SIZE, seed=1, progress=False)
+    for result in run_distributed(_resume_with_augmentation, 2, data, str(tmp_path), kind):
+        torch.testing.assert_close(torch.tensor(result["stopped"] + result["resumed"]),
+                                   torch.tensor(result["straight"]), rtol=0, atol=1e-6)
+        assert result["plain"] != pytest.approx(result["straight"], abs=1e-3)  # augmentation changed the batches
