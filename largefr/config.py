@@ -78,6 +78,89 @@ class SyntheticDataConfig(_Section):
 
 
 @dataclass(kw_only=True)
+class AugmentConfig(_Section):
+    """Training augmentation (largefr/data/augment.py: order, sampling rules, DALI vs torch loader).
+
+    Every operator is off by default (probability 0). Each training image draws, per operator in
+    the fixed order of augment.OPERATORS, whether it applies (its *_prob) and then its parameters,
+    uniformly in [low, high] unless said otherwise; seeded by (train.seed, epoch, rank), so a resumed
+    run replays the same augmentations. The DALI and torch loaders draw from the same distributions
+    (not bit-identical). Applied to training batches only, before the flip and the normalization.
+    """
+
+    section: ClassVar[str] = "data.augment"
+    crop_prob: float = 0.0
+    """Probability of a random resized crop: a box covering a random share of the image area
+    (crop_scale) with a random aspect ratio width/height (crop_ratio, log-uniform) is cut out and
+    resized back to data.image_size (bilinear); up to 10 draws, else the whole image."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    """[low, high] share of the image area the crop box covers, in (0, 1]."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """[low, high] aspect ratio (width / height) of the crop box, > 0, drawn log-uniformly."""
+    downscale_prob: float = 0.0
+    """Probability of a low-resolution copy: resized down to a random side (downscale_range of
+    data.image_size) and back up (bilinear); arcface_torch's dali_aug uses 0.1."""
+    downscale_range: list[float] = field(default_factory=lambda: [0.5, 0.8])
+    """[low, high] side of the low-resolution copy as a share of data.image_size, in (0, 1]
+    (arcface_torch: 0.5-0.8)."""
+    jitter_prob: float = 0.0
+    """Probability of a color jitter: brightness and contrast (out = b * (128 + c * (in - 128))),
+    then hue and saturation (the YIQ rotation and scaling DALI's hsv operator applies), each
+    factor drawn in its range; arcface_torch's dali_aug uses 0.2 (hue and saturation only)."""
+    brightness: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """[low, high] brightness multiplier of the jitter, >= 0 (1 = unchanged)."""
+    contrast: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """[low, high] contrast multiplier of the jitter around 128, >= 0 (1 = unchanged, 0 = gray)."""
+    saturation: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """[low, high] saturation multiplier of the jitter, >= 0 (1 = unchanged; arcface_torch: 1-1.2)."""
+    hue: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """[low, high] hue rotation of the jitter in degrees, within [-180, 180] (arcface_torch: 0-20)."""
+    grayscale_prob: float = 0.0
+    """Probability of a grayscale copy (luma 0.299 R + 0.587 G + 0.114 B in all three channels);
+    arcface_torch's dali_aug uses 0.1."""
+    blur_prob: float = 0.0
+    """Probability of a Gaussian blur with sigma drawn in blur_sigma (window 2 * ceil(3 sigma) + 1,
+    mirrored borders); arcface_torch's dali_aug uses 0.2."""
+    blur_sigma: list[float] = field(default_factory=lambda: [0.8, 1.1])
+    """[low, high] sigma of the blur in pixels, > 0 (arcface_torch's windows 3 and 5 are sigma 0.8 and 1.1)."""
+    jpeg_prob: float = 0.0
+    """Probability of a JPEG re-compression at a quality drawn in jpeg_quality (integers, both ends included)."""
+    jpeg_quality: list[int] = field(default_factory=lambda: [30, 90])
+    """[low, high] JPEG quality of the re-compression, within [1, 100]."""
+    erase_prob: float = 0.0
+    """Probability of random erasing (occlusion): one rectangle of a random share of the image area
+    (erase_area) and aspect ratio (erase_ratio, log-uniform; a side longer than the image is cut to
+    it), at a uniformly random place inside the image, filled with erase_fill."""
+    erase_area: list[float] = field(default_factory=lambda: [0.02, 0.2])
+    """[low, high] share of the image area of the erased rectangle, in (0, 1]."""
+    erase_ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])
+    """[low, high] aspect ratio (width / height) of the erased rectangle, > 0, drawn log-uniformly."""
+    erase_fill: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """[R, G, B] color (0-255) of the erased rectangle."""
+    mask_prob: float = 0.0
+    """Probability of a synthetic face-mask occlusion of the lower face: a centered rectangle from a
+    random top edge (mask_top) to the bottom of the crop, of a random width (mask_width), filled
+    with mask_fill (aligned 112x112 crops: nose tip at ~0.64 of the height, mouth at ~0.82)."""
+    mask_top: list[float] = field(default_factory=lambda: [0.55, 0.7])
+    """[low, high] top edge of the mask as a share of the image height, in [0, 1)."""
+    mask_width: list[float] = field(default_factory=lambda: [0.7, 0.95])
+    """[low, high] width of the mask as a share of the image width, in (0, 1]."""
+    mask_fill: list[int] = field(default_factory=lambda: [170, 200, 225])
+    """[R, G, B] color (0-255) of the mask (default: a pale surgical-mask blue)."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when any operator has a probability above 0."""
+        return any(getattr(self, f"{name}_prob") > 0 for name in AUGMENT_OPERATORS)
+
+
+AUGMENT_OPERATORS = ("crop", "downscale", "erase", "mask", "jitter", "grayscale", "blur", "jpeg")
+"""The augmentation operators in the order both loaders apply them (each has a <name>_prob field):
+geometry first, then occlusion (so lighting, blur and compression also affect the occluder), then
+photometric changes, compression last as in a re-saved photo."""
+
+
+@dataclass(kw_only=True)
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
     rec: str | None = None
@@ -116,6 +199,9 @@ class DataConfig(_Section):
     """An undecodable image: 'error' stops and names the record key, 'skip' drops it."""
     synthetic: SyntheticDataConfig | None = None
     """Generated face-like data set (the quickstart); null to read data.rec only."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation (random resized crop, low resolution, occlusion, color jitter, grayscale,
+    blur, JPEG), all off by default; see AugmentConfig and docs/AUGMENTATION.md."""
 
     @property
     def data_dir(self) -> str | None:
@@ -457,7 +543,7 @@ def config_to_json(config: Config) -> str:
 
 def config_classes() -> list[type]:
     """Every dataclass of the config tree (sections and nested sections)."""
-    return [Config, DataConfig, SyntheticDataConfig, ModelConfig, HeadConfig, ClusterConfig,
+    return [Config, DataConfig, SyntheticDataConfig, AugmentConfig, ModelConfig, HeadConfig, ClusterConfig,
             OptimConfig, ScheduleConfig, TrainConfig, EvalConfig, CheckpointConfig, LoggingConfig]
 
 

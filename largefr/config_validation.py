@@ -120,6 +120,51 @@ def _synthetic_checks(s: Any) -> list[Check]:
             ("cache_dir", _nonempty(s.cache_dir))]
 
 
+def _probability(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else f"must be a probability in [0, 1], got {value}"
+
+
+def _range(values: Sequence[float], low: float, high: float, *, open_low: bool = False) -> str | None:
+    """[low, high] of an augmentation parameter inside [low, high] (or (low, high] with `open_low`)."""
+    problem = _pair(values, low, high)
+    if problem is None and open_low and values[0] <= low:
+        problem = f"must satisfy {low} < low <= high <= {high}, got {list(values)}"
+    return problem
+
+
+def _color(values: Sequence[int]) -> str | None:
+    ok = len(values) == 3 and all(0 <= v <= 255 for v in values)
+    return None if ok else f"must be [R, G, B] with each value in [0, 255], got {list(values)}"
+
+
+def _augment_checks(a: Any) -> list[Check]:
+    from largefr.config import AUGMENT_OPERATORS
+
+    checks = [(f"{name}_prob", _probability(getattr(a, f"{name}_prob"))) for name in AUGMENT_OPERATORS]
+    unchanged = [a.brightness, a.contrast, a.saturation] == [[1.0, 1.0]] * 3 and list(a.hue) == [0.0, 0.0]
+    if a.jitter_prob > 0 and unchanged:
+        checks.append(("jitter_prob", "the jitter would change nothing: brightness, contrast and saturation are "
+                                      "[1, 1] and hue [0, 0]; give one of them a range or set jitter_prob 0"))
+    return checks + [
+        ("crop_scale", _range(a.crop_scale, 0.0, 1.0, open_low=True)),
+        ("crop_ratio", _range(a.crop_ratio, 0.0, math.inf, open_low=True)),
+        ("downscale_range", _range(a.downscale_range, 0.0, 1.0, open_low=True)),
+        ("brightness", _range(a.brightness, 0.0, math.inf)),
+        ("contrast", _range(a.contrast, 0.0, math.inf)),
+        ("saturation", _range(a.saturation, 0.0, math.inf)),
+        ("hue", _range(a.hue, -180.0, 180.0)),
+        ("blur_sigma", _range(a.blur_sigma, 0.0, math.inf, open_low=True)),
+        ("jpeg_quality", _range(a.jpeg_quality, 1, 100)),
+        ("erase_area", _range(a.erase_area, 0.0, 1.0, open_low=True)),
+        ("erase_ratio", _range(a.erase_ratio, 0.0, math.inf, open_low=True)),
+        ("erase_fill", _color(a.erase_fill)),
+        ("mask_top", _range(a.mask_top, 0.0, 1.0) or (
+            None if a.mask_top[1] < 1.0 else f"high must be < 1 (the mask needs a row), got {a.mask_top}")),
+        ("mask_width", _range(a.mask_width, 0.0, 1.0, open_low=True)),
+        ("mask_fill", _color(a.mask_fill)),
+    ]
+
+
 def _model_checks(m: Any) -> list[Check]:
     return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout)),
             ("init_from", _nonempty(m.init_from))]
@@ -222,7 +267,8 @@ def _train_checks(t: Any) -> list[Check]:
 
 
 SECTION_CHECKS = {
-    "data": _data_checks, "data.synthetic": _synthetic_checks, "model": _model_checks,
+    "data": _data_checks, "data.synthetic": _synthetic_checks, "data.augment": _augment_checks,
+    "model": _model_checks,
     "head": _head_checks, "cluster": _cluster_checks, "optim": _optim_checks,
     "schedule": _schedule_checks, "train": _train_checks,
     "eval": lambda e: [("every", _min(e.every, 0)), ("batch_size", _min(e.batch_size, 1)),

@@ -16,6 +16,8 @@ from largefr.data.sharding import EpochLoader
 if TYPE_CHECKING:  # torch is imported lazily: tools such as pack_rec.py start faster without it
     import torch
 
+    from largefr.config import AugmentConfig
+
 LOADER_KINDS = ("dali", "torch", "synthetic")
 
 __all__ = ["LOADER_KINDS", "BadImageError", "EpochLoader", "ImageIndex", "RecordIOError", "build_loader",
@@ -41,7 +43,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
                  local_rank: int = 0, seed: int = 0, image_size: int = 112, num_workers: int = 2,
                  shuffle: bool = True, random_flip: bool = True, shuffle_buffer: int = 10000,
                  on_bad_image: str = "error", drop_last: bool = True, num_images: int | None = None,
-                 cache_dir: str | None = None, device: str | "torch.device" | None = None) -> EpochLoader:
+                 cache_dir: str | None = None, device: str | "torch.device" | None = None,
+                 augment: "AugmentConfig | None" = None) -> EpochLoader:
     """The loader of `kind` ('dali', 'torch' or 'synthetic') for this rank.
 
     `rec` is the folder holding train.rec, train.idx and property. `num_workers` is the number of
@@ -50,6 +53,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
     (default: $LARGEFR_CACHE or ~/.cache/largefr). `device`: where the DALI and synthetic loaders put
     batches (default cuda:local_rank when CUDA is available, else cpu); the torch loader yields CPU
     batches, in pinned memory when `device` is a GPU (its host-to-device copies are then asynchronous).
+    `augment` (data.augment) applies to the DALI and torch loaders (largefr/data/augment.py); the
+    synthetic loader's random tensors are not augmented.
     """
     if kind not in LOADER_KINDS:
         raise ValueError(f"data.loader={kind!r} is not one of {LOADER_KINDS}")
@@ -66,7 +71,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
     _check_image_size(rec, image_size)
     index = prepare_image_index(rec, num_classes=num_classes, on_bad_image=on_bad_image, cache_dir=cache_dir)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, image_size=image_size,
-                  shuffle=shuffle, random_flip=random_flip, on_bad_image=on_bad_image, drop_last=drop_last)
+                  shuffle=shuffle, random_flip=random_flip, on_bad_image=on_bad_image, drop_last=drop_last,
+                  augment=augment)
     if kind == "torch":
         import torch
 

@@ -7,7 +7,8 @@ device chosen at run time.
 Each epoch builds a fresh pipeline: `fn.readers.mxnet` over the validated image-only index
 (image_index.py), `shard_id=(rank + epoch) % world`, `num_shards=world`, `stick_to_shard=True`
 (see sharding.py), seeded from (seed, epoch, rank). That gives exact epoch boundaries and an
-exact, cheap-to-reason resume point (`skip(k)` runs and discards k batches of the epoch's pipeline).
+exact, cheap-to-reason resume point (`skip(k)` runs and discards k batches of the epoch's pipeline);
+data.augment's operators (augment_dali.py) are part of that pipeline, so a resume replays them too.
 Shuffling is DALI's reservoir of `initial_fill` samples. insightface's files are sorted by
 identity, so the reservoir must span many identities: with P images per identity and batch B, a
 buffer of 8*B*P samples gave >= 0.84*B distinct identities in every one of 300 simulated batches
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from largefr.config import AugmentConfig
 from largefr.data.image_index import ImageIndex
 from largefr.data.recordio import BadImageError, RecordFile, RecordIOError
 from largefr.data.sharding import EpochLoader, check_enough_samples, epoch_shard_id, shard_range
@@ -57,22 +59,35 @@ def import_dali():
 
 def build_pipeline(*, rec_path: str, index_path: str, batch_size: int, num_threads: int, device_id: int | None,
                    seed: int, shard_id: int, num_shards: int, shuffle: bool, initial_fill: int,
-                   random_flip: bool, pad_last_batch: bool):
-    """Built DALI pipeline with outputs (images 3xHxW float, label, source_info of each sample)."""
+                   random_flip: bool, pad_last_batch: bool, augment: AugmentConfig | None = None,
+                   image_size: int = 112):
+    """Built DALI pipeline with outputs (images 3xHxW float, label, source_info of each sample).
+
+    `augment` (data.augment) inserts its operators between decode and normalize (augment_dali.py);
+    the pipeline is then traced with DALI conditionals, so each operator runs only where its coin lands.
+    """
     dali, fn, types, _ = import_dali()
-    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                         prefetch_queue_depth=_PREFETCH_DEPTH)
-    with pipe:
+    augmenting = augment is not None and augment.enabled
+
+    def graph():
         encoded, labels = fn.readers.mxnet(
             path=[rec_path], index_path=[index_path], shard_id=shard_id, num_shards=num_shards,
             stick_to_shard=True, random_shuffle=shuffle, initial_fill=max(1, initial_fill),
             pad_last_batch=pad_last_batch, name="reader")
         images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+        if augmenting:
+            from largefr.data.augment_dali import augment_images
+
+            images = augment_images(images, augment, image_size)
         mirror = fn.random.coin_flip(probability=0.5) if random_flip else 0
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                           mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
         # a label vector (flag > 0) means class = label[0], as in insightface
-        pipe.set_outputs(images, labels[0], fn.get_property(encoded, key="source_info"))
+        return images, labels[0], fn.get_property(encoded, key="source_info")
+
+    pipe = dali.pipeline_def(graph, enable_conditionals=augmenting)(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+        prefetch_queue_depth=_PREFETCH_DEPTH)
     pipe.build()
     return pipe
 
@@ -87,7 +102,8 @@ class DaliRecLoader(EpochLoader):
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, local_rank: int = 0,
                  seed: int = 0, image_size: int = 112, num_threads: int = 2, shuffle: bool = True,
                  random_flip: bool = True, shuffle_buffer: int = 10000, on_bad_image: str = "error",
-                 drop_last: bool = True, device: str | torch.device | None = None) -> None:
+                 drop_last: bool = True, device: str | torch.device | None = None,
+                 augment: AugmentConfig | None = None) -> None:
         self._private_dir: str | None = None
         import_dali()  # fail at construction, not at the first batch
         super().__init__()
@@ -97,6 +113,8 @@ class DaliRecLoader(EpochLoader):
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.augment = augment
+        """data.augment of the training batches (None or all probabilities 0: decode, flip, normalize only)."""
         self.num_batches = check_enough_samples(len(index), world_size, batch_size, drop_last, index.rec_path)
         self.initial_fill = self._initial_fill(shuffle_buffer) if shuffle else 1
         self.bad_positions: set[int] = set()
@@ -128,7 +146,7 @@ class DaliRecLoader(EpochLoader):
                               seed=_pipeline_seed(self.seed, epoch, self.rank), shard_id=shard_id,
                               num_shards=num_shards, shuffle=self.shuffle,
                               initial_fill=min(self.initial_fill, len(shard)), random_flip=self.random_flip,
-                              pad_last_batch=not self.drop_last)
+                              pad_last_batch=not self.drop_last, augment=self.augment, image_size=self.image_size)
         return pipe, shard
 
     def _private_index(self, positions: np.ndarray) -> str:

@@ -3,7 +3,8 @@
 Reads the same validated image index as the DALI loader and shards it the same way
 (largefr.data.sharding), decodes with PIL (libjpeg-turbo, like DALI's CPU decoder: pixels are
 identical) and normalizes as DALI's crop_mirror_normalize does, so with shuffle and flip off both
-loaders yield the same batches.
+loaders yield the same batches. data.augment runs per image between decode and normalize
+(largefr/data/augment_torch.py), seeded per image from (seed, epoch, rank, position in the epoch).
 """
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from largefr.config import AugmentConfig
+from largefr.data.augment_torch import augment_image
 from largefr.data.image_index import ImageIndex
 from largefr.data.recordio import BadImageError, RecordFile, RecordIOError
 from largefr.data.sharding import EpochLoader, check_enough_samples, shard_positions, shard_range
 
 logger = logging.getLogger(__name__)
 
-# (position in the image index, flip, shard start, shard end): the shard bounds let a skipped image
-# be replaced by the next decodable one of the same shard.
-SampleRequest = tuple[int, bool, int, int]
+# (position in the image index, flip, shard start, shard end, augmentation seed): the shard bounds let a
+# skipped image be replaced by the next decodable one of the same shard; the seed draws the image's
+# data.augment operators (the same seed on a resume, so the same augmentations).
+SampleRequest = tuple[int, bool, int, int, int]
 
 
 def normalize_image(hwc_uint8: np.ndarray, flip: bool) -> torch.Tensor:
@@ -49,8 +53,10 @@ def decode_rgb(data: bytes) -> np.ndarray:
 class RecordImageDataset(Dataset):
     """Decoded, normalized images of a .rec, addressed by SampleRequest."""
 
-    def __init__(self, index: ImageIndex, *, image_size: int, on_bad_image: str) -> None:
+    def __init__(self, index: ImageIndex, *, image_size: int, on_bad_image: str,
+                 augment: AugmentConfig | None = None) -> None:
         self.index = index
+        self.augment = augment if augment is not None and augment.enabled else None
         self.image_size = image_size
         self.on_bad_image = on_bad_image
         self.file = RecordFile(index.rec_path)
@@ -72,10 +78,12 @@ class RecordImageDataset(Dataset):
         return image, int(self.index.labels[position])
 
     def __getitem__(self, request: SampleRequest) -> tuple[torch.Tensor, int, int]:
-        position, flip, start, end = request
+        position, flip, start, end, augment_seed = request
         for skipped in range(end - start):
             try:
                 image, label = self._load(start + (position - start + skipped) % (end - start))
+                if self.augment is not None:
+                    image = augment_image(image, self.augment, np.random.default_rng(augment_seed))
                 return normalize_image(image, flip), label, skipped
             except BadImageError as err:
                 if self.on_bad_image != "skip":
@@ -95,7 +103,8 @@ class TorchRecLoader(EpochLoader):
 
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, seed: int = 0,
                  image_size: int = 112, num_workers: int = 2, shuffle: bool = True, random_flip: bool = True,
-                 on_bad_image: str = "error", drop_last: bool = True, pin_memory: bool = False) -> None:
+                 on_bad_image: str = "error", drop_last: bool = True, pin_memory: bool = False,
+                 augment: AugmentConfig | None = None) -> None:
         super().__init__()
         self.pin_memory = pin_memory
         """Batches in page-locked memory, so the trainer's non_blocking copies to a GPU overlap (CUDA runs)."""
@@ -103,7 +112,7 @@ class TorchRecLoader(EpochLoader):
         self.seed, self.image_size, self.num_workers = seed, image_size, num_workers
         self.shuffle, self.random_flip, self.drop_last = shuffle, random_flip, drop_last
         self.num_batches = check_enough_samples(len(index), world_size, batch_size, drop_last, index.rec_path)
-        self.dataset = RecordImageDataset(index, image_size=image_size, on_bad_image=on_bad_image)
+        self.dataset = RecordImageDataset(index, image_size=image_size, on_bad_image=on_bad_image, augment=augment)
         self.skipped_images = 0
         """Images replaced because they could not be decoded (on_bad_image='skip'), all epochs."""
 
@@ -115,9 +124,11 @@ class TorchRecLoader(EpochLoader):
         flips = np.zeros(len(positions), dtype=bool)
         if self.random_flip:
             flips = np.random.default_rng([self.seed, epoch, self.rank, 1]).random(len(positions)) < 0.5
+        seeds = np.random.SeedSequence([self.seed, epoch, self.rank, 2]).generate_state(len(positions), np.uint64)
         size = self.batch_size
-        return [[(int(p), bool(f), start, end) for p, f in zip(positions[b * size:(b + 1) * size],
-                                                                 flips[b * size:(b + 1) * size])]
+        return [[(int(p), bool(f), start, end, int(s)) for p, f, s in zip(positions[b * size:(b + 1) * size],
+                                                                            flips[b * size:(b + 1) * size],
+                                                                            seeds[b * size:(b + 1) * size])]
                 for b in range(self.num_batches)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -155,7 +155,7 @@ def build_train_loader(config: Config, folder: str | None, env: DistributedEnv):
                         seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
                         shuffle=True, random_flip=data.random_flip, shuffle_buffer=data.shuffle_buffer,
                         on_bad_image=data.on_bad_image, drop_last=True, num_images=data.num_images,
-                        cache_dir=data.cache_dir, device=env.device)
+                        cache_dir=data.cache_dir, device=env.device, augment=data.augment)
 
 
 @dataclass(kw_only=True)
