@@ -132,12 +132,24 @@ class DataConfig(_Section):
 @dataclass(kw_only=True)
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf"] = "r100"
-    """Backbone: IResNet-18/34/50/100/200 or MobileFaceNet ('mbf')."""
+    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf", "vit_t", "vit_s", "vit_b", "vit_l"] = "r100"
+    """Backbone: IResNet-18/34/50/100/200, MobileFaceNet ('mbf') or arcface_torch's ViT-T/S/B/L ('vit_t' ..
+    'vit_l', 9 x 9 patches: 112 px faces give 144 tokens; a smaller data.image_size gives (side // 9)^2)."""
     embedding_size: int = 512
     """Dimension of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface's IResNet uses 0)."""
+    activation_checkpointing: bool = False
+    """Recompute each backbone block (IResNet block, MobileFaceNet block, ViT transformer block) in backward
+    instead of keeping its activations: less memory for about one more forward of compute
+    (tools/bench_backbone.py measures both). Same gradients; BatchNorm statistics move once per step.
+    arcface_torch turns it on for its vit_b and vit_l."""
+    drop_path_rate: float | None = None
+    """ViT only: stochastic depth rate of the last block (linear from 0 in the first); null = the size's
+    arcface_torch WebFace42M config value (0.05)."""
+    mask_ratio: float | None = None
+    """ViT only: fraction of patch tokens dropped in training (their places filled by a learned token after
+    the blocks); null = the size's arcface_torch WebFace42M config value (vit_t/vit_s 0, vit_b/vit_l 0.05)."""
     init_from: str | None = None
     """Start the backbone from these weights: an insightface backbone.pth, a largefr model.pt
     (tools/export_backbone.py) or a largefr checkpoint (run folder, checkpoints/ or step_N; its backbone

@@ -120,8 +120,18 @@ def _synthetic_checks(s: Any) -> list[Check]:
             ("cache_dir", _nonempty(s.cache_dir))]
 
 
+def _vit_rate(network: str, value: float | None) -> str | None:
+    if value is None:
+        return None
+    if not network.startswith("vit_"):
+        return f"applies to the ViT backbones only (model.network={network}); remove it or set it to null"
+    return _fraction(value)
+
+
 def _model_checks(m: Any) -> list[Check]:
     return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout)),
+            ("drop_path_rate", _vit_rate(m.network, m.drop_path_rate)),
+            ("mask_ratio", _vit_rate(m.network, m.mask_ratio)),
             ("init_from", _nonempty(m.init_from))]
 
 

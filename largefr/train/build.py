@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.config import Config, config_to_json
+from largefr.config import Config, ModelConfig, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -204,7 +204,7 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     check_zero_stage(config.train.zero_stage)
     m = config.model
     backbone = get_model(m.network, embedding_size=m.embedding_size, dropout=m.dropout,
-                         image_size=config.data.image_size)
+                         image_size=config.data.image_size, **backbone_options(m))
     if m.init_from is not None and load_init:
         source = load_init_weights(backbone, m.init_from, network=m.network, embedding_size=m.embedding_size,
                                    device=env.device)
@@ -224,6 +224,13 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
                                 momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
                                 betas=tuple(config.optim.betas))
     return create_engine(backbone, optimizer, ds_config), encoder
+
+
+def backbone_options(model: ModelConfig) -> dict:
+    """get_model options of the model section beyond name, size and dropout (the ViT rates only where set)."""
+    rates = {"drop_path_rate": model.drop_path_rate, "mask_ratio": model.mask_ratio}
+    return {"activation_checkpointing": model.activation_checkpointing,
+            **{name: value for name, value in rates.items() if value is not None}}
 
 
 def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = None) -> Trainer:
