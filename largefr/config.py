@@ -352,6 +352,15 @@ class TrainConfig(_Section):
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Use deterministic kernels (slower)."""
+    compile: bool = False
+    """torch.compile the backbone (through DeepSpeed's engine.compile) and the momentum encoder's forward;
+    compiled at the first step (minutes for deep networks). A compile failure warns once and the run goes
+    on eagerly (largefr/train/compile.py). Measured gains: docs/PERFORMANCE.md."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of train.compile ('inductor'; 'aot_eager' traces without generating code)."""
+    channels_last: bool = False
+    """Feed the backbone NHWC images (channels-last memory layout), which the fastest GPU convolution
+    kernels use; no effect on what is computed."""
     freeze_backbone_steps: int = 0
     """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
     first; BatchNorm statistics still move); the schedule is not shifted."""

@@ -227,6 +227,7 @@ def _train_checks(t: Any) -> list[Check]:
         ("seed", _min(t.seed, 0)),
         ("zero_stage", _zero_stage_problem(t.zero_stage)),
         ("max_consecutive_nonfinite", _min(t.max_consecutive_nonfinite, 1)),
+        ("compile_backend", _nonempty(t.compile_backend)),
     ]
 
 

@@ -18,6 +18,7 @@ from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
                                   create_engine)
@@ -223,7 +224,10 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     optimizer = build_optimizer(backbone.parameters(), name=config.optim.name, lr=config.optim.lr,
                                 momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
                                 betas=tuple(config.optim.betas))
-    return create_engine(backbone, optimizer, ds_config), encoder
+    engine = create_engine(backbone, optimizer, ds_config)
+    prepare_step_modules(engine, encoder, compile=config.train.compile, channels_last=config.train.channels_last,
+                         backend=config.train.compile_backend)
+    return engine, encoder
 
 
 def backbone_options(model: ModelConfig) -> dict:
