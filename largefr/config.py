@@ -218,12 +218,24 @@ class DataConfig(_Section):
 @dataclass(kw_only=True)
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf"] = "r100"
-    """Backbone: IResNet-18/34/50/100/200 or MobileFaceNet ('mbf')."""
+    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf", "vit_t", "vit_s", "vit_b", "vit_l"] = "r100"
+    """Backbone: IResNet-18/34/50/100/200, MobileFaceNet ('mbf') or arcface_torch's ViT-T/S/B/L ('vit_t' ..
+    'vit_l', 9 x 9 patches: 112 px faces give 144 tokens; a smaller data.image_size gives (side // 9)^2)."""
     embedding_size: int = 512
     """Dimension of the face embedding."""
     dropout: float = 0.0
     """Dropout before the embedding layer (insightface's IResNet uses 0)."""
+    activation_checkpointing: bool = False
+    """Recompute each backbone block (IResNet block, MobileFaceNet block, ViT transformer block) in backward
+    instead of keeping its activations: less memory for about one more forward of compute
+    (tools/bench_backbone.py measures both). Same gradients; BatchNorm statistics move once per step.
+    arcface_torch turns it on for its vit_b and vit_l."""
+    drop_path_rate: float | None = None
+    """ViT only: stochastic depth rate of the last block (linear from 0 in the first); null = the size's
+    arcface_torch WebFace42M config value (0.05)."""
+    mask_ratio: float | None = None
+    """ViT only: fraction of patch tokens dropped in training (their places filled by a learned token after
+    the blocks); null = the size's arcface_torch WebFace42M config value (vit_t/vit_s 0, vit_b/vit_l 0.05)."""
     init_from: str | None = None
     """Start the backbone from these weights: an insightface backbone.pth, a largefr model.pt
     (tools/export_backbone.py) or a largefr checkpoint (run folder, checkpoints/ or step_N; its backbone
@@ -434,6 +446,15 @@ class TrainConfig(_Section):
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Use deterministic kernels (slower)."""
+    compile: bool = False
+    """torch.compile the backbone (through DeepSpeed's engine.compile) and the momentum encoder's forward;
+    compiled at the first step (minutes for deep networks). A compile failure warns once and the run goes
+    on eagerly (largefr/train/compile.py). Measured gains: docs/PERFORMANCE.md."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of train.compile ('inductor'; 'aot_eager' traces without generating code)."""
+    channels_last: bool = False
+    """Feed the backbone NHWC images (channels-last memory layout), which the fastest GPU convolution
+    kernels use; no effect on what is computed."""
     freeze_backbone_steps: int = 0
     """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
     first; BatchNorm statistics still move); the schedule is not shifted."""

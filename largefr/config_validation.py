@@ -165,8 +165,18 @@ def _augment_checks(a: Any) -> list[Check]:
     ]
 
 
+def _vit_rate(network: str, value: float | None) -> str | None:
+    if value is None:
+        return None
+    if not network.startswith("vit_"):
+        return f"applies to the ViT backbones only (model.network={network}); remove it or set it to null"
+    return _fraction(value)
+
+
 def _model_checks(m: Any) -> list[Check]:
     return [("embedding_size", _min(m.embedding_size, 1)), ("dropout", _fraction(m.dropout)),
+            ("drop_path_rate", _vit_rate(m.network, m.drop_path_rate)),
+            ("mask_ratio", _vit_rate(m.network, m.mask_ratio)),
             ("init_from", _nonempty(m.init_from))]
 
 
@@ -263,6 +273,7 @@ def _train_checks(t: Any) -> list[Check]:
         ("seed", _min(t.seed, 0)),
         ("zero_stage", _zero_stage_problem(t.zero_stage)),
         ("max_consecutive_nonfinite", _min(t.max_consecutive_nonfinite, 1)),
+        ("compile_backend", _nonempty(t.compile_backend)),
     ]
 
 

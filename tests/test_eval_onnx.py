@@ -35,7 +35,11 @@ def calibrated(network: str) -> torch.nn.Module:
     1e-4 absolute tolerance means nothing.
     """
     torch.manual_seed(0)
-    model = get_model(network, embedding_size=512)
+    return calibrated_model(get_model(network, embedding_size=512))
+
+
+def calibrated_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its BatchNorm statistics measured on 16 synthetic faces, in eval mode."""
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
         norm.reset_running_stats()
         norm.momentum = None
@@ -89,6 +93,32 @@ def test_r18_parity(tmp_path):
 @pytest.mark.slow
 def test_r100_parity(tmp_path):
     _parity("r100", tmp_path)
+
+
+def test_vit_parity(tmp_path):
+    """A small ViT (same modules as vit_t/s/b/l: attention, patch embedding, feature head): onnxruntime = torch."""
+    from largefr.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = calibrated_model(VisionTransformer(width=32, depth=2, embedding_size=64, mask_ratio=0.1))
+    path = str(tmp_path / "vit.onnx")
+    export_onnx(model, path)
+    for images in (random_images(2), synthetic_images(3)):
+        with torch.no_grad():
+            assert np.abs(model(images).numpy()).max() > 0.1
+        assert max_abs_difference(model, path, images) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_vit_t_export_tool_parity(tmp_path, capsys):
+    """tools/export_onnx.py on an arcface_torch-sized vit_t backbone file (112 px, 512-d)."""
+    model = calibrated("vit_t")
+    weights, out = str(tmp_path / "backbone.pth"), str(tmp_path / "vit_t.onnx")
+    torch.save(model.state_dict(), weights)
+    bin_path = os.path.join(synthetic_data(), "synth_val.bin")
+    assert load_tool("export_onnx").main(["--weights", weights, "--out", out, "--check-bin", bin_path]) == 0
+    assert "vit_t, input 'data' Nx3x112x112" in capsys.readouterr().out
+    assert max_abs_difference(model, out, random_images(2)) <= TOLERANCE
 
 
 def test_missing_extra_named(monkeypatch, tmp_path):

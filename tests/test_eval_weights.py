@@ -19,7 +19,8 @@ def _same_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         torch.testing.assert_close(loaded[key].cpu(), value.to(loaded[key].dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("network,size", [("r18", 64), ("r34", 32), ("mbf", 128), ("mbf_large", 256)])
+@pytest.mark.parametrize("network,size", [("r18", 64), ("r34", 32), ("mbf", 128), ("mbf_large", 256), ("vit_t", 512),
+                                          ("vit_s", 64), ("vit_b", 512), ("vit_l", 128)])
 def test_network_and_embedding_size_inferred(network, size):
     with torch.device("meta"):
         state = get_model(network, embedding_size=size).state_dict()
@@ -89,7 +90,7 @@ def test_bad_files_rejected(tmp_path):
         load_backbone()
 
 
-@pytest.mark.parametrize("network,image_size", [("mbf", 32), ("r18", 64)])
+@pytest.mark.parametrize("network,image_size", [("mbf", 32), ("r18", 64), ("vit_t", 32)])
 def test_weights_of_a_small_input_side_are_recognised(network, image_size):
     """CPU runs (the quickstart trains at 32 px) give weights whose embedding layer fits only that side."""
     from largefr.eval.weights import infer_network_and_size
@@ -101,3 +102,16 @@ def test_weights_of_a_small_input_side_are_recognised(network, image_size):
     assert loaded.model.image_size == image_size
     out = loaded.model(torch.zeros(2, 3, image_size, image_size))
     assert out.shape == (2, 64)
+
+
+def test_vit_weights_load_for_embedding_and_a_wrong_size_is_named(tmp_path):
+    """An arcface_torch ViT backbone.pth (same names) loads through --weights; vit_s weights refuse vit_t."""
+    torch.manual_seed(1)
+    state = get_model("vit_t", embedding_size=32, image_size=32).state_dict()
+    path = str(tmp_path / "backbone.pth")
+    torch.save(state, path)
+    loaded = load_backbone(weights=path)
+    assert (loaded.network, loaded.embedding_size, loaded.model.image_size) == ("vit_t", 32, 32)
+    _same_weights(loaded.model, state)
+    with pytest.raises(WeightsError, match=r"do not fit network 'vit_s'.*keys of another shape \(pos_embed"):
+        load_backbone(weights=path, network="vit_s")

@@ -51,6 +51,25 @@ def _unchanged_after_error(model: torch.nn.Module, path: str, match: str, **fit)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded in part
 
 
+def test_init_from_an_arcface_torch_vit_backbone(tmp_path):
+    """A ViT backbone.pth (arcface_torch's names) loads strictly and embeds as the saved model; another size
+    is refused naming the network that fits."""
+    from largefr.models import get_model
+
+    torch.manual_seed(2)
+    source = get_model("vit_t", embedding_size=8, image_size=32).eval()  # a side weight inference tries
+    path = str(tmp_path / "backbone.pth")
+    torch.save(source.state_dict(), path)
+    target = get_model("vit_t", embedding_size=8, image_size=32)
+    assert load_init_weights(target, path, network="vit_t", embedding_size=8) == path
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(images), source(images))
+    with pytest.raises(InitFromError, match=r"do not fit model.network=vit_s.*set model.network=vit_t"):
+        load_init_weights(get_model("vit_s", embedding_size=8, image_size=32), path, network="vit_s",
+                          embedding_size=8)
+
+
 def test_missing_file_is_named(tmp_path):
     path = str(tmp_path / "nope.pth")
     _unchanged_after_error(_mbf(), path, rf"model.init_from={path}: no such file or folder; give an insightface "

@@ -10,6 +10,7 @@ Files are read with `torch.load(weights_only=True)`: nothing stored in them runs
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -141,13 +142,26 @@ def _meta_model(network: str, embedding_size: int, image_size: int = 112) -> nn.
         return get_model(network, embedding_size=embedding_size, image_size=image_size)
 
 
+@functools.lru_cache(maxsize=None)
+def _meta_shapes(network: str, embedding_size: int, image_size: int = 112) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of `network`'s state_dict, built once per process (inference tries many networks)."""
+    return {key: tuple(t.shape) for key, t in _meta_model(network, embedding_size, image_size).state_dict().items()}
+
+
+def _fits(state: Mapping[str, torch.Tensor], network: str, embedding_size: int, image_size: int) -> bool:
+    shapes = _meta_shapes(network, embedding_size, image_size)
+    return shapes.keys() == state.keys() and all(tuple(state[key].shape) == shape for key, shape in shapes.items())
+
+
 def infer_network_and_size(state: Mapping[str, torch.Tensor],
                            embedding_size: int | None = None) -> tuple[str, int] | None:
     """(network name, input side) whose parameter names and shapes equal those of `state`, or None."""
     size = embedding_size or embedding_size_of(state)
+    # Names depend on neither the input side nor the embedding size: only networks named alike are tried.
+    named_alike = [network for network in NETWORK_NAMES if _meta_shapes(network, 8).keys() == state.keys()]
     for image_size in IMAGE_SIZES:
-        for network in NETWORK_NAMES:
-            if compare_state_dict(_meta_model(network, size, image_size), state).ok:
+        for network in named_alike:
+            if _fits(state, network, size, image_size):
                 return network, image_size
     return None
 
@@ -161,7 +175,7 @@ def infer_network(state: Mapping[str, torch.Tensor], embedding_size: int | None 
 def _image_size_for(state: Mapping[str, torch.Tensor], network: str, size: int) -> int | None:
     """The input side at which `network` has the shapes of `state`, or None when none fits."""
     for image_size in IMAGE_SIZES:
-        if compare_state_dict(_meta_model(network, size, image_size), state).ok:
+        if _fits(state, network, size, image_size):
             return image_size
     return None
 

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from largefr.models.norm import BatchNorm1d, BatchNorm2d
+from largefr.models.recompute import checkpointed
 
 # Blocks per stage; every stage halves the spatial size (112 -> 56 -> 28 -> 14 -> 7).
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -137,7 +136,7 @@ class IResNet(nn.Module):
         if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
             return stage(x)
         for block in stage:  # recompute each block in backward instead of storing its activations
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpointed(block, x)
         return x
 
 

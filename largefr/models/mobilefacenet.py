@@ -15,6 +15,7 @@ from torch import nn
 
 from largefr.models.iresnet import DOWNSAMPLE_FACTOR, check_backbone_args
 from largefr.models.norm import BatchNorm1d, BatchNorm2d
+from largefr.models.recompute import checkpointed
 
 
 def _conv(in_c: int, out_c: int, kernel: int, stride: int, groups: int, padding: int | None = None) -> nn.Conv2d:
@@ -117,12 +118,13 @@ class MobileFaceNet(nn.Module):
     """MobileFaceNet for square face crops; returns the raw (unnormalized) embedding, B x embedding_size."""
 
     def __init__(self, *, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2, embedding_size: int = 512,
-                 image_size: int = 112) -> None:
+                 image_size: int = 112, activation_checkpointing: bool = False) -> None:
         super().__init__()
         check_backbone_args(embedding_size, image_size)
         self.image_size = image_size  # input side in pixels (evaluation tools read it)
         if len(blocks) != 4 or any(n < 1 for n in blocks) or scale < 1:
             raise ValueError(f"blocks must be 4 positive counts and scale >= 1, got {list(blocks)}, {scale}")
+        self.activation_checkpointing = activation_checkpointing
         self.layers = nn.ModuleList(_stages(blocks, scale))
         self.conv_sep = ConvBlock(128 * scale, GDC_CHANNELS)
         self.features = GDC(GDC_CHANNELS, image_size // DOWNSAMPLE_FACTOR, embedding_size)
@@ -137,9 +139,20 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.layers:
-            x = stage(x)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            for unit in self._checkpoint_units():  # recompute each unit in backward instead of storing it
+                x = checkpointed(unit, x)
+        else:
+            for stage in self.layers:
+                x = stage(x)
         return self.features(self.conv_sep(x))
+
+    def _checkpoint_units(self) -> list[nn.Module]:
+        """The stages in order, a Residual stage split into its blocks (one recomputed at a time)."""
+        units: list[nn.Module] = []
+        for stage in self.layers:
+            units.extend(stage.layers if isinstance(stage, Residual) else [stage])
+        return units
 
 
 def _stages(blocks: Sequence[int], scale: int) -> list[nn.Module]:

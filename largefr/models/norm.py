@@ -8,6 +8,8 @@ one autocast training uses). So when the parameters were cast below the statisti
 hand batch_norm their weight and bias in the statistics' dtype: the output stays in the input's dtype, the
 running statistics keep float32 resolution, the weight's gradient flows back in the parameter's dtype.
 Module and state_dict names are nn.BatchNorm's, so insightface checkpoints still load.
+While activation checkpointing recomputes a block (largefr/models/recompute.py) they normalize with the
+batch's statistics without updating the running ones, which the first forward already did.
 """
 from __future__ import annotations
 
@@ -15,20 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largefr.models.recompute import recomputing
+
 
 class _StatsDtypeBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stats = self.running_mean
-        if stats is None or self.weight is None or self.weight.dtype == stats.dtype:
+        mixed = stats is not None and self.weight is not None and self.weight.dtype != stats.dtype
+        recompute = self.training and recomputing()
+        if not (mixed or recompute):
             return super().forward(x)
         self._check_input_dim(x)
         factor = self.momentum
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and not recompute:
             self.num_batches_tracked.add_(1)
             if factor is None:  # cumulative moving average, as nn.BatchNorm does with momentum=None
                 factor = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(x, stats, self.running_var, self.weight.to(stats.dtype), self.bias.to(stats.dtype),
-                            self.training, 0.0 if factor is None else factor, self.eps)
+        weight, bias = self.weight, self.bias
+        if mixed:
+            weight, bias = weight.to(stats.dtype), bias.to(stats.dtype)
+        mean, var = stats, self.running_var
+        if recompute and stats is not None:
+            # the update lands on throwaway copies, so backward saves the same tensors as the first forward
+            mean, var = stats.clone(), self.running_var.clone()
+        return F.batch_norm(x, mean, var, weight, bias, self.training, 0.0 if factor is None else factor, self.eps)
 
 
 class BatchNorm1d(_StatsDtypeBatchNorm, nn.BatchNorm1d):

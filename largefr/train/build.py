@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.config import Config, config_to_json
+from largefr.config import Config, ModelConfig, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
                                   create_engine)
@@ -204,7 +205,7 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     check_zero_stage(config.train.zero_stage)
     m = config.model
     backbone = get_model(m.network, embedding_size=m.embedding_size, dropout=m.dropout,
-                         image_size=config.data.image_size)
+                         image_size=config.data.image_size, **backbone_options(m))
     if m.init_from is not None and load_init:
         source = load_init_weights(backbone, m.init_from, network=m.network, embedding_size=m.embedding_size,
                                    device=env.device)
@@ -223,7 +224,17 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     optimizer = build_optimizer(backbone.parameters(), name=config.optim.name, lr=config.optim.lr,
                                 momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
                                 betas=tuple(config.optim.betas))
-    return create_engine(backbone, optimizer, ds_config), encoder
+    engine = create_engine(backbone, optimizer, ds_config)
+    prepare_step_modules(engine, encoder, compile=config.train.compile, channels_last=config.train.channels_last,
+                         backend=config.train.compile_backend)
+    return engine, encoder
+
+
+def backbone_options(model: ModelConfig) -> dict:
+    """get_model options of the model section beyond name, size and dropout (the ViT rates only where set)."""
+    rates = {"drop_path_rate": model.drop_path_rate, "mask_ratio": model.mask_ratio}
+    return {"activation_checkpointing": model.activation_checkpointing,
+            **{name: value for name, value in rates.items() if value is not None}}
 
 
 def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = None) -> Trainer:
