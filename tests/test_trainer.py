@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed_helpers import run_distributed
+from tests.distributed_helpers import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,7 +153,7 @@ def test_deepspeed_launcher_errors_end_every_rank(tiny_data, tmp_path, problem):
     overrides = {"config": {"train": {"zero_stag": 1}}, "data folder": {"data": {"rec": str(tmp_path / "nowhere")}},
                  "bin": {"data": {"val_targets": ["agedb_30"]}}}[problem]
     config = tiny_config(tiny_data, str(tmp_path / "out"), **overrides)
-    result = _launch(["deepspeed", "--num_gpus", "2", "launch/train.py", "--config", _write(tmp_path, config)])
+    result = _launch([*launcher_command("deepspeed"), "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode != 0
     expected = {"config": "zero_stag", "data folder": "nowhere", "bin": "agedb_30.bin"}[problem]
     for rank in (0, 1):
@@ -161,15 +161,18 @@ def test_deepspeed_launcher_errors_end_every_rank(tiny_data, tmp_path, problem):
                    for line in result.stderr.splitlines() + result.stdout.splitlines()), result.stderr[-3000:]
 
 
-LAUNCHERS = {"python": [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2"],
-             "torchrun": ["torchrun", "--nproc_per_node", "2"]}
+def launcher_command(launcher: str) -> list[str]:
+    """The launcher's command line, on a free port: the default 29500 collides with any other job on the machine."""
+    port = str(free_port())
+    return {"python": [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port],
+            "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port]}[launcher]
 
 
 @pytest.mark.parametrize("launcher", ["python", "deepspeed", "torchrun"])
 def test_launch_train_py_runs_under_each_launcher(tiny_data, tmp_path, launcher):
     config = tiny_config(tiny_data, str(tmp_path / "out"), train={"max_steps": 2}, eval={"every": 0},
                          data={"val_targets": []})
-    result = _launch([*LAUNCHERS[launcher], "launch/train.py", "--config", _write(tmp_path, config)])
+    result = _launch([*launcher_command(launcher), "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == (1 if launcher == "python" else 2)
