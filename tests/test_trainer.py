@@ -58,14 +58,14 @@ def _train(rank: int, world: int, config_dict: dict, resume: str | None = None, 
     trainer = build_trainer(config, env, resume=resume)
     trainer.loss_history = []
     if sigterm_after is not None and rank == 0:
-        original = trainer.train_step
+        original = trainer.run_step
 
         def train_step_then_signal(micro_batches):
             result = original(micro_batches)
             if trainer.state.step == sigterm_after - 1:  # the step just taken is number `sigterm_after`
                 os.kill(os.getpid(), signal.SIGTERM)
             return result
-        trainer.train_step = train_step_then_signal
+        trainer.run_step = train_step_then_signal
     summary = trainer.train()
     trainer.metrics.close()
     return {"losses": [float(x) for x in trainer.loss_history], "summary": summary,
@@ -188,16 +188,15 @@ def _nonfinite_worker(rank: int, world: int, policy: str, gas: int = 1) -> dict:
     from largefr.train.engine import build_deepspeed_config, build_optimizer, create_engine
     from largefr.train.head_step import ExternalHeadStep
     from largefr.train.step import NonFiniteLossError, StepRunner
-    from tests.train_helpers import ShardedArcFace, full_weight, rank_batch, tiny_backbone
+    from tests.train_helpers import PoisonedHead, ShardedArcFace, full_weight, rank_batch, tiny_backbone
 
     init_distributed()
     head = ShardedArcFace(full_weight(5))
-    calls = []
 
-    def head_nan_on_rank1(embeddings, labels, momentum_features):  # NaN in the last micro-batch of rank 1
-        calls.append(1)
-        loss, terms = head(embeddings, labels)
-        return (loss * float("nan"), terms) if rank == 1 and len(calls) == gas else (loss, terms)
+    def nan_on_rank1(call: int) -> bool:  # NaN in the last micro-batch of rank 1
+        return rank == 1 and call == gas
+
+    head_nan_on_rank1 = PoisonedHead(head, nan_on_rank1)
 
     backbone = tiny_backbone()
     config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=gas, world_size=world,
@@ -209,7 +208,7 @@ def _nonfinite_worker(rank: int, world: int, policy: str, gas: int = 1) -> dict:
                                                    gradient_accumulation_steps=gas))
     before = [p.detach().clone() for p in engine.module.parameters()] + [head.weight.detach().clone()]
     try:
-        result = runner.train_step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
+        result = runner.step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
     except NonFiniteLossError as error:
         return {"raised": str(error)}
     after = [p.detach() for p in engine.module.parameters()] + [head.weight.detach()]

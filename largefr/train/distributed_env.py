@@ -13,13 +13,14 @@ dies makes the others fail after `timeout` instead of hanging forever.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from largefr.distributed.spawn import free_port
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MEETING_TIMEOUT_S = 60.0
@@ -58,12 +59,6 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> str:
     if "CROSS_RANK" in environ or "LOCAL_SIZE" in environ:
         return "deepspeed"
     return "env"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _accelerator():
