@@ -1,45 +1,14 @@
-"""Run a function on real gloo process groups spawned on this machine (CPU)."""
+"""Run a function on real gloo process groups spawned on this machine (CPU).
+
+The helpers live in the library (`largefr.distributed.spawn`), shared with the head benchmark.
+"""
 from __future__ import annotations
 
-import faulthandler
-import os
-import socket
-import sys
-import tempfile
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from largefr.distributed.spawn import free_port, run_ranks
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, result_dir: str, fn: Callable, args: tuple) -> None:
-    faulthandler.enable()  # a rank that aborts in C++ (SIGABRT, SIGSEGV) prints where its Python stood
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            init_method=f"tcp://127.0.0.1:{port}")
-    finished = False
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
-        finished = True
-    finally:
-        if finished and world_size > 1:  # no rank closes its connections while a peer still reads from them
-            dist.barrier()
-        dist.destroy_process_group()
-    # Work done and saved: skip interpreter finalization, where torch's gloo threads now and then abort a
-    # finished process (SIGABRT, "terminate called without an active exception"; see launch/train.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+__all__ = ["free_port", "run_distributed"]
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
@@ -48,8 +17,4 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
     `fn` must be a module-level function (it is pickled into the spawned processes). A failure on
     any rank raises here with that rank's traceback.
     """
-    with tempfile.TemporaryDirectory() as result_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), result_dir, fn, args),
-                           nprocs=world_size, join=True, start_method="spawn")
-        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+    return run_ranks(fn, world_size, *args)

@@ -76,14 +76,13 @@ def test_grad_norm_without_gradients_follows_the_parameters(monkeypatch):
 
 def test_head_step_without_gradients_is_skipped_cleanly():
     from largefr.heads.optim import RowSparseAdamW
-    from largefr.train.head_step import NO_HEAD_GRADIENT, ExternalHeadStep, TouchedRows
+    from largefr.train.head_step import NO_HEAD_GRADIENT, ExternalHeadStep
 
-    touched = TouchedRows()
     weight = torch.nn.Parameter(torch.ones(6, 2))
-    optimizer = RowSparseAdamW([weight], lr=0.1, row_source=touched.take)
+    optimizer = RowSparseAdamW([weight], lr=0.1)
     step = ExternalHeadStep(optimizer, sharded=[weight], replicated=[], gradient_accumulation_steps=2,
-                            touched_rows=touched, clip_norm=1.0)
-    result = step.step(loss_scale=1.0, engine_step_applied=True)  # every micro-batch was non-finite
+                            clip_norm=1.0)
+    result = step.step(loss_scale=1.0, engine_step_applied=True, rows=None)  # every micro-batch was non-finite
     assert not result.applied and result.reason == NO_HEAD_GRADIENT and result.grad_norm is None
     assert torch.equal(weight.detach(), torch.ones(6, 2)) and not optimizer.state
 
@@ -92,29 +91,25 @@ def _all_nonfinite_worker(rank: int, world: int) -> dict:
     from largefr.heads.optim import RowSparseSGD
     from largefr.train.distributed_env import init_distributed
     from largefr.train.engine import build_deepspeed_config, build_optimizer, create_engine
-    from largefr.train.head_step import ExternalHeadStep, TouchedRows
+    from largefr.train.head_step import ExternalHeadStep
     from largefr.train.step import StepRunner
-    from tests.train_helpers import ShardedArcFace, full_weight, rank_batch, tiny_backbone
+    from tests.train_helpers import PoisonedHead, ShardedArcFace, full_weight, rank_batch, tiny_backbone
 
     init_distributed()
     head = ShardedArcFace(full_weight(5))
-
-    def head_nan(embeddings, labels, momentum_features):
-        loss, terms = head(embeddings, labels)
-        return loss * float("nan"), terms
+    head_nan = PoisonedHead(head, lambda call: True)
 
     backbone = tiny_backbone()
     gas = 2
     config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=gas, world_size=world,
                                     zero_stage=1, precision="fp32", gradient_clipping=0.0)
     engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=0.5), config)
-    touched = TouchedRows()
-    head_optimizer = RowSparseSGD([head.weight], lr=0.5, row_source=touched.take)
+    head_optimizer = RowSparseSGD([head.weight], lr=0.5)
     runner = StepRunner(engine=engine, head=head_nan, on_nonfinite="skip",
                         head_step=ExternalHeadStep(head_optimizer, sharded=[head.weight], replicated=[],
-                                                   gradient_accumulation_steps=gas, touched_rows=touched))
+                                                   gradient_accumulation_steps=gas))
     before = head.weight.detach().clone()
-    result = runner.train_step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
+    result = runner.step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
     return {"applied": result.applied, "nonfinite": result.nonfinite_microbatches, "reason": result.skip_reason,
             "head_unchanged": torch.equal(before, head.weight.detach())}
 

@@ -1,4 +1,4 @@
-"""DeepSpeed config building, and backbone/head gradients after the engine's reduction (DESIGN.md 4).
+"""DeepSpeed config building, and backbone/head gradients after the engine's reduction (docs/DESIGN.md 4).
 
 The distributed test trains one step of a real DeepSpeed engine (ZeRO 0, 1 and 2, fp32, 2 gloo
 ranks) plus an external sharded ArcFace head with SGD lr=1 and no momentum, so each parameter's
@@ -132,7 +132,7 @@ def _one_step_updates(rank: int, world: int, runs: list[tuple[int, str]]) -> dic
         head_step = ExternalHeadStep(torch.optim.SGD(head.parameters(), lr=1.0), sharded=[head.weight],
                                      replicated=[], gradient_accumulation_steps=1)
         runner = StepRunner(engine=engine, head=head, head_step=head_step, device=env.device)
-        step = runner.train_step([(images, labels)], lr=1.0, head_lr=1.0)
+        step = runner.step([(images, labels)], lr=1.0, head_lr=1.0)
         after = dict(engine.module.named_parameters())
         results[(stage, precision)] = {"backbone": {n: before[n] - after[n].detach().float() for n in before},
                           "head": head_before - head.weight.detach(), "applied": step.applied,

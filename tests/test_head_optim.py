@@ -32,7 +32,7 @@ def snapshot(head, optimizer):
 def train_three_steps(name):
     head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=0.3, dtype=torch.float64,
                              logits_dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    optimizer = OPTIMIZERS[name][0]([head.weight], row_source=lambda: head.last_sampled)
+    optimizer = OPTIMIZERS[name][0]([head.weight])
     data = torch.Generator().manual_seed(1)
     initial = head.weight.detach().clone()
     history = []
@@ -42,7 +42,7 @@ def train_three_steps(name):
         head(embeddings, torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
         optimizer.param_groups[0]["lr"] = lr_at(step)
         before = snapshot(head, optimizer)
-        optimizer.step()
+        optimizer.step(head.last_sampled)
         history.append(dict(sampled=head.last_sampled.clone(), grad=head.weight.grad.clone(),
                             before=before, after=snapshot(head, optimizer)))
     return head, optimizer, initial, history

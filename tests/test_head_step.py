@@ -149,7 +149,7 @@ def _accumulation_worker(rank: int, world: int, stages: list[int]) -> dict:
             runner = StepRunner(engine=engine, head=head, head_step=head_step, momentum_encoder=encoder,
                                 encoder_momentum=0.75, device=env.device)
             micro_batches = list(zip(images.chunk(gas), labels.chunk(gas)))
-            step = runner.train_step(micro_batches, lr=1.0, head_lr=1.0)
+            step = runner.step(micro_batches, lr=1.0, head_lr=1.0)
             after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
             out[(stage, gas)] = {
                 "backbone": {n: before[n] - after[n] for n in before}, "head": head_before - head.weight.detach(),
@@ -180,21 +180,18 @@ def test_gradient_accumulation_2_equals_one_step_over_same_samples():
 
 def test_touched_rows_union_feeds_row_sparse_optimizer():
     from largefr.heads.optim import RowSparseSGD
-    from largefr.train.head_step import TouchedRows
+    from largefr.train.step import union_rows
 
-    touched = TouchedRows()
     weight = torch.nn.Parameter(torch.ones(6, 2))
-    optimizer = RowSparseSGD([weight], lr=1.0, row_source=touched.take)
-    step = ExternalHeadStep(optimizer, sharded=[weight], replicated=[], gradient_accumulation_steps=2,
-                            touched_rows=touched)
-    touched.add(torch.tensor([0, 3]))  # micro-batch 1 sampled rows 0 and 3
-    touched.add(torch.tensor([3, 4]))  # micro-batch 2 sampled rows 3 and 4
+    optimizer = RowSparseSGD([weight], lr=1.0)
+    step = ExternalHeadStep(optimizer, sharded=[weight], replicated=[], gradient_accumulation_steps=2)
+    # micro-batch 1 sampled rows 0 and 3, micro-batch 2 rows 3 and 4; a non-finite one named none
+    rows = union_rows([torch.tensor([0, 3]), None, torch.tensor([3, 4])])
     weight.grad = torch.full((6, 2), 2.0)
-    step.step(loss_scale=1.0, engine_step_applied=True)
+    step.step(loss_scale=1.0, engine_step_applied=True, rows=rows)
     assert weight[:, 0].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # grad 2 x 1/gas on the union only
-    assert touched.take() is None
+    assert union_rows([None, None]) is None
 
-    touched.add(torch.tensor([1]))
     weight.grad = torch.ones(6, 2)
-    step.step(loss_scale=1.0, engine_step_applied=False)  # skipped: the recorded rows are dropped too
-    assert touched.take() is None and weight[1, 0].item() == 1.0
+    step.step(loss_scale=1.0, engine_step_applied=False, rows=torch.tensor([1]))  # skipped: rows not stepped
+    assert weight.grad is None and weight[1, 0].item() == 1.0

@@ -53,11 +53,12 @@ def _joint_rank(rank, world):
         labels, embeddings, momentum = step_data(step)
         local = embeddings[rows].clone().requires_grad_(True)
         head.zero_grad()
-        loss, terms = head(local, labels[rows], momentum[rows])
+        head_loss = head.training_loss(local, labels[rows], momentum[rows])
+        loss, terms = head_loss.loss, head_loss.terms
         loss.backward()
         steps.append({"loss": loss.detach(), "terms": terms, "emb_grad": local.grad,
                       "weight_grad": head.margin_head.weight.grad.clone(), "tau_grad": head.log_tau.grad.clone(),
-                      "ids": head.last_sampled_centers.class_ids, "touched": head.last_touched_rows})
+                      "ids": head.last_sampled_centers.class_ids, "touched": head_loss.rows})
     return {"steps": steps, "stats": head.stats(), "off": _terms_off_rank(rank, world)}
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from largefr.train.distributed_env import free_port
+from largefr.distributed.spawn import free_port
 from tests.distributed_helpers import run_distributed
 from tests.test_trainer import tiny_config, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -103,7 +103,7 @@ def _train_recording(rank: int, world: int, config_dict: dict) -> dict:
     env = init_distributed()
     trainer = build_trainer(Config.from_dict(config_dict, world_size=world), env)
     trainer.loss_history = []
-    original, changed = trainer.train_step, []
+    original, changed = trainer.run_step, []
 
     def recording_step(micro_batches):
         before = _snapshot(trainer)
@@ -112,7 +112,7 @@ def _train_recording(rank: int, world: int, config_dict: dict) -> dict:
         changed.append({k: not torch.equal(before[k], after[k]) for k in before})
         return result
 
-    trainer.train_step = recording_step
+    trainer.run_step = recording_step
     summary = trainer.train()
     trainer.metrics.close()
     return {"changed": changed, "summary": summary, "losses": [float(x) for x in trainer.loss_history]}

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed_helpers import run_distributed
+from tests.distributed_helpers import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,14 +58,14 @@ def _train(rank: int, world: int, config_dict: dict, resume: str | None = None, 
     trainer = build_trainer(config, env, resume=resume)
     trainer.loss_history = []
     if sigterm_after is not None and rank == 0:
-        original = trainer.train_step
+        original = trainer.run_step
 
         def train_step_then_signal(micro_batches):
             result = original(micro_batches)
             if trainer.state.step == sigterm_after - 1:  # the step just taken is number `sigterm_after`
                 os.kill(os.getpid(), signal.SIGTERM)
             return result
-        trainer.train_step = train_step_then_signal
+        trainer.run_step = train_step_then_signal
     summary = trainer.train()
     trainer.metrics.close()
     return {"losses": [float(x) for x in trainer.loss_history], "summary": summary,
@@ -155,7 +155,7 @@ def test_deepspeed_launcher_errors_end_every_rank(tiny_data, tmp_path, problem):
     overrides = {"config": {"train": {"zero_stag": 1}}, "data folder": {"data": {"rec": str(tmp_path / "nowhere")}},
                  "bin": {"data": {"val_targets": ["agedb_30"]}}}[problem]
     config = tiny_config(tiny_data, str(tmp_path / "out"), **overrides)
-    result = _launch(["deepspeed", "--num_gpus", "2", "launch/train.py", "--config", _write(tmp_path, config)])
+    result = _launch([*launcher_command("deepspeed"), "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode != 0
     expected = {"config": "zero_stag", "data folder": "nowhere", "bin": "agedb_30.bin"}[problem]
     for rank in (0, 1):
@@ -163,15 +163,18 @@ def test_deepspeed_launcher_errors_end_every_rank(tiny_data, tmp_path, problem):
                    for line in result.stderr.splitlines() + result.stdout.splitlines()), result.stderr[-3000:]
 
 
-LAUNCHERS = {"python": [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2"],
-             "torchrun": ["torchrun", "--nproc_per_node", "2"]}
+def launcher_command(launcher: str) -> list[str]:
+    """The launcher's command line, on a free port: the default 29500 collides with any other job on the machine."""
+    port = str(free_port())
+    return {"python": [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port],
+            "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port]}[launcher]
 
 
 @pytest.mark.parametrize("launcher", ["python", "deepspeed", "torchrun"])
 def test_launch_train_py_runs_under_each_launcher(tiny_data, tmp_path, launcher):
     config = tiny_config(tiny_data, str(tmp_path / "out"), train={"max_steps": 2}, eval={"every": 0},
                          data={"val_targets": []})
-    result = _launch([*LAUNCHERS[launcher], "launch/train.py", "--config", _write(tmp_path, config)])
+    result = _launch([*launcher_command(launcher), "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == (1 if launcher == "python" else 2)
@@ -187,16 +190,15 @@ def _nonfinite_worker(rank: int, world: int, policy: str, gas: int = 1) -> dict:
     from largefr.train.engine import build_deepspeed_config, build_optimizer, create_engine
     from largefr.train.head_step import ExternalHeadStep
     from largefr.train.step import NonFiniteLossError, StepRunner
-    from tests.train_helpers import ShardedArcFace, full_weight, rank_batch, tiny_backbone
+    from tests.train_helpers import PoisonedHead, ShardedArcFace, full_weight, rank_batch, tiny_backbone
 
     init_distributed()
     head = ShardedArcFace(full_weight(5))
-    calls = []
 
-    def head_nan_on_rank1(embeddings, labels, momentum_features):  # NaN in the last micro-batch of rank 1
-        calls.append(1)
-        loss, terms = head(embeddings, labels)
-        return (loss * float("nan"), terms) if rank == 1 and len(calls) == gas else (loss, terms)
+    def nan_on_rank1(call: int) -> bool:  # NaN in the last micro-batch of rank 1
+        return rank == 1 and call == gas
+
+    head_nan_on_rank1 = PoisonedHead(head, nan_on_rank1)
 
     backbone = tiny_backbone()
     config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=gas, world_size=world,
@@ -208,7 +210,7 @@ def _nonfinite_worker(rank: int, world: int, policy: str, gas: int = 1) -> dict:
                                                    gradient_accumulation_steps=gas))
     before = [p.detach().clone() for p in engine.module.parameters()] + [head.weight.detach().clone()]
     try:
-        result = runner.train_step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
+        result = runner.step([rank_batch(rank, 4, 5, seed=m) for m in range(gas)], lr=0.5, head_lr=0.5)
     except NonFiniteLossError as error:
         return {"raised": str(error)}
     after = [p.detach() for p in engine.module.parameters()] + [head.weight.detach()]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from largefr.distributed.collectives import all_gather_rows, all_gather_with_grad, group_rank, group_size
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
+from largefr.heads.joint import HeadLoss
 
 IN_DIM, EMB_DIM = 10, 6
 
@@ -53,6 +54,37 @@ class ShardedArcFace(torch.nn.Module):
         positive[rows, local_target[rows]] = True
         loss = sharded_cross_entropy(arcface_logits(cos, positive, self.scale, self.margin), local_target, self.group)
         return loss, {"arcface": loss}
+
+    def training_loss(self, local_embeddings, local_labels, local_momentum_features=None) -> HeadLoss:
+        """The `StepHead` contract: every row gets a gradient (no sampling), so no rows are named."""
+        loss, terms = self(local_embeddings, local_labels, local_momentum_features)
+        return HeadLoss(loss=loss, terms=terms, rows=None)
+
+    def undo_last_update(self) -> None:
+        """No state besides W: nothing to undo."""
+
+    def set_step(self, step: int) -> None:
+        """No warm-up: the loss does not depend on the step."""
+
+
+class PoisonedHead:
+    """A `StepHead` whose loss is NaN on the calls (1-based) `poisoned(call)` picks: non-finite steps for tests."""
+
+    def __init__(self, head, poisoned):
+        self.head, self.poisoned, self.calls = head, poisoned, 0
+
+    def training_loss(self, local_embeddings, local_labels, local_momentum_features=None) -> HeadLoss:
+        self.calls += 1
+        out = self.head.training_loss(local_embeddings, local_labels, local_momentum_features)
+        if not self.poisoned(self.calls):
+            return out
+        return HeadLoss(loss=out.loss * float("nan"), terms=out.terms, rows=out.rows)
+
+    def undo_last_update(self) -> None:
+        self.head.undo_last_update()
+
+    def set_step(self, step: int) -> None:
+        self.head.set_step(step)
 
 
 def dense_reference(backbone: torch.nn.Module, weight_full: torch.Tensor, images: torch.Tensor,

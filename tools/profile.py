@@ -115,7 +115,7 @@ def _one_step(trainer, timer, source: Iterator[list]) -> None:
     with timer.phase("data_wait"):
         micro_batches = next(source)
     with timer.phase("other"):  # whatever the step does outside a named phase
-        trainer.train_step(micro_batches)
+        trainer.run_step(micro_batches)
     trainer.state.step = (trainer.state.step + 1) % max(trainer.plan.total_steps, 1)  # stay inside the schedule
 
 

@@ -67,7 +67,7 @@ def slope_per_1000(samples: list[tuple[int, float]]) -> float:
 
 
 def start_ranks(args: argparse.Namespace, overrides: list[str]) -> list[subprocess.Popen]:
-    from largefr.train.distributed_env import free_port
+    from largefr.distributed.spawn import free_port
 
     port = str(free_port())
     procs = []

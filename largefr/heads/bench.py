@@ -14,20 +14,17 @@ Shared by `tools/bench_head.py` (one configuration, GEMM floor) and `tools/scale
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import socket
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from largefr.distributed.spawn import run_ranks
 from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 
@@ -70,12 +67,6 @@ class HeadBenchSettings:
     def __post_init__(self) -> None:
         if self.threads == 0:
             self.threads = max(1, (os.cpu_count() or 1) // self.world)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def use_gpus(world: int) -> bool:
@@ -216,42 +207,22 @@ def measure_rank(bench: HeadBench, settings: HeadBenchSettings, rank: int,
     return result
 
 
-def _run_rank(rank: int, settings: HeadBenchSettings, port: int, result_dir: str) -> None:
-    torch.set_num_threads(settings.threads)
-    gpus = use_gpus(settings.world)
-    device = torch.device(f"cuda:{rank}") if gpus else torch.device("cpu")
-    if gpus:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if gpus else "gloo", rank=rank, world_size=settings.world,
-                            init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        bench = HeadBench(settings, rank, device)
-        paired = settings.paired_default and settings.chunk_size > 0
-        against_arcface = settings.margin_type != "arcface"
-        # built inline so that measure_rank holds the only reference and can free it
-        if against_arcface:
-            result = measure_rank(bench, settings, rank, HeadBench(replace(settings, margin_type="arcface",
-                                                                           gemm_floor=False), rank, device), "arcface")
-        else:
-            result = measure_rank(bench, settings, rank,
-                                  HeadBench(replace(settings, chunk_size=0, gemm_floor=False), rank, device)
-                                  if paired else None)
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(result, handle)
-    finally:
-        dist.destroy_process_group()
+def _measure_on_rank(rank: int, world: int, settings: HeadBenchSettings) -> dict:
+    device = torch.device(f"cuda:{rank}") if use_gpus(settings.world) else torch.device("cpu")
+    bench = HeadBench(settings, rank, device)
+    paired = settings.paired_default and settings.chunk_size > 0
+    # built inline so that measure_rank holds the only reference and can free it
+    if settings.margin_type != "arcface":
+        return measure_rank(bench, settings, rank, HeadBench(replace(settings, margin_type="arcface",
+                                                                     gemm_floor=False), rank, device), "arcface")
+    return measure_rank(bench, settings, rank,
+                        HeadBench(replace(settings, chunk_size=0, gemm_floor=False), rank, device) if paired else None)
 
 
 def run_head_bench(settings: HeadBenchSettings) -> list[dict]:
     """Spawn `settings.world` ranks, measure, and return each rank's result dict (rank order)."""
-    with tempfile.TemporaryDirectory() as result_dir:
-        mp.start_processes(_run_rank, args=(settings, free_port(), result_dir), nprocs=settings.world, join=True,
-                           start_method="spawn")
-        ranks = []
-        for rank in range(settings.world):
-            with open(os.path.join(result_dir, f"rank{rank}.json")) as handle:
-                ranks.append(json.load(handle))
-    return ranks
+    return run_ranks(_measure_on_rank, settings.world, settings, threads=settings.threads,
+                     backend="nccl" if use_gpus(settings.world) else "gloo")
 
 
 def machine_description(world: int) -> str:

@@ -1,4 +1,4 @@
-"""Sharded cluster-center bank C and concentration phi (DESIGN.md section 5, Eq. 1), and lambda(phi).
+"""Sharded cluster-center bank C and concentration phi (docs/DESIGN.md section 5, Eq. 1), and lambda(phi).
 
 The rank that owns class k (by `ClassPartition`, the same split as the classifier W) keeps C_k
 and phi_k. Each step, for every class of this rank's range present in the (replicated) feature

@@ -1,4 +1,4 @@
-"""Sampling of cluster centers across ranks, and the two cluster losses (DESIGN.md section 5).
+"""Sampling of cluster centers across ranks, and the two cluster losses (docs/DESIGN.md section 5).
 
 Both losses are `sharded_cross_entropy` calls: rows replicated on every rank, columns = this
 rank's sampled classes.

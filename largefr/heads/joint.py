@@ -1,6 +1,6 @@
 """The paper's joint head: CG-ArcFace on the sharded classifier + cluster contrastive + aligning (Eq. 8).
 
-One forward (DESIGN.md section 5, "Order within a step"):
+One forward (docs/DESIGN.md section 5, "Order within a step"):
 1. gather the global batch's labels, and its embeddings ONCE with autograd (shared by L_cg and L_con);
 2. enqueue the global batch's momentum features, update this rank's bank shard and phi
    (every class of the batch then has a center);
@@ -21,6 +21,7 @@ The momentum encoder is not part of this module: the trainer runs it and passes 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,19 @@ from largefr.heads.queue import FeatureQueue
 from largefr.heads.sharded_head import ShardedMarginHead
 
 
+@dataclass(kw_only=True, frozen=True)
+class HeadLoss:
+    """What a head's training forward gives the step (`largefr.train.step.StepHead`)."""
+
+    loss: torch.Tensor
+    """The total loss, the same on every rank."""
+    terms: dict[str, torch.Tensor]
+    """Each loss term, detached (for logging)."""
+    rows: torch.Tensor | None
+    """Sorted local rows of the sharded weight that get a gradient: what a row-sparse head optimizer must
+    step (Partial FC's sample plus L_ali's sampled classes). None: every row (no sampling)."""
+
+
 def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
@@ -61,10 +75,9 @@ def warmup_ramp(step: int, warmup_steps: int) -> float:
 class ClusterGuidedHead(nn.Module):
     """ShardedMarginHead + feature queue + cluster bank + L_con + L_ali, on the head's process group.
 
-    forward(local_embeddings, local_labels, local_momentum_features) -> (loss, terms) where terms
-    holds each loss term detached. `last_touched_rows` (sorted local rows of W that got a
-    gradient: Partial FC's sample plus L_ali's sampled classes) is what a row-sparse optimizer
-    must step. Parameters: the margin head's `weight` (sharded) and the replicated temperatures of
+    training_loss(local_embeddings, local_labels, local_momentum_features) -> HeadLoss (the loss, each
+    term detached, and the rows of W a row-sparse optimizer must step); forward gives (loss, terms)
+    of the same computation. Parameters: the margin head's `weight` (sharded) and the replicated temperatures of
     `replicated_parameters()`.
     """
 
@@ -91,7 +104,6 @@ class ClusterGuidedHead(nn.Module):
         self.sample_generator = torch.Generator(device=weight.device)
         self.sample_generator.manual_seed(seed * 1_000_003 + margin_head.partition.rank)
         self.last_terms: dict[str, torch.Tensor] = {}
-        self.last_touched_rows: torch.Tensor | None = None
         self.last_sampled_centers: SampledCenters | None = None
         self._undo: dict[str, Any] | None = None
         self.ramp = warmup_ramp(0, config.warmup_steps)
@@ -122,6 +134,12 @@ class ClusterGuidedHead(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 local_momentum_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss (same on every rank) and each term, for this step's local rows."""
+        head_loss = self.training_loss(local_embeddings, local_labels, local_momentum_features)
+        return head_loss.loss, head_loss.terms
+
+    def training_loss(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                      local_momentum_features: torch.Tensor | None = None) -> HeadLoss:
+        """The loss, its terms and the rows of W that get a gradient (see `HeadLoss`)."""
         device = self.margin_head.weight.device
         labels = all_gather_rows(local_labels.to(device=device, dtype=torch.long), self.group)
         features = all_gather_with_grad(local_embeddings, self.group)
@@ -144,9 +162,9 @@ class ClusterGuidedHead(nn.Module):
             loss = self._add_cluster_terms(loss, features, labels, sampled, terms)
             if self.log_tau is not None:
                 touched.append(sampled.local_indices)
-        self.last_touched_rows = torch.unique(torch.cat(touched)) if len(touched) > 1 else touched[0]
         self.last_terms = terms
-        return loss, terms
+        return HeadLoss(loss=loss, terms=terms,
+                        rows=torch.unique(torch.cat(touched)) if len(touched) > 1 else touched[0])
 
     def _update_clusters(self, local_momentum_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         if local_momentum_features is None:

@@ -6,9 +6,9 @@ when sampled, so Adam's bias correction uses a per-row step count (a row sampled
 
 State is kept per parameter as tensors aligned with the weight rows (`step`: (rows,) int64,
 `momentum_buffer` / `exp_avg` / `exp_avg_sq`: (rows, d)), so a checkpoint can be re-split by class
-range together with the rows. The rows to update come from `step(rows=...)` or from the
-`row_source` callable given at construction, e.g. `row_source=lambda: head.last_sampled`. With
-gradient accumulation over several forwards, pass the union of the sampled rows.
+range together with the rows. The rows to update are an argument, `step(rows=head.last_sampled)`;
+with gradient accumulation over several forwards, pass the union of the sampled rows (the trainer
+passes the union of its micro-batches' `HeadLoss.rows`).
 `param_groups[i]['lr']` is read at every step, so LR schedulers work as with torch optimizers.
 """
 from __future__ import annotations
@@ -17,15 +17,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-RowSource = Callable[[], "torch.Tensor | None"]
 
-
-class _RowSparseOptimizer(torch.optim.Optimizer):
+class RowSparseOptimizer(torch.optim.Optimizer):
     """Shared row selection, validation and checkpoint handling; subclasses update gathered rows."""
-
-    def __init__(self, params: Iterable, defaults: dict[str, Any], row_source: RowSource | None):
-        super().__init__(params, defaults)
-        self._row_source = row_source
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, group: dict, state: dict) -> None:
         raise NotImplementedError
@@ -35,7 +29,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor | None = None, closure: Callable[[], Any] | None = None) -> Any:
-        """Update `rows` (sorted unique row indices; default: row_source()) of every parameter."""
+        """Update `rows` (sorted unique row indices) of every parameter."""
         if callable(rows):
             raise TypeError(f"{type(self).__name__}.step takes rows first; pass a closure as closure=...")
         loss = None
@@ -58,11 +52,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _resolve_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
-        if rows is None and self._row_source is not None:
-            rows = self._row_source()
         if rows is None:
-            raise ValueError(f"{type(self).__name__}.step() got no rows: pass step(rows=head.last_sampled) or "
-                             "construct it with row_source=lambda: head.last_sampled (after a forward pass)")
+            raise ValueError(f"{type(self).__name__}.step() got no rows: pass step(rows=head.last_sampled) "
+                             "(after a forward pass)")
         return rows
 
     @staticmethod
@@ -90,18 +82,18 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                                      f"{param.shape[0]}: re-split the head checkpoint by class range first")
 
 
-class RowSparseSGD(_RowSparseOptimizer):
+class RowSparseSGD(RowSparseOptimizer):
     """torch.optim.SGD semantics (momentum, dampening, nesterov, weight_decay) on the selected rows only."""
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 dampening: float = 0.0, nesterov: bool = False, *, row_source: RowSource | None = None):
+                 dampening: float = 0.0, nesterov: bool = False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr}, momentum={momentum}, weight_decay={weight_decay} must all be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
                         nesterov=nesterov)
-        super().__init__(params, defaults, row_source)
+        super().__init__(params, defaults)
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         state = {"step": torch.zeros(param.shape[0], dtype=torch.long, device=param.device)}
@@ -128,17 +120,17 @@ class RowSparseSGD(_RowSparseOptimizer):
         state["step"].index_add_(0, rows, torch.ones_like(rows))
 
 
-class RowSparseAdamW(_RowSparseOptimizer):
+class RowSparseAdamW(RowSparseOptimizer):
     """torch.optim.AdamW semantics (decoupled weight decay) on the selected rows, per-row step counts."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, row_source: RowSource | None = None):
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
         if not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"betas={betas} must be in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, row_source)
+        super().__init__(params, defaults)
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         return {"step": torch.zeros(param.shape[0], dtype=torch.long, device=param.device),

@@ -22,7 +22,7 @@ from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
                                   create_engine)
-from largefr.train.head_step import ExternalHeadStep, TouchedRows
+from largefr.train.head_step import ExternalHeadStep
 from largefr.train.metrics import MetricsLogger
 from largefr.train.schedule import build_lr_schedule, steps_per_epoch
 from largefr.train.step import StepRunner
@@ -177,14 +177,13 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
         init_std=h.init_std, chunk_size=h.chunk_size,
         logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32, device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
-    touched = TouchedRows()
     lr = optim.effective_head_lr
     if optim.name == "sgd":
         weight_optimizer = RowSparseSGD([margin_head.weight], lr=lr, momentum=optim.momentum,
-                                        weight_decay=optim.weight_decay, row_source=touched.take)
+                                        weight_decay=optim.weight_decay)
     else:  # 'adam' and 'adamw': the row-sparse optimizer is AdamW (decoupled weight decay)
         weight_optimizer = RowSparseAdamW([margin_head.weight], lr=lr, betas=tuple(optim.betas),
-                                          weight_decay=optim.weight_decay, row_source=touched.take)
+                                          weight_decay=optim.weight_decay)
     replicated = list(head.replicated_parameters().values())
     tau_optimizer = None
     if replicated:  # the learnable temperatures: no weight decay (it would pull log tau to 0, tau to 1)
@@ -193,7 +192,7 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     step = ExternalHeadStep([o for o in (weight_optimizer, tau_optimizer) if o is not None],
                             sharded=[margin_head.weight], replicated=replicated,
                             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-                            clip_norm=optim.head_grad_clip, group=head.group, touched_rows=touched)
+                            clip_norm=optim.head_grad_clip, group=head.group)
     return HeadParts(head=head, weight_optimizer=weight_optimizer, tau_optimizer=tau_optimizer, step=step)
 
 
@@ -281,7 +280,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                       checkpointer=checkpointer, verification_sets=verification_sets,
                       summary_fields=_summary_fields(config, env, global_batch),
                       summary_path=os.path.join(config.output, "summary.json"),
-                      stats_fn=_stats_fn(parts.head), rank=env.rank)
+                      stats_fn=_stats_fn(parts.head), rank=env.rank,
+                      records_left_out=0 if config.data.loader == "synthetic" else len(loader.index.bad_keys))
     _announce(config, env, trainer)
     if resume_path is not None:
         checkpointer.restore(trainer, resume_path)

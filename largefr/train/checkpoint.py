@@ -1,4 +1,4 @@
-"""Atomic, resharding checkpoints of the whole training state (DESIGN.md section 8).
+"""Atomic, resharding checkpoints of the whole training state (docs/DESIGN.md section 8).
 
 Save (collective over the data-parallel `group`; every rank calls it)::
 

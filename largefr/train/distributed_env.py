@@ -13,7 +13,6 @@ dies makes the others fail after `timeout` instead of hanging forever.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -21,7 +20,12 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from largefr.distributed.spawn import free_port
+
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MEETING_TIMEOUT_S = 60.0
+"""Longest wait of a failed rank for its peers (see `meet_failed_ranks`): covers the skew of ranks that
+run the same setup checks on a loaded machine, and keeps an error that only one rank sees from hanging."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -33,6 +37,9 @@ class DistributedEnv:
     """'deepspeed', 'torchrun', 'env' (the variables without a known launcher) or 'single'."""
     backend: str
     device: torch.device
+    meeting_group: object | None = None
+    """A gloo group only `meet_failed_ranks` uses (None for one rank): CPU tensors work under nccl too, and
+    no other collective shares it, so a rank waiting there cannot pair with a peer's training collective."""
 
     @property
     def is_main(self) -> bool:
@@ -52,12 +59,6 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> str:
     if "CROSS_RANK" in environ or "LOCAL_SIZE" in environ:
         return "deepspeed"
     return "env"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _accelerator():
@@ -99,8 +100,46 @@ def init_distributed(*, timeout_s: float | None = None, backend: str | None = No
                                 device_id=device if device.type == "cuda" else None)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
                                timeout=timedelta(seconds=timeout_s))
+    meeting_group = None
+    if dist.get_world_size() > 1:
+        meeting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=min(timeout_s, MEETING_TIMEOUT_S)))
     return DistributedEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                          launcher=launcher, backend=dist.get_backend(), device=device)
+                          launcher=launcher, backend=dist.get_backend(), device=device, meeting_group=meeting_group)
+
+
+def meet_failed_ranks(group) -> int:
+    """Called by a rank that failed (after it printed why): wait until the other ranks fail too, or give up.
+
+    Launchers (deepspeed, torchrun) kill every rank as soon as one exits non-zero, so a rank that reaches
+    the same error a moment later than its peer (a loaded machine) would die before printing it. The
+    failed ranks meet here before any exits. A healthy rank never comes: the wait ends after the group's
+    timeout (at most MEETING_TIMEOUT_S) and this rank exits as before. Returns how many ranks met.
+    """
+    if group is None:
+        return 1
+    arrived = torch.ones(1)
+    try:
+        dist.all_reduce(arrived, group=group)
+    except RuntimeError:  # dist.DistError is one: a peer that never arrives, or died: stop waiting
+        return 1
+    return int(arrived.item())
+
+
+def meet_after_config_error(*, timeout_s: float = MEETING_TIMEOUT_S) -> None:
+    """`meet_failed_ranks` for a config error, before any process group exists (every rank reads the same file).
+
+    A short-lived gloo group on the launcher's address; nothing when started without a launcher.
+    """
+    try:
+        if detect_launcher() == "single" or int(os.environ["WORLD_SIZE"]) < 2 or dist.is_initialized():
+            return
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError):  # an odd environment, or a peer that never came: nothing to wait for
+        return
+    try:
+        meet_failed_ranks(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
 
 
 def shutdown_distributed(*, wait_for_peers: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""DeepSpeed wiring of the backbone: the DeepSpeed config, the optimizer, the engine (DESIGN.md section 6).
+"""DeepSpeed wiring of the backbone: the DeepSpeed config, the optimizer, the engine (docs/DESIGN.md section 6).
 
 Only the backbone goes into the engine. The head (classifier shard, bank, queue, temperature)
 stays outside with its own optimizer: a parameter inside `engine.module` would be overwritten

@@ -1,4 +1,4 @@
-"""Gradient handling of the head that lives outside the DeepSpeed engine (DESIGN.md sections 4 and 6).
+"""Gradient handling of the head that lives outside the DeepSpeed engine (docs/DESIGN.md sections 4 and 6).
 
 Three factors meet at the boundary between the engine's backbone and the external head:
 
@@ -28,6 +28,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
+from largefr.heads.optim import RowSparseOptimizer
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -136,52 +137,25 @@ class HeadStepResult:
     """Head gradient norm before clipping (None when no clipping was configured or the step was skipped)."""
 
 
-class TouchedRows:
-    """Union of the classifier rows that received a gradient since the last head step.
-
-    A row-sparse head optimizer (Partial FC) must step exactly these rows; with gradient
-    accumulation each micro-batch samples its own rows, so the union over the micro-batches is
-    stepped. Give `take` to the optimizer as its `row_source`.
-    """
-
-    def __init__(self) -> None:
-        self._parts: list[torch.Tensor] = []
-
-    def add(self, rows: torch.Tensor | None) -> None:
-        if rows is not None:
-            self._parts.append(rows)
-
-    def take(self) -> torch.Tensor | None:
-        """Sorted unique rows recorded since the last take/clear (None if nothing was recorded)."""
-        parts, self._parts = self._parts, []
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else torch.unique(torch.cat(parts))
-
-    def clear(self) -> None:
-        self._parts = []
-
-
 class ExternalHeadStep:
     """Applies `decide_head_step` to the head's optimizers: unscale, 1/gas, optional clip, step or skip.
 
     sharded: parameters holding this rank's class rows (their gradient is this rank's alone).
     replicated: parameters identical on every rank (e.g. the temperature), whose gradient the head
     has already made identical on every rank.
-    touched_rows: rows for row-sparse optimizers (their `row_source` is `touched_rows.take`).
+    A row-sparse optimizer (`RowSparseOptimizer`, Partial FC) steps the rows given to `step(rows=...)`:
+    the union of the step's micro-batches' `HeadLoss.rows`.
     """
 
     def __init__(self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *,
                  sharded: list[torch.nn.Parameter], replicated: list[torch.nn.Parameter],
-                 gradient_accumulation_steps: int, clip_norm: float = 0.0, group: ProcessGroup | None = None,
-                 touched_rows: TouchedRows | None = None):
+                 gradient_accumulation_steps: int, clip_norm: float = 0.0, group: ProcessGroup | None = None):
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         self.sharded = list(sharded)
         self.replicated = list(replicated)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.clip_norm = clip_norm
         self.group = group
-        self.touched_rows = touched_rows
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -195,11 +169,9 @@ class ExternalHeadStep:
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        if self.touched_rows is not None:
-            self.touched_rows.clear()
 
-    def step(self, *, loss_scale: float, engine_step_applied: bool) -> HeadStepResult:
-        """Call once per optimizer step, after the boundary `engine.step()`."""
+    def step(self, *, loss_scale: float, engine_step_applied: bool, rows: torch.Tensor | None = None) -> HeadStepResult:
+        """Call once per optimizer step, after the boundary `engine.step()`; `rows` go to row-sparse optimizers."""
         has_gradients = bool(_grads(self.parameters))
         check = engine_step_applied and has_gradients
         finite = grads_finite_everywhere(self.parameters, self.group) if check else True
@@ -214,7 +186,10 @@ class ExternalHeadStep:
             if self.clip_norm > 0:
                 grad_norm = self._clip()
             for optimizer in self.optimizers:
-                optimizer.step()
+                if isinstance(optimizer, RowSparseOptimizer):
+                    optimizer.step(rows=rows)
+                else:
+                    optimizer.step()
         self.zero_grad()
         return HeadStepResult(applied=decision.apply, reason=decision.reason, grad_norm=grad_norm)
 

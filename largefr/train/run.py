@@ -2,7 +2,8 @@
 
 Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after writing a checkpoint), 1 a run-time
 error with a message (bad data, missing .bin, non-finite loss under 'abort', ...), 2 a config error.
-Every rank validates the config and the files itself, so every rank exits with the message.
+Every rank validates the config and the files itself, so every rank exits with the message; the ranks
+that failed meet (bounded) before exiting, since a launcher kills every rank once one exits non-zero.
 Set LARGEFR_DEBUG=1 to get the traceback of a reported error.
 """
 from __future__ import annotations
@@ -68,16 +69,20 @@ def limit_cpu_threads() -> None:
 def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str | None = None,
                  world_size: int = 1) -> int:
     """Load, build, train; returns the process exit code."""
+    from largefr.train.distributed_env import meet_after_config_error
+
     try:
         config = load_config(config_path, overrides, world_size=world_size)
     except ConfigError as error:
         report(str(error))
+        meet_after_config_error()
         return EXIT_CONFIG
     from largefr.train.build import build_trainer
-    from largefr.train.distributed_env import init_distributed, shutdown_distributed
+    from largefr.train.distributed_env import init_distributed, meet_failed_ranks, shutdown_distributed
 
     expected = _expected_errors()
     finished = False
+    env = None
     try:
         env = init_distributed(timeout_s=config.train.collective_timeout_s)
         if env.device.type == "cpu":
@@ -92,6 +97,8 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         if os.environ.get("LARGEFR_DEBUG"):
             raise
         report(f"{error}" if isinstance(error, expected) else f"{type(error).__name__}: {error}")
+        if env is not None:
+            meet_failed_ranks(env.meeting_group)  # every rank prints its error before the launcher kills the rest
         return EXIT_ERROR
     except RuntimeError as error:
         if not lost_peer(error) or os.environ.get("LARGEFR_DEBUG"):

@@ -1,4 +1,4 @@
-"""What a training checkpoint holds, and putting it back (DESIGN.md section 8).
+"""What a training checkpoint holds, and putting it back (docs/DESIGN.md section 8).
 
 `largefr.train.checkpoint` writes and reads the files atomically and re-splits rows by class id;
 this module decides which piece of the trainer goes where:

@@ -1,4 +1,4 @@
-"""The training loop: `Trainer.train -> StepRunner.train_step -> StepRunner.forward_backward`.
+"""The training loop: `Trainer.train -> Trainer.run_step -> StepRunner.step` (the step itself, one screen).
 
 `Trainer` owns the loop around the step: epochs and resume position, the learning-rate schedule
 of backbone and head, logging, periodic verification, checkpoints, SIGTERM/SIGINT and the final
@@ -10,7 +10,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Generator, Iterator, Protocol
 
 import torch
 
@@ -24,6 +24,21 @@ from largefr.train.step import NonFiniteLossError, StepResult, StepRunner
 
 class Checkpointer(Protocol):
     def save(self, trainer: "Trainer") -> None: ...
+
+
+class TrainLoader(Protocol):
+    """What the loop needs of a loader (`largefr.data.build_loader`'s dali, torch and synthetic loaders)."""
+
+    skipped_images: int
+    """Undecodable images this rank's loader replaced so far (data.on_bad_image=skip)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch per rank, equal on every rank."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def iter_from(self, num_batches: int) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+        """The current epoch's batches from batch `num_batches` on (a resume mid-epoch)."""
 
 
 @dataclass(kw_only=True)
@@ -91,11 +106,12 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, *, runner: StepRunner, loader, schedule: LRSchedule, head_lr_factor: float, plan: LoopPlan,
-                 metrics: MetricsLogger, checkpointer: Checkpointer | None = None,
+    def __init__(self, *, runner: StepRunner, loader: TrainLoader, schedule: LRSchedule, head_lr_factor: float,
+                 plan: LoopPlan, metrics: MetricsLogger, checkpointer: Checkpointer | None = None,
                  verification_sets: list[VerificationSet] | None = None, state: LoopState | None = None,
                  summary_fields: dict[str, Any] | None = None, summary_path: str | None = None,
-                 stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0):
+                 stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0, records_left_out: int = 0):
+        """records_left_out: records of the data set the index scan found not to be images (reported once)."""
         self.runner = runner
         self.loader = loader
         self.schedule = schedule
@@ -109,6 +125,7 @@ class Trainer:
         self.summary_path = summary_path
         self.stats_fn = stats_fn
         self.rank = rank
+        self.records_left_out = records_left_out
         self.stop = StopSignal()
         self.last_result: StepResult | None = None
         self.loss_history: list[torch.Tensor] | None = None
@@ -142,18 +159,15 @@ class Trainer:
                         f"{self.plan.steps_per_epoch} steps: data.num_images is larger than the images the "
                         "loader reads; set data.num_images to the real count")
                 yield group
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            iterator.close()
 
     # ---- layer 0: the run -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run until total_steps (or a stop signal); verify, checkpoint and summarize at the end."""
         started = time.perf_counter()
         self.stop.install()
-        skipped_at_scan = len(getattr(getattr(self.loader, "index", None), "bad_keys", ()))
-        if skipped_at_scan:
-            self.metrics.info(f"data: {skipped_at_scan} records that are not images are left out "
+        if self.records_left_out:
+            self.metrics.info(f"data: {self.records_left_out} records that are not images are left out "
                               "(data.on_bad_image=skip)")
         try:
             if self.state.step == 0 and self.verification_sets:
@@ -173,7 +187,7 @@ class Trainer:
         timer = StepTimer()
         for micro_batches in self._steps():
             timer.data_ready()
-            result = self.train_step(micro_batches)
+            result = self.run_step(micro_batches)
             self._after_step(result, timer)
             if result.stop_requested:
                 self.metrics.info(f"stop requested ({self.stop.signal_name or 'on another rank'}): "
@@ -186,13 +200,14 @@ class Trainer:
         return False
 
     # ---- layer 1: one step ------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+    def run_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """This step's learning rates from the schedule, then `StepRunner.step`."""
         lr = self.schedule.lr_at(self.state.step)
         backbone_lr = 0.0 if self.state.step < self.plan.freeze_backbone_steps else lr
         self.runner.inject_nan = self.state.step + 1 in self.plan.debug_nan_steps
         self.runner.head.set_step(self.state.step)  # the cluster terms' warm-up ramp (cluster.warmup_steps)
-        result = self.runner.train_step(micro_batches, lr=backbone_lr, head_lr=lr * self.head_lr_factor,
-                                        stop_requested=self.stop.requested)
+        result = self.runner.step(micro_batches, backbone_lr, lr * self.head_lr_factor,
+                                  stop_requested=self.stop.requested)
         self.last_result = result
         if self.loss_history is not None:
             self.loss_history.append(result.loss)
@@ -222,7 +237,7 @@ class Trainer:
 
     def _count_skipped_images(self) -> None:
         """Sum the loaders' skipped-image counts over the ranks (a collective: every rank calls it) and log growth."""
-        count = torch.tensor([getattr(self.loader, "skipped_images", 0)], dtype=torch.int64, device=self.runner.device)
+        count = torch.tensor([self.loader.skipped_images], dtype=torch.int64, device=self.runner.device)
         total = int(all_reduce_sum_(count, self.runner.group).item())
         if total > self.skipped_images:
             self.metrics.info(f"step {self.state.step}: {total - self.skipped_images} undecodable image(s) skipped "

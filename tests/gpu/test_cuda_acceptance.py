@@ -124,7 +124,7 @@ def _engine_steps(rank: int, world: int, runs: list[tuple[int, str, dict]]) -> d
                                      replicated=[], gradient_accumulation_steps=1)
         runner = StepRunner(engine=engine, head=head, head_step=head_step, device=env.device)
         loss_scale = engine_loss_scale(engine)
-        step = runner.train_step([(images, labels)], lr=1.0, head_lr=1.0)
+        step = runner.step([(images, labels)], lr=1.0, head_lr=1.0)
         after = {name: p.detach().float().cpu() for name, p in engine.module.named_parameters()}
         results[(stage, precision, bool(section))] = {
             "backbone": {n: before[n] - after[n] for n in before}, "head": head_before - head.weight.detach().cpu(),
