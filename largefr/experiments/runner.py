@@ -22,7 +22,7 @@ from typing import Any
 
 from largefr.config import Config, ConfigError, load_config
 from largefr.experiments.grids import Grid, Setting
-from largefr.train.distributed_env import free_port
+from largefr.distributed.spawn import free_port
 
 __all__ = ["RUN_DEFAULTS", "TOOL_KEYS", "LAUNCHERS", "RunSpec", "PlanError", "plan_runs", "run_grid",
            "RESULT_FILE", "LOG_FILE", "find_equal_run"]
