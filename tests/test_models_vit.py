@@ -1,4 +1,5 @@
 """ViT backbones: arcface_torch's state_dict names and shapes, its forward, masking, drop path, sizes."""
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +169,24 @@ def test_wrong_input_side_is_refused():
 def test_every_size_is_registered():
     assert set(VIT_SPECS) == set(UPSTREAM)
     assert count_parameters(meta_model("vit_t")) < count_parameters(meta_model("vit_s"))
+
+
+ARCFACE_TORCH = os.environ.get("LARGEFR_ARCFACE_TORCH")
+
+
+@pytest.mark.skipif(not ARCFACE_TORCH, reason="set LARGEFR_ARCFACE_TORCH to a checkout's recognition/arcface_torch "
+                    "(its backbones/vit.py imports timm, which needs torchvision)")
+@pytest.mark.parametrize("name", ["vit_t", "vit_b"])
+def test_loads_and_embeds_in_insightface_own_vit(name, monkeypatch):
+    """Our weights load strictly into insightface's own VisionTransformer and embed identically (eval)."""
+    monkeypatch.syspath_prepend(ARCFACE_TORCH)
+    upstream = pytest.importorskip("backbones.vit")
+    width, depth, _, _ = UPSTREAM[name]
+    ours = randomize_for_eval(get_model(name, embedding_size=512, image_size=112), seed=3)
+    theirs = upstream.VisionTransformer(img_size=112, patch_size=9, num_classes=512, embed_dim=width, depth=depth,
+                                        num_heads=8, drop_path_rate=0.05, norm_layer="ln", mask_ratio=0.0)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    x = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs(x).float(), ours(x), atol=1e-4, rtol=1e-4)
