@@ -135,7 +135,7 @@ def _fresh(seed: int = 7) -> torch.Generator:
 
 
 def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
-    from largefr.train.checkpoint import restore_generator_state
+    from largefr.checkpoint.save_load import restore_generator_state
 
     first, second, later = _fresh(), _fresh(), _fresh()
     assert not restore_generator_state(first, SIMULATED_CUDA_STATE, step=5)
@@ -147,7 +147,7 @@ def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
 
 
 def test_generator_state_without_device_type_is_typed_by_its_size():
-    from largefr.train.checkpoint import restore_generator_state
+    from largefr.checkpoint.save_load import restore_generator_state
 
     source = _fresh(3)
     _draws(source)
@@ -180,7 +180,7 @@ class CudaGeneratorStandIn:
 
 
 def test_cpu_saved_generator_state_reseeds_a_cuda_generator():
-    from largefr.train.checkpoint import capture_generator_state, reseed_value, restore_generator_state
+    from largefr.checkpoint.save_load import capture_generator_state, reseed_value, restore_generator_state
 
     saved = capture_generator_state(_fresh())
     assert saved["device_type"] == "cpu"
@@ -197,10 +197,10 @@ def _samplers(trainer) -> dict:
 
 def _train_recording_device(rank: int, world: int, config_dict: dict, device_type: str) -> dict:
     """Train and checkpoint as a run on `device_type` would record its sampling generators."""
+    from largefr.checkpoint.train_state import TrainingCheckpointer
     from largefr.config import Config
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed
-    from largefr.train.train_state import TrainingCheckpointer
 
     original = TrainingCheckpointer.head_extra
 
