@@ -130,7 +130,7 @@ def test_radial_block_on_cuda_gives_the_cpu_gradient():
 
 
 def test_head_bench_peak_ignores_other_resident_tensors():
-    from largefr.heads.bench import HeadBench, HeadBenchSettings
+    from largefr.perf.head_bench import HeadBench, HeadBenchSettings
 
     settings = HeadBenchSettings(batch=64, classes=20_000, dim=64, world=1, gemm_floor=False)
     bench = HeadBench(settings, 0, DEVICE)
