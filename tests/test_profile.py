@@ -19,6 +19,7 @@ from largefr.perf.profiling import (
     peak_tflops,
     step_flops,
 )
+from tests.distributed_helpers import run_distributed
 from tests.eval_fixtures import load_tool
 from tests.test_trainer import tiny_config, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -138,7 +139,41 @@ def test_profile_tool_reports_every_phase_summing_to_the_step(tiny_config_path, 
         assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _trained_and_profiled_losses(rank: int, world: int, config_dict: dict) -> dict:
+    """The losses of 4 steps of Trainer.train, and of 1 + 3 profiled steps of a second, identical trainer."""
+    from largefr.config import Config
+    from largefr.perf.profiling import profile_steps
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed
+
+    env = init_distributed()
+    losses = {}
+    for name in ("trained", "profiled"):
+        config = Config.from_dict({**config_dict, "output": f"{config_dict['output']}/{name}"}, world_size=world)
+        trainer = build_trainer(config, env)
+        trainer.loss_history = []
+        if name == "trained":
+            trainer.train()
+        else:
+            profile_steps(trainer, PhaseTimer(env.device), steps=3, warmup=1)
+            assert trainer.runner.phase_timer is NULL_TIMER  # profiling off again afterwards
+        trainer.metrics.close()
+        losses[name] = [float(loss) for loss in trainer.loss_history]
+    return losses
+
+
+def test_profiled_steps_are_the_trainers_own_steps(tiny_data, tmp_path):  # noqa: F811
+    """Same data order, learning rates and warm-up as the loop: the profiled losses equal the trained ones.
+
+    cluster.warmup_steps makes every step's loss depend on the step number the profiler keeps."""
+    config = tiny_config(tiny_data, str(tmp_path / "out"), data={"val_targets": []}, train={"max_steps": 4},
+                         cluster={"warmup_steps": 4})
+    for losses in run_distributed(_trained_and_profiled_losses, 2, config):
+        assert len(losses["trained"]) == 4
+        assert losses["profiled"] == pytest.approx(losses["trained"], rel=1e-6, abs=1e-7)
+
+
 def test_no_tool_shadows_a_standard_library_module():
-    """A script's folder comes first on sys.path: tools/profile.py once hid the standard library's `profile`."""
+    """A script's folder comes first on sys.path: a tool named profile.py once hid the standard library's `profile`."""
     tools = {name[:-3] for name in os.listdir(os.path.join(ROOT, "tools")) if name.endswith(".py")}
     assert sorted(tools & set(sys.stdlib_module_names)) == []
