@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from largefr.checkpoint.save_load import CheckpointError
+from largefr.checkpoint.train_state import TrainingCheckpointer
 from largefr.config import ConfigError, HeadConfig, load_config
 from largefr.experiments.grids import load_grid
 from largefr.experiments.runner import plan_runs
 from largefr.heads.margin import ADAPTIVE_MARGIN_TYPES, MarginConfig, adaptive_margin_settings
 from largefr.train.build import build_head
-from largefr.train.checkpoint import CheckpointError
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.trainer import LoopState
-from largefr.train.train_state import TrainingCheckpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.json")

@@ -269,7 +269,7 @@ def _train_each_option(rank, world, data, output):
 
 
 def _resume_elsewhere(rank, world, data, output):
-    from largefr.train.checkpoint import CheckpointError
+    from largefr.checkpoint.save_load import CheckpointError
 
     resumed = _build(world, _trainer_config(data, output, "learnable"), resume="auto")
     try:  # the checkpoint has tau0, a 'pcl' run has none: refused with the setting to keep

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from largefr.checkpoint.files import file_digest, safe_load, save_file
+from largefr.checkpoint.save_load import (CheckpointError, _engine_mismatch, capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                                          load_head_rows, resolve_checkpoint, restore_rng_state, save_checkpoint)
 from largefr.distributed.partition import ClassPartition
-from largefr.train.checkpoint import (CheckpointError, _engine_mismatch, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                                      load_head_rows, resolve_checkpoint, restore_rng_state, save_checkpoint)
-from largefr.train.checkpoint_io import file_digest, safe_load, save_file
 from tests.distributed_helpers import run_distributed
 
 NUM_CLASSES = 37  # uneven on 2, 3 and 4 ranks

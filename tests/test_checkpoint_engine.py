@@ -15,10 +15,10 @@ import warnings
 import pytest
 import torch
 
+from largefr.checkpoint.files import file_digest
+from largefr.checkpoint.reshard import export_backbone
+from largefr.checkpoint.save_load import CheckpointError, load_checkpoint, save_checkpoint
 from largefr.distributed.partition import ClassPartition
-from largefr.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from largefr.train.checkpoint_io import file_digest
-from largefr.train.reshard import export_backbone
 from tests.distributed_helpers import run_distributed
 from tests.test_checkpoint import NUM_CLASSES, ROW_WIDTHS, replicated_for, rows_for
 

@@ -135,7 +135,7 @@ def _fresh(seed: int = 7) -> torch.Generator:
 
 
 def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
-    from largefr.train.checkpoint import restore_generator_state
+    from largefr.checkpoint.save_load import restore_generator_state
 
     first, second, later = _fresh(), _fresh(), _fresh()
     assert not restore_generator_state(first, SIMULATED_CUDA_STATE, step=5)
@@ -147,7 +147,7 @@ def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
 
 
 def test_generator_state_without_device_type_is_typed_by_its_size():
-    from largefr.train.checkpoint import restore_generator_state
+    from largefr.checkpoint.save_load import restore_generator_state
 
     source = _fresh(3)
     _draws(source)
@@ -180,7 +180,7 @@ class CudaGeneratorStandIn:
 
 
 def test_cpu_saved_generator_state_reseeds_a_cuda_generator():
-    from largefr.train.checkpoint import capture_generator_state, reseed_value, restore_generator_state
+    from largefr.checkpoint.save_load import capture_generator_state, reseed_value, restore_generator_state
 
     saved = capture_generator_state(_fresh())
     assert saved["device_type"] == "cpu"
@@ -197,10 +197,10 @@ def _samplers(trainer) -> dict:
 
 def _train_recording_device(rank: int, world: int, config_dict: dict, device_type: str) -> dict:
     """Train and checkpoint as a run on `device_type` would record its sampling generators."""
+    from largefr.checkpoint.train_state import TrainingCheckpointer
     from largefr.config import Config
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed
-    from largefr.train.train_state import TrainingCheckpointer
 
     original = TrainingCheckpointer.head_extra
 
@@ -250,7 +250,7 @@ def test_checkpoint_saved_on_either_device_type_resumes_on_cpu(saved_on, tiny_da
 
 
 def test_head_peak_is_the_rise_over_what_was_resident(monkeypatch):
-    from largefr.heads import bench
+    from largefr.perf import head_bench
 
     allocated = {"now": 3_000, "peak": 3_000}  # 3000 bytes already resident: GEMM buffers, the other head
 
@@ -263,30 +263,20 @@ def test_head_peak_is_the_rise_over_what_was_resident(monkeypatch):
                         lambda device=None: allocated.update(peak=allocated["now"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
-    assert bench.cuda_peak_increment(step, torch.device("cuda", 0)) == 700
-    assert bench.peak_increment(allocated_before=3_000, peak_allocated=2_000) == 0
+    assert head_bench.cuda_peak_increment(step, torch.device("cuda", 0)) == 700
+    assert head_bench.peak_increment(allocated_before=3_000, peak_allocated=2_000) == 0
 
 
 # ---------------------------------------------------------------------------- defect 5: MFU with accumulation
 
 
-def _profile_tool():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "profile.py")
-    spec = importlib.util.spec_from_file_location("profile_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)  # by path: `import profile` would find the standard library's module
-    return tool
-
-
 def test_step_flops_count_the_head_of_every_micro_batch(tmp_path):
     from largefr.config import Config
     from largefr.models import model_flops
+    from tests.eval_fixtures import load_tool
     from tests.test_trainer import tiny_config
 
-    tool = _profile_tool()
+    tool = load_tool("profile_step")
     batch, world, dim, sampled = 8, 2, 16, 5
     flops = {}
     for gas in (1, 3):

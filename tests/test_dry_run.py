@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largefr.distributed.dry_run import fake_process_group, tensor_bytes
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import MarginConfig, ShardedMarginHead
-from largefr.train.memory_plan import PlanInputs, plan_rank
+from largefr.perf.dry_run import fake_process_group, tensor_bytes
+from largefr.perf.memory_plan import PlanInputs, plan_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ def test_plain_state_dict_loads_with_inferred_network(tmp_path):
 
 
 def test_checkpoint_directory_and_root_load_the_engine_weights(tmp_path):
-    from largefr.train.reshard import export_backbone
+    from largefr.checkpoint.reshard import export_backbone
 
     checkpoint = quickstart_checkpoint()
     expected = export_backbone(checkpoint.step_dir, str(tmp_path / "exported.pt"))

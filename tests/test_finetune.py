@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from largefr.train.checkpoint import CheckpointError, locate_checkpoint
+from largefr.checkpoint.save_load import CheckpointError, locate_checkpoint
 from tests.distributed_helpers import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

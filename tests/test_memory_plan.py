@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from largefr.distributed.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
-from largefr.heads.bench import HeadBench, HeadBenchSettings, profiled_peak_increment
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
-from largefr.train.memory_plan import PlanInputs, max_classes_within, plan_memory, plan_rank, sampled_count
+from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
+from largefr.perf.head_bench import HeadBench, HeadBenchSettings, profiled_peak_increment
+from largefr.perf.memory_plan import PlanInputs, max_classes_within, plan_memory, plan_rank, sampled_count
 from tests.distributed_helpers import run_distributed
 
 TOLERANCE = 0.15  # issue 7: planner within 15% of the measured peak head memory

@@ -1,4 +1,4 @@
-"""tools/profile.py and largefr.train.profiling: phase timing of real training steps."""
+"""tools/profile_step.py and largefr.perf.profiling: phase timing of real training steps."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from largefr.train.profiling import (
+from largefr.perf.profiling import (
     NULL_TIMER,
     PhaseTimer,
     instrument_head,
@@ -19,6 +19,8 @@ from largefr.train.profiling import (
     peak_tflops,
     step_flops,
 )
+from tests.distributed_helpers import run_distributed
+from tests.eval_fixtures import load_tool
 from tests.test_trainer import tiny_config, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +115,11 @@ def tiny_config_path(tiny_data, tmp_path_factory) -> str:  # noqa: F811  (tiny_d
 
 
 def test_profile_tool_reports_every_phase_summing_to_the_step(tiny_config_path, tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_tool", os.path.join(ROOT, "tools", "profile.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)  # by path: `import profile` would find the standard library's module
+    tool = load_tool("profile_step")
     report_path, png_path = tmp_path / "p.json", tmp_path / "p.png"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile.py"), "--config", tiny_config_path,
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile_step.py"), "--config", tiny_config_path,
                            "--steps", "3", "--warmup", "1", "--json", str(report_path), "--png", str(png_path)],
                           capture_output=True, text=True, env=env, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -137,3 +137,43 @@ def test_profile_tool_reports_every_phase_summing_to_the_step(tiny_config_path, 
     assert report["mfu"] is None  # CPU
     if importlib.util.find_spec("matplotlib") is not None:
         assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _trained_and_profiled_losses(rank: int, world: int, config_dict: dict) -> dict:
+    """The losses of 4 steps of Trainer.train, and of 1 + 3 profiled steps of a second, identical trainer."""
+    from largefr.config import Config
+    from largefr.perf.profiling import profile_steps
+    from largefr.train.build import build_trainer
+    from largefr.train.distributed_env import init_distributed
+
+    env = init_distributed()
+    losses = {}
+    for name in ("trained", "profiled"):
+        config = Config.from_dict({**config_dict, "output": f"{config_dict['output']}/{name}"}, world_size=world)
+        trainer = build_trainer(config, env)
+        trainer.loss_history = []
+        if name == "trained":
+            trainer.train()
+        else:
+            profile_steps(trainer, PhaseTimer(env.device), steps=3, warmup=1)
+            assert trainer.runner.phase_timer is NULL_TIMER  # profiling off again afterwards
+        trainer.metrics.close()
+        losses[name] = [float(loss) for loss in trainer.loss_history]
+    return losses
+
+
+def test_profiled_steps_are_the_trainers_own_steps(tiny_data, tmp_path):  # noqa: F811
+    """Same data order, learning rates and warm-up as the loop: the profiled losses equal the trained ones.
+
+    cluster.warmup_steps makes every step's loss depend on the step number the profiler keeps."""
+    config = tiny_config(tiny_data, str(tmp_path / "out"), data={"val_targets": []}, train={"max_steps": 4},
+                         cluster={"warmup_steps": 4})
+    for losses in run_distributed(_trained_and_profiled_losses, 2, config):
+        assert len(losses["trained"]) == 4
+        assert losses["profiled"] == pytest.approx(losses["trained"], rel=1e-6, abs=1e-7)
+
+
+def test_no_tool_shadows_a_standard_library_module():
+    """A script's folder comes first on sys.path: a tool named profile.py once hid the standard library's `profile`."""
+    tools = {name[:-3] for name in os.listdir(os.path.join(ROOT, "tools")) if name.endswith(".py")}
+    assert sorted(tools & set(sys.stdlib_module_names)) == []

@@ -232,7 +232,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one_resumable(tiny_data,
     names = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert "step_2" in names and "step_4" not in names and any(n.startswith("step_4.tmp-") for n in names), names
 
-    from largefr.train.checkpoint import find_latest_checkpoint
+    from largefr.checkpoint.save_load import find_latest_checkpoint
 
     assert find_latest_checkpoint(str(output / "checkpoints")).endswith("step_2")  # half-written one never picked
     rerun = Ranks(tmp_path, config, args=("--resume", "auto"), tag="rerun")
@@ -430,7 +430,7 @@ def trained_run(tiny_data, tmp_path_factory):  # noqa: F811  (tiny_data is the i
 
 
 def _plant_in_replicated(step_dir, marker: str) -> None:
-    from largefr.train.checkpoint_io import file_digest, safe_load
+    from largefr.checkpoint.files import file_digest, safe_load
 
     path = step_dir / "replicated.pt"
     state = safe_load(str(path))

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from largefr.heads.bench import cuda_peak_increment, profiled_peak_increment
 from largefr.models import NETWORK_NAMES, get_model
+from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
 from largefr.train.compile import EagerFallback, use_channels_last
 
 VARIANTS = ("eager", "compile", "channels_last", "compile+channels_last")

@@ -22,7 +22,7 @@ it in every repeat, then prints both step times and their ratio per repeat.
 `--chunk-size N --paired-default` also builds the default head (same W, same data) and times its step
 right after the low-memory step in every repeat (a fair ratio on a shared, noisy machine), then
 prints a second table: both step times, both peak memories and both losses.
-The measuring code lives in `largefr.heads.bench` (shared with tools/scale_classes.py).
+The measuring code lives in `largefr.perf.head_bench` (shared with tools/scale_classes.py).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import sys
 
 import torch
 
-from largefr.heads.bench import DTYPES, HeadBenchSettings, machine_description, run_head_bench
 from largefr.heads.margin import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
+from largefr.perf.head_bench import DTYPES, HeadBenchSettings, machine_description, run_head_bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

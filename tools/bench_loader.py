@@ -76,7 +76,7 @@ def images_per_second(config, folder, *, kind: str, augment: AugmentConfig | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from largefr.heads.bench import machine_description
+    from largefr.perf.head_bench import machine_description
 
     args = parse_args(argv)
     config, folder = prepare_config_data(load_config(args.config, args.set))

@@ -3,9 +3,9 @@
     python tools/dry_run.py --world 64 --classes 100000000 --dim 512 --batch 128 --budget-gb 80
 
 For each rank r of `--world`, in this one process: a fake process group answers as rank r
-(largefr.distributed.dry_run), and the rank's real ShardedMarginHead, ClusterBank, FeatureQueue
+(largefr.perf.dry_run), and the rank's real ShardedMarginHead, ClusterBank, FeatureQueue
 and row-sparse optimizer state are built on the meta device (shapes, no memory). The bytes of
-those tensors are compared with the memory planner (largefr.train.memory_plan; they must match
+those tensors are compared with the memory planner (largefr.perf.memory_plan; they must match
 exactly: a mismatch means the planner no longer describes the code), and the planner adds the
 step's peak (logits, gradients, gathered features). Prints each rank's class range and memory;
 exits 1 naming the first rank that does not fit `--budget-gb` and by how much, 2 when the planner
@@ -20,36 +20,22 @@ import time
 
 import torch
 
-from largefr.distributed.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
 from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
-from largefr.train.memory_plan import GIB, OPTIMIZERS, PRECISIONS, PlanInputs, max_classes_within, plan_rank
+from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
+from largefr.perf.memory_plan import GIB, PlanInputs, max_classes_within, plan_rank
+from largefr.perf.plan_options import add_plan_options, plan_inputs
 
 META = torch.device("meta")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", type=int, default=64, help="ranks sharing the classes")
-    parser.add_argument("--classes", type=int, default=100_000_000, help="total number of classes K")
-    parser.add_argument("--dim", type=int, default=512, help="embedding size d")
-    parser.add_argument("--batch", type=int, default=128, help="per-rank batch B (global B_g = world * B)")
-    parser.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC sample rate in (0, 1]")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="logits GEMM dtype")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer")
-    parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default)")
-    parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")
-    parser.add_argument("--queue-size", type=int, default=8192, help="feature queue rows (cluster.queue_size)")
+    add_plan_options(parser, classes=100_000_000, world=64, dim=512, batch=128, sample_rate=0.1)
     parser.add_argument("--budget-gb", type=float, default=80.0, help="memory per rank for the head, GiB")
     parser.add_argument("--json", default=None, help="write every rank's plan to this JSON file")
     return parser.parse_args(argv)
-
-
-def plan_inputs(args: argparse.Namespace) -> PlanInputs:
-    return PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
-                      sample_rate=args.sample_rate, precision=args.precision, optimizer=args.optimizer,
-                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size)
 
 
 def build_rank_on_meta(args: argparse.Namespace) -> dict:

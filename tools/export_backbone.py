@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from largefr.train.checkpoint import locate_checkpoint
-from largefr.train.checkpoint_io import CheckpointError
-from largefr.train.reshard import export_backbone
+from largefr.checkpoint.files import CheckpointError
+from largefr.checkpoint.reshard import export_backbone
+from largefr.checkpoint.save_load import locate_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
 

@@ -142,7 +142,7 @@ run_step gpu_tests 240 "$PYTHON" -m pytest -q -m gpu tests/gpu -p no:cacheprovid
   --junitxml="$OUT/gpu_tests.xml"
 
 # ------------------------------------------------------------------------------ profile
-PROFILE_RUN="$(mktemp -d)"  # the training folder tools/profile.py writes; only its report is kept
+PROFILE_RUN="$(mktemp -d)"  # the training folder tools/profile_step.py writes; only its report is kept
 trap 'rm -rf "$PROFILE_RUN"' EXIT
 PROFILE_SET=(data.loader=synthetic "data.val_targets=[]" train.precision=bf16 logging.tensorboard=false
              "output=$PROFILE_RUN")
@@ -154,7 +154,7 @@ else
   PROFILE_SET+=(model.network=r50 data.image_size=112 train.batch_size=128)
   PROFILE_STEPS=(--steps 20 --warmup 5)
 fi
-run_step profile 180 "$PYTHON" tools/profile.py --config configs/ms1m_r100.json "${PROFILE_STEPS[@]}" \
+run_step profile 180 "$PYTHON" tools/profile_step.py --config configs/ms1m_r100.json "${PROFILE_STEPS[@]}" \
   --json "$OUT/profile.json" --set "${PROFILE_SET[@]}"
 
 # ------------------------------------------------------------------------------ head benchmark

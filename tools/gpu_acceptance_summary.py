@@ -3,7 +3,7 @@
     python tools/gpu_acceptance_summary.py --out OUT [--dry-run 0|1] [--budget SECONDS]
 
 Reads OUT/steps.jsonl (one line per step: status, seconds, reason), machine.json, gpu_tests.xml
-(pytest's junit file), profile.json and profile.log (tools/profile.py), bench_head_<dtype>.json
+(pytest's junit file), profile.json and profile.log (tools/profile_step.py), bench_head_<dtype>.json
 (tools/bench_head.py). Prints what was skipped and why; exit code 1 when a step failed or timed out.
 No torch import: it must work when the machine's torch is what broke.
 """
@@ -58,7 +58,7 @@ def junit_results(path: str) -> dict | None:
 
 
 def profile_table(out: str) -> str:
-    """The phase table tools/profile.py printed (from the line starting 'phase' to the end of its report)."""
+    """The phase table tools/profile_step.py printed (from the line starting 'phase' to the end of its report)."""
     path = os.path.join(out, "profile.log")
     if not os.path.exists(path):
         return ""

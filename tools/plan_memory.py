@@ -6,7 +6,7 @@ Prints, for the busiest rank (shards may be uneven: ClassPartition gives the ext
 first ranks), the bytes of W, its optimizer state, the cluster bank and phi, the feature queue,
 and the peak of one head step (logits and the float32 softmax/gradient buffers, W's gradient,
 gathered features); with --budget-gb, the largest class count whose busiest rank fits.
-See largefr/train/memory_plan.py for what each line counts; tools/scale_classes.py checks it
+See largefr/perf/memory_plan.py for what each line counts; tools/scale_classes.py checks it
 against measurements.
 """
 from __future__ import annotations
@@ -15,29 +15,13 @@ import argparse
 import json
 import sys
 
-from largefr.train.memory_plan import (
-    GIB,
-    OPTIMIZERS,
-    PRECISIONS,
-    PlanInputs,
-    format_plan,
-    max_classes_within,
-    plan_memory,
-)
+from largefr.perf.memory_plan import GIB, format_plan, max_classes_within, plan_memory
+from largefr.perf.plan_options import add_plan_options, plan_inputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--classes", type=int, required=True, help="total number of classes K")
-    parser.add_argument("--world", type=int, required=True, help="ranks sharing the classes")
-    parser.add_argument("--dim", type=int, required=True, help="embedding size d")
-    parser.add_argument("--batch", type=int, required=True, help="per-rank batch B (global B_g = world * B)")
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate in (0, 1]")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="logits GEMM dtype")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer (state per row)")
-    parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default head)")
-    parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")
-    parser.add_argument("--queue-size", type=int, default=8192, help="feature queue rows (cluster.queue_size)")
+    add_plan_options(parser)
     parser.add_argument("--budget-gb", type=float, default=None, help="per-rank budget in GiB: report the most "
                                                                           "classes that fit")
     parser.add_argument("--json", default=None, help="write the plan to this JSON file")
@@ -47,9 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        inputs = PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
-                            sample_rate=args.sample_rate, precision=args.precision, optimizer=args.optimizer,
-                            chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size)
+        inputs = plan_inputs(args)
     except ValueError as error:
         print(f"plan_memory: {error}", file=sys.stderr)
         return 2

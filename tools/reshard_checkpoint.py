@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from largefr.train.checkpoint import locate_checkpoint
-from largefr.train.checkpoint_io import CheckpointError
-from largefr.train.reshard import reshard_checkpoint
+from largefr.checkpoint.files import CheckpointError
+from largefr.checkpoint.reshard import reshard_checkpoint
+from largefr.checkpoint.save_load import locate_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

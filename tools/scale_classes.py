@@ -3,9 +3,9 @@
     python tools/scale_classes.py --classes 10000,100000,1000000 --world 1,2,4 --dim 128 --batch 64
 
 Each (classes, world) point spawns `world` real ranks (gloo on CPU, nccl on GPUs) and measures
-the head the way tools/bench_head.py does (`largefr.heads.bench`): median step time of forward +
+the head the way tools/bench_head.py does (`largefr.perf.head_bench`): median step time of forward +
 backward, and peak head memory = W + local inputs + the profiled peak of one forward + backward.
-Beside it: the planner's `head_step_peak` (largefr.train.memory_plan) for the busiest rank.
+Beside it: the planner's `head_step_peak` (largefr.perf.memory_plan) for the busiest rank.
 
 `--batch` is the GLOBAL batch B_g, split evenly over the ranks (strong scaling: the same job on
 more ranks), so every per-rank term of the head, logits included (B_g x K/world), falls as 1/world.
@@ -22,8 +22,9 @@ import sys
 
 import torch
 
-from largefr.heads.bench import HeadBenchSettings, machine_description, run_head_bench
-from largefr.train.memory_plan import PRECISIONS, PlanInputs, plan_memory
+from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
+from largefr.perf.memory_plan import PlanInputs, plan_memory
+from largefr.perf.plan_options import add_head_options
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -42,11 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int_list, required=True, help="class counts, e.g. 10000,100000,1000000")
     parser.add_argument("--world", type=int_list, required=True, help="world sizes, e.g. 1,2,4")
-    parser.add_argument("--dim", type=int, default=128, help="embedding size d")
     parser.add_argument("--batch", type=int, default=64, help="GLOBAL batch B_g, split evenly over the ranks")
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate in (0, 1]")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="logits GEMM dtype")
-    parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default)")
+    add_head_options(parser, dim=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--tolerance", type=float, default=0.15, help="relative tolerance of both checks")

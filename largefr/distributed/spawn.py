@@ -1,6 +1,6 @@
 """Ranks on this machine: a free TCP port, and a function run on N spawned ranks of one process group.
 
-Shared by the tests (gloo ranks at world sizes 1-4), the head benchmark (`largefr.heads.bench`)
+Shared by the tests (gloo ranks at world sizes 1-4), the head benchmark (`largefr.perf.head_bench`)
 and the launchers' port choice (`largefr.train.distributed_env`, `largefr.experiments.runner`).
 """
 from __future__ import annotations

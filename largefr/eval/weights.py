@@ -84,7 +84,7 @@ def _unwrap(loaded: object, source: str) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The backbone state_dict in file `path` (weights_only load)."""
-    from largefr.train.checkpoint_io import CheckpointError, safe_load
+    from largefr.checkpoint.files import CheckpointError, safe_load
 
     if os.path.isdir(path):
         raise WeightsError(f"--weights {path} is a directory; pass a checkpoint directory with --checkpoint")
@@ -102,8 +102,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def checkpoint_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """(backbone weights, checkpoint directory) of a run folder, its checkpoints/ folder or one step_<N> folder."""
-    from largefr.train.checkpoint import CheckpointError, locate_checkpoint
-    from largefr.train.reshard import export_backbone
+    from largefr.checkpoint.reshard import export_backbone
+    from largefr.checkpoint.save_load import CheckpointError, locate_checkpoint
 
     try:
         resolved = locate_checkpoint(path)

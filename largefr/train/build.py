@@ -26,7 +26,7 @@ from largefr.train.head_step import ExternalHeadStep
 from largefr.train.metrics import MetricsLogger
 from largefr.train.schedule import build_lr_schedule, steps_per_epoch
 from largefr.train.step import StepRunner
-from largefr.train.train_state import TrainingCheckpointer
+from largefr.checkpoint.train_state import TrainingCheckpointer
 from largefr.train.warm_start import class_mean_warm_start, load_init_weights
 from largefr.train.trainer import LoopPlan, Trainer, VerificationSet
 
@@ -319,7 +319,7 @@ def _check_loader_length(config: Config, loader, per_epoch: int, env: Distribute
 
 
 def _resolve_resume(resume: str | None, config: Config) -> str | None:
-    from largefr.train.checkpoint import resolve_checkpoint
+    from largefr.checkpoint.save_load import resolve_checkpoint
 
     return resolve_checkpoint(resume, str(config.checkpoint_dir))
 
@@ -327,7 +327,7 @@ def _resolve_resume(resume: str | None, config: Config) -> str | None:
 def _saved_step(path: str | None) -> int:
     if path is None:
         return 0
-    from largefr.train.checkpoint import validate_checkpoint
+    from largefr.checkpoint.save_load import validate_checkpoint
 
     return int(validate_checkpoint(path)["step"])
 

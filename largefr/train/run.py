@@ -33,10 +33,10 @@ def report(message: str) -> None:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: reported without a traceback."""
+    from largefr.checkpoint.save_load import CheckpointError
     from largefr.data.recordio import RecordIOError
     from largefr.data.verification_bin import VerificationBinError
     from largefr.train.build import DataSetupError
-    from largefr.train.checkpoint import CheckpointError
     from largefr.train.engine import EngineConfigError
     from largefr.train.step import NonFiniteLossError
     from largefr.train.warm_start import InitFromError

@@ -21,9 +21,9 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, group_size
 from largefr.heads.joint import HeadLoss
+from largefr.perf.profiling import NULL_TIMER
 from largefr.train.engine import engine_dtype, engine_loss_scale
 from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, scale_feature_gradient
-from largefr.train.profiling import NULL_TIMER
 from largefr.train.schedule import set_learning_rate
 
 
@@ -61,7 +61,7 @@ class StepResult:
 class StepRunner:
     """Runs forward/backward of engine + head and the two optimizer steps, in the right order."""
 
-    phase_timer = NULL_TIMER  # tools/profile.py sets a PhaseTimer (largefr/train/profiling.py)
+    phase_timer = NULL_TIMER  # tools/profile_step.py sets a PhaseTimer (largefr/perf/profiling.py)
     inject_nan = False  # FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's loss
 
     def __init__(self, *, engine, head: StepHead, head_step: ExternalHeadStep,

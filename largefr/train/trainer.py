@@ -143,8 +143,12 @@ class Trainer:
         steps_into_epoch = self.state.step % self.plan.steps_per_epoch
         return {"epoch": self.epoch, "batch": steps_into_epoch * self.plan.gradient_accumulation_steps}
 
-    def _steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Groups of `gradient_accumulation_steps` micro-batches, from the resume position on."""
+    def step_batches(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Groups of `gradient_accumulation_steps` micro-batches, from the resume position on.
+
+        The loop's one data iterator (`_loop`; the profiler, `largefr.perf.profiling.profile_steps`,
+        drives it too). The position is read from `state.step` at the start of every epoch.
+        """
         gas = self.plan.gradient_accumulation_steps
         while True:
             position = self.data_position()
@@ -185,7 +189,7 @@ class Trainer:
         if self.state.step >= self.plan.total_steps:
             return False
         timer = StepTimer()
-        for micro_batches in self._steps():
+        for micro_batches in self.step_batches():
             timer.data_ready()
             result = self.run_step(micro_batches)
             self._after_step(result, timer)

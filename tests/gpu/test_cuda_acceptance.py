@@ -76,8 +76,8 @@ HEAD_MEMORY_CASES = {"default": (1.0, "fp32", 0), "partial_fc": (0.3, "fp32", 0)
 
 @pytest.mark.parametrize("case", list(HEAD_MEMORY_CASES))
 def test_head_max_memory_allocated_matches_the_planner(case):
-    from largefr.heads.bench import HeadBench, HeadBenchSettings
-    from largefr.train.memory_plan import PlanInputs, plan_memory
+    from largefr.perf.head_bench import HeadBench, HeadBenchSettings
+    from largefr.perf.memory_plan import PlanInputs, plan_memory
 
     rate, precision, chunk = HEAD_MEMORY_CASES[case]
     classes, batch, dim = (20_000, 64, 64) if ON_CPU else (400_000, 256, 256)

@@ -60,7 +60,7 @@ def test_head_flags_without_gradients_under_nccl(nccl_group):
 
 
 def test_generator_states_cross_between_cuda_and_cpu():
-    from largefr.train.checkpoint import capture_generator_state, reseed_value, restore_generator_state
+    from largefr.checkpoint.save_load import capture_generator_state, reseed_value, restore_generator_state
 
     gpu, cpu = torch.Generator(device=DEVICE).manual_seed(5), torch.Generator().manual_seed(5)
     torch.rand(3, generator=gpu, device=DEVICE)
@@ -130,7 +130,7 @@ def test_radial_block_on_cuda_gives_the_cpu_gradient():
 
 
 def test_head_bench_peak_ignores_other_resident_tensors():
-    from largefr.heads.bench import HeadBench, HeadBenchSettings
+    from largefr.perf.head_bench import HeadBench, HeadBenchSettings
 
     settings = HeadBenchSettings(batch=64, classes=20_000, dim=64, world=1, gemm_floor=False)
     bench = HeadBench(settings, 0, DEVICE)

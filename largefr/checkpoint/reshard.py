@@ -13,10 +13,10 @@ from typing import Any, Mapping
 
 import torch
 
+from largefr.checkpoint.files import (ENGINE_TAG, REPLICATED_NAME, CheckpointError, file_digest, fsync_dir,
+                                      head_file_name, list_files, make_manifest, safe_load, save_file,
+                                      scan_engine_files, validate_checkpoint, write_manifest)
 from largefr.distributed.partition import ClassPartition
-from largefr.train.checkpoint_io import (ENGINE_TAG, REPLICATED_NAME, CheckpointError, file_digest, fsync_dir,
-                                         head_file_name, list_files, make_manifest, safe_load, save_file,
-                                         scan_engine_files, validate_checkpoint, write_manifest)
 
 HEAD_KEYS = ("num_classes", "class_start", "class_end", "world_size", "rank", "rows", "extra")
 

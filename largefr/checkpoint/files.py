@@ -8,7 +8,7 @@ Layout of one checkpoint directory ``<root>/step_<N>/``::
     replicated.pt                 state identical on every rank (momentum encoder, queue, step, ...)
     manifest.json                 written last: step, world size, row schema, every file's size+sha256
 
-Everything here is file-level and collective-free; `checkpoint.py` does the distributed part.
+Everything here is file-level and collective-free; `save_load.py` does the distributed part.
 """
 from __future__ import annotations
 

@@ -42,14 +42,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from largefr.checkpoint.files import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_NAME, STEP_DIR_PATTERN,
+                                      CheckpointError, file_digest,
+                                      fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
+                                      safe_load, save_file, scan_engine_files, step_dir_name,
+                                      validate_checkpoint, verify_digests, write_manifest)
+from largefr.checkpoint.reshard import check_compatible, gather_head_rows, load_head_rows, row_schema
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
-from largefr.train.checkpoint_io import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_NAME, STEP_DIR_PATTERN,
-                                         CheckpointError, file_digest,
-                                         fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
-                                         safe_load, save_file, scan_engine_files, step_dir_name,
-                                         validate_checkpoint, verify_digests, write_manifest)
-from largefr.train.reshard import check_compatible, gather_head_rows, load_head_rows, row_schema
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
            "resolve_checkpoint", "locate_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
@@ -161,7 +161,7 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
       rows, phi, has_phi, head optimizer per-row state). head_extra: this rank's non-row values
       (RNG states, ...); dropped when resumed at another world size. replicated: state identical
       on all ranks, written by rank 0 (others may pass None). keep_last: complete checkpoints to
-      keep (0 = all). Only plain data is accepted (see `checkpoint_io.check_plain`).
+      keep (0 = all). Only plain data is accepted (see `files.check_plain`).
     """
     _check_group(partition, group)
     rank, world = partition.rank, partition.world_size

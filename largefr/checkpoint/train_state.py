@@ -1,6 +1,6 @@
 """What a training checkpoint holds, and putting it back (docs/DESIGN.md section 8).
 
-`largefr.train.checkpoint` writes and reads the files atomically and re-splits rows by class id;
+`largefr.checkpoint.save_load` writes and reads the files atomically and re-splits rows by class id;
 this module decides which piece of the trainer goes where:
 
 * head rows (this rank's classes, re-split on another world size): classifier rows `weight`, the
@@ -17,7 +17,7 @@ The engine (backbone, its optimizer partitions) is DeepSpeed's own checkpoint in
 Resume on another device type (saved on GPU, resumed on CPU or back, same world size): a sampling
 generator's state is device-specific (CUDA Philox, 16 bytes; CPU mt19937, 5056 bytes), so each
 sampler is re-seeded deterministically from its construction seed (train.seed, rank) and the
-resumed step (`checkpoint.reseed_value`). Everything else resumes as saved; the samplers draw
+resumed step (`save_load.reseed_value`). Everything else resumes as saved; the samplers draw
 other Partial-FC negatives and centers than the uninterrupted run would. The CUDA default
 generator is restored only on CUDA from a CUDA checkpoint (else it keeps the seed_everything seed).
 """
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from largefr.checkpoint.save_load import (CheckpointError, LoadedCheckpoint, capture_generator_state, capture_rng_state,
+                                          load_checkpoint, restore_generator_state, restore_rng_state, save_checkpoint)
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.train.checkpoint import (CheckpointError, LoadedCheckpoint, capture_generator_state, capture_rng_state,
-                                      load_checkpoint, restore_generator_state, restore_rng_state, save_checkpoint)
 
 
 class TrainingCheckpointer:
@@ -126,7 +126,7 @@ class TrainingCheckpointer:
     def check_same_model(self, path: str) -> None:
         """Refuse a checkpoint of another network, embedding size or class count before DeepSpeed reads it
         (its own error would be a raw state_dict size mismatch). Every rank checks the same file."""
-        from largefr.train.checkpoint_io import REPLICATED_NAME, safe_load
+        from largefr.checkpoint.files import REPLICATED_NAME, safe_load
 
         saved = safe_load(os.path.join(path, REPLICATED_NAME), mmap=True).get("config") or {}  # no encoder read
         for section, key in self.MODEL_KEYS:

@@ -1,4 +1,4 @@
-"""Per-phase step timing for `tools/profile.py`: `PhaseTimer` and the no-op `NULL_TIMER`.
+"""Per-phase step timing for `tools/profile_step.py`: `PhaseTimer`, the no-op `NULL_TIMER`, `profile_steps`.
 
 The step code marks its phases with `with runner.phase_timer.phase("backbone_forward"):`. By
 default `phase_timer` is `NULL_TIMER`, whose `phase()` returns one shared `nullcontext`: no clock
@@ -12,16 +12,23 @@ identity autograd nodes on each loss's output and on the feature gather, whose b
 Autograd runs the most recently created nodes first, so the losses' backward sub-graphs run one after
 the other (L_ali, L_con, L_cg), then the gather's reduce-scatter, then the backbone; the split is
 exact up to the few element-wise nodes that join the terms.
+
+`profile_steps(trainer, timer, ...)` runs real steps of a built `Trainer` through the trainer's own
+data iterator (`Trainer.step_batches`) and `Trainer.run_step`, timing the data wait as a phase.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # largefr.train.step imports this module
+    from largefr.train.trainer import Trainer
 
 _NULL_CONTEXT = contextlib.nullcontext()
 
@@ -174,6 +181,59 @@ def _in_phase(fn: Callable[..., Any], timer: PhaseTimer, name: str) -> Callable[
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+# ---- the profiled loop ----------------------------------------------------------------------------
+def profile_steps(trainer: Trainer, timer: PhaseTimer, *, steps: int, warmup: int, trace_dir: str | None = None) -> float:
+    """`warmup` untimed steps, then `steps` timed ones of `trainer`; their wall time (data wait included).
+
+    Periodic work (logging, verification, checkpoints) is the loop's, not the step's, and is left out.
+    `trace_dir`: a torch.profiler trace of the timed steps, `trace_rank<rank>.json`.
+    """
+    source = trainer.step_batches()
+    trainer.runner.phase_timer = timer
+    try:
+        with instrument_head(trainer.runner.head, timer):
+            for _ in range(warmup):
+                _profiled_step(trainer, timer, source)
+            _synchronize(trainer.runner.device)
+            timer.reset()
+            with _trace(trace_dir, trainer.rank):
+                started = time.perf_counter()
+                for _ in range(steps):
+                    _profiled_step(trainer, timer, source)
+                _synchronize(trainer.runner.device)
+                return time.perf_counter() - started
+    finally:
+        trainer.runner.phase_timer = NULL_TIMER
+        source.close()
+
+
+def _profiled_step(trainer: Trainer, timer: PhaseTimer, source: Iterator[list]) -> None:
+    with timer.phase("data_wait"):
+        micro_batches = next(source)
+    with timer.phase("other"):  # whatever the step does outside a named phase
+        trainer.run_step(micro_batches)
+    trainer.state.step = (trainer.state.step + 1) % max(trainer.plan.total_steps, 1)  # stay inside the schedule
+
+
+@contextlib.contextmanager
+def _trace(trace_dir: str | None, rank: int) -> Iterator[None]:
+    if trace_dir is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=False) as profiler:
+        yield
+    os.makedirs(trace_dir, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---- model FLOPs utilisation ---------------------------------------------------------------------

@@ -1,45 +1,30 @@
 """Where a training step's time goes: real largefr training steps, timed phase by phase.
 
-    python tools/profile.py --config CFG [--steps N] [--warmup W] [--json PATH] [--trace DIR] [--png PATH]
-                            [--set KEY=VALUE ...]
+    python tools/profile_step.py --config CFG [--steps N] [--warmup W] [--json PATH] [--trace DIR] [--png PATH]
+                                 [--set KEY=VALUE ...]
 
-Launched like training: plain python (1 rank), `torchrun --nproc_per_node N tools/profile.py ...`
-or `deepspeed --num_gpus N tools/profile.py ...`. Builds the trainer from the config exactly as
+Launched like training: plain python (1 rank), `torchrun --nproc_per_node N tools/profile_step.py ...`
+or `deepspeed --num_gpus N tools/profile_step.py ...`. Builds the trainer from the config exactly as
 `launch/train.py` does (output goes to <output>/profile; no verification, no checkpoints), runs W
-warm-up steps, then N timed steps with a `PhaseTimer` in the step (the device is synchronised at
+warm-up steps, then N timed steps with a `PhaseTimer` in the step (`largefr.perf.profiling.profile_steps`,
+which drives the trainer's own step iterator and `Trainer.run_step`) (the device is synchronised at
 every phase boundary, so profiled steps are a little slower than unprofiled ones), and prints per
 phase the mean milliseconds per step and the share of the step, images/s, peak memory per rank and,
 on a known GPU, the model FLOPs utilisation.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "profile":
-    # Another script in tools/ (whose folder Python puts first on sys.path) imported the standard
-    # library's `profile` (cProfile does) and found this file: hand it the real module instead.
-    import importlib.util
-    import sysconfig
-
-    _spec = importlib.util.spec_from_file_location("profile", os.path.join(sysconfig.get_paths()["stdlib"], "profile.py"))
-    _stdlib_profile = importlib.util.module_from_spec(_spec)
-    sys.modules["profile"] = _stdlib_profile
-    _spec.loader.exec_module(_stdlib_profile)
-
 import argparse
 import json
+import os
+import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-# This file's folder first on sys.path would make `import profile` (cProfile does it) load this file.
-TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != TOOLS_DIR]
-REPO_ROOT = os.path.dirname(TOOLS_DIR)
-if REPO_ROOT not in sys.path:
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run from a checkout
     sys.path.insert(0, REPO_ROOT)
 
 PHASES = ("data_wait", "momentum_forward", "backbone_forward", "feature_gather", "loss_cg", "loss_con", "loss_ali",
@@ -72,76 +57,13 @@ def load_profile_config(path: str, overrides: list[str], world_size: int):
     return load_config(path, [*overrides, *extra], world_size=world_size)
 
 
-def batches(trainer) -> Iterator[list]:
-    """Groups of gradient_accumulation_steps micro-batches, epoch after epoch (the trainer's order)."""
-    gas, per_epoch, epoch = trainer.plan.gradient_accumulation_steps, trainer.plan.steps_per_epoch, 0
-    while True:
-        trainer.loader.set_epoch(epoch)
-        iterator = iter(trainer.loader.iter_from(0))
-        for _ in range(per_epoch):
-            yield [next(iterator) for _ in range(gas)]
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-        epoch += 1
-
-
-def run_steps(trainer, timer, *, steps: int, warmup: int, trace_dir: str | None, rank: int) -> float:
-    """Warm-up, then `steps` timed steps; returns their wall time (data wait included)."""
-    from largefr.train.profiling import instrument_head
-
-    source = batches(trainer)
-    runner = trainer.runner
-    runner.phase_timer = timer
-    with instrument_head(runner.head, timer):
-        for _ in range(warmup):
-            _one_step(trainer, timer, source)
-        _synchronize(runner.device)
-        timer.reset()
-        profiler = _start_trace(trace_dir)
-        started = time.perf_counter()
-        for _ in range(steps):
-            _one_step(trainer, timer, source)
-        _synchronize(runner.device)
-        wall = time.perf_counter() - started
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
-            os.makedirs(trace_dir, exist_ok=True)
-            profiler.export_chrome_trace(os.path.join(trace_dir, f"trace_rank{rank}.json"))
-    return wall
-
-
-def _one_step(trainer, timer, source: Iterator[list]) -> None:
-    with timer.phase("data_wait"):
-        micro_batches = next(source)
-    with timer.phase("other"):  # whatever the step does outside a named phase
-        trainer.run_step(micro_batches)
-    trainer.state.step = (trainer.state.step + 1) % max(trainer.plan.total_steps, 1)  # stay inside the schedule
-
-
-def _start_trace(trace_dir: str | None):
-    if trace_dir is None:
-        return None
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=activities, record_shapes=False)
-    profiler.__enter__()
-    return profiler
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[str, Any]:
     from largefr.train.metrics import peak_memory_bytes
 
     phases = {name: timer.totals.get(name, 0.0) / steps for name in PHASES}
     unknown = sorted(set(timer.totals) - set(PHASES))
     if unknown:
-        raise RuntimeError(f"phases {unknown} are not in tools/profile.py PHASES; add them there")
+        raise RuntimeError(f"phases {unknown} are not in tools/profile_step.py PHASES; add them there")
     return {"rank": rank, "step_seconds": wall / steps, "phases_seconds": phases,
             "peak_memory_bytes": peak_memory_bytes(trainer.runner.device)}
 
@@ -149,7 +71,7 @@ def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[s
 def config_step_flops(config, *, world_size: int, momentum_encoder: bool, sampled_classes: int) -> int:
     """Model FLOPs of one optimizer step per rank: every micro-batch of the backbone and of the head."""
     from largefr.models import model_flops
-    from largefr.train.profiling import step_flops
+    from largefr.perf.profiling import step_flops
 
     gas = config.train.gradient_accumulation_steps
     return step_flops(backbone_forward_flops=model_flops(config.model.network, config.data.image_size,
@@ -161,7 +83,7 @@ def config_step_flops(config, *, world_size: int, momentum_encoder: bool, sample
 
 def mfu_report(config, trainer, step_seconds: float, world_size: int) -> dict[str, Any] | None:
     """Model FLOPs utilisation on a GPU of the peak-rate table; None on CPU."""
-    from largefr.train.profiling import peak_tflops
+    from largefr.perf.profiling import peak_tflops
 
     device = trainer.runner.device
     if device.type != "cuda":
@@ -242,9 +164,9 @@ def profile(args: argparse.Namespace) -> dict | None:
     """Build, run, gather every rank's numbers on rank 0; returns the report there (None elsewhere)."""
     import torch.distributed as dist
 
+    from largefr.perf.profiling import PhaseTimer, profile_steps
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed
-    from largefr.train.profiling import PhaseTimer
     from largefr.train.run import limit_cpu_threads
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -255,7 +177,7 @@ def profile(args: argparse.Namespace) -> dict | None:
     trainer = build_trainer(config, env)
     try:
         timer = PhaseTimer(env.device)
-        wall = run_steps(trainer, timer, steps=args.steps, warmup=args.warmup, trace_dir=args.trace, rank=env.rank)
+        wall = profile_steps(trainer, timer, steps=args.steps, warmup=args.warmup, trace_dir=args.trace)
         mine = {**rank_report(trainer, timer, wall=wall, steps=args.steps, rank=env.rank), "device": str(env.device)}
     finally:
         trainer.metrics.close()

@@ -1,0 +1,44 @@
+"""The memory planner's inputs as command-line options, declared once for every tool that plans.
+
+`add_plan_options(parser, ...)` adds one option per `PlanInputs` field (tools/plan_memory.py,
+tools/dry_run.py); `plan_inputs(args)` turns the parsed options back into a `PlanInputs`.
+`add_head_options` is the subset that describes the head alone (--dim, --sample-rate, --precision,
+--chunk-size), for tools that choose classes, world sizes and batch their own way
+(tools/scale_classes.py). A default of None makes an option required.
+"""
+from __future__ import annotations
+
+import argparse
+
+from largefr.perf.memory_plan import OPTIMIZERS, PRECISIONS, PlanInputs
+
+
+def _default(value: object) -> dict:
+    return {"required": True} if value is None else {"default": value}
+
+
+def add_head_options(parser: argparse.ArgumentParser, *, dim: int | None = None, sample_rate: float = 1.0) -> None:
+    """--dim, --sample-rate, --precision, --chunk-size: the head's shape as the planner reads it."""
+    parser.add_argument("--dim", type=int, help="embedding size d", **_default(dim))
+    parser.add_argument("--sample-rate", type=float, default=sample_rate, help="Partial FC sample rate in (0, 1]")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="logits GEMM dtype")
+    parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default head)")
+
+
+def add_plan_options(parser: argparse.ArgumentParser, *, classes: int | None = None, world: int | None = None,
+                     dim: int | None = None, batch: int | None = None, sample_rate: float = 1.0) -> None:
+    """One option per `PlanInputs` field; the keyword arguments are the tool's defaults (None: required)."""
+    parser.add_argument("--classes", type=int, help="total number of classes K", **_default(classes))
+    parser.add_argument("--world", type=int, help="ranks sharing the classes", **_default(world))
+    parser.add_argument("--batch", type=int, help="per-rank batch B (global B_g = world * B)", **_default(batch))
+    add_head_options(parser, dim=dim, sample_rate=sample_rate)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer (state per row)")
+    parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")
+    parser.add_argument("--queue-size", type=int, default=8192, help="feature queue rows (cluster.queue_size)")
+
+
+def plan_inputs(args: argparse.Namespace) -> PlanInputs:
+    """The `PlanInputs` of options added by `add_plan_options` (ValueError naming each bad value)."""
+    return PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
+                      sample_rate=args.sample_rate, precision=args.precision, optimizer=args.optimizer,
+                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size)
