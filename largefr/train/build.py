@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.config import Config, ModelConfig, config_to_json
+from largefr.config import TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -20,8 +20,7 @@ from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
-from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
-                                  create_engine)
+from largefr.train.engine import accelerator_facts, build_deepspeed_config, build_optimizer, create_engine
 from largefr.train.head_step import ExternalHeadStep
 from largefr.train.metrics import MetricsLogger
 from largefr.train.schedule import build_lr_schedule, steps_per_epoch
@@ -175,7 +174,7 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size,
-        logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32, device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
+        logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     lr = optim.effective_head_lr
     if optim.name == "sgd":
@@ -201,7 +200,6 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     loaded first unless `load_init` is False) before wrapping."""
     from largefr.models import get_model
 
-    check_zero_stage(config.train.zero_stage)
     m = config.model
     backbone = get_model(m.network, embedding_size=m.embedding_size, dropout=m.dropout,
                          image_size=config.data.image_size, **backbone_options(m))

@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from largefr.config import LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
 
-PRECISIONS = {"fp32": 4, "bf16": 2}
+PRECISIONS = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = ("sgd", "adamw", "none")
 OPTIMIZER_PHASE = "optimizer step"
