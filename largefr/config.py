@@ -491,7 +491,11 @@ class TrainConfig(_Section):
     debug_inject_nan_rank: int = 0
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
-    """Use deterministic kernels (slower)."""
+    """Deterministic torch kernels, so that two runs of one config give bit-identical weights (on the same
+    machine, ranks and software): torch.use_deterministic_algorithms(True), cuDNN deterministic with its
+    autotuning off, CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set (largefr/train/build.py set_determinism).
+    Slower on GPUs; an op that has no deterministic kernel stops the run naming the op. The loaders are
+    seeded from train.seed per (epoch, rank) whatever this flag says."""
     compile: bool = False
     """torch.compile the backbone (through DeepSpeed's engine.compile) and the momentum encoder's forward;
     compiled at the first step (minutes for deep networks). A compile failure warns once and the run goes

@@ -41,6 +41,26 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + 1_000_003 * rank)
 
 
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+"""CUBLAS_WORKSPACE_CONFIG that makes cuBLAS deterministic (CUDA >= 10.2; torch refuses its GEMMs otherwise)."""
+
+
+def set_determinism(deterministic: bool) -> None:
+    """train.deterministic: deterministic torch kernels on or off for this process (set, not just turned on).
+
+    On: torch.use_deterministic_algorithms(True) (an op with no deterministic kernel raises, naming itself),
+    cuDNN deterministic with autotuning (benchmark) off, and CUBLAS_WORKSPACE_CONFIG set unless the user set
+    it (cuBLAS reads it when its handle is created, at the first GEMM, which comes after this call). The
+    loaders need nothing more: DALI's pipeline is seeded from (train.seed, epoch, rank) and the torch
+    loader's shuffle, flips and augmentations from (train.seed, epoch, rank, position) in every run.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def run_on_first_rank(action, what: str, *, device: torch.device) -> None:
     """Run `action` on rank 0 while the others wait; every rank raises if it failed (no hang).
 
@@ -237,6 +257,7 @@ def backbone_options(model: ModelConfig) -> dict:
 def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = None) -> Trainer:
     """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
     seed_everything(config.train.seed, env.rank)
+    set_determinism(config.train.deterministic)
     folder = prepare_data_dir(config, env)
     config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)
