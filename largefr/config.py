@@ -65,7 +65,10 @@ and checkpoint export need whole on every rank."""
 
 OptimizerName = Literal["adam", "adamw", "sgd"]
 OPTIMIZER_NAMES: tuple[str, ...] = typing.get_args(OptimizerName)
-"""optim.name choices (the backbone's torch optimizer; the head's row-sparse one is SGD or AdamW)."""
+"""optim.name choices (the backbone's torch optimizer)."""
+HEAD_OPTIMIZERS = {"sgd": "sgd", "adam": "adamw", "adamw": "adamw"}
+"""optim.name -> the head's row-sparse optimizer (RowSparseSGD, or RowSparseAdamW with decoupled weight decay
+for both Adams); the memory planner's optimizer choices."""
 
 DEEPSPEED_OWNED_KEYS = {
     "train_batch_size": "train.batch_size (global = batch_size x accumulation x world size)",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.config import TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
+from largefr.config import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -197,10 +197,10 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
         logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     lr = optim.effective_head_lr
-    if optim.name == "sgd":
+    if HEAD_OPTIMIZERS[optim.name] == "sgd":
         weight_optimizer = RowSparseSGD([margin_head.weight], lr=lr, momentum=optim.momentum,
                                         weight_decay=optim.weight_decay)
-    else:  # 'adam' and 'adamw': the row-sparse optimizer is AdamW (decoupled weight decay)
+    else:
         weight_optimizer = RowSparseAdamW([margin_head.weight], lr=lr, betas=tuple(optim.betas),
                                           weight_decay=optim.weight_decay)
     replicated = list(head.replicated_parameters().values())
