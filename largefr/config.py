@@ -38,6 +38,55 @@ def _raise_if_any(issues: list[Issue]) -> None:
         raise ConfigError(issues)
 
 
+# ---------------------------------------------------------------------------- choice lists
+# Each rule is declared once here; validation, the engine, the build step, the memory planner, the
+# tools' argparse choices and the tests import it. The Literal aliases type the config fields.
+
+LoaderKind = Literal["dali", "torch", "synthetic"]
+LOADER_KINDS: tuple[str, ...] = typing.get_args(LoaderKind)
+"""data.loader choices."""
+RECORD_LOADER_KINDS: tuple[str, ...] = tuple(kind for kind in LOADER_KINDS if kind != "synthetic")
+"""The loaders that read data.rec (the synthetic one makes random tensors)."""
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+"""train.precision choices; bf16/fp16 turn on DeepSpeed's section of that name."""
+LogitsDtype = Literal["fp32", "bf16"]
+LOGITS_DTYPES: tuple[str, ...] = typing.get_args(LogitsDtype)
+"""head.logits_dtype choices (the memory planner's logits precisions)."""
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Precision name -> torch dtype attribute name (``getattr(torch, ...)``; torch is not imported here)."""
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+"""Precision name -> bytes per element."""
+
+ZERO_STAGES = (0, 1, 2)
+"""train.zero_stage choices: ZeRO-3 would partition the backbone's parameters, which the momentum encoder
+and checkpoint export need whole on every rank."""
+
+OptimizerName = Literal["adam", "adamw", "sgd"]
+OPTIMIZER_NAMES: tuple[str, ...] = typing.get_args(OptimizerName)
+"""optim.name choices (the backbone's torch optimizer)."""
+HEAD_OPTIMIZERS = {"sgd": "sgd", "adam": "adamw", "adamw": "adamw"}
+"""optim.name -> the head's row-sparse optimizer (RowSparseSGD, or RowSparseAdamW with decoupled weight decay
+for both Adams); the memory planner's optimizer choices."""
+
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.batch_size (global = batch_size x accumulation x world size)",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "optimizer": "optim.name, optim.lr, optim.weight_decay, ... (largefr builds the optimizer)",
+    "scheduler": "schedule.type, schedule.epochs, schedule.warmup, ... (largefr sets the learning rates each step)",
+    "gradient_clipping": "optim.gradient_clipping",
+    "fp16.enabled": "train.precision",
+    "bf16.enabled": "train.precision",
+    "amp": "train.precision (apex amp is not used)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+"""Dotted DeepSpeed keys largefr writes from its own keys (value: the largefr keys to set instead); the
+``deepspeed`` section may not set them, a second source would disagree. The rest of a named section
+(fp16.initial_scale_power, zero_optimization.overlap_comm) is the user's."""
+
+
 @functools.cache
 def _choice_fields(cls: type) -> dict[str, Any]:
     """The Literal[...] fields of `cls`: loading a file checks every type, construction from Python these."""
@@ -181,7 +230,7 @@ class DataConfig(_Section):
     num_images: int | None = None
     """Number of training images (sets the number of steps per epoch); null = counted by the scan of
     train.rec. Given and different from the data: an error says which value is right."""
-    loader: Literal["dali", "torch", "synthetic"] = "dali"
+    loader: LoaderKind = "dali"
     """'dali' (GPU or CPU DALI pipeline), 'torch' (DataLoader fallback, same outputs) or
     'synthetic' (random in-memory tensors, for benchmarks)."""
     val_targets: list[str] = field(default_factory=list)
@@ -290,7 +339,7 @@ class HeadConfig(_Section):
     """elasticface: ElasticFace+ (sorted margins assigned by the order of the target cosines)."""
     sample_rate: float = 1.0
     """Partial FC: fraction of each rank's classes used per step (positives kept); 1.0 = all."""
-    logits_dtype: Literal["fp32", "bf16"] = "fp32"
+    logits_dtype: LogitsDtype = "fp32"
     """Dtype of the classifier logits matmul."""
     chunk_size: int = 0
     """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
@@ -378,7 +427,7 @@ class ClusterConfig(_Section):
 @dataclass(kw_only=True)
 class OptimConfig(_Section):
     section: ClassVar[str] = "optim"
-    name: Literal["adam", "adamw", "sgd"] = "sgd"
+    name: OptimizerName = "sgd"
     """Optimizer of the backbone and of the head."""
     lr: float = 0.1
     """Peak learning rate (after warmup) of the backbone."""
@@ -430,10 +479,10 @@ class TrainConfig(_Section):
     """Stop after this many optimizer steps (null = run schedule.epochs)."""
     seed: int = 2048
     """Seed of every random generator (offset by the rank where streams must differ)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Precision = "bf16"
     """Backbone precision; mapped by the trainer to DeepSpeed's bf16/fp16 sections."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0, 1 or 2."""
+    """DeepSpeed ZeRO stage: one of ZERO_STAGES (0, 1 or 2; ZeRO-3 is refused with the reason)."""
     on_nonfinite: Literal["skip", "abort"] = "skip"
     """A non-finite loss: 'skip' the step, or 'abort' the run."""
     max_consecutive_nonfinite: int = 10
@@ -445,7 +494,11 @@ class TrainConfig(_Section):
     debug_inject_nan_rank: int = 0
     """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
     deterministic: bool = False
-    """Use deterministic kernels (slower)."""
+    """Deterministic torch kernels, so that two runs of one config give bit-identical weights (on the same
+    machine, ranks and software): torch.use_deterministic_algorithms(True), cuDNN deterministic with its
+    autotuning off, CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set (largefr/train/build.py set_determinism).
+    Slower on GPUs; an op that has no deterministic kernel stops the run naming the op. The loaders are
+    seeded from train.seed per (epoch, rank) whatever this flag says."""
     compile: bool = False
     """torch.compile the backbone (through DeepSpeed's engine.compile) and the momentum encoder's forward;
     compiled at the first step (minutes for deep networks). A compile failure warns once and the run goes
@@ -514,7 +567,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batching, precision and the training loop."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Extra DeepSpeed config keys, passed through; keys the trainer sets itself are refused."""
+    """Extra DeepSpeed config keys, passed through; keys the trainer sets itself (DEEPSPEED_OWNED_KEYS) are
+    refused."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Verification during training."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -259,10 +259,14 @@ def _schedule_checks(s: Any) -> list[Check]:
 
 
 def _zero_stage_problem(stage: int) -> str | None:
+    from largefr.config import ZERO_STAGES
+
+    stages = ", ".join(map(str, ZERO_STAGES))
     if stage == 3:
-        return ("ZeRO-3 is not supported yet: the momentum encoder needs the full backbone "
-                "parameters on every rank; use train.zero_stage 0, 1 or 2")
-    return None if stage in (0, 1, 2) else f"must be one of 0, 1, 2, got {stage}"
+        return ("ZeRO-3 is not supported yet: it partitions the backbone's parameters across ranks, but the "
+                "momentum encoder and checkpoint export need full parameters on every rank; use "
+                f"train.zero_stage {stages} (ZeRO-2 already partitions optimizer state and gradients)")
+    return None if stage in ZERO_STAGES else f"must be one of {stages}, got {stage}"
 
 
 def _train_checks(t: Any) -> list[Check]:
@@ -297,22 +301,10 @@ def section_issues(section: Any) -> list[Issue]:
             for key, problem in SECTION_CHECKS[name](section) if problem]
 
 
-# DeepSpeed keys the trainer fills from largefr keys: a second source of truth would disagree.
-DEEPSPEED_OWNED_KEYS = {
-    "train_batch_size": "train.batch_size (global = batch_size x accumulation x world size)",
-    "train_micro_batch_size_per_gpu": "train.batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "optimizer": "optim.name, optim.lr, optim.weight_decay, ...",
-    "scheduler": "schedule.type, schedule.epochs, schedule.warmup, ...",
-    "gradient_clipping": "optim.gradient_clipping",
-    "fp16.enabled": "train.precision",
-    "bf16.enabled": "train.precision",
-    "amp": "train.precision (apex amp is not used)",
-    "zero_optimization.stage": "train.zero_stage",
-}
-
-
 def _owned_deepspeed_keys(deepspeed: Mapping[str, Any]) -> Iterator[str]:
+    """The keys of DEEPSPEED_OWNED_KEYS that the user's deepspeed section sets."""
+    from largefr.config import DEEPSPEED_OWNED_KEYS
+
     for dotted in DEEPSPEED_OWNED_KEYS:
         node: Any = deepspeed
         for part in dotted.split("."):
@@ -323,6 +315,8 @@ def _owned_deepspeed_keys(deepspeed: Mapping[str, Any]) -> Iterator[str]:
 
 def config_issues(config: Any) -> list[Issue]:
     """Problems that involve more than one section (world size unknown)."""
+    from largefr.config import DEEPSPEED_OWNED_KEYS
+
     issues = [(f"deepspeed.{key}", "set by the trainer; remove it and set "
                f"{DEEPSPEED_OWNED_KEYS[key]} instead")
               for key in _owned_deepspeed_keys(config.deepspeed)]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from largefr.config import ZERO_STAGES
 from tests.distributed_helpers import run_distributed
 from tests.test_trainer import tiny_data  # noqa: F401  (fixture: the generated data set)
 
@@ -346,7 +347,7 @@ def _engine_reduction_dtypes(rank: int, world: int) -> dict:
 
     init_distributed()
     out = {}
-    for stage in (0, 1, 2):
+    for stage in ZERO_STAGES:
         backbone = tiny_backbone()
         config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=1, world_size=world,
                                         zero_stage=stage, precision="bf16", gradient_clipping=0.0)

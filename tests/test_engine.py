@@ -7,9 +7,12 @@ global batch.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from largefr.config import DEEPSPEED_OWNED_KEYS, OPTIMIZER_NAMES, Config, ConfigError
 from largefr.train.engine import EngineConfigError, build_deepspeed_config, build_optimizer
 from tests.distributed_helpers import run_distributed
 from tests.train_helpers import ShardedArcFace, dense_reference, full_weight, rank_batch, tiny_backbone
@@ -46,25 +49,60 @@ def test_user_section_merged_deeply():
     assert config["bf16"] == {"enabled": True, "immediate_grad_update": True}
 
 
+def _checked_config(**sections) -> Config:
+    """A Config built (and checked) from a minimal one plus `sections`."""
+    return Config.from_dict({"data": {"rec": "/data/ms1m", "num_classes": 100, "num_images": 5000},
+                             "output": "/tmp/run", **sections})
+
+
+# The deepspeed section is checked once, by the config (largefr.config.DEEPSPEED_OWNED_KEYS); the
+# engine builds its DeepSpeed config from a checked Config and does not check again.
 @pytest.mark.parametrize("key,source", [("train_micro_batch_size_per_gpu", "train.batch_size"),
                                         ("gradient_clipping", "optim.gradient_clipping"),
                                         ("optimizer", "optim"), ("scheduler", "schedule")])
 def test_user_section_may_not_set_derived_keys(key, source):
-    with pytest.raises(EngineConfigError, match=rf"deepspeed\.{key} is set from {source}"):
-        _config(user_section={key: {}})
+    with pytest.raises(ConfigError, match=rf"deepspeed\.{key}: set by the trainer; remove it and set {source}"):
+        _checked_config(deepspeed={key: {}})
 
 
 @pytest.mark.parametrize("section,key,source", [("zero_optimization", "stage", "train.zero_stage"),
                                                 ("fp16", "enabled", "train.precision"),
                                                 ("bf16", "enabled", "train.precision")])
 def test_user_section_may_not_set_derived_nested_keys(section, key, source):
-    with pytest.raises(EngineConfigError, match=rf"deepspeed\.{section}\.{key} is set from {source}"):
-        _config(user_section={section: {key: 2}})
+    with pytest.raises(ConfigError, match=rf"deepspeed\.{section}\.{key}: set by the trainer; remove it and set {source}"):
+        _checked_config(deepspeed={section: {key: 2}})
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, prefix + key + ".")
+    return keys
+
+
+def test_every_key_the_engine_derives_is_owned_and_refused():
+    written = _dotted_keys(_config())
+    derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "zero_optimization.stage", "bf16.enabled", "fp16.enabled"}
+    assert derived <= written and derived <= set(DEEPSPEED_OWNED_KEYS)
+    # optimizer, scheduler and amp are not written: largefr passes its own optimizer and sets the lrs itself
+    assert not {"optimizer", "scheduler", "amp"} & written
+    for dotted in DEEPSPEED_OWNED_KEYS:
+        section: dict = {}
+        *parents, leaf = dotted.split(".")
+        node = section
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = 1
+        with pytest.raises(ConfigError, match=rf"deepspeed\.{re.escape(dotted)}: set by the trainer"):
+            _checked_config(deepspeed=section)
 
 
 def test_zero3_refused_with_reason():
-    with pytest.raises(EngineConfigError, match="zero_stage=3 is not supported yet.*momentum encoder"):
-        _config(zero_stage=3)
+    with pytest.raises(ConfigError, match="zero_stage: ZeRO-3 is not supported yet.*momentum encoder"):
+        _checked_config(train={"zero_stage": 3})
 
 
 def test_fp16_refused_on_cpu_accelerator():
@@ -84,10 +122,12 @@ def test_fp16_on_gpu_accelerator_accepted():
 
 def test_build_optimizer_kinds():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert isinstance(build_optimizer(params, name="sgd", lr=0.1), torch.optim.SGD)
-    assert isinstance(build_optimizer(params, name="adamw", lr=0.1), torch.optim.AdamW)
-    with pytest.raises(EngineConfigError, match="optim.name must be"):
-        build_optimizer(params, name="lamb", lr=0.1)
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    assert set(kinds) == set(OPTIMIZER_NAMES)
+    for name, kind in kinds.items():
+        assert type(build_optimizer(params, name=name, lr=0.1)) is kind
+    with pytest.raises(ConfigError, match="optim.name: must be one of 'adam', 'adamw', 'sgd'"):
+        _checked_config(optim={"name": "lamb"})
 
 
 @pytest.mark.parametrize("environ,launcher", [

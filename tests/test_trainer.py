@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from largefr.config import ZERO_STAGES
 from tests.distributed_helpers import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,14 +77,14 @@ def _train(rank: int, world: int, config_dict: dict, resume: str | None = None, 
 
 def _zero_stages(rank: int, world: int, data: str, output: str) -> dict:
     out = {}
-    for stage in (0, 1, 2):
+    for stage in ZERO_STAGES:
         out[stage] = _train(rank, world, tiny_config(data, f"{output}/z{stage}", train={"zero_stage": stage}))
     return out
 
 
 def test_zero_0_1_2_train_with_finite_decreasing_loss(tiny_data, tmp_path):
     per_rank = run_distributed(_zero_stages, 2, tiny_data, str(tmp_path))
-    for stage in (0, 1, 2):
+    for stage in ZERO_STAGES:
         losses = per_rank[0][stage]["losses"]
         assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
         assert losses == pytest.approx(per_rank[1][stage]["losses"], rel=1e-6)  # the loss is global

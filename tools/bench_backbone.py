@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from largefr.config import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
 from largefr.train.compile import EagerFallback, use_channels_last
 
 VARIANTS = ("eager", "compile", "channels_last", "compile+channels_last")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, TORCH_DTYPE_NAMES[name]) for name in PRECISIONS}
 
 
 @dataclass(kw_only=True)

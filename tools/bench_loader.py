@@ -28,14 +28,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from largefr.config import AugmentConfig, load_config  # noqa: E402
+from largefr.config import RECORD_LOADER_KINDS, AugmentConfig, load_config  # noqa: E402
 from largefr.data.preview import augment_of, config_loader, prepare_config_data  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training config (JSON or YAML)")
-    parser.add_argument("--loaders", default="dali,torch", help="comma-separated: dali, torch (default both)")
+    parser.add_argument("--loaders", default=",".join(RECORD_LOADER_KINDS),
+                        help=f"comma-separated: {', '.join(RECORD_LOADER_KINDS)} (default all)")
     parser.add_argument("--augment", choices=("arcface_torch", "config"), default="arcface_torch",
                         help="the 'on' set: arcface_torch's dali_aug (default) or the config's data.augment")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement (default 40)")
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
-    if not args.loaders or any(name not in ("dali", "torch") for name in args.loaders):
-        parser.error(f"--loaders must name dali and/or torch, got {args.loaders}")
+    if not args.loaders or any(name not in RECORD_LOADER_KINDS for name in args.loaders):
+        parser.error(f"--loaders must name some of {', '.join(RECORD_LOADER_KINDS)}, got {args.loaders}")
     if min(args.batches, args.rounds) < 1 or args.warmup < 0:
         parser.error("--batches and --rounds must be >= 1, --warmup >= 0")
     return args

@@ -19,7 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from largefr.config import load_config  # noqa: E402
+from largefr.config import RECORD_LOADER_KINDS, load_config  # noqa: E402
 from largefr.data.preview import augment_of, grid_image, prepare_config_data, preview_rows  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=4, help="pairs of rows (original, augmented); default 4")
     parser.add_argument("--columns", type=int, default=8, help="images per row; default 8")
     parser.add_argument("--zoom", type=int, default=0, help="pixel zoom; default: cells of at least 96 pixels")
-    parser.add_argument("--loader", choices=("dali", "torch"), default=None, help="default: data.loader")
+    parser.add_argument("--loader", choices=RECORD_LOADER_KINDS, default=None, help="default: data.loader")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.columns < 1 or args.zoom < 0:

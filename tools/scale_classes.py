@@ -22,11 +22,10 @@ import sys
 
 import torch
 
+from largefr.config import TORCH_DTYPE_NAMES
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 from largefr.perf.memory_plan import PlanInputs, plan_memory
 from largefr.perf.plan_options import add_head_options
-
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def int_list(text: str) -> list[int]:
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure_point(args: argparse.Namespace, classes: int, world: int) -> dict:
     settings = HeadBenchSettings(batch=args.batch // world, classes=classes, dim=args.dim, world=world,
-                                 sample_rate=args.sample_rate, dtype=PRECISION_DTYPES[args.precision],
+                                 sample_rate=args.sample_rate, dtype=TORCH_DTYPE_NAMES[args.precision],
                                  chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
                                  gemm_floor=False)
     ranks = run_head_bench(settings)

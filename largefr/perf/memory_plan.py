@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from largefr.config import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
 
-PRECISIONS = {"fp32": 4, "bf16": 2}
+PRECISIONS = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
-OPTIMIZERS = ("sgd", "adamw", "none")
+OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
 OPTIMIZER_ROW_COPIES = {"sgd": 5, "adamw": 6, "none": 0}
 """(sampled rows x d) float32 temporaries alive at once in RowSparseSGD (momentum, weight decay: the

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.config import Config, ModelConfig, config_to_json
+from largefr.config import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -20,8 +20,7 @@ from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
-from largefr.train.engine import (accelerator_facts, build_deepspeed_config, build_optimizer, check_zero_stage,
-                                  create_engine)
+from largefr.train.engine import accelerator_facts, build_deepspeed_config, build_optimizer, create_engine
 from largefr.train.head_step import ExternalHeadStep
 from largefr.train.metrics import MetricsLogger
 from largefr.train.schedule import build_lr_schedule, steps_per_epoch
@@ -40,6 +39,26 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
     np.random.seed((seed + 1_000_003 * rank) % 2**32)
     random.seed(seed + 1_000_003 * rank)
+
+
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+"""CUBLAS_WORKSPACE_CONFIG that makes cuBLAS deterministic (CUDA >= 10.2; torch refuses its GEMMs otherwise)."""
+
+
+def set_determinism(deterministic: bool) -> None:
+    """train.deterministic: deterministic torch kernels on or off for this process (set, not just turned on).
+
+    On: torch.use_deterministic_algorithms(True) (an op with no deterministic kernel raises, naming itself),
+    cuDNN deterministic with autotuning (benchmark) off, and CUBLAS_WORKSPACE_CONFIG set unless the user set
+    it (cuBLAS reads it when its handle is created, at the first GEMM, which comes after this call). The
+    loaders need nothing more: DALI's pipeline is seeded from (train.seed, epoch, rank) and the torch
+    loader's shuffle, flips and augmentations from (train.seed, epoch, rank, position) in every run.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def run_on_first_rank(action, what: str, *, device: torch.device) -> None:
@@ -175,13 +194,13 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size,
-        logits_dtype=torch.bfloat16 if h.logits_dtype == "bf16" else torch.float32, device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
+        logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     lr = optim.effective_head_lr
-    if optim.name == "sgd":
+    if HEAD_OPTIMIZERS[optim.name] == "sgd":
         weight_optimizer = RowSparseSGD([margin_head.weight], lr=lr, momentum=optim.momentum,
                                         weight_decay=optim.weight_decay)
-    else:  # 'adam' and 'adamw': the row-sparse optimizer is AdamW (decoupled weight decay)
+    else:
         weight_optimizer = RowSparseAdamW([margin_head.weight], lr=lr, betas=tuple(optim.betas),
                                           weight_decay=optim.weight_decay)
     replicated = list(head.replicated_parameters().values())
@@ -201,7 +220,6 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
     loaded first unless `load_init` is False) before wrapping."""
     from largefr.models import get_model
 
-    check_zero_stage(config.train.zero_stage)
     m = config.model
     backbone = get_model(m.network, embedding_size=m.embedding_size, dropout=m.dropout,
                          image_size=config.data.image_size, **backbone_options(m))
@@ -239,6 +257,7 @@ def backbone_options(model: ModelConfig) -> dict:
 def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = None) -> Trainer:
     """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
     seed_everything(config.train.seed, env.rank)
+    set_determinism(config.train.deterministic)
     folder = prepare_data_dir(config, env)
     config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)

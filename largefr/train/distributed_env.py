@@ -13,6 +13,7 @@ dies makes the others fail after `timeout` instead of hanging forever.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -80,13 +81,77 @@ def default_timeout_s() -> float:
     return float(os.environ.get("LARGEFR_DIST_TIMEOUT_S", 1800))
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU shared-memory collectives op: JIT-built by torch's cpp_extension at the first
+`deepspeed.init_distributed` on CPU, into $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm (minutes on a loaded machine)."""
+
+
+LOCK_RECHECK_S = 0.5
+"""Pause before a lock held by no one is called stale (it must still be there, the same file, after it)."""
+
+
+class StaleBuildLockError(FileExistsError):
+    """A JIT build's `lock` file left by a build that was killed: every later start would wait on it forever."""
+
+
+def _held_open(path: str) -> bool:
+    """True when a process of this machine that we may inspect has `path` open (Linux /proc; True if unknown)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return True
+    target = os.path.realpath(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.path.realpath(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
+                return True
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return False
+
+
+def stale_build_lock(op_name: str = SHM_COMM_OP) -> str | None:
+    """The path of op `op_name`'s JIT build `lock` file when no process here holds it, else None.
+
+    torch's cpp_extension creates the lock with O_EXCL, keeps it open while it builds and deletes it when
+    done; a waiter (`FileBaton.wait`) polls until it is gone, with no timeout and no message. A build killed
+    midway leaves the file behind, held by no one. The same file checked twice around the scan guards
+    against a build that ends (and another that starts) meanwhile.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(op_name, verbose=False), "lock")
+    try:
+        before = os.stat(lock)
+        if _held_open(lock):
+            return None
+        time.sleep(LOCK_RECHECK_S)  # a finishing build closes the file a moment before it deletes it
+        after = os.stat(lock)
+    except FileNotFoundError:
+        return None
+    same_file = (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    return lock if same_file and not _held_open(lock) else None
+
+
+def check_build_lock(op_name: str = SHM_COMM_OP) -> None:
+    """Raise StaleBuildLockError naming the file when a killed JIT build of `op_name` left its lock behind."""
+    lock = stale_build_lock(op_name)
+    if lock is not None:
+        raise StaleBuildLockError(
+            f"{lock}: a lock file left by a killed build of DeepSpeed's {op_name} op (no process holds it); "
+            "every start would wait on it forever. Delete it and start again (the op is then rebuilt), "
+            "or set TORCH_EXTENSIONS_DIR to another folder. If another machine sharing this folder is "
+            "building the op right now, wait for it instead")
+
+
 def init_distributed(*, timeout_s: float | None = None, backend: str | None = None) -> DistributedEnv:
     """Create (or adopt) the default process group and DeepSpeed's comm backend; return who we are.
 
     timeout_s bounds every collective, so a rank that died makes the others fail instead of hang.
+    A stale JIT build lock of DeepSpeed's CPU comm op raises StaleBuildLockError instead of a silent wait.
     """
     import deepspeed
 
+    check_build_lock()  # deepspeed.init_distributed JIT-builds its CPU comm op and would wait on a stale lock
     timeout_s = default_timeout_s() if timeout_s is None else timeout_s
     launcher = detect_launcher()
     if launcher == "single" and not dist.is_initialized():

@@ -12,20 +12,6 @@ from typing import Any, Mapping
 
 import torch
 
-# Keys derived from largefr's own config; the user's `deepspeed` section may not set them.
-# (Nested: zero_optimization.stage, bf16.enabled and fp16.enabled; the rest of those sections,
-# e.g. fp16.initial_scale_power or zero_optimization.overlap_comm, is the user's.)
-DERIVED_KEYS = {
-    "train_micro_batch_size_per_gpu": "train.batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "train_batch_size": "train.batch_size x train.gradient_accumulation_steps x world size",
-    "gradient_clipping": "optim.gradient_clipping",
-    "optimizer": "optim (largefr builds the optimizer and passes it to deepspeed.initialize)",
-    "scheduler": "schedule (largefr sets the learning rate of backbone and head together each step)",
-}
-NESTED_DERIVED_KEYS = [("zero_optimization", "stage", "train.zero_stage"),
-                       ("bf16", "enabled", "train.precision"), ("fp16", "enabled", "train.precision")]
-PRECISIONS = ("fp32", "bf16", "fp16")
 BF16_GRADIENT_REDUCTION = "fp32"
 """DeepSpeed `communication_data_type` written for train.precision=bf16 (the user's deepspeed section may
 override it). DeepSpeed's default follows bf16: the data-parallel sum of the backbone gradients (which carry
@@ -37,20 +23,9 @@ class EngineConfigError(ValueError):
     """The DeepSpeed settings asked for cannot work; the message says which key to change."""
 
 
-def _check_user_section(user_section: Mapping[str, Any]) -> None:
-    problems = [f"deepspeed.{key} is set from {source}; remove it from the deepspeed section"
-                for key, source in DERIVED_KEYS.items() if key in user_section]
-    for section, key, source in NESTED_DERIVED_KEYS:
-        if isinstance(user_section.get(section), Mapping) and key in user_section[section]:
-            problems.append(f"deepspeed.{section}.{key} is set from {source}; remove it from the deepspeed section")
-    if problems:
-        raise EngineConfigError("; ".join(problems))
-
-
 def _check_precision(precision: str, zero_stage: int, accelerator_name: str,
                      fp16_supported: bool) -> None:
-    if precision not in PRECISIONS:
-        raise EngineConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    """What the accelerator and this DeepSpeed version refuse (the config checked the names)."""
     if precision == "fp16" and not fp16_supported:
         raise EngineConfigError(
             f"train.precision=fp16: DeepSpeed's {accelerator_name} accelerator refuses fp16 "
@@ -65,28 +40,18 @@ def _check_precision(precision: str, zero_stage: int, accelerator_name: str,
             "train.zero_stage=1 or 2 with fp16, or train.precision=bf16")
 
 
-def check_zero_stage(zero_stage: int) -> None:
-    if zero_stage == 3:
-        raise EngineConfigError(
-            "train.zero_stage=3 is not supported yet: ZeRO-3 partitions the backbone's parameters "
-            "across ranks, but the momentum encoder and checkpoint export need full parameters on every "
-            "rank; use train.zero_stage=0, 1 or 2 (ZeRO-2 already partitions optimizer state and gradients)")
-    if zero_stage not in (0, 1, 2):
-        raise EngineConfigError(f"train.zero_stage must be 0, 1 or 2, got {zero_stage}")
-
-
 def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
                            zero_stage: int, precision: str, gradient_clipping: float,
                            user_section: Mapping[str, Any] | None = None,
                            accelerator_name: str = "cpu", fp16_supported: bool = False) -> dict[str, Any]:
     """The dict passed to `deepspeed.initialize`, from largefr's keys plus the user's extra keys.
 
+    The arguments come from a checked `Config`: `user_section` holds none of largefr.config's
+    DEEPSPEED_OWNED_KEYS, `zero_stage` is one of ZERO_STAGES, `precision` one of PRECISIONS.
     `gradient_clipping` is always written (0.0 = off): DeepSpeed defaults it to 1.0 since 0.19.3.
     bf16 reduces gradients in BF16_GRADIENT_REDUCTION unless the user's section sets communication_data_type.
     """
     user_section = dict(user_section or {})
-    _check_user_section(user_section)
-    check_zero_stage(zero_stage)
     _check_precision(precision, zero_stage, accelerator_name, fp16_supported)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -118,14 +83,12 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 
 def build_optimizer(params, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The backbone's torch optimizer ('sgd', 'adam' or 'adamw'), handed to `deepspeed.initialize`."""
+    """The backbone's torch optimizer for `name`, one of largefr.config's OPTIMIZER_NAMES (optim.name),
+    handed to `deepspeed.initialize`."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    raise EngineConfigError(f"optim.name must be 'sgd', 'adam' or 'adamw', got {name!r}")
+    adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def accelerator_facts() -> tuple[str, bool]:
@@ -168,6 +131,3 @@ def engine_dtype(engine) -> torch.dtype:
     first = next(engine.module.parameters())
     return first.dtype
 
-
-def engine_learning_rate(engine) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"])

@@ -127,7 +127,6 @@ class Trainer:
         self.rank = rank
         self.records_left_out = records_left_out
         self.stop = StopSignal()
-        self.last_result: StepResult | None = None
         self.loss_history: list[torch.Tensor] | None = None
         """Set to [] to record every step's loss (detached tensors; for tests and tools)."""
         self.skipped_images = 0
@@ -212,7 +211,6 @@ class Trainer:
         self.runner.head.set_step(self.state.step)  # the cluster terms' warm-up ramp (cluster.warmup_steps)
         result = self.runner.step(micro_batches, backbone_lr, lr * self.head_lr_factor,
                                   stop_requested=self.stop.requested)
-        self.last_result = result
         if self.loss_history is not None:
             self.loss_history.append(result.loss)
         return result
