@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from largefr.config import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
 
-PRECISIONS = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
+LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
@@ -70,8 +70,8 @@ class PlanInputs:
             problems.append(f"num_classes={self.num_classes} must be >= world_size={self.world_size}")
         if not 0.0 < self.sample_rate <= 1.0:
             problems.append(f"sample_rate={self.sample_rate} must be in (0, 1]")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision={self.precision!r} must be one of {sorted(PRECISIONS)}")
+        if self.precision not in LOGITS_BYTES:
+            problems.append(f"precision={self.precision!r} must be one of {sorted(LOGITS_BYTES)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
         if self.chunk_size < 0:
@@ -172,7 +172,7 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     rows_copy = s * d * PARAM_BYTES if s < num_local else 0  # index_select of the sampled rows
     base["sampled W rows"] = rows_copy
     base["1/||W|| of sampled rows"] = s * PARAM_BYTES
-    logits = b_g * s * PRECISIONS[inputs.precision]
+    logits = b_g * s * LOGITS_BYTES[inputs.precision]
     softmax = b_g * s * 4
     if inputs.precision == "fp32":
         forward = {"logits": logits, "exp(logits - max) buffer": softmax}
@@ -203,7 +203,7 @@ def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
              "gathered W block": width * d * PARAM_BYTES if sampled else 0,
              "bf16 block + W block + features": (b_g * width + width * d + b_g * d) * 2 if low else 0}
     backward = {"W grad": num_local * d * PARAM_BYTES, "features grad": b_g * d * PARAM_BYTES,
-                "row-weighted features": b_g * d * PRECISIONS[inputs.precision],
+                "row-weighted features": b_g * d * LOGITS_BYTES[inputs.precision],
                 "W grad block": width * d * PARAM_BYTES if sampled else 0,
                 "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
     return {"forward: block": {**base, **block},

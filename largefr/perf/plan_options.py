@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from largefr.perf.memory_plan import OPTIMIZERS, PRECISIONS, PlanInputs
+from largefr.config import LOGITS_DTYPES
+from largefr.perf.memory_plan import OPTIMIZERS, PlanInputs
 
 
 def _default(value: object) -> dict:
@@ -21,7 +22,7 @@ def add_head_options(parser: argparse.ArgumentParser, *, dim: int | None = None,
     """--dim, --sample-rate, --precision, --chunk-size: the head's shape as the planner reads it."""
     parser.add_argument("--dim", type=int, help="embedding size d", **_default(dim))
     parser.add_argument("--sample-rate", type=float, default=sample_rate, help="Partial FC sample rate in (0, 1]")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="logits GEMM dtype")
+    parser.add_argument("--precision", choices=sorted(LOGITS_DTYPES), default="fp32", help="logits GEMM dtype")
     parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default head)")
 
 
