@@ -59,6 +59,17 @@ TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Precision name -> bytes per element."""
 
+FixedMargin = Literal["arcface", "cosface", "combined"]
+MARGIN_TYPES: tuple[str, ...] = typing.get_args(FixedMargin)
+"""head.type choices with a fixed margin (largefr/heads/margin.py)."""
+AdaptiveMargin = Literal["curricularface", "magface", "adaface", "elasticface"]
+ADAPTIVE_MARGIN_TYPES: tuple[str, ...] = typing.get_args(AdaptiveMargin)
+"""head.type choices whose margin comes each step from running statistics, feature norms or random draws
+(largefr/heads/adaptive_margins.py)."""
+ElasticForm = Literal["arc", "cos"]
+ELASTIC_FORMS: tuple[str, ...] = typing.get_args(ElasticForm)
+"""head.elastic_form choices."""
+
 ZERO_STAGES = (0, 1, 2)
 """train.zero_stage choices: ZeRO-3 would partition the backbone's parameters, which the momentum encoder
 and checkpoint export need whole on every rank."""
@@ -267,9 +278,11 @@ class DataConfig(_Section):
 @dataclass(kw_only=True)
 class ModelConfig(_Section):
     section: ClassVar[str] = "model"
-    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf", "vit_t", "vit_s", "vit_b", "vit_l"] = "r100"
-    """Backbone: IResNet-18/34/50/100/200, MobileFaceNet ('mbf') or arcface_torch's ViT-T/S/B/L ('vit_t' ..
-    'vit_l', 9 x 9 patches: 112 px faces give 144 tokens; a smaller data.image_size gives (side // 9)^2)."""
+    network: Literal["r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large",
+                     "vit_t", "vit_s", "vit_b", "vit_l"] = "r100"
+    """Backbone: IResNet-18/34/50/100/200, MobileFaceNet ('mbf', 'mbf_large') or arcface_torch's ViT-T/S/B/L
+    ('vit_t' .. 'vit_l', 9 x 9 patches: 112 px faces give 144 tokens; a smaller data.image_size gives
+    (side // 9)^2). tests/test_models.py checks that these are the names largefr.models.get_model builds."""
     embedding_size: int = 512
     """Dimension of the face embedding."""
     dropout: float = 0.0
@@ -296,7 +309,7 @@ class ModelConfig(_Section):
 @dataclass(kw_only=True)
 class HeadConfig(_Section):
     section: ClassVar[str] = "head"
-    type: Literal["arcface", "cosface", "combined", "curricularface", "magface", "adaface", "elasticface"] = "arcface"
+    type: Literal[FixedMargin, AdaptiveMargin] = "arcface"
     """Margin form: 'arcface' cos(t + m), 'cosface' cos(t) - m, 'combined' cos(m1*t + m2) - m3; the adaptive
     ones (largefr/heads/adaptive_margins.py): 'curricularface' (Huang et al. 2020), 'magface' (Meng et al.
     2021), 'adaface' (Kim et al. 2022), 'elasticface' (Boutros et al. 2022), each with its head.* fields."""
@@ -329,7 +342,7 @@ class HeadConfig(_Section):
     """adaface: h, how much of the normalised norm's spread reaches the margin (0.333)."""
     adaface_t_alpha: float = 0.01
     """adaface: momentum of the running mean and std of the feature norms (0.01)."""
-    elastic_form: Literal["arc", "cos"] = "arc"
+    elastic_form: ElasticForm = "arc"
     """elasticface: 'arc' (ElasticFace-Arc, angular margin) or 'cos' (ElasticFace-Cos, cosine margin)."""
     elastic_margin: float | None = None
     """elasticface: mean m of the per-sample margin draw; null: the paper's 0.5 (arc) or 0.35 (cos)."""

@@ -180,33 +180,46 @@ def _model_checks(m: Any) -> list[Check]:
             ("init_from", _nonempty(m.init_from))]
 
 
-def _head_checks(h: Any) -> list[Check]:
-    margins = h.combined_margins
+def _combined_margins_problem(margins: Sequence[float]) -> str | None:
+    if len(margins) != 3:
+        return f"must hold 3 numbers [m1, m2, m3], got {len(margins)}"
+    m1, m2, m3 = margins
+    return None if m1 > 0 and 0 <= m2 < math.pi and m3 >= 0 else \
+        f"needs m1 > 0, 0 <= m2 < pi and m3 >= 0, got {list(margins)}"
+
+
+def margin_checks(m: Any, prefix: str = "") -> list[Check]:
+    """The margin's value rules, for the config's head section (prefix 'head.', which names the keys a
+    message cites) and for `largefr.heads.margin.MarginConfig` (same field names)."""
     return [
-        ("scale", _positive(h.scale)),
-        ("margin", _min(h.margin, 0.0)),
-        ("combined_margins", f"must hold 3 numbers [m1, m2, m3], got {len(margins)}"
-         if len(margins) != 3 else None if margins[0] > 0 and min(margins[1:]) >= 0 else
-         f"needs m1 > 0 and m2, m3 >= 0, got {margins}"),
+        ("scale", _positive(m.scale)),
+        ("margin", None if 0 <= m.margin < math.pi else f"must be in [0, pi), got {m.margin}"),
+        ("combined_margins", _combined_margins_problem(m.combined_margins)),
+        ("curricular_momentum", None if 0 < m.curricular_momentum <= 1 else
+         f"must be in (0, 1], got {m.curricular_momentum}"),
+        ("magface_l_a", _positive(m.magface_l_a)),
+        ("magface_u_a", None if m.magface_u_a > m.magface_l_a else
+         f"must be > {prefix}magface_l_a ({m.magface_l_a}), got {m.magface_u_a}"),
+        ("magface_l_margin", _min(m.magface_l_margin, 0.0)),
+        ("magface_u_margin", None if m.magface_l_margin <= m.magface_u_margin < math.pi else
+         f"must be in [{prefix}magface_l_margin, pi) = [{m.magface_l_margin}, pi), got {m.magface_u_margin}"),
+        ("magface_lambda_g", _min(m.magface_lambda_g, 0.0)),
+        ("adaface_margin", None if 0 <= m.adaface_margin < math.pi / 2 else
+         f"must be in [0, pi/2), got {m.adaface_margin}"),
+        ("adaface_h", _positive(m.adaface_h)),
+        ("adaface_t_alpha", None if 0 < m.adaface_t_alpha <= 1 else f"must be in (0, 1], got {m.adaface_t_alpha}"),
+        ("elastic_margin", None if m.elastic_margin is None or 0 <= m.elastic_margin < math.pi else
+         f"must be in [0, pi) (or null: the paper's), got {m.elastic_margin}"),
+        ("elastic_std", None if m.elastic_std is None else _min(m.elastic_std, 0.0)),
+    ]
+
+
+def _head_checks(h: Any) -> list[Check]:
+    return margin_checks(h, prefix="head.") + [
         ("sample_rate", None if 0 < h.sample_rate <= 1 else
          f"must be in (0, 1] (1.0 uses every class), got {h.sample_rate}"),
         ("chunk_size", _min(h.chunk_size, 0)),
         ("init_std", _positive(h.init_std)),
-        ("curricular_momentum", None if 0 < h.curricular_momentum <= 1 else
-         f"must be in (0, 1], got {h.curricular_momentum}"),
-        ("magface_l_a", _positive(h.magface_l_a)),
-        ("magface_u_a", None if h.magface_u_a > h.magface_l_a else
-         f"must be > head.magface_l_a ({h.magface_l_a}), got {h.magface_u_a}"),
-        ("magface_l_margin", _min(h.magface_l_margin, 0.0)),
-        ("magface_u_margin", None if h.magface_l_margin <= h.magface_u_margin < math.pi else
-         f"must be in [head.magface_l_margin, pi) = [{h.magface_l_margin}, pi), got {h.magface_u_margin}"),
-        ("magface_lambda_g", _min(h.magface_lambda_g, 0.0)),
-        ("adaface_margin", None if 0 <= h.adaface_margin < math.pi / 2 else
-         f"must be in [0, pi/2), got {h.adaface_margin}"),
-        ("adaface_h", _positive(h.adaface_h)),
-        ("adaface_t_alpha", None if 0 < h.adaface_t_alpha <= 1 else f"must be in (0, 1], got {h.adaface_t_alpha}"),
-        ("elastic_margin", None if h.elastic_margin is None else _min(h.elastic_margin, 0.0)),
-        ("elastic_std", None if h.elastic_std is None else _min(h.elastic_std, 0.0)),
     ]
 
 

@@ -8,6 +8,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# DeepSpeed JIT-builds its CPU comm op into $TORCH_EXTENSIONS_DIR, by default one folder per user
+# (~/.cache/torch_extensions) whose build.ninja names this environment's torch and deepspeed paths. Two
+# test sessions of two checkouts (another CI clone, a developer's run) would rebuild it over each other,
+# each rebuild minutes long on a loaded machine, with the other session's ranks waiting on its lock: one
+# folder per environment, inherited by every rank and launcher the tests spawn, unless the caller chose one.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
 # One thread per process: tests spawn several ranks on small CI machines, and oversubscribed
 # OpenMP threads make small kernels ~10x slower.
 torch.set_num_threads(1)

@@ -1,6 +1,7 @@
 """head.type curricularface / magface / adaface / elasticface from the run config: fields, checks, the
 trainer's head, one ablation grid, the running state in the replicated checkpoint and a skipped step."""
 import copy
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -10,10 +11,10 @@ import torch
 
 from largefr.checkpoint.save_load import CheckpointError
 from largefr.checkpoint.train_state import TrainingCheckpointer
-from largefr.config import ConfigError, HeadConfig, load_config
+from largefr.config import ADAPTIVE_MARGIN_TYPES, ConfigError, HeadConfig, load_config
 from largefr.experiments.grids import load_grid
 from largefr.experiments.runner import plan_runs
-from largefr.heads.margin import ADAPTIVE_MARGIN_TYPES, MarginConfig, adaptive_margin_settings
+from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.trainer import LoopState
@@ -39,8 +40,24 @@ def test_bad_adaptive_settings_are_all_reported():
                 ".*head.adaface_t_alpha: must be in")
     with pytest.raises(ConfigError, match=expected):
         load_config(QUICKSTART, ["head.magface_u_a=5", "head.adaface_t_alpha=0", "head.elastic_form=sphere"])
-    with pytest.raises(ValueError, match="magface_l_a=20.0, magface_u_a=10.0 need 0 < l_a < u_a"):
+    with pytest.raises(ValueError, match=r"magface_u_a: must be > magface_l_a \(20.0\), got 10.0"):
         MarginConfig(type="magface", magface_l_a=20.0, magface_u_a=10.0)
+
+
+@pytest.mark.parametrize("key, value", [("margin", 3.5), ("combined_margins", [1.0, 3.5, 0.0]),
+                                        ("elastic_margin", 4.0), ("magface_u_margin", 0.3), ("scale", 0.0)])
+def test_config_and_margin_head_share_one_rule_per_margin_setting(key, value):
+    """A margin value the head would refuse is refused when the config loads, naming the key (one rule)."""
+    with pytest.raises(ConfigError, match=f"head.{key}: "):
+        load_config(QUICKSTART, [f"head.{key}={json.dumps(value)}"])
+    with pytest.raises(ValueError, match=f"invalid MarginConfig: {key}: "):
+        MarginConfig(**{key: tuple(value) if isinstance(value, list) else value})
+
+
+def test_margin_config_defaults_are_the_head_sections():
+    head = HeadConfig()
+    for name, value in dataclasses.asdict(MarginConfig()).items():
+        assert value == (tuple(getattr(head, name)) if name == "combined_margins" else getattr(head, name)), name
 
 
 def test_one_grid_holds_every_margin_and_each_config_builds_its_head(tmp_path):

@@ -126,7 +126,8 @@ def test_margin_logits_rejects_bad_shapes():
 
 
 def test_config_reports_every_problem():
-    with pytest.raises(ValueError, match="type='sphereface'.*scale=0.0 must be > 0.*m1=0.0 must be > 0"):
+    with pytest.raises(ValueError, match=r"type: must be one of .*, got 'sphereface'.*scale: must be > 0, got 0.0.*"
+                                         r"combined_margins: needs m1 > 0.*got \[0.0, 0.5, 0.0\]"):
         MarginConfig(type="sphereface", scale=0.0, combined_margins=(0.0, 0.5, 0.0))
     assert MarginConfig(type="cosface", margin=0.4).margins() == (1.0, 0.0, 0.4)
     assert MarginConfig().margins() == (1.0, 0.5, 0.0)

@@ -1,6 +1,7 @@
 """Backbones: sizes, insightface state_dict names, forward semantics, FLOPs, and no torch.distributed."""
 import ast
 import pathlib
+import typing
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import largefr.models
+from largefr.config import ModelConfig
 from largefr.models import (
     NETWORK_NAMES,
     count_forward_flops,
@@ -55,6 +57,11 @@ def test_embedding_scale_is_frozen_like_insightface():
     model = meta_model("r50")
     assert not model.features.weight.requires_grad
     assert count_parameters(model) - count_parameters(model, trainable_only=True) == 512
+
+
+def test_the_config_offers_exactly_the_networks_get_model_builds():
+    """model.network's choices (the config stays torch-free) are the registry's names, in its order."""
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["network"]) == NETWORK_NAMES
 
 
 @pytest.mark.parametrize("name", NETWORK_NAMES)

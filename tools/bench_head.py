@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from largefr.heads.margin import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
+from largefr.config import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
 from largefr.perf.head_bench import DTYPES, HeadBenchSettings, machine_description, run_head_bench
 
 

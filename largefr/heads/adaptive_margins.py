@@ -55,6 +55,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import sum_partials_across_ranks
+from largefr.config import ADAPTIVE_MARGIN_TYPES
 from largefr.heads.margin import MarginConfig
 
 _SIN_FLOOR = 1e-12  # same floor of 1 - c^2 as largefr.heads.margin
@@ -287,4 +288,4 @@ def build_adaptive_margin(cfg: MarginConfig, *, seed: int, device: torch.device 
     if cfg.type == "elasticface":
         return ElasticFaceMargin(cfg, seed)
     raise ValueError(f"margin type {cfg.type!r} is not adaptive; build_adaptive_margin takes one of "
-                     "largefr.heads.margin.ADAPTIVE_MARGIN_TYPES")
+                     f"{ADAPTIVE_MARGIN_TYPES}")

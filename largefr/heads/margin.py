@@ -35,78 +35,67 @@ from dataclasses import dataclass
 
 import torch
 
-MARGIN_TYPES = ("arcface", "cosface", "combined")
-ADAPTIVE_MARGIN_TYPES = ("curricularface", "magface", "adaface", "elasticface")
-"""Margins computed per step from running statistics, feature norms or random draws
-(`largefr.heads.adaptive_margins`)."""
-ELASTIC_FORMS = ("arc", "cos")
+from largefr.config import ADAPTIVE_MARGIN_TYPES, ELASTIC_FORMS, MARGIN_TYPES, HeadConfig
+from largefr.config_validation import margin_checks
+
 _SIN_FLOOR = 1e-12  # floor of 1 - c^2 so d sqrt / dc stays finite at |c| = 1
 _ACOS_CLAMP = 1e-7  # keep acos away from +-1 where its derivative is infinite
+
+
+_HEAD = HeadConfig()
+"""MarginConfig's defaults (the papers' values) are declared once, by the run config's head section."""
 
 
 @dataclass(kw_only=True)
 class MarginConfig:
     """Which margin the target logit gets, and the logit scale."""
 
-    type: str = "arcface"
+    type: str = _HEAD.type
     """'arcface' (s*cos(theta+m)), 'cosface' (s*(cos-m)), 'combined' (s*(cos(m1*theta+m2)-m3)), or one of
     ADAPTIVE_MARGIN_TYPES (see `largefr.heads.adaptive_margins`)."""
-    scale: float = 64.0
+    scale: float = _HEAD.scale
     """Logit scale s applied to every logit."""
-    margin: float = 0.5
+    margin: float = _HEAD.margin
     """m for 'arcface' (angular, radians), 'cosface' (cosine) and 'curricularface' (angular)."""
-    combined_margins: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    combined_margins: tuple[float, float, float] = tuple(_HEAD.combined_margins)
     """(m1, m2, m3) for 'combined' (insightface's convention); lambda scales m2 and m3."""
-    easy_margin: bool = False
+    easy_margin: bool = _HEAD.easy_margin
     """Apply the margin only where cos(theta) > 0 instead of the th/mm fallback past pi."""
-    curricular_momentum: float = 0.01
+    curricular_momentum: float = _HEAD.curricular_momentum
     """CurricularFace: t <- momentum * mean target cosine + (1 - momentum) * t."""
-    magface_l_a: float = 10.0
+    magface_l_a: float = _HEAD.magface_l_a
     """MagFace: lower bound l_a of the feature magnitude."""
-    magface_u_a: float = 110.0
+    magface_u_a: float = _HEAD.magface_u_a
     """MagFace: upper bound u_a of the feature magnitude."""
-    magface_l_margin: float = 0.45
+    magface_l_margin: float = _HEAD.magface_l_margin
     """MagFace: margin at magnitude l_a."""
-    magface_u_margin: float = 0.8
+    magface_u_margin: float = _HEAD.magface_u_margin
     """MagFace: margin at magnitude u_a."""
-    magface_lambda_g: float = 35.0
+    magface_lambda_g: float = _HEAD.magface_lambda_g
     """MagFace: weight of the magnitude regulariser g(a) = a / u_a^2 + 1 / a."""
-    magface_easy_margin: bool = True
+    magface_easy_margin: bool = _HEAD.magface_easy_margin
     """MagFace: the margin only where cos > 0 (the authors' default); False: the th/mm fallback."""
-    adaface_margin: float = 0.4
+    adaface_margin: float = _HEAD.adaface_margin
     """AdaFace: m."""
-    adaface_h: float = 0.333
+    adaface_h: float = _HEAD.adaface_h
     """AdaFace: h, the concentration of the normalised norm."""
-    adaface_t_alpha: float = 0.01
+    adaface_t_alpha: float = _HEAD.adaface_t_alpha
     """AdaFace: momentum of the running mean and std of the feature norms."""
-    elastic_form: str = "arc"
+    elastic_form: str = _HEAD.elastic_form
     """ElasticFace: 'arc' (angular margin) or 'cos' (cosine margin)."""
-    elastic_margin: float | None = None
+    elastic_margin: float | None = _HEAD.elastic_margin
     """ElasticFace: mean m of the margin draw; None: the paper's 0.5 (arc) or 0.35 (cos)."""
-    elastic_std: float | None = None
+    elastic_std: float | None = _HEAD.elastic_std
     """ElasticFace: std of the draw; None: the paper's 0.05, or with elastic_sorted 0.0175 (arc) / 0.02 (cos)."""
-    elastic_sorted: bool = False
+    elastic_sorted: bool = _HEAD.elastic_sorted
     """ElasticFace+: sorted margins assigned by the target cosines' order (the authors' 'plus')."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.type not in MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES:
-            problems.append(f"type={self.type!r} is not one of {MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES}")
-        problems += _adaptive_problems(self)
-        if not self.scale > 0:
-            problems.append(f"scale={self.scale} must be > 0")
-        if not 0 <= self.margin < math.pi:
-            problems.append(f"margin={self.margin} must be in [0, pi)")
-        if len(self.combined_margins) != 3:
-            problems.append(f"combined_margins={self.combined_margins} must be (m1, m2, m3)")
-        else:
-            m1, m2, m3 = self.combined_margins
-            if not m1 > 0:
-                problems.append(f"combined_margins m1={m1} must be > 0")
-            if not 0 <= m2 < math.pi:
-                problems.append(f"combined_margins m2={m2} must be in [0, pi)")
-            if not m3 >= 0:
-                problems.append(f"combined_margins m3={m3} must be >= 0")
+        problems = [] if self.type in MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES else \
+            [f"type: must be one of {MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES}, got {self.type!r}"]
+        if self.elastic_form not in ELASTIC_FORMS:
+            problems.append(f"elastic_form: must be one of {ELASTIC_FORMS}, got {self.elastic_form!r}")
+        problems += [f"{key}: {problem}" for key, problem in margin_checks(self) if problem]
         if problems:
             raise ValueError("invalid MarginConfig: " + "; ".join(problems))
 
@@ -143,32 +132,6 @@ def adaptive_margin_settings(source: object) -> dict:
     """The adaptive margins' fields of `source` (e.g. the config's head section), as MarginConfig keywords."""
     names = [f.name for f in dataclasses.fields(MarginConfig) if f.name.startswith(ADAPTIVE_FIELD_PREFIXES)]
     return {name: getattr(source, name) for name in names}
-
-
-def _adaptive_problems(cfg: MarginConfig) -> list[str]:
-    problems = []
-    if not 0 < cfg.curricular_momentum <= 1:
-        problems.append(f"curricular_momentum={cfg.curricular_momentum} must be in (0, 1]")
-    if not 0 < cfg.magface_l_a < cfg.magface_u_a:
-        problems.append(f"magface_l_a={cfg.magface_l_a}, magface_u_a={cfg.magface_u_a} need 0 < l_a < u_a")
-    if not 0 <= cfg.magface_l_margin <= cfg.magface_u_margin < math.pi:
-        problems.append(f"magface_l_margin={cfg.magface_l_margin}, magface_u_margin={cfg.magface_u_margin} need "
-                        "0 <= l_margin <= u_margin < pi")
-    if not cfg.magface_lambda_g >= 0:
-        problems.append(f"magface_lambda_g={cfg.magface_lambda_g} must be >= 0")
-    if not 0 <= cfg.adaface_margin < math.pi / 2:
-        problems.append(f"adaface_margin={cfg.adaface_margin} must be in [0, pi/2)")
-    if not cfg.adaface_h > 0:
-        problems.append(f"adaface_h={cfg.adaface_h} must be > 0")
-    if not 0 < cfg.adaface_t_alpha <= 1:
-        problems.append(f"adaface_t_alpha={cfg.adaface_t_alpha} must be in (0, 1]")
-    if cfg.elastic_form not in ELASTIC_FORMS:
-        problems.append(f"elastic_form={cfg.elastic_form!r} is not one of {ELASTIC_FORMS}")
-    if cfg.elastic_margin is not None and not 0 <= cfg.elastic_margin < math.pi:
-        problems.append(f"elastic_margin={cfg.elastic_margin} must be in [0, pi) (or None: the paper's)")
-    if cfg.elastic_std is not None and not cfg.elastic_std >= 0:
-        problems.append(f"elastic_std={cfg.elastic_std} must be >= 0 (or None: the paper's)")
-    return problems
 
 
 def _shifted_cosine(cos: torch.Tensor, m1: float, m2: torch.Tensor) -> torch.Tensor:
