@@ -71,7 +71,7 @@ def run_step(head, labels, embeddings, class_lambda, rank):
     lam = None if class_lambda is None else class_lambda[part.start:part.end]
     loss = head(local, labels[rows], lam)
     loss.backward()
-    return dict(loss=loss.detach(), embedding_grad=local.grad, weight_grad=head.weight.grad.clone(),
+    return dict(loss=loss.detach(), embedding_grad=local.grad, weight_grad=head.weight.grad.to_dense(),
                 sampled=head.last_sampled + part.start, state=copy.deepcopy(head.adaptive.state_dict()))
 
 

@@ -164,7 +164,7 @@ def _joint_rank(rank, world):
             loss, terms = head(local, labels[rows], momentum[rows])
             loss.backward()
             steps.append({"loss": loss.detach(), "terms": terms, "emb_grad": local.grad,
-                          "weight_grad": head.margin_head.weight.grad.clone(),
+                          "weight_grad": head.margin_head.weight.grad.to_dense(),
                           "ids": head.last_sampled_centers.class_ids,
                           "replicated": {n: p.grad.clone() for n, p in head.replicated_parameters().items()}})
         out[option] = steps

@@ -76,7 +76,7 @@ def _losses_rank(rank, world):
     log_tau = torch.nn.Parameter(torch.tensor(LOG_TAU, dtype=torch.float64))
     loss = cluster_aligning_loss(sampled, local_weight, log_tau)
     loss.backward()
-    out["ali"] = (loss.detach(), local_weight.grad, log_tau.grad.clone())
+    out["ali"] = (loss.detach(), local_weight.grad.to_dense(), log_tau.grad.clone())
     torch.optim.SGD([log_tau], lr=TAU_LR).step()
     out["log_tau_after_step"] = log_tau.detach()
     return out

@@ -43,7 +43,7 @@ def train_three_steps(name):
         optimizer.param_groups[0]["lr"] = lr_at(step)
         before = snapshot(head, optimizer)
         optimizer.step(head.last_sampled)
-        history.append(dict(sampled=head.last_sampled.clone(), grad=head.weight.grad.clone(),
+        history.append(dict(sampled=head.last_sampled.clone(), grad=head.weight.grad.to_dense(),
                             before=before, after=snapshot(head, optimizer)))
     return head, optimizer, initial, history
 

@@ -80,7 +80,7 @@ def _terms_off_rank(rank, world):
             loss = head(local, labels[rows]) if head is alone else head(local, labels[rows], momentum[rows])[0]
             loss.backward()
             weight = head.weight if head is alone else head.margin_head.weight
-            results.append((loss.detach(), local.grad, weight.grad.clone()))
+            results.append((loss.detach(), local.grad, weight.grad.to_dense()))
         out["bitwise"].append(all(torch.equal(a, b) for a, b in zip(results[0], results[1])))
         out["unit_lambda"].append(max(float((a - b).abs().max()) for a, b in zip(results[0], results[2])))
     out["no_queue"] = wrapped.queue is None and wrapped.log_tau is None
@@ -294,7 +294,7 @@ def _warmup_rank(rank, world):
                 head.zero_grad()
                 loss, _ = head(local, labels[rows], momentum[rows])
                 loss.backward()
-                per_head.append((loss.detach(), local.grad, head.margin_head.weight.grad.clone()))
+                per_head.append((loss.detach(), local.grad, head.margin_head.weight.grad.to_dense()))
             results.append(per_head)
         out.append({"step": step, "ramp": warmed.ramp,
                     "diff": max(float((a - b).abs().max()) for w, p in zip(*results) for a, b in zip(w, p))})

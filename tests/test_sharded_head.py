@@ -51,8 +51,10 @@ def run_case(head, labels, embeddings, class_lambda, rank):
     lam = None if class_lambda is None else class_lambda[part.start:part.end]
     loss = head(local, labels[rows], lam)
     loss.backward()
+    grad = head.weight.grad
     return dict(loss=loss.detach(), embedding_grad=local.grad, weight=head.weight.detach().clone(),
-                weight_grad=head.weight.grad, sampled=head.last_sampled + part.start)
+                weight_grad=grad.to_dense(), sampled=head.last_sampled + part.start,
+                grad_rows=grad.coalesce().indices()[0] if grad.is_sparse else None)
 
 
 def _all_cases_rank(rank, world):
@@ -126,6 +128,11 @@ def check_against_reference(world, result_per_rank, name, rate, labels, embeddin
         positives = torch.unique(labels[(labels >= part.start) & (labels < part.end)])
         assert len(result["sampled"]) == max(expected_count, len(positives))
         assert bool(torch.isin(positives, result["sampled"]).all())
+        # Partial FC: W's gradient holds the sampled rows only (sparse); using every row, it is dense
+        if len(result["sampled"]) < part.num_local:
+            assert torch.equal(result["grad_rows"] + part.start, result["sampled"]), rank
+        else:
+            assert result["grad_rows"] is None, rank
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -97,7 +97,7 @@ def dense_reference(backbone: torch.nn.Module, weight_full: torch.Tensor, images
     positive = F.one_hot(labels, weight.shape[0]).bool()
     loss = F.cross_entropy(arcface_logits(cos, positive, scale, margin), labels)
     loss.backward()
-    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, weight.grad.clone()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, weight.grad.to_dense()
 
 
 def rank_batch(rank: int, batch: int, num_classes: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
 from largefr.heads.adaptive_margins import modulate_hard_negatives_
 from largefr.heads.margin import MarginConfig, target_logit
+from largefr.heads.row_gradient import sparse_row_gradient
 
 _NORM_EPS = 1e-12  # same clamp as ShardedMarginHead's normalisation
 
@@ -151,10 +152,15 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         target_slope, grad_params = _target_slopes(cos_target, params, ctx.target_fn, ctx.scale, target_upstream,
                                                    ctx.needs_input_grad[4])
         hard = None if hard_threshold is None else (hard_threshold, hard_t)
-        grad_features, grad_weight = _blocked_backward(features, blocks, row_coef, log_normalizer, target_value,
-                                                       target_slope, ctx.logits_dtype, hard, ctx.scale)
+        grad_features, grad_weight_rows = _blocked_backward(features, blocks, row_coef, log_normalizer,
+                                                            target_value, target_slope, ctx.logits_dtype, hard,
+                                                            ctx.scale)
         grad_features = grad_features.to(scaled_features.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_weight_rows.to(weight.dtype)
+            if sampled is not None:
+                grad_weight = sparse_row_gradient(sampled, grad_weight, weight.shape)
         return grad_features, grad_weight, None, None, grad_params, None, None, None, None, None, None, None
 
 
@@ -201,14 +207,15 @@ def _target_slopes(cos_target: torch.Tensor, params: torch.Tensor | None, target
 
 def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, target_value, target_slope,
                       logits_dtype, hard_negatives, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dF_s, dL/dW): each block's softmax is recomputed and turned into its share of the gradients."""
+    """(dL/dF_s, dL/dW of the sampled rows, in their order): each block's softmax is recomputed and turned
+    into its share of the gradients."""
     rows, dim = features.shape
     width_max = min(blocks.chunk_size, blocks.num_cols)
     weighted_features = (features * row_coef.unsqueeze(1)).to(logits_dtype)  # c_i * F_s, folded into dW once
     grad_features = torch.zeros_like(features)
     full = blocks.sampled is None
-    grad_weight = (torch.empty_like if full else torch.zeros_like)(blocks.weight, dtype=features.dtype)
-    row_grads = None if full else torch.empty(width_max * dim, dtype=features.dtype, device=features.device)
+    # the whole shard's gradient, or (sample rate < 1) the sampled rows' only, returned as a sparse row gradient
+    grad_weight = torch.empty((blocks.num_cols, dim), dtype=features.dtype, device=features.device)
     workspace = _BlockWorkspace(rows, width_max, dim, features.dtype, features.device)
     gemm_features = features.to(logits_dtype)
     for start, end in blocks.ranges():
@@ -219,11 +226,8 @@ def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, targe
         softmax[target_rows, target_cols] = (softmax[target_rows, target_cols] - 1.0) * target_slope[index]
         if derivative is not None:  # CurricularFace: the hard negatives' t + 2c
             softmax.mul_(derivative)
-        block_grad = grad_weight[start:end] if full else row_grads[: (end - start) * dim].view(end - start, dim)
-        _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features, block_grad,
-                                    logits_dtype)
-        if not full:
-            grad_weight.index_copy_(0, blocks.sampled[start:end], block_grad)
+        _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features,
+                                    grad_weight[start:end], logits_dtype)
     return grad_features.mul_(row_coef.unsqueeze(1)), grad_weight
 
 

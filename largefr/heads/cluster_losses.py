@@ -39,6 +39,7 @@ from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_, gr
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.cluster import ClusterBank
+from largefr.heads.row_gradient import gather_rows
 
 TEMPERATURE_MODES = ("pcl", "raw")
 
@@ -220,7 +221,7 @@ def cluster_aligning_loss(sampled: SampledCenters, weight: torch.Tensor, log_tau
     weight: this rank's classifier shard (num_local, d) with grad; only the sampled rows are
     used, normalized. log_tau: the replicated learnable log temperature.
     """
-    local_weight = F.normalize(weight[sampled.local_indices], dim=1)
+    local_weight = F.normalize(gather_rows(weight, sampled.local_indices), dim=1)  # W's grad: these rows only
     inverse_tau = torch.exp(-sum_grad_across_ranks(log_tau, group))
     logits = (sampled.centers.to(weight.dtype) @ local_weight.t()) * inverse_tau
     rows = torch.arange(sampled.total, device=weight.device)

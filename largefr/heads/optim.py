@@ -17,11 +17,19 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_rows, row_gradient_values
+
 
 class RowSparseOptimizer(torch.optim.Optimizer):
-    """Shared row selection, validation and checkpoint handling; subclasses update gathered rows."""
+    """Shared row selection, validation and checkpoint handling; subclasses update the selected rows.
 
-    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, group: dict, state: dict) -> None:
+    A parameter's gradient is dense (every row; `rows` names the ones to step) or a sparse row gradient
+    (`largefr.heads.row_gradient`: its rows are the ones to step, and `rows`, when given, must name the same).
+    """
+
+    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
+                     state: dict) -> None:
+        """Step `rows` of `param`; `grad` holds their gradients, (len(rows), d), in the same order."""
         raise NotImplementedError
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
@@ -36,26 +44,32 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rows = self._resolve_rows(rows)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} needs dense gradients (rows that were not "
-                                     "sampled simply have zero gradient)")
-                self._check_rows(rows, param)
+                param_rows, grad = self._rows_and_gradient(param, rows)
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(param, group))
-                self._update_rows(param, rows.to(param.device), group, state)
+                self._update_rows(param, param_rows, grad, group, state)
         return loss
 
-    def _resolve_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+    def _rows_and_gradient(self, param: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows to step, their gradients): from a sparse row gradient itself, or `rows` of a dense one."""
+        if param.grad.is_sparse:
+            coalesce_row_gradient_(param)
+            grad_rows = row_gradient_rows(param.grad)
+            if rows is not None and not torch.equal(rows.to(grad_rows.device), grad_rows):
+                raise ValueError(f"{type(self).__name__}.step: rows differ from the rows of the parameter's sparse "
+                                 "gradient; pass the HeadLoss rows of the same forward (or no rows)")
+            return grad_rows, row_gradient_values(param.grad)
         if rows is None:
             raise ValueError(f"{type(self).__name__}.step() got no rows: pass step(rows=head.last_sampled) "
                              "(after a forward pass)")
-        return rows
+        self._check_rows(rows, param)
+        rows = rows.to(param.device)
+        return rows, _SelectedRows(rows, param).read(param.grad)
 
     @staticmethod
     def _check_rows(rows: torch.Tensor, param: torch.Tensor) -> None:
@@ -101,23 +115,26 @@ class RowSparseSGD(RowSparseOptimizer):
             state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
-    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, group: dict, state: dict) -> None:
-        weight = param.index_select(0, rows)
-        grad = param.grad.index_select(0, rows)
+    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
+                     state: dict) -> None:
+        selected = _SelectedRows(rows, param)
+        weight = selected.read(param)
         if group["weight_decay"] != 0:
             grad = grad.add(weight, alpha=group["weight_decay"])
         momentum = group["momentum"]
         if momentum != 0:
-            buffer = state["momentum_buffer"].index_select(0, rows)
+            buffer = selected.read(state["momentum_buffer"])
             buffer.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-            # torch.optim.SGD starts a buffer as a copy of the first gradient (no dampening)
-            first_step = (state["step"].index_select(0, rows) == 0).unsqueeze(1)
-            buffer = torch.where(first_step, grad, buffer)
-            state["momentum_buffer"].index_copy_(0, rows, buffer)
+            if group["dampening"] != 0:
+                # torch.optim.SGD starts a buffer as a copy of the first gradient (no dampening). Without
+                # dampening the line above already gives it: a row never stepped has a zero buffer.
+                first_step = (selected.read(state["step"]) == 0).unsqueeze(1)
+                buffer.copy_(torch.where(first_step, grad, buffer))
+            selected.write(state["momentum_buffer"], buffer)
             grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
         weight.add_(grad, alpha=-group["lr"])
-        param.index_copy_(0, rows, weight)
-        state["step"].index_add_(0, rows, torch.ones_like(rows))
+        selected.write(param, weight)
+        selected.count_step(state["step"])
 
 
 class RowSparseAdamW(RowSparseOptimizer):
@@ -137,20 +154,46 @@ class RowSparseAdamW(RowSparseOptimizer):
                 "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
-    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, group: dict, state: dict) -> None:
+    def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
+                     state: dict) -> None:
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        weight = param.index_select(0, rows)
-        grad = param.grad.index_select(0, rows)
+        selected = _SelectedRows(rows, param)
+        weight = selected.read(param)
         weight.mul_(1 - lr * group["weight_decay"])
-        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        state["step"].index_add_(0, rows, torch.ones_like(rows))
-        step = state["step"].index_select(0, rows).to(torch.float64)
+        exp_avg = selected.read(state["exp_avg"]).lerp_(grad, 1 - beta1)
+        exp_avg_sq = selected.read(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        selected.count_step(state["step"])
+        step = selected.read(state["step"]).to(torch.float64)
         # bias corrections per row, in float64 like torch's Python-float arithmetic
         step_size = (lr / (1 - torch.pow(beta1, step))).to(param.dtype).unsqueeze(1)
         correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step)).to(param.dtype).unsqueeze(1)
         denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(group["eps"])
         weight.sub_(exp_avg.div(denom).mul_(step_size))
-        param.index_copy_(0, rows, weight)
-        state["exp_avg"].index_copy_(0, rows, exp_avg)
-        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        selected.write(param, weight)
+        selected.write(state["exp_avg"], exp_avg)
+        selected.write(state["exp_avg_sq"], exp_avg_sq)
+
+
+class _SelectedRows:
+    """The stepped rows of tensors aligned with a parameter's rows (the parameter, its state).
+
+    All rows (sample rate 1.0): the tensors themselves, updated in place, no copies. Some rows: gathered
+    copies, written back by index. The arithmetic is the same either way, so both give the same bits.
+    """
+
+    def __init__(self, rows: torch.Tensor, param: torch.Tensor):
+        self.rows = rows
+        self.all_rows = rows.numel() == param.shape[0]  # sorted, unique and inside: then 0..n-1 in order
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.all_rows else tensor.index_select(0, self.rows)
+
+    def write(self, tensor: torch.Tensor, rows_value: torch.Tensor) -> None:
+        if not self.all_rows:
+            tensor.index_copy_(0, self.rows, rows_value)
+
+    def count_step(self, step: torch.Tensor) -> None:
+        if self.all_rows:
+            step.add_(1)
+        else:
+            step.index_add_(0, self.rows, torch.ones_like(self.rows))

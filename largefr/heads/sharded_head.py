@@ -4,7 +4,8 @@ Each rank of `group` holds the rows of W for its class range (ClassPartition). A
 the embeddings (autograd: backward is a reduce-scatter) and labels, samples this rank's classes
 (Partial FC), computes the local logits s*cos(theta) with the margin on the target column, and
 feeds them to `sharded_cross_entropy`. Nothing of size (global batch x num_classes) or
-(num_classes x d) is allocated on one rank.
+(num_classes x d) is allocated on one rank; with sampling, W's gradient is a sparse tensor over the
+sampled rows (`largefr.heads.row_gradient`), so the step's cost follows the sample, not the shard.
 
 Elementwise work on the (B_g x S) logits is kept to in-place passes: W is never normalised into a
 copy (the GEMM uses raw rows and the logits are scaled by 1/||W_j|| in place), the margin rewrites
@@ -26,6 +27,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_negatives_
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import MarginConfig, target_logit
+from largefr.heads.row_gradient import gather_rows
 
 ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
@@ -288,7 +290,7 @@ class ShardedMarginHead(nn.Module):
             return chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, row_lambda,
                                        self.margin, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
-        weight_rows = self.weight if full else self.weight.index_select(0, sampled)  # grad reaches sampled rows only
+        weight_rows = self.weight if full else gather_rows(self.weight, sampled)  # W's grad: the sampled rows only
         logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
         logits = _TargetLogitInPlace.apply(logits, rows, cols, _FixedMarginTarget(self.margin), self.margin.scale,
                                            row_lambda)
@@ -311,7 +313,7 @@ class ShardedMarginHead(nn.Module):
                                        logits_dtype=self.logits_dtype, target_fn=self.adaptive.target_logit,
                                        target_params=step.params, hard_negatives=hard)
         else:
-            weight_rows = self.weight if full else self.weight.index_select(0, sampled)
+            weight_rows = self.weight if full else gather_rows(self.weight, sampled)
             logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
             if hard is not None:
                 logits = _HardNegativesInPlace.apply(logits, *hard, rows, cols, self.margin.scale)

@@ -33,8 +33,10 @@ def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes the given (distinct) tensors would occupy, meta or real: numel x element size."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    """Bytes the given (distinct) tensors would occupy, meta or real: numel x element size (a sparse tensor:
+    its indices and values)."""
+    return sum(tensor_bytes([tensor._indices(), tensor._values()]) if tensor.is_sparse
+               else tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

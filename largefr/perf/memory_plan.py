@@ -10,7 +10,8 @@ profiler by tests/test_memory_plan.py and tools/scale_classes.py), per rank, for
 * step peak: the largest set of temporaries alive at one moment of the head's forward + backward
   (W's gradient, gathered features, logits, the float32 softmax/gradient buffers, sampling
   indices, the low-memory head's block buffers). Each phase of the step is listed with what is
-  alive in it; the peak is the largest phase.
+  alive in it; the peak is the largest phase. With sampling (rate < 1), W's gradient is a sparse
+  row gradient: the sampled rows' values and their int64 indices (`largefr.heads.row_gradient`).
 
 Parameters (W, bank, optimizer state) are float32, as `largefr.train.build` creates them;
 `precision` is the logits GEMM dtype (head.logits_dtype). Bytes are exact counts; vectors of
@@ -28,10 +29,12 @@ LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
-OPTIMIZER_ROW_COPIES = {"sgd": 5, "adamw": 6, "none": 0}
-"""(sampled rows x d) float32 temporaries alive at once in RowSparseSGD (momentum, weight decay: the
-gathered weight, gradient, gradient + decay, momentum buffer, its updated copy) and RowSparseAdamW
-(weight, gradient, exp_avg, exp_avg_sq, sqrt(exp_avg_sq), its scaled copy) while W's gradient exists."""
+OPTIMIZER_ROW_COPIES = {"sgd": 3, "adamw": 5, "none": 0}
+"""(sampled rows x d) float32 temporaries alive at once while W's gradient exists, with sampling (rate < 1):
+RowSparseSGD (momentum, weight decay) the gathered weight, gradient + decay and the gathered momentum buffer;
+RowSparseAdamW the gathered weight, exp_avg and exp_avg_sq, sqrt(exp_avg_sq) and its scaled copy."""
+OPTIMIZER_FULL_COPIES = {"sgd": 1, "adamw": 2, "none": 0}
+"""The same at rate 1.0, where the rows are updated in place: SGD's gradient + decay; AdamW's two temporaries."""
 PARAM_BYTES = 4  # float32 W, bank, optimizer state
 INDEX_BYTES = 8  # int64 labels, sampled indices, per-row step counts
 GIB = 2**30
@@ -156,6 +159,13 @@ def resident_bytes(inputs: PlanInputs, num_local: int) -> dict[str, int]:
     return resident
 
 
+def w_grad_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
+    """W's gradient: dense over the shard at rate 1.0; else the sampled rows' values and int64 row indices."""
+    if num_sampled >= num_local:
+        return num_local * inputs.dim * PARAM_BYTES
+    return num_sampled * (inputs.dim * PARAM_BYTES + INDEX_BYTES)
+
+
 def _features(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
     """Alive through the whole step: gathered rows and labels, the scaled features, sampling indices."""
     b_g, d = inputs.global_batch, inputs.dim
@@ -184,10 +194,6 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
                     "features grad (bf16 + fp32)": b_g * d * 6, "features (bf16)": b_g * d * 2,
                     "W grad (bf16 + fp32)": s * d * 6, "1/||W||^2": s * PARAM_BYTES}
     phases = {"forward: softmax": {**base, **forward}, "backward: W grad": {**base, **backward}}
-    if s < num_local:  # index_select's backward scatters into a zero (num_local x d) gradient
-        phases["backward: W grad scatter"] = {**base, "sampled W rows": 0, "W grad (sampled rows)": s * d * PARAM_BYTES,
-                                              "W grad": num_local * d * PARAM_BYTES,
-                                              "features grad": b_g * d * PARAM_BYTES}
     phases["backward: features"] = _feature_backward(inputs, s, num_local)
     return phases
 
@@ -202,9 +208,8 @@ def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     block = {"logits block (fp32)": b_g * width * 4, "normalized W block": width * d * PARAM_BYTES,
              "gathered W block": width * d * PARAM_BYTES if sampled else 0,
              "bf16 block + W block + features": (b_g * width + width * d + b_g * d) * 2 if low else 0}
-    backward = {"W grad": num_local * d * PARAM_BYTES, "features grad": b_g * d * PARAM_BYTES,
+    backward = {"W grad": w_grad_bytes(inputs, s, num_local), "features grad": b_g * d * PARAM_BYTES,
                 "row-weighted features": b_g * d * LOGITS_BYTES[inputs.precision],
-                "W grad block": width * d * PARAM_BYTES if sampled else 0,
                 "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
     return {"forward: block": {**base, **block},
             "backward: block": {**base, **block, **backward},
@@ -215,7 +220,7 @@ def _feature_backward(inputs: PlanInputs, num_sampled: int, num_local: int) -> d
     """After the logits: W's gradient is complete; normalisation backward and the reduce-scatter run."""
     b_g, b, d = inputs.global_batch, inputs.batch, inputs.dim
     phase = _features(inputs, num_sampled, num_local)
-    phase["W grad"] = num_local * d * PARAM_BYTES
+    phase["W grad"] = w_grad_bytes(inputs, num_sampled, num_local)
     phase["normalisation backward"] = 3 * b_g * d * PARAM_BYTES
     # gloo has no reduce_scatter: the gradient is all-reduced in a copy, then this rank's rows copied out
     phase["reduce-scatter"] = (b_g + b) * d * PARAM_BYTES if inputs.world_size > 1 else 0
@@ -229,9 +234,9 @@ def plan_rank(inputs: PlanInputs, rank: int) -> RankPlan:
     phases_of = _chunked_phases if inputs.chunk_size > 0 else _default_phases
     phases = phases_of(inputs, num_sampled, part.num_local)
     if inputs.optimizer != "none":
-        phases[OPTIMIZER_PHASE] = {"W grad": part.num_local * inputs.dim * PARAM_BYTES,
-                                   "sampled-row copies": OPTIMIZER_ROW_COPIES[inputs.optimizer] * num_sampled
-                                   * inputs.dim * PARAM_BYTES}
+        copies = (OPTIMIZER_FULL_COPIES if num_sampled >= part.num_local else OPTIMIZER_ROW_COPIES)[inputs.optimizer]
+        phases[OPTIMIZER_PHASE] = {"W grad": w_grad_bytes(inputs, num_sampled, part.num_local),
+                                   "sampled-row copies": copies * num_sampled * inputs.dim * PARAM_BYTES}
     return RankPlan(rank=rank, class_start=part.start, class_end=part.end, num_local=part.num_local,
                     num_sampled=num_sampled, resident=resident_bytes(inputs, part.num_local), phases=phases)
 

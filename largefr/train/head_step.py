@@ -29,6 +29,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
 from largefr.heads.optim import RowSparseOptimizer
+from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_values
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -103,7 +104,14 @@ def decide_head_step(*, loss_scale: float, engine_step_applied: bool, head_grads
 
 
 def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return [p.grad for p in params if p.grad is not None]
+    """The stored gradient values of `params`: dense gradients, and the (rows, d) blocks of sparse row gradients
+    (coalesced first), so every pass below costs the rows a step used, not the whole shard."""
+    grads = []
+    for param in params:
+        coalesce_row_gradient_(param)
+        if param.grad is not None:
+            grads.append(row_gradient_values(param.grad))
+    return grads
 
 
 def grads_finite_everywhere(params: list[torch.nn.Parameter], group: ProcessGroup | None) -> bool:
@@ -111,7 +119,7 @@ def grads_finite_everywhere(params: list[torch.nn.Parameter], group: ProcessGrou
     grads = _grads(params)
     bad = torch.zeros(1, dtype=torch.float32, device=params[0].device)  # the group's device, grads or not
     for grad in grads:
-        bad += (~torch.isfinite(grad)).any().float()
+        bad += ~torch.isfinite(grad).all()
     all_reduce_max_(bad, group)
     return bool(bad.item() == 0)
 

@@ -38,7 +38,7 @@ def _head_on_device(rate: float, chunk: int, logits: str):
     loss = head(local, labels.to(DEVICE))
     loss.backward()
     return (head.weight.detach().double().cpu(), head.last_sampled.cpu(), embeddings, labels, float(loss.detach()),
-            local.grad.double().cpu(), head.weight.grad.double().cpu())
+            local.grad.double().cpu(), head.weight.grad.to_dense().double().cpu())
 
 
 def _arcface_reference(weight, sampled, embeddings, labels):

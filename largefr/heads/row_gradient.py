@@ -1,0 +1,79 @@
+"""Gradients of a class-sharded weight that hold the rows a step used, not the whole shard (Partial FC).
+
+With sampling at rate r a step touches r x num_local rows of W. A dense `index_select` would give W a
+gradient of W's full size (zeros outside the sample), and everything after it (finiteness check,
+loss-scale multiply, clipping, the optimizer's row gather) would pass over all of it. Here the rows
+are gathered by `gather_rows`, whose backward returns a sparse COO gradient (`sparse_dim` 1: row
+indices plus a (rows, d) block of values), the layout `nn.Embedding(sparse=True)` gives its weight.
+Autograd sums the gradients of several gathers (the margin head's sample, L_ali's classes, the
+micro-batches of one step) by concatenation; `coalesce_row_gradient_` sums duplicate rows once per
+step and the head step, the clip and the row-sparse optimizer then read `row_gradient_values`.
+
+A dense gradient (sample rate 1.0: the whole shard is used) passes through these helpers unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _GatherRows(torch.autograd.Function):
+    """weight.index_select(0, rows); backward: a sparse row gradient of the weight's shape."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, sorted_rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(sorted_rows)
+        ctx.weight_shape = weight.shape
+        return weight.index_select(0, sorted_rows)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (sorted_rows,) = ctx.saved_tensors
+        return sparse_row_gradient(sorted_rows, grad_rows, ctx.weight_shape), None
+
+
+def gather_rows(weight: torch.Tensor, sorted_rows: torch.Tensor) -> torch.Tensor:
+    """The rows `sorted_rows` (sorted, unique) of `weight`, a copy; the weight's gradient is a sparse tensor over
+    those rows only."""
+    return _GatherRows.apply(weight, sorted_rows)
+
+
+def sparse_row_gradient(sorted_rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A gradient of `shape` that is `values` on `sorted_rows` (sorted, unique) and zero elsewhere, without the
+    zeros. Declared coalesced, so a step with one gather needs no coalescing copy."""
+    return torch.sparse_coo_tensor(sorted_rows.unsqueeze(0), values, shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def coalesce_row_gradient_(param: torch.Tensor) -> None:
+    """Sum the duplicate rows of a sparse gradient in place of the gradient (sorted unique rows after).
+
+    Autograd's accumulation drops the "coalesced" mark of a single gather's gradient; rows still sorted
+    and unique are marked again instead of copied (`coalesce` would sort and copy every value).
+    """
+    grad = param.grad
+    if grad is None or not grad.is_sparse or grad.is_coalesced():
+        return
+    rows = grad._indices()[0]
+    if bool((rows[1:] > rows[:-1]).all()):
+        param.grad = sparse_row_gradient(rows, grad._values(), grad.shape)
+    else:
+        param.grad = grad.coalesce()
+
+
+def row_gradient_values(grad: torch.Tensor) -> torch.Tensor:
+    """The stored gradient values: the dense gradient itself, or a coalesced sparse gradient's (rows, d) block.
+
+    In-place changes of the returned tensor change the gradient.
+    """
+    if not grad.is_sparse:
+        return grad
+    if not grad.is_coalesced():
+        raise ValueError("a sparse row gradient must be coalesced first (coalesce_row_gradient_)")
+    return grad._values()
+
+
+def row_gradient_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Sorted unique rows of a coalesced sparse gradient."""
+    if not (grad.is_sparse and grad.is_coalesced()):
+        raise ValueError("row_gradient_rows needs a coalesced sparse gradient (coalesce_row_gradient_)")
+    return grad._indices()[0]
