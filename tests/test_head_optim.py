@@ -124,3 +124,50 @@ def test_bad_rows_and_resharded_state_are_reported():
     other = RowSparseSGD([torch.nn.Parameter(torch.zeros(4, 2))], lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="has 5 rows but the parameter has 4: re-split"):
         other.load_state_dict(state)
+
+
+def gathered_reference_step(name: str, weight: torch.Tensor, grad: torch.Tensor, state: dict, rows: torch.Tensor,
+                            lr: float) -> None:
+    """The row update as the first implementation wrote it: gather the rows, update the copies, scatter back."""
+    w, g = weight.index_select(0, rows), grad.index_select(0, rows)
+    if name.startswith("sgd"):
+        g = g.add(w, alpha=5e-3)
+        buf = state["momentum_buffer"].index_select(0, rows).mul_(0.9).add_(g)
+        buf = torch.where((state["step"].index_select(0, rows) == 0).unsqueeze(1), g, buf)
+        state["momentum_buffer"].index_copy_(0, rows, buf)
+        w.add_(g.add(buf, alpha=0.9) if name == "sgd_nesterov" else buf, alpha=-lr)
+        state["step"].index_add_(0, rows, torch.ones_like(rows))
+    else:
+        w.mul_(1 - lr * 0.05)
+        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - 0.8)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(0.95).addcmul_(g, g, value=1 - 0.95)
+        state["step"].index_add_(0, rows, torch.ones_like(rows))
+        step = state["step"].index_select(0, rows).to(torch.float64)
+        step_size = (lr / (1 - torch.pow(0.8, step))).to(w.dtype).unsqueeze(1)
+        correction2_sqrt = torch.sqrt(1 - torch.pow(0.95, step)).to(w.dtype).unsqueeze(1)
+        w.sub_(exp_avg.div((exp_avg_sq.sqrt() / correction2_sqrt).add_(1e-8)).mul_(step_size))
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    weight.index_copy_(0, rows, w)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate):
+    """In place at rate 1.0 (every row), gathered below it: the same bits as gather-update-scatter, float32."""
+    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=rate,
+                             generator=torch.Generator().manual_seed(0))
+    optimizer = OPTIMIZERS[name][0]([head.weight])
+    weight = head.weight.detach().clone()
+    state = {key: value.clone() for key, value in optimizer._init_state(head.weight, optimizer.param_groups[0]).items()}
+    data = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
+        optimizer.param_groups[0]["lr"] = lr_at(step)
+        grad = head.weight.grad.to_dense()
+        optimizer.step(head.last_sampled)
+        gathered_reference_step(name, weight, grad, state, head.last_sampled, lr_at(step))
+    assert torch.equal(head.weight.detach(), weight)
+    for key, value in state.items():
+        assert torch.equal(optimizer.state[head.weight][key], value), key
