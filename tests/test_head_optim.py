@@ -42,9 +42,10 @@ def train_three_steps(name):
         head(embeddings, torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
         optimizer.param_groups[0]["lr"] = lr_at(step)
         before = snapshot(head, optimizer)
+        grad = head.weight.grad.to_dense().clone()  # before the step, which consumes the gradient
         optimizer.step(head.last_sampled)
-        history.append(dict(sampled=head.last_sampled.clone(), grad=head.weight.grad.to_dense(),
-                            before=before, after=snapshot(head, optimizer)))
+        history.append(dict(sampled=head.last_sampled.clone(), grad=grad, before=before,
+                            after=snapshot(head, optimizer)))
     return head, optimizer, initial, history
 
 
@@ -165,9 +166,27 @@ def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate):
         optimizer.zero_grad()
         head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
         optimizer.param_groups[0]["lr"] = lr_at(step)
-        grad = head.weight.grad.to_dense()
+        grad = head.weight.grad.to_dense().clone()  # the step consumes the gradient
         optimizer.step(head.last_sampled)
         gathered_reference_step(name, weight, grad, state, head.last_sampled, lr_at(step))
     assert torch.equal(head.weight.detach(), weight)
     for key, value in state.items():
         assert torch.equal(optimizer.state[head.weight][key], value), key
+
+
+def test_optimizer_bench_tool_times_both_optimizers(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_head_optimizer.py"
+    spec = importlib.util.spec_from_file_location("bench_head_optimizer", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "bench.json"
+    assert tool.main(["--rows", "300", "--dim", "16", "--repeats", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [(r["optimizer"], r["sample_rate"]) for r in results] == [("sgd", 1.0), ("sgd", 0.1), ("adamw", 1.0),
+                                                                       ("adamw", 0.1)]
+    assert all(r["row_sparse_ms"] > 0 and r["torch_ms"] > 0 for r in results)
+    assert "| sgd | 1.0 |" in capsys.readouterr().out

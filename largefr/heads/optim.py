@@ -10,6 +10,8 @@ range together with the rows. The rows to update are an argument, `step(rows=hea
 with gradient accumulation over several forwards, pass the union of the sampled rows (the trainer
 passes the union of its micro-batches' `HeadLoss.rows`).
 `param_groups[i]['lr']` is read at every step, so LR schedulers work as with torch optimizers.
+A step consumes the gradient (RowSparseSGD adds the weight decay into it in place, sparing a temporary of
+the rows' size); the head step zeroes the gradients right after it.
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ class RowSparseSGD(RowSparseOptimizer):
         selected = _SelectedRows(rows, param)
         weight = selected.read(param)
         if group["weight_decay"] != 0:
-            grad = grad.add(weight, alpha=group["weight_decay"])
+            grad = grad.add_(weight, alpha=group["weight_decay"])  # in place: the step consumes the gradient
         momentum = group["momentum"]
         if momentum != 0:
             buffer = selected.read(state["momentum_buffer"])
@@ -167,8 +169,8 @@ class RowSparseAdamW(RowSparseOptimizer):
         # bias corrections per row, in float64 like torch's Python-float arithmetic
         step_size = (lr / (1 - torch.pow(beta1, step))).to(param.dtype).unsqueeze(1)
         correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step)).to(param.dtype).unsqueeze(1)
-        denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(group["eps"])
-        weight.sub_(exp_avg.div(denom).mul_(step_size))
+        denom = exp_avg_sq.sqrt().div_(correction2_sqrt).add_(group["eps"])
+        weight.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))  # one temporary, reused
         selected.write(param, weight)
         selected.write(state["exp_avg"], exp_avg)
         selected.write(state["exp_avg_sq"], exp_avg_sq)

@@ -29,12 +29,12 @@ LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
-OPTIMIZER_ROW_COPIES = {"sgd": 3, "adamw": 5, "none": 0}
+OPTIMIZER_ROW_COPIES = {"sgd": 2, "adamw": 4, "none": 0}
 """(sampled rows x d) float32 temporaries alive at once while W's gradient exists, with sampling (rate < 1):
-RowSparseSGD (momentum, weight decay) the gathered weight, gradient + decay and the gathered momentum buffer;
-RowSparseAdamW the gathered weight, exp_avg and exp_avg_sq, sqrt(exp_avg_sq) and its scaled copy."""
-OPTIMIZER_FULL_COPIES = {"sgd": 1, "adamw": 2, "none": 0}
-"""The same at rate 1.0, where the rows are updated in place: SGD's gradient + decay; AdamW's two temporaries."""
+RowSparseSGD (momentum, weight decay added into the gradient in place) the gathered weight and momentum
+buffer; RowSparseAdamW the gathered weight, exp_avg and exp_avg_sq, and one denominator buffer."""
+OPTIMIZER_FULL_COPIES = {"sgd": 0, "adamw": 1, "none": 0}
+"""The same at rate 1.0, where the rows are updated in place: none for SGD; AdamW's denominator buffer."""
 PARAM_BYTES = 4  # float32 W, bank, optimizer state
 INDEX_BYTES = 8  # int64 labels, sampled indices, per-row step counts
 GIB = 2**30
@@ -248,24 +248,8 @@ def plan_memory(inputs: PlanInputs) -> RankPlan:
 
 def max_classes_within(inputs: PlanInputs, budget_bytes: int) -> int:
     """Largest num_classes whose busiest rank fits `budget_bytes` with the other inputs unchanged; 0 if none."""
-    def fits(classes: int) -> bool:
-        return plan_memory(_with_classes(inputs, classes)).total <= budget_bytes
-
-    low = inputs.world_size
-    if not fits(low):
-        return 0
-    high = low * 2
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > 1:  # fits(low), not fits(high)
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
-def _with_classes(inputs: PlanInputs, classes: int) -> PlanInputs:
-    fields = {name: getattr(inputs, name) for name in inputs.__dataclass_fields__}
-    return PlanInputs(**{**fields, "num_classes": classes})
+    return _largest(lambda classes: plan_memory(_with(inputs, num_classes=classes)).total <= budget_bytes,
+                    inputs.world_size)
 
 
 def format_plan(plan: RankPlan, inputs: PlanInputs) -> str:
@@ -283,3 +267,63 @@ def format_plan(plan: RankPlan, inputs: PlanInputs) -> str:
     lines.append(f"| **step peak** ({plan.peak_phase}) | **{plan.step_peak / 2**20:.1f}** |")
     lines.append(f"| **total per rank** | **{plan.total / 2**20:.1f}** ({plan.total / GIB:.2f} GiB) |")
     return "\n".join(lines)
+
+
+RESTORE_BLOCK_BYTES = 64 * 2**20
+"""Bytes of one block of rows a restore or reshard copies at a time (largefr.checkpoint)."""
+RUN_PHASES = ("training step", "checkpoint save", "resume", "reshard (one output shard)", "class-mean warm start")
+
+
+def phase_peaks(inputs: PlanInputs, *, resume_world: int | None = None, base_bytes: int = 0) -> dict[str, int]:
+    """Planned peak bytes per rank (the busiest) of each phase of a run, `base_bytes` (the process without the
+    head: libraries, backbone, engine; measured by tools/scale_run.py at a small class count) included.
+
+    training step: resident + the step's peak (`plan_memory`).
+    checkpoint save: resident (torch.save writes the tensors as they are, no copy).
+    resume: the resident state on `resume_world` ranks (default: the same world) + one restore block.
+    reshard: one output shard of `resume_world` ranks (W, optimizer state, bank) + one block, in one process.
+    class-mean warm start: W, bank and queue (no optimizer state yet) + the float64 per-class sums and counts.
+    """
+    world = resume_world or inputs.world_size
+    train = plan_memory(inputs)
+    at_resume = plan_memory(_with(inputs, world_size=world))
+    partitioned = ("W rows", "optimizer state", "bank centers", "bank phi + flags")
+    num_local = train.num_local
+    block = min(RESTORE_BLOCK_BYTES, at_resume.resident["W rows"])  # a block never exceeds the rank's rows
+    return {
+        "training step": base_bytes + train.total,
+        "checkpoint save": base_bytes + train.resident_bytes,
+        "resume": base_bytes + at_resume.resident_bytes + block,
+        "reshard (one output shard)": base_bytes + sum(at_resume.resident[k] for k in partitioned) + block,
+        "class-mean warm start": base_bytes + train.resident_bytes - train.resident["optimizer state"]
+        + num_local * (inputs.dim + 2) * 8,
+    }
+
+
+def max_classes_per_phase(inputs: PlanInputs, budget_bytes: int, *, resume_world: int | None = None,
+                          base_bytes: int = 0) -> dict[str, int]:
+    """For each run phase, the largest class count whose busiest rank fits `budget_bytes` (0 if none)."""
+    def fits(phase: str, classes: int) -> bool:
+        peaks = phase_peaks(_with(inputs, num_classes=classes), resume_world=resume_world, base_bytes=base_bytes)
+        return peaks[phase] <= budget_bytes
+
+    return {phase: _largest(lambda classes, p=phase: fits(p, classes), max(inputs.world_size, resume_world or 1))
+            for phase in RUN_PHASES}
+
+
+def _largest(fits, low: int) -> int:
+    """Largest n >= low with fits(n) (fits monotone decreasing in n); 0 when fits(low) fails."""
+    if not fits(low):
+        return 0
+    high = low * 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _with(inputs: PlanInputs, **changes) -> PlanInputs:
+    fields = {name: getattr(inputs, name) for name in inputs.__dataclass_fields__}
+    return PlanInputs(**{**fields, **changes})

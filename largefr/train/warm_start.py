@@ -143,14 +143,20 @@ def class_means_and_phi(sums: torch.Tensor, counts: torch.Tensor, *, alpha: floa
     classes' root-mean-square distance sqrt(2 (1 - ||mean f||)), exact for unit f_i and c_k = the
     normalized mean, which one pass can compute (the mean distance needs c_k first); it is >= the mean
     distance, equal when the distances are equal.
+
+    The means are computed in `sums`' own memory (it becomes the centers): at millions of classes a
+    second num_local x d float64 copy would outweigh W itself.
     """
-    n = counts.clamp(min=1).unsqueeze(1)
-    mean = sums / n
-    norm = mean.norm(dim=1)
-    centers = F.normalize(mean, dim=1)
+    centers = sums.div_(counts.clamp(min=1).unsqueeze(1))  # the mean, in place
+    norm = centers.norm(dim=1)
+    centers.div_(norm.clamp(min=_NORMALIZE_EPS).unsqueeze(1))  # F.normalize's arithmetic, in place
     rms_distance = (2.0 * (1.0 - norm).clamp(min=0.0)).sqrt()
     phi = rms_distance / torch.log(counts + alpha)
     return centers, torch.where(counts > 0, phi, torch.zeros_like(phi))
+
+
+_NORMALIZE_EPS = 1e-12  # F.normalize's default
+_ROWS_PER_BLOCK = 65536  # rows written per block: temporaries of a block, not of the shard
 
 
 @torch.no_grad()
@@ -159,14 +165,19 @@ def apply_class_means(head, centers: torch.Tensor, phi: torch.Tensor, counts: to
     """W rows and bank rows of the classes with images; returns how many this rank set.
 
     W rows get norm `row_norm` (that of the random rows they replace, so the head's effective
-    learning rate is unchanged; the logits use cos only).
+    learning rate is unchanged; the logits use cos only). Written block by block.
     """
     seen = counts > 0
     weight = head.margin_head.weight
-    weight[seen] = (centers[seen] * row_norm).to(weight.dtype)
     bank = head.bank
+    for start in range(0, seen.shape[0], _ROWS_PER_BLOCK):
+        rows = slice(start, start + _ROWS_PER_BLOCK)
+        block_seen = seen[rows]
+        block_centers = centers[rows][block_seen]
+        weight[rows][block_seen] = (block_centers * row_norm).to(weight.dtype)
+        if bank is not None:
+            bank.centers[rows][block_seen] = block_centers.to(bank.centers.dtype)
     if bank is not None:
-        bank.centers[seen] = centers[seen].to(bank.centers.dtype)
         bank.phi[seen] = phi[seen].to(bank.phi.dtype)
         bank.has_phi[seen] = (counts[seen] > 1) & (phi[seen] > bank.degenerate_phi)
         bank.seen[seen] = True
