@@ -184,7 +184,7 @@ def test_optimizer_bench_tool_times_both_optimizers(tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "bench.json"
-    assert tool.main(["--rows", "300", "--dim", "16", "--repeats", "2", "--json", str(out)]) == 0
+    assert tool.main(["--rows", "300", "--embedding-size", "16", "--repeats", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [(r["optimizer"], r["sample_rate"]) for r in results] == [("sgd", 1.0), ("sgd", 0.1), ("adamw", 1.0),
                                                                        ("adamw", 0.1)]
