@@ -21,8 +21,8 @@ W_BYTES = CLASSES * DIM * 4  # float32 shard of the one rank
 def quickstart_head(*overrides: str):
     """The trainer's own head (build_head) from the quickstart config, at CLASSES classes on one rank."""
     config = load_config(str(ROOT / "configs" / "quickstart.json"),
-                         [f"data.num_classes={CLASSES}", f"data.num_images={CLASSES}", "data.synthetic=null", "data.rec=unused",
-                          f"model.embedding_size={DIM}", "cluster.queue_size=256", "cluster.num_sampled_centers=128",
+                         [f"data.num_classes={CLASSES}", f"data.num_images={CLASSES}", "data.synthetic=null",
+                          "data.rec=unused", f"model.embedding_size={DIM}", "cluster.queue_size=256", "cluster.num_sampled_centers=128",
                           *overrides])
     return build_head(config, ENV)
 
