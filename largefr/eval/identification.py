@@ -37,6 +37,8 @@ NO_IDENTITY = -1
 CMC_RANKS = (1, 5, 10)
 FPIR_TARGETS = (1e-1, 1e-2)
 SEARCH_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3)
+FPIR_CURVE = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0)
+"""FPIR values at which the TPIR curve of the plots is sampled."""
 _RATE_SLACK = 1e-9  # floor(0.29 * 100) is 28 in binary floating point; rates are counts / totals
 
 
@@ -65,6 +67,10 @@ class IdentificationResult:
     """Rank -> share of mated probes with their mate at that rank or better."""
     tpir_at_fpir: list[dict] = field(default_factory=list)
     """One {target, rate, reached, threshold} per FPIR target (none without non-mated probes)."""
+    cmc_curve: list[float] = field(default_factory=list)
+    """CMC at ranks 1, 2, ... up to the candidates listed (for plots)."""
+    tpir_curve: list[tuple[float, float]] = field(default_factory=list)
+    """(FPIR reached, TPIR) at each FPIR_CURVE value (for plots)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -164,26 +170,29 @@ def identify(name: str, candidate_scores: np.ndarray, candidate_labels: np.ndarr
     mated = np.asarray(mated, dtype=bool)
     if closed_set:
         check_closed_set(mated, probe_names)
-    ranks = mate_ranks(candidate_labels, probe_labels)
+    ranks, listed = mate_ranks(candidate_labels, probe_labels), candidate_labels.shape[1]
     result = IdentificationResult(name=name, probes=int(mated.size), mated_probes=int(mated.sum()),
-                                  gallery=int(gallery_size),
-                                  cmc=cmc(ranks, mated, cmc_ranks, listed=candidate_labels.shape[1]))
+                                  gallery=int(gallery_size), cmc=cmc(ranks, mated, cmc_ranks, listed=listed),
+                                  cmc_curve=list(cmc(ranks, mated, tuple(range(1, listed + 1))).values()))
     if not mated.all():
         rates = tpir_at_fpir(candidate_scores[:, 0], ranks == 1, mated, fpir_targets)
         result.tpir_at_fpir = [asdict(r) for r in rates]
+        result.tpir_curve = [(r.reached, r.rate) for r in tpir_at_fpir(candidate_scores[:, 0], ranks == 1, mated,
+                                                                      FPIR_CURVE)]
     return result
 
 
 def average_results(name: str, results: list[IdentificationResult]) -> IdentificationResult:
-    """Mean of CMC and TPIR over results (e.g. IJB's galleries G1 and G2), counts summed."""
+    """Mean of CMC and TPIR over results (e.g. IJB's galleries G1 and G2), counts summed; no thresholds."""
     first = results[0]
     mean = IdentificationResult(name=name, probes=sum(r.probes for r in results),
                                 mated_probes=sum(r.mated_probes for r in results),
                                 gallery=sum(r.gallery for r in results),
-                                cmc={k: float(np.mean([r.cmc[k] for r in results])) for k in first.cmc})
+                                cmc={k: float(np.mean([r.cmc[k] for r in results])) for k in first.cmc},
+                                cmc_curve=np.mean([r.cmc_curve for r in results], axis=0).tolist())
     if all(r.tpir_at_fpir for r in results):
         mean.tpir_at_fpir = [{key: float(np.mean([r.tpir_at_fpir[i][key] for r in results]))
-                              for key in ("target", "rate", "reached")} | {"threshold": math.nan}
+                              for key in ("target", "rate", "reached")} | {"threshold": None}
                              for i in range(len(first.tpir_at_fpir))]
     return mean
 
