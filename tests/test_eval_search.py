@@ -5,6 +5,7 @@ across blocks and across shards; random unit distractors follow them in the same
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from largefr.eval.identification import NO_IDENTITY
 from largefr.eval.search import (DISTRACTOR_CHUNK_ROWS, ArraySource, ConcatSource, RandomDistractors, SearchError,
                                  block_topk, search_report, sharded_search)
 from tests.distributed_helpers import run_distributed
+from tests.eval_fixtures import load_tool
 from tests.test_eval_identification import brute_candidates, brute_rate_at
 
 K, FARS = 9, (0.2, 0.05, 0.01)
@@ -132,3 +134,24 @@ def test_search_rejects_bad_input():
         sharded_search(probes, labels, ArraySource(bad))
     with pytest.raises(SearchError, match=r"TAR at FAR 0.1 over up to .* needs the .* highest impostor scores"):
         sharded_search(probes, labels, RandomDistractors(10**8, 4), far_targets=(0.1,))
+
+
+def test_eval_search_tool_on_files_and_distractors(tmp_path, capfd):
+    case = _case(seed=5, gallery=30, distractors=0, probes=12, dim=8)
+    paths = {}
+    for name, array in zip(("probes", "probe-labels", "gallery", "gallery-labels"), case[:4]):
+        paths[name] = str(tmp_path / f"{name}.npy")
+        np.save(paths[name], array)
+    np.save(tmp_path / "other.npy", np.ones((3, 5), np.float32))
+    tool = load_tool("eval_search")
+    args = [arg for name, path in paths.items() for arg in (f"--{name}", path)]
+    out = str(tmp_path / "s.json")
+    status = tool.main([*args, "--distractors", "200", "--world", "1", "--block-rows", "64", "--check-probes", "12",
+                        "--progress-every", "0.001", "--json", out])
+    printed = capfd.readouterr().out
+    assert status == 0 and "brute force: 12/12 candidate lists equal" in printed and "search rank 0/1: gallery rows" in printed
+    saved = json.load(open(out))
+    assert saved["report"]["gallery_rows"] == 230 and saved["memory"][0]["peak_rss_mib"] > 0
+    status = tool.main([*args[:6], "--gallery", str(tmp_path / "other.npy"), "--gallery-labels",
+                        str(tmp_path / "other.npy"), "--world", "1"])
+    assert status == 2 and "probe embeddings have size 8 but gallery embeddings 5" in capfd.readouterr().err

@@ -68,7 +68,7 @@ class ArraySource:
         self.rows, self.dim = self.embeddings.shape
 
     def read(self, start: int, end: int) -> np.ndarray:
-        return np.asarray(self.embeddings[start:end], dtype=np.float32)
+        return np.array(self.embeddings[start:end], dtype=np.float32)  # a writable copy of the block only
 
     def labels(self, start: int, end: int) -> np.ndarray:
         if self.identity is None:
@@ -187,12 +187,8 @@ class _ShardState:
 
 
 def _keep_highest(kept: torch.Tensor, block_impostors: torch.Tensor, keep: int) -> torch.Tensor:
-    if keep == 0:
-        return kept
-    if kept.numel() >= keep:  # only scores above the lowest kept one can enter
-        block_impostors = block_impostors[block_impostors > kept.min()]
     merged = torch.cat([kept, block_impostors])
-    return torch.topk(merged, min(keep, merged.numel())).values if merged.numel() > keep else merged
+    return torch.topk(merged, keep).values if merged.numel() > keep else merged
 
 
 def _score_block(state: _ShardState, probes: torch.Tensor, probe_labels: torch.Tensor, block: torch.Tensor,
@@ -203,8 +199,10 @@ def _score_block(state: _ShardState, probes: torch.Tensor, probe_labels: torch.T
         genuine = probe_labels[rows, None] == block_labels[None, :]
         state.genuine.append(scores[genuine])
         state.genuine_per_probe[rows] += genuine.sum(dim=1)
-        state.impostors = _keep_highest(state.impostors, scores[~genuine], keep)
         state.impostor_pairs += int(genuine.numel() - genuine.sum())
+        if keep:  # only scores above the lowest kept one can enter the list: copy those alone
+            floor = state.impostors.min() if state.impostors.numel() >= keep else -math.inf
+            state.impostors = _keep_highest(state.impostors, scores[(scores > floor) & ~genuine], keep)
         values, indices = block_topk(scores, k, first_index)
         merged_values, merged_indices = merge_topk(state.values[rows], state.indices[rows], values, indices, k)
         merged_labels = torch.cat([state.labels[rows], block_labels[indices - first_index]], 1)
@@ -241,7 +239,7 @@ def impostors_to_keep(probes: int, gallery_rows: int, far_targets: tuple[float, 
 
 def search_shard(probes: torch.Tensor, probe_labels: torch.Tensor, source: GallerySource, start: int, end: int, *,
                  k: int, keep: int, block_rows: int, probe_rows: int, progress_every: float = 0.0,
-                 device: torch.device | str = "cpu") -> _ShardState:
+                 device: torch.device | str = "cpu", name: str = "search") -> _ShardState:
     """Candidate lists, genuine scores and highest impostor scores of gallery rows [start, end)."""
     state = _ShardState(values=torch.full((probes.shape[0], k), -math.inf, device=device),
                         indices=torch.full((probes.shape[0], k), -1, dtype=torch.int64, device=device),
@@ -260,7 +258,7 @@ def search_shard(probes: torch.Tensor, probe_labels: torch.Tensor, source: Galle
         now = time.perf_counter()
         if progress_every and (now - last_report >= progress_every or last == end):
             done = last - start
-            print(f"search: rows {done}/{end - start} of this rank's share [{start}, {end}), {now - started:.1f} s, "
+            print(f"{name}: gallery rows {done}/{end - start} of [{start}, {end}), {now - started:.1f} s, "
                   f"{done / max(now - started, 1e-9):.0f} rows/s", flush=True)
             last_report = now
     return state
@@ -281,10 +279,10 @@ def sharded_search(probes: np.ndarray, probe_labels: np.ndarray, source: Gallery
     world, rank = group_size(group), group_rank(group)
     start, end = share_range(source.rows, world, rank)
     keep = impostors_to_keep(len(probes), source.rows, far_targets)
-    state = search_shard(torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32)).to(device),
+    state = search_shard(torch.from_numpy(np.array(probes, dtype=np.float32)).to(device),
                          torch.as_tensor(np.asarray(probe_labels, dtype=np.int64), device=device), source, start, end,
                          k=k, keep=keep, block_rows=block_rows, probe_rows=probe_rows,
-                         progress_every=progress_every, device=device)
+                         progress_every=progress_every, device=device, name=f"search rank {rank}/{world}")
     values, indices, labels = (all_gather_rows(t.unsqueeze(0), group) for t in (state.values, state.indices,
                                                                                   state.labels))
     merged_values, merged_indices = values[0], indices[0]
