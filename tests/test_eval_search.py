@@ -128,6 +128,8 @@ def test_search_rejects_bad_input():
         sharded_search(probes, labels, ArraySource(np.ones((5, 3), np.float32)))
     with pytest.raises(SearchError, match=r"different embedding sizes \[3, 4\]"):
         ConcatSource([ArraySource(np.ones((5, 3), np.float32)), RandomDistractors(10, 4)])
+    with pytest.raises(SearchError, match="probe 1 has label -1, the label of distractors"):
+        sharded_search(probes, np.array([0, -1]), ArraySource(np.ones((5, 4), np.float32)))
     bad = np.ones((5, 4), np.float32)
     bad[3, 1] = np.nan
     with pytest.raises(SearchError, match="gallery row 3 has a NaN"):

@@ -135,17 +135,25 @@ def _lexicographic_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> 
     return values.gather(1, by_value), indices.gather(1, by_value)
 
 
+def _crowded_rows_topk(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the k best per row when more columns tie at the k-th value than places: lowest first."""
+    take = scores > kth
+    tied = scores == kth
+    tied &= tied.cumsum(dim=1) <= k - take.sum(dim=1, keepdim=True)
+    return (take | tied).nonzero()[:, 1].view(scores.shape[0], k)
+
+
 def block_topk(scores: torch.Tensor, k: int, first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of a score block (columns = gallery rows first_index...), ties to the lower index."""
     k = min(k, scores.shape[1])
-    kth = torch.topk(scores, k, dim=1).values[:, -1:]
-    take = scores > kth
-    tied = scores == kth
-    need = k - take.sum(dim=1, keepdim=True)
-    crowded = (tied.sum(dim=1, keepdim=True) > need).squeeze(1)  # more tied columns than places: lowest first
-    tied[crowded] &= tied[crowded].cumsum(dim=1) <= need[crowded]
-    columns = (take | tied).nonzero()[:, 1].view(scores.shape[0], k)
-    return _lexicographic_topk(scores.gather(1, columns), columns + first_index, k)
+    values, columns = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+    if values.shape[1] > k:  # a (k+1)-th value equal to the k-th: topk's choice among the tied is arbitrary
+        crowded = torch.nonzero(values[:, k] == values[:, k - 1]).view(-1)
+        values, columns = values[:, :k], columns[:, :k].clone()
+        if crowded.numel():
+            columns[crowded] = _crowded_rows_topk(scores[crowded], values[crowded, k - 1:], k)
+            values = scores.gather(1, columns)
+    return _lexicographic_topk(values, columns + first_index, k)
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, more_values: torch.Tensor, more_indices: torch.Tensor,
@@ -191,18 +199,31 @@ def _keep_highest(kept: torch.Tensor, block_impostors: torch.Tensor, keep: int) 
     return torch.topk(merged, keep).values if merged.numel() > keep else merged
 
 
+def genuine_pairs(probe_labels: torch.Tensor, block_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probe rows, block columns) of every same-identity pair, by a sorted join of the labels (no Q x B mask)."""
+    order = torch.argsort(block_labels)
+    ordered = block_labels[order]
+    first = torch.searchsorted(ordered, probe_labels, side="left")
+    counts = torch.searchsorted(ordered, probe_labels, side="right") - first
+    rows = torch.repeat_interleave(torch.arange(len(probe_labels), device=counts.device), counts)
+    within = torch.arange(len(rows), device=counts.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    return rows, order[torch.repeat_interleave(first, counts) + within]
+
+
 def _score_block(state: _ShardState, probes: torch.Tensor, probe_labels: torch.Tensor, block: torch.Tensor,
                  block_labels: torch.Tensor, first_index: int, k: int, keep: int, probe_rows: int) -> None:
     for lo in range(0, probes.shape[0], probe_rows):
         rows = slice(lo, lo + probe_rows)
         scores = probes[rows] @ block.T
-        genuine = probe_labels[rows, None] == block_labels[None, :]
-        state.genuine.append(scores[genuine])
-        state.genuine_per_probe[rows] += genuine.sum(dim=1)
-        state.impostor_pairs += int(genuine.numel() - genuine.sum())
+        genuine_rows, genuine_columns = genuine_pairs(probe_labels[rows], block_labels)
+        state.genuine.append(scores[genuine_rows, genuine_columns])
+        state.genuine_per_probe[rows] += torch.bincount(genuine_rows, minlength=scores.shape[0])
+        state.impostor_pairs += scores.numel() - len(genuine_rows)
         if keep:  # only scores above the lowest kept one can enter the list: copy those alone
             floor = state.impostors.min() if state.impostors.numel() >= keep else -math.inf
-            state.impostors = _keep_highest(state.impostors, scores[(scores > floor) & ~genuine], keep)
+            entering = scores > floor
+            entering[genuine_rows, genuine_columns] = False
+            state.impostors = _keep_highest(state.impostors, scores[entering], keep)
         values, indices = block_topk(scores, k, first_index)
         merged_values, merged_indices = merge_topk(state.values[rows], state.indices[rows], values, indices, k)
         merged_labels = torch.cat([state.labels[rows], block_labels[indices - first_index]], 1)
@@ -216,7 +237,7 @@ def _positions(pool: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return (pool[:, None, :] == chosen[:, :, None]).int().argmax(dim=2)
 
 
-def check_embeddings(probes: np.ndarray, source: GallerySource) -> None:
+def check_embeddings(probes: np.ndarray, probe_labels: np.ndarray, source: GallerySource) -> None:
     if probes.ndim != 2:
         raise SearchError(f"probes: expected a 2-D array of embeddings, got shape {probes.shape}")
     if probes.shape[1] != source.dim:
@@ -225,6 +246,9 @@ def check_embeddings(probes: np.ndarray, source: GallerySource) -> None:
     if not np.isfinite(probes).all():
         raise SearchError(f"probe {int(np.flatnonzero(~np.isfinite(probes).all(axis=1))[0])} has a NaN or "
                           "infinite embedding")
+    if np.any(probe_labels == NO_IDENTITY):
+        raise SearchError(f"probe {int(np.flatnonzero(probe_labels == NO_IDENTITY)[0])} has label {NO_IDENTITY}, "
+                          "the label of distractors; give probes labels >= 0")
 
 
 def impostors_to_keep(probes: int, gallery_rows: int, far_targets: tuple[float, ...]) -> int:
@@ -250,7 +274,7 @@ def search_shard(probes: torch.Tensor, probe_labels: torch.Tensor, source: Galle
     for first in range(start, end, block_rows):
         last = min(first + block_rows, end)
         block = torch.from_numpy(source.read(first, last)).to(device)
-        if not torch.isfinite(block).all():
+        if not torch.isfinite(block.sum(dim=1)).all() and not torch.isfinite(block).all():  # row sums: cheap
             bad = first + int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0])
             raise SearchError(f"gallery row {bad} has a NaN or infinite embedding")
         block_labels = torch.from_numpy(source.labels(first, last)).to(device)
@@ -274,7 +298,7 @@ def sharded_search(probes: np.ndarray, probe_labels: np.ndarray, source: Gallery
                    probe_rows: int = 1024, device: torch.device | str = "cpu", group: ProcessGroup | None = None,
                    progress_every: float = 0.0) -> SearchResult:
     """Exact candidate lists of every probe over the whole gallery, this rank searching its share."""
-    check_embeddings(probes, source)
+    check_embeddings(probes, np.asarray(probe_labels), source)
     started = time.perf_counter()
     world, rank = group_size(group), group_rank(group)
     start, end = share_range(source.rows, world, rank)

@@ -112,8 +112,8 @@ def search_rank(rank: int, world: int, job: SearchJob) -> dict:
 
 def run_search(job: SearchJob, world: int) -> tuple[dict, list[dict]]:
     """(rank 0's answer, every rank's memory) of the job on `world` spawned ranks (gloo; nccl for cuda)."""
-    probes, _, source = load_inputs(job)  # input errors here, as one message, not in every rank
-    check_embeddings(probes, source)
+    probes, probe_labels, source = load_inputs(job)  # input errors here, as one message, not in every rank
+    check_embeddings(probes, probe_labels, source)
     backend = "nccl" if job.device == "cuda" else "gloo"
     answers = run_ranks(search_rank, world, job, backend=backend, threads=max(1, torch.get_num_threads() // world))
     return answers[0], [a["memory"] for a in answers]
