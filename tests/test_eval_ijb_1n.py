@@ -106,6 +106,7 @@ def test_ijb_1n_measures_match_brute_force(tmp_path):
     for name in ("G1", "G2"):
         assert results[name]["mated_probes"] == 40 and results[name]["probes"] == 80
         _check(results[name], expected[name])
+    assert (results["mean"]["probes"], results["mean"]["mated_probes"], results["mean"]["gallery"]) == (80, 80, 40)
     assert results["mean"]["cmc"][1] == pytest.approx((expected["G1"]["cmc"][1] + expected["G2"]["cmc"][1]) / 2)
     union = brute_measures(scores, probes, {**galleries["G1"], **galleries["G2"]})
     _check(results["G1+G2"], union)

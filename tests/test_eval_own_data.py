@@ -148,3 +148,28 @@ def test_folder_and_rec_shares_are_the_pair_images_in_order(tmp_path):
     rec = load_labelled_images(synthetic_data())  # a train.rec folder: identities are the class labels
     assert len(rec.identities) > 1 and rec.read(0, 112).shape == (112, 112, 3)
     assert load_own_data_share(synthetic_data(), image_size=112)[0].shape[0] == 2 * len(make_pairs(rec.labels).issame)
+
+
+def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):
+    from largefr.config import Config
+    from largefr.train.build import DataSetupError, load_verification_sets
+    from largefr.train.distributed_env import DistributedEnv
+    from tests.eval_fixtures import quickstart_config
+
+    folder = write_identity_folder(str(tmp_path / "team_faces"), identities=3, per_identity=2)
+    raw = quickstart_config(synthetic_data(), str(tmp_path / "run"))
+    raw["data"]["val_targets"] = ["synth_val", folder]
+    config = Config.from_dict(raw, world_size=2)
+    sets = [load_verification_sets(config, synthetic_data(), DistributedEnv(
+        rank=rank, world_size=2, local_rank=rank, launcher="env", backend="gloo", device=torch.device("cpu")))
+        for rank in range(2)]
+    assert [s.name for s in sets[0]] == ["synth_val", "team_faces"]
+    images = load_labelled_images(folder)
+    pair_list = make_pairs(images.labels)
+    both = torch.cat([sets[0][1].local_images, sets[1][1].local_images]).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(both, np.stack([images.read(int(i), 112) for i in pair_list.pairs.reshape(-1)]))
+    assert sets[1][1].issame == pair_list.issame.tolist()
+    raw["data"]["val_targets"] = [str(tmp_path / "missing_folder")]
+    with pytest.raises(DataSetupError, match="missing_folder .* does not exist: put the .bin file"):
+        load_verification_sets(Config.from_dict(raw, world_size=1), synthetic_data(), DistributedEnv(
+            rank=0, world_size=1, local_rank=0, launcher="single", backend="gloo", device=torch.device("cpu")))

@@ -183,9 +183,12 @@ def identify(name: str, candidate_scores: np.ndarray, candidate_labels: np.ndarr
 
 
 def average_results(name: str, results: list[IdentificationResult]) -> IdentificationResult:
-    """Mean of CMC and TPIR over results (e.g. IJB's galleries G1 and G2), counts summed; no thresholds."""
+    """Mean of CMC and TPIR over galleries that split the identities of one probe set (IJB's G1 and G2):
+    the probe count of that set, mated probes and gallery sizes summed; no thresholds."""
     first = results[0]
-    mean = IdentificationResult(name=name, probes=sum(r.probes for r in results),
+    if any(r.probes != first.probes for r in results):
+        raise IdentificationError(f"averaging results of different probe sets ({[r.probes for r in results]} probes)")
+    mean = IdentificationResult(name=name, probes=first.probes,
                                 mated_probes=sum(r.mated_probes for r in results),
                                 gallery=sum(r.gallery for r in results),
                                 cmc={k: float(np.mean([r.cmc[k] for r in results])) for k in first.cmc},
