@@ -75,30 +75,36 @@ def _brute_force(case):
 @pytest.mark.parametrize("world, block_rows, probe_rows", [(1, 8, 4), (2, 5, 11), (3, 7, 3)])
 def test_sharded_search_equals_brute_force(world, block_rows, probe_rows):
     case = _case()
-    expected = _brute_force(case)
     small = _case(seed=3, gallery=4, distractors=3, probes=5)  # 7 rows on 3 ranks: shares of 3, 3, 1 < K
-    ranks = run_distributed(_search_on_rank, world, [(case, block_rows, probe_rows), (small, 2, 2)])
-    for (result, report), (padded, _) in ranks:  # every rank holds the merged answer
-        _check_padding(padded, _brute_force(small))
-        assert result.indices.tolist() == expected["candidates"]
-        assert result.labels.tolist() == [[expected["labels"][j] for j in row] for row in expected["candidates"]]
-        picked = np.take_along_axis(expected["scores"].T, np.array(expected["candidates"]), axis=1)
-        assert np.allclose(result.scores, picked, atol=1e-6)
-        assert sorted(result.genuine_scores.tolist()) == pytest.approx(sorted(expected["genuine"]), abs=1e-6)
-        assert result.impostor_pairs == len(expected["impostors"])
-        kept = sorted(result.top_impostor_scores.tolist(), reverse=True)
-        assert len(kept) >= math.floor(max(FARS) * len(expected["impostors"])) + 1  # what TAR at 0.2 needs
-        assert kept == pytest.approx(sorted(expected["impostors"], reverse=True)[:len(kept)], abs=1e-6)
-        positions = expected["mate_positions"]
-        assert report.identification.cmc == pytest.approx({r: sum(p <= r for p in positions) / len(positions)
-                                                           for r in (1, 3, 9)})
-        mated = len(positions)
-        for got, target in zip(report.identification.tpir_at_fpir, (1e-1, 1e-2)):
-            assert (got["rate"], got["reached"]) == pytest.approx(
-                brute_rate_at(expected["nonmated_tops"], expected["hits"], mated, target)[:2])
-        for got, target in zip(report.tar_at_far, FARS):
-            assert (got["rate"], got["reached"]) == pytest.approx(
-                brute_rate_at(expected["impostors"], expected["genuine"], len(expected["genuine"]), target)[:2])
+    wide = _case(seed=4, gallery=40, distractors=300, probes=11)  # one block a rank: its floor alone bounds the list
+    ranks = run_distributed(_search_on_rank, world, [(case, block_rows, probe_rows), (small, 2, 2), (wide, 512, 11)])
+    expected = {name: _brute_force(c) for name, c in (("case", case), ("small", small), ("wide", wide))}
+    for (result, report), (padded, _), (wide_result, wide_report) in ranks:  # every rank holds the merged answer
+        _check_padding(padded, expected["small"])
+        _check_against_brute_force(result, report, expected["case"])
+        _check_against_brute_force(wide_result, wide_report, expected["wide"])
+
+
+def _check_against_brute_force(result, report, expected) -> None:
+    assert result.indices.tolist() == expected["candidates"]
+    assert result.labels.tolist() == [[expected["labels"][j] for j in row] for row in expected["candidates"]]
+    picked = np.take_along_axis(expected["scores"].T, np.array(expected["candidates"]), axis=1)
+    assert np.allclose(result.scores, picked, atol=1e-6)
+    assert sorted(result.genuine_scores.tolist()) == pytest.approx(sorted(expected["genuine"]), abs=1e-6)
+    assert result.impostor_pairs == len(expected["impostors"])
+    kept = sorted(result.top_impostor_scores.tolist(), reverse=True)
+    assert len(kept) >= math.floor(max(FARS) * len(expected["impostors"])) + 1  # what TAR at 0.2 needs
+    assert kept == pytest.approx(sorted(expected["impostors"], reverse=True)[:len(kept)], abs=1e-6)
+    positions = expected["mate_positions"]
+    assert report.identification.cmc == pytest.approx({r: sum(p <= r for p in positions) / len(positions)
+                                                       for r in (1, 3, 9)})
+    mated = len(positions)
+    for got, target in zip(report.identification.tpir_at_fpir, (1e-1, 1e-2)):
+        assert (got["rate"], got["reached"]) == pytest.approx(
+            brute_rate_at(expected["nonmated_tops"], expected["hits"], mated, target)[:2])
+    for got, target in zip(report.tar_at_far, FARS):
+        assert (got["rate"], got["reached"]) == pytest.approx(
+            brute_rate_at(expected["impostors"], expected["genuine"], len(expected["genuine"]), target)[:2])
 
 
 def _check_padding(result, expected) -> None:
@@ -157,3 +163,16 @@ def test_eval_search_tool_on_files_and_distractors(tmp_path, capfd):
     status = tool.main([*args[:6], "--gallery", str(tmp_path / "other.npy"), "--gallery-labels",
                         str(tmp_path / "other.npy"), "--world", "1"])
     assert status == 2 and "probe embeddings have size 8 but gallery embeddings 5" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_search_tool_memory_stays_bounded_by_the_block(tmp_path):
+    """1M distractors of size 128 (512 MiB) on 2 ranks, 4096-row blocks: no rank holds its 256 MiB share."""
+    out = str(tmp_path / "s.json")
+    status = load_tool("eval_search").main(["--synthetic-identities", "200", "--embedding-size", "128",
+                                            "--distractors", "1000000", "--world", "2", "--block-rows", "4096",
+                                            "--check-probes", "40", "--json", out])
+    saved = json.load(open(out))
+    assert status == 0 and saved["check"]["lists_equal"] == 40
+    for rank in saved["memory"]:
+        assert rank["peak_rss_mib"] - rank["peak_rss_mib_before_search"] < 128, rank

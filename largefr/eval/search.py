@@ -90,12 +90,12 @@ class RandomDistractors:
         return values / np.linalg.norm(values, axis=1, keepdims=True)
 
     def read(self, start: int, end: int) -> np.ndarray:
-        first, last = start // DISTRACTOR_CHUNK_ROWS, (end - 1) // DISTRACTOR_CHUNK_ROWS
-        if end <= start:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        rows = np.concatenate([self._chunk(n) for n in range(first, last + 1)])
-        offset = first * DISTRACTOR_CHUNK_ROWS
-        return rows[start - offset:end - offset]
+        rows = np.empty((max(0, end - start), self.dim), dtype=np.float32)
+        for number in range(start // DISTRACTOR_CHUNK_ROWS, (end - 1) // DISTRACTOR_CHUNK_ROWS + 1):
+            chunk_start = number * DISTRACTOR_CHUNK_ROWS
+            lo, hi = max(start, chunk_start), min(end, chunk_start + DISTRACTOR_CHUNK_ROWS)
+            rows[lo - start:hi - start] = self._chunk(number)[lo - chunk_start:hi - chunk_start]
+        return rows
 
     def labels(self, start: int, end: int) -> np.ndarray:
         return np.full(end - start, NO_IDENTITY, dtype=np.int64)
@@ -120,6 +120,8 @@ class ConcatSource:
 
     def read(self, start: int, end: int) -> np.ndarray:
         parts = [s.read(a, b) for s, a, b in self._pieces(start, end)]
+        if len(parts) == 1:
+            return parts[0]
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
 
     def labels(self, start: int, end: int) -> np.ndarray:
@@ -177,7 +179,7 @@ class SearchResult:
     genuine_per_probe: np.ndarray
     """Q gallery entries of each probe's identity (0: a non-mated probe)."""
     top_impostor_scores: np.ndarray
-    """The highest impostor pair scores, as many as TAR at the smallest FAR needs."""
+    """The highest impostor pair scores, at least as many as TAR at the largest FAR target needs."""
     impostor_pairs: int
     gallery_rows: int
     seconds: float
@@ -197,6 +199,26 @@ class _ShardState:
 def _keep_highest(kept: torch.Tensor, block_impostors: torch.Tensor, keep: int) -> torch.Tensor:
     merged = torch.cat([kept, block_impostors])
     return torch.topk(merged, keep).values if merged.numel() > keep else merged
+
+
+def _block_floor(scores: torch.Tensor, keep: int) -> float:
+    """A score at or below the keep-th highest of the block: the keep-th highest of the rows' top shares."""
+    per_row = -(-keep // scores.shape[0])
+    if per_row >= scores.shape[1]:
+        return -math.inf
+    best = torch.topk(scores, per_row, dim=1).values.flatten()  # >= keep real scores of the block
+    return float(torch.topk(best, keep).values[-1])
+
+
+def _update_impostors(state: _ShardState, scores: torch.Tensor, genuine_rows: torch.Tensor,
+                      genuine_columns: torch.Tensor, keep: int) -> None:
+    """Merge the block's impostor scores into the kept highest ones, copying only those that can enter."""
+    genuine_values = scores[genuine_rows, genuine_columns]
+    scores[genuine_rows, genuine_columns] = -math.inf  # out of the impostors for a moment
+    floor = float(state.impostors.min()) if state.impostors.numel() >= keep else _block_floor(scores, keep)
+    entering = scores >= floor if floor > -math.inf else scores > floor
+    state.impostors = _keep_highest(state.impostors, scores[entering], keep)
+    scores[genuine_rows, genuine_columns] = genuine_values
 
 
 def genuine_pairs(probe_labels: torch.Tensor, block_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,11 +241,8 @@ def _score_block(state: _ShardState, probes: torch.Tensor, probe_labels: torch.T
         state.genuine.append(scores[genuine_rows, genuine_columns])
         state.genuine_per_probe[rows] += torch.bincount(genuine_rows, minlength=scores.shape[0])
         state.impostor_pairs += scores.numel() - len(genuine_rows)
-        if keep:  # only scores above the lowest kept one can enter the list: copy those alone
-            floor = state.impostors.min() if state.impostors.numel() >= keep else -math.inf
-            entering = scores > floor
-            entering[genuine_rows, genuine_columns] = False
-            state.impostors = _keep_highest(state.impostors, scores[entering], keep)
+        if keep:
+            _update_impostors(state, scores, genuine_rows, genuine_columns, keep)
         values, indices = block_topk(scores, k, first_index)
         merged_values, merged_indices = merge_topk(state.values[rows], state.indices[rows], values, indices, k)
         merged_labels = torch.cat([state.labels[rows], block_labels[indices - first_index]], 1)
