@@ -47,9 +47,15 @@ class PairList:
     """P bools."""
 
 
+def identity_members(labels: np.ndarray) -> list[np.ndarray]:
+    """Image indices of each identity 0..max, ascending (one sort, not one scan per identity)."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels, minlength=int(labels.max()) + 1))[:-1])
+
+
 def _positive_pairs(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` distinct same-identity pairs, uniform over all of them (unranked from flat indices)."""
-    members = [np.flatnonzero(labels == identity) for identity in range(int(labels.max()) + 1)]
+    members = identity_members(labels)
     totals = np.array([len(m) * (len(m) - 1) // 2 for m in members], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(totals)])
     chosen = np.sort(rng.choice(int(starts[-1]), size=count, replace=False))
@@ -135,17 +141,17 @@ def split_gallery(labels: np.ndarray, *, seed: int = DEFAULT_SEED,
     """Seeded probe/gallery split (see the module docstring); identities with one image only enter the gallery."""
     labels = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the split does not move with the pair count
-    identities = rng.permutation(int(labels.max()) + 1)
+    members = identity_members(labels)
+    identities = rng.permutation(len(members))
     nonmated = round(nonmated_fraction * len(identities))
     if not 0 < nonmated < len(identities):
         raise ImageFolderError(f"a non-mated share of {nonmated_fraction} leaves {nonmated} of {len(identities)} "
                                "identities out of the gallery; at least one must be out and one in")
     gallery, probes = [], [np.flatnonzero(np.isin(labels, identities[:nonmated]))]
     for identity in np.sort(identities[nonmated:]):
-        members = np.flatnonzero(labels == identity)
-        pick = int(rng.integers(len(members)))
-        gallery.append(members[pick])
-        probes.append(np.delete(members, pick))
+        pick = int(rng.integers(len(members[identity])))
+        gallery.append(members[identity][pick])
+        probes.append(np.delete(members[identity], pick))
     return GallerySplit(gallery=np.array(gallery, dtype=np.int64), probes=np.sort(np.concatenate(probes)))
 
 
