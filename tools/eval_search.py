@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distractor-file", default=None, help="distractor embeddings (.npy) added to the gallery")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and random distractors")
     parser.add_argument("--world", type=int, default=1, help="ranks sharing the gallery (spawned on this machine)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu: gloo; cuda: nccl, one GPU a rank")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo; cuda: nccl, one GPU a rank")
     parser.add_argument("--block-rows", type=int, default=65536, help="gallery rows scored at a time, per rank")
     parser.add_argument("--probe-rows", type=int, default=1024, help="probes scored at a time, per rank")
     parser.add_argument("--k", type=int, default=10, help="candidates listed per probe (>= 10 for rank-10)")

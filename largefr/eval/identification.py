@@ -157,8 +157,8 @@ def tar_at_far(genuine_scores: np.ndarray, top_impostor_scores: np.ndarray, tota
     results = []
     for target in far_targets:
         threshold, reached = threshold_at_rate(top_impostor_scores, total_impostors, target)
-        results.append(RateAtTarget(target=float(target), rate=float(np.count_nonzero(genuine > threshold) / genuine.size),
-                                    reached=reached, threshold=threshold))
+        accepted = np.count_nonzero(genuine > threshold) / genuine.size
+        results.append(RateAtTarget(target=float(target), rate=float(accepted), reached=reached, threshold=threshold))
     return results
 
 

@@ -63,7 +63,8 @@ def read_template_subjects(path: str) -> TemplateSubjects:
             try:
                 template, subject = int(fields[0]), int(fields[1])
             except (ValueError, IndexError):
-                raise IJBError(f"{path}:{number}: expected TEMPLATE_ID,SUBJECT_ID,... integers: {line.strip()!r}") from None
+                raise IJBError(f"{path}:{number}: expected TEMPLATE_ID,SUBJECT_ID,... integers: "
+                               f"{line.strip()!r}") from None
             if subject_of.setdefault(template, subject) != subject:
                 raise IJBError(f"{path}:{number}: template {template} has subject {subject} here but "
                                f"{subject_of[template]} on an earlier line")
