@@ -112,6 +112,13 @@ def test_eval_folder_tool_matches_brute_force(tmp_path):
     assert ident["cmc"]["5"] == pytest.approx(sum(p <= 5 for p in positions) / len(positions))
     for entry in ident["tpir_at_fpir"]:
         assert entry["rate"] == pytest.approx(brute_rate_at(nonmated_tops, hits, len(positions), entry["target"])[0])
+    # the search tool embeds the same folder and splits it the same way
+    search_json = str(tmp_path / "search.json")
+    assert load_tool("eval_search").main(["--weights", weights, "--images", folder, "--seed", "2", "--device", "cpu",
+                                          "--world", "1", "--json", search_json]) == 0
+    searched = json.load(open(search_json))["report"]["identification"]
+    assert searched["gallery"] == len(gallery) and searched["mated_probes"] == len(positions)
+    assert searched["cmc"]["1"] == pytest.approx(sum(p == 1 for p in positions) / len(positions))
     reread = read_pairs(out["pairs"], names)  # the written list reads back as drawn
     drawn = make_pairs(np.repeat(np.arange(IDENTITIES), PER_IDENTITY), num_pairs=20, seed=2)
     assert np.array_equal(reread.pairs, drawn.pairs) and np.array_equal(reread.issame, drawn.issame)
