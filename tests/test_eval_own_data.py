@@ -152,9 +152,11 @@ def test_folder_and_rec_shares_are_the_pair_images_in_order(tmp_path):
     shares = [load_own_data_share(folder, image_size=112, rank=r, world_size=3) for r in range(3)]
     assert np.array_equal(torch.cat([s[0] for s in shares]).permute(0, 2, 3, 1).numpy(), expected)
     assert all(s[1] == pair_list.issame.tolist() for s in shares)
-    rec = load_labelled_images(synthetic_data())  # a train.rec folder: identities are the class labels
+    cache = str(tmp_path / "cache")
+    rec = load_labelled_images(synthetic_data(), cache_dir=cache)  # a train.rec folder: identities are the labels
     assert len(rec.identities) > 1 and rec.read(0, 112).shape == (112, 112, 3)
-    assert load_own_data_share(synthetic_data(), image_size=112)[0].shape[0] == 2 * len(make_pairs(rec.labels).issame)
+    share = load_own_data_share(synthetic_data(), image_size=112, cache_dir=cache)[0]
+    assert share.shape[0] == 2 * len(make_pairs(rec.labels).issame)
 
 
 def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):

@@ -51,13 +51,13 @@ def folder_images(folder: str) -> LabelledImages:
                           read=lambda i, size: read_aligned(os.path.join(folder, names[i]), size))
 
 
-def rec_images(path: str) -> LabelledImages:
+def rec_images(path: str, cache_dir: str | None = None) -> LabelledImages:
     from largefr.data.image_index import prepare_image_index
     from largefr.data.recordio import RecordFile
     from largefr.data.verification_bin import decode_image
 
     folder = os.path.dirname(path) if path.endswith(".rec") else path
-    index = prepare_image_index(folder, on_bad_image="error", cache_dir=None)
+    index = prepare_image_index(folder, on_bad_image="error", cache_dir=cache_dir)
     file = RecordFile(index.rec_path)
     classes, labels = np.unique(index.labels, return_inverse=True)
 
@@ -70,9 +70,9 @@ def rec_images(path: str) -> LabelledImages:
                           labels=labels.reshape(-1).astype(np.int64), identities=[str(c) for c in classes], read=read)
 
 
-def load_labelled_images(path: str, *, allow_singletons: bool = False) -> LabelledImages:
-    """The images of `path` (identity folder or .rec), checked to form positive pairs."""
-    images = rec_images(path) if is_rec_source(path) else folder_images(path)
+def load_labelled_images(path: str, *, allow_singletons: bool = False, cache_dir: str | None = None) -> LabelledImages:
+    """The images of `path` (identity folder or .rec; `cache_dir` as data.cache_dir), checked to form positive pairs."""
+    images = rec_images(path, cache_dir) if is_rec_source(path) else folder_images(path)
     if len(images.identities) < 2:
         raise ImageFolderError(f"{path}: {len(images.identities)} identity; pairs of different identities need at "
                                "least two")

@@ -230,11 +230,11 @@ def format_own_data_report(report: OwnDataReport) -> str:
         f"1:N  {ident['probes']} probes ({ident['mated_probes']} mated), gallery {ident['gallery']}: {cmc}  {fpir}"])
 
 
-def load_own_data_share(path: str, *, image_size: int, rank: int = 0, world_size: int = 1
-                        ) -> tuple[torch.Tensor, list[bool], int]:
+def load_own_data_share(path: str, *, image_size: int, rank: int = 0, world_size: int = 1,
+                        cache_dir: str | None = None) -> tuple[torch.Tensor, list[bool], int]:
     """As `largefr.eval.verification.load_verification_share`, for an identity folder or .rec used as a
     verification set: the pairs of `make_pairs` with the default count and seed, images in pair order."""
-    images = load_labelled_images(path)
+    images = load_labelled_images(path, cache_dir=cache_dir)
     pair_list = make_pairs(images.labels)
     order = pair_list.pairs.reshape(-1)
     start, end = share_range(len(order), world_size, rank)
