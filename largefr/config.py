@@ -245,7 +245,9 @@ class DataConfig(_Section):
     """'dali' (GPU or CPU DALI pipeline), 'torch' (DataLoader fallback, same outputs) or
     'synthetic' (random in-memory tensors, for benchmarks)."""
     val_targets: list[str] = field(default_factory=list)
-    """Verification sets: names of .bin files in the data folder (e.g. 'lfw') or .bin paths."""
+    """Verification sets: names of .bin files in the data folder (e.g. 'lfw'), .bin paths, or paths of
+    your own labelled faces (a folder of identity sub-folders, or one holding train.rec), evaluated on
+    the pairs tools/eval_folder.py draws with its default count and seed."""
     image_size: int = 112
     """Height and width of the aligned face crops, in pixels."""
     num_workers: int = 2

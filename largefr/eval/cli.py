@@ -6,11 +6,13 @@ import os
 import sys
 from typing import Any, Callable
 
+from largefr.data.recordio import RecordIOError
 from largefr.data.verification_bin import VerificationBinError
 
 # Problems of the user's input (files, arguments, missing extras): printed as one line, exit 2.
 # Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, VerificationBinError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, VerificationBinError,
+                                                RecordIOError)
 
 
 def write_json(path: str, payload: Any) -> None:

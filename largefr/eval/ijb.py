@@ -89,13 +89,14 @@ def _read_rows(path: str, columns: int, parse) -> list[tuple]:
     return rows
 
 
-def read_ijb_meta(root: str, target: str) -> IJBMeta:
-    """Read and cross-check the three meta files of `target` under `root`."""
+def read_ijb_meta(root: str, target: str, *, with_pairs: bool = True) -> IJBMeta:
+    """Read and cross-check the three meta files of `target` under `root` (the pair file only `with_pairs`)."""
     root = find_ijb_root(root, target)
     tid_path, lmk_path = meta_path(root, target, "face_tid_mid"), meta_path(root, target, "name_5pts_score")
     media = _read_rows(tid_path, 3, lambda f: (f[0], int(f[1]), int(f[2])))
     points = _read_rows(lmk_path, 12, lambda f: (f[0], [float(v) for v in f[1:11]], float(f[11])))
-    pairs = _read_rows(meta_path(root, target, "template_pair_label"), 3, lambda f: (int(f[0]), int(f[1]), int(f[2])))
+    pairs = (_read_rows(meta_path(root, target, "template_pair_label"), 3, lambda f: (int(f[0]), int(f[1]), int(f[2])))
+             if with_pairs else [])
     if len(media) != len(points):
         raise IJBError(f"{tid_path} lists {len(media)} images but {lmk_path} {len(points)}; they must list the same "
                        "images in the same order")
@@ -107,8 +108,8 @@ def read_ijb_meta(root: str, target: str) -> IJBMeta:
                    detector_scores=np.array([p[2] for p in points], dtype=np.float64),
                    template_ids=np.array([m[1] for m in media], dtype=np.int64),
                    media_ids=np.array([m[2] for m in media], dtype=np.int64),
-                   pair_templates=np.array([p[:2] for p in pairs], dtype=np.int64),
-                   pair_labels=np.array([p[2] for p in pairs]) == 1)
+                   pair_templates=np.array([p[:2] for p in pairs], dtype=np.int64).reshape(-1, 2),
+                   pair_labels=np.array([p[2] for p in pairs], dtype=np.int64) == 1)
     _check_pairs(meta)
     return meta
 

@@ -1,4 +1,4 @@
-"""PNG plots: pair-similarity histograms (the paper's Figure 2) and ROC curves (IJB).
+"""PNG plots: pair-similarity histograms (the paper's Figure 2), ROC curves (IJB 1:1), CMC and TPIR (1:N).
 
 matplotlib is an optional extra (`pip install "largefr[eval]"`); the Agg backend is used, so no
 display is needed.
@@ -101,6 +101,35 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], out_path: str, *,
         ax.set_ylabel("True Accept Rate (TAR)")
         ax.set_title(title)
         ax.legend(loc="lower right")
+        fig.tight_layout()
+        _save(fig, out_path)
+    finally:
+        plt.close(fig)
+
+
+def plot_identification(results: list, out_path: str, *, title: str = "identification") -> None:
+    """CMC curves (left) and TPIR against FPIR (right, log scale) of `largefr.eval.identification` results."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    try:
+        for result in results:
+            left.plot(range(1, len(result.cmc_curve) + 1), result.cmc_curve, marker="o", linewidth=1.2,
+                      label=f"{result.name} (rank-1 {100 * result.cmc_curve[0]:.2f}%)")
+            shown = [(f, t) for f, t in result.tpir_curve if f > 0]
+            if shown:
+                right.plot(*zip(*shown), marker=".", linewidth=1.2, label=result.name)
+        left.set_xlabel("rank")
+        left.set_ylabel("identification rate (CMC)")
+        left.set_title(f"CMC, {title}")
+        right.set_xscale("log")
+        right.set_xlim(1e-3, 1.0)
+        right.set_xlabel("False Positive Identification Rate (FPIR)")
+        right.set_ylabel("True Positive Identification Rate (TPIR)")
+        right.set_title(f"TPIR at FPIR, {title}")
+        for ax in (left, right):
+            ax.set_ylim(0.0, 1.02)
+            ax.grid(linestyle="--", linewidth=0.6)
+            ax.legend(loc="lower right", fontsize="small")
         fig.tight_layout()
         _save(fig, out_path)
     finally:

@@ -229,9 +229,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--weights/--checkpoint, --network, --embedding-size, --device, --batch-size: shared by the eval tools."""
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--weights/--checkpoint, --network, --embedding-size, --device, --batch-size: shared by the eval tools
+    (`required=False`: for a tool that embeds only when given images)."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--weights", help="backbone state_dict file (insightface backbone.pth, export_backbone.py)")
     source.add_argument("--checkpoint", help="a run folder, its checkpoints/ folder or one step_<N> folder (latest complete step)")
     parser.add_argument("--network", choices=NETWORK_NAMES, default=None,

@@ -143,25 +143,27 @@ def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) ->
 
 
 def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
-    """(name, path) of every data.val_targets entry; a name means <data folder>/<name>.bin."""
+    """(name, path) of every data.val_targets entry; a name means <data folder>/<name>.bin; a path may also be
+    a folder of identity sub-folders or of train.rec (pairs drawn as tools/eval_folder.py draws them)."""
     out = []
     for target in config.data.val_targets:
         is_path = target.endswith(".bin") or os.sep in target
         path = target if is_path else os.path.join(folder or "", f"{target}.bin")
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             raise DataSetupError(f"verification set {path} (data.val_targets entry {target!r}) does not exist: "
-                                 "put the .bin file there or remove the entry")
-        out.append((Path(path).stem, path))
+                                 "put the .bin file (or identity folder) there or remove the entry")
+        out.append((Path(path).name if os.path.isdir(path) else Path(path).stem, path))
     return out
 
 
 def load_verification_sets(config: Config, folder: str | None, env: DistributedEnv) -> list[VerificationSet]:
+    from largefr.eval.own_data import load_own_data_share
     from largefr.eval.verification import load_verification_share
 
     sets = []
     for name, path in verification_paths(config, folder):
-        images, issame, _ = load_verification_share(path, image_size=config.data.image_size, rank=env.rank,
-                                                    world_size=env.world_size)
+        load = load_own_data_share if os.path.isdir(path) else load_verification_share
+        images, issame, _ = load(path, image_size=config.data.image_size, rank=env.rank, world_size=env.world_size)
         sets.append(VerificationSet(name=name, local_images=images, issame=issame))
     return sets
 
