@@ -12,6 +12,8 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import time
+import zipfile
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from gpu_acceptance_summary import (ARCHIVE, LOG_KEEP_BYTES, OUT_MAX_DEPTH, OUT_
 
 WHEELHOUSE = os.path.join(ROOT, ".wheelhouse")
 BARE_HIDDEN = ("deepspeed", "pydantic", "pydantic_core", "annotated_types", "typing_inspection", "hjson")
-"""What the device's image lacks of the wheelhouse (KINDS.md's package list): hidden from the bare venv."""
+"""What the device's image lacks of the wheelhouse (the device tool's package list): hidden from the bare venv."""
 
 
 def _run(out, *args: str, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
@@ -128,10 +130,49 @@ def test_a_wheelhouse_for_another_python_is_reported_and_fails_the_run(tmp_path)
     assert f"--python {sys.version_info[0]}.{sys.version_info[1]}" in log
 
 
+def _wheel(folder, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
+    """A wheel file holding only its METADATA: what the install reads to choose."""
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{name}-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\n"
+                       f"Version: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+
+def test_install_picks_what_is_absent_or_at_a_version_another_wheel_refuses(tmp_path):
+    from gpu_acceptance_install import missing_distributions, wheel_requirements, wheelhouse_distributions
+
+    _wheel(tmp_path, "needy_tool", "1.0", ("pytest>=999", "pluggy", 'pluggy<0.1; extra == "old"'))
+    _wheel(tmp_path, "pytest", "999.0")  # installed here, but older than needy-tool accepts
+    _wheel(tmp_path, "pluggy", "0.0.1")  # installed here at a version needy-tool accepts: left alone
+    _wheel(tmp_path, "deepspeed", "0.19.8")
+    missing = missing_distributions(wheelhouse_distributions(str(tmp_path)), wheel_requirements(str(tmp_path)))
+    assert missing == ["needy-tool==1.0", "pytest==999.0"]
+
+
 def test_an_unknown_step_is_refused_with_the_known_ones(tmp_path):
     done = _run(tmp_path / "out", "--dry-run", "--only", "gpu_test")
     assert done.returncode == 2
     assert "--only gpu_test: no such step (install,throughput,gpu_tests,profile,bench_head,gpu_compile)" in done.stderr
+
+
+def _hang_or_fail(rank: int, world: int, failing_rank: int | None) -> None:
+    if rank == failing_rank:
+        raise RuntimeError(f"rank {rank} fails")
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("failing_rank,timeout_s,codes", [(1, 90, r"\[-9, 1\]"), (None, 5, r"\[-9, -9\]")],
+                         ids=["a_rank_fails", "both_hang"])
+def test_gpu_test_ranks_cannot_outlive_their_test(monkeypatch, failing_rank, timeout_s, codes):
+    """A failed rank ends the wait at once, a hung one at SPAWN_TIMEOUT_S; either way no rank is left running."""
+    import multiprocessing
+
+    from tests.gpu import gpu_helpers
+
+    monkeypatch.setattr(gpu_helpers, "SPAWN_TIMEOUT_S", timeout_s)
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=rf"the ranks exited with {codes} \(-9: killed here after {timeout_s} s"):
+        gpu_helpers.spawn_ranks(_hang_or_fail, 2, failing_rank)
+    assert time.monotonic() - started < 60 and multiprocessing.active_children() == []
 
 
 # ---------------------------------------------------------------------------------------------- slow
@@ -193,5 +234,9 @@ def test_a_rerun_of_a_later_step_on_a_bare_machine_installs_deepspeed_first(tmp_
                         "dali": "skipped"}
     assert (site / "deepspeed" / "__init__.py").exists() and not (site / "torch").exists()
     log = _archived(out)["install.log"].decode()
-    assert "missing here: deepspeed==0.19.8" in log and "from " + str(site) in log
+    missing = next(line for line in log.splitlines() if "missing here:" in line).split("missing here:")[1].split()
+    names = {m.split("==")[0] for m in missing}
+    assert "deepspeed==0.19.8" in missing and {"hjson", "pydantic", "pydantic-core"} <= names, missing
+    assert not names & {"pytest", "pytest-timeout", "packaging"}, missing  # the machine's own stay as they are
+    assert "from " + str(site) in log
     assert _assert_comes_back(out) == [ARCHIVE, "summary.json", "summary.md"]

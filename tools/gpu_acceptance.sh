@@ -154,7 +154,7 @@ fi
 # while it builds waits on torch's build lock).
 build_comm_op() {
   local began=$(date +%s) rc
-  DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" timeout --kill-after=10 240 "$PYTHON" -c \
+  DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" timeout --kill-after=10 300 "$PYTHON" -c \
     "from deepspeed.comm.torch import build_shm_op; print(build_shm_op())" > "$WORK/comm_op.log" 2>&1
   rc=$?
   record comm_op "$( ((rc == 0)) && echo passed || echo failed)" "$(( $(date +%s) - began ))" "$rc" \

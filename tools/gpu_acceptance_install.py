@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 
 DEEPSPEED_VERSION = "0.19.8"
 """The DeepSpeed the project is tested with (tools/build_wheelhouse.sh puts this one in the wheelhouse)."""
@@ -66,15 +67,37 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def missing_distributions(available: dict[str, str]) -> list[str]:
-    """Requirement strings for what this Python lacks (DeepSpeed: also when at another version)."""
+def wheel_requirements(wheelhouse: str) -> dict:
+    """Canonical name -> the versions every wheel of the folder accepts (its METADATA's Requires-Dist)."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    accepted: dict[str, SpecifierSet] = {}
+    for file in sorted(os.listdir(wheelhouse)):
+        if not WHEEL_NAME.match(file):
+            continue
+        with zipfile.ZipFile(os.path.join(wheelhouse, file)) as wheel:
+            metadata_name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = wheel.read(metadata_name).decode().splitlines()
+        for line in lines:
+            if line.startswith("Requires-Dist:"):
+                requirement = Requirement(line.split(":", 1)[1].strip())
+                if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                    name = canonical(requirement.name)
+                    accepted[name] = accepted.get(name, SpecifierSet()) & requirement.specifier
+    return accepted
+
+
+def missing_distributions(available: dict[str, str], accepted: dict) -> list[str]:
+    """Requirement strings for what this Python lacks, or has at a version another wheel refuses
+    (e.g. pydantic needs typing-extensions>=4.16); DeepSpeed: unless at DEEPSPEED_VERSION."""
     wanted = []
     for name, version in available.items():
         have = installed_version(name)
         if name == "deepspeed":
             if have != DEEPSPEED_VERSION:
                 wanted.append(f"deepspeed=={DEEPSPEED_VERSION}")
-        elif have is None:
+        elif have is None or (name in accepted and not accepted[name].contains(have, prereleases=True)):
             wanted.append(f"{name}=={version}")
     return wanted
 
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     available = wheelhouse_distributions(args.wheelhouse)
     if "deepspeed" not in available:
         sys.exit(f"the wheelhouse {args.wheelhouse} has no DeepSpeed wheel; rebuild it with tools/build_wheelhouse.sh")
-    missing = missing_distributions(available)
+    missing = missing_distributions(available, wheel_requirements(args.wheelhouse))
     print(f"python {sys.version.split()[0]} ({python_tag()}) at {sys.executable}; the wheelhouse has "
           f"{len(available)} distributions; missing here: {' '.join(missing) or 'none'}")
     if missing:

@@ -71,13 +71,16 @@ def spawn_ranks(fn, world: int, *args, env: dict[str, str] | None = None) -> lis
 def _wait_all(processes: list, timeout_s: float) -> None:
     """Until every process ended, one failed (the others would wait for it forever) or `timeout_s` passed."""
     import time
+    from multiprocessing.connection import wait
 
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        codes = [process.exitcode for process in processes]
-        if all(code is not None for code in codes) or any(code not in (None, 0) for code in codes):
+    while True:
+        running = [process for process in processes if process.exitcode is None]
+        failed = any(process.exitcode not in (None, 0) for process in processes)
+        left = deadline - time.monotonic()
+        if not running or failed or left <= 0:
             return
-        processes[0].join(timeout=0.2)
+        wait([process.sentinel for process in running], timeout=left)  # wakes when one of them ends
 
 
 @contextlib.contextmanager
