@@ -165,6 +165,10 @@ needs_comm_op() { wanted gpu_tests || { [[ $DRY_RUN == 1 ]] && { wanted throughp
 if [[ $ONLY != ",none," ]] && needs_comm_op && "$PYTHON" -c "import deepspeed" > /dev/null 2>&1; then
   build_comm_op &
   COMM_PID=$!
+  if [[ $DRY_RUN == 1 ]]; then  # on a CPU every step below starts DeepSpeed ranks that need it at once
+    wait "$COMM_PID"
+    COMM_PID=""
+  fi
 fi
 
 # ------------------------------------------------------------------------------ the steps
