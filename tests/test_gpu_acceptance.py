@@ -65,7 +65,7 @@ def test_many_and_large_step_files_come_back_as_three_files_under_the_limits(tmp
         (work / f"step{i}.log").write_text(f"log of step {i}\n")
     big = os.urandom(LOG_KEEP_BYTES // 2) * 40  # 40 MiB that gzip cannot shrink below its kept part
     (work / "gpu_tests.log").write_bytes(b"FIRST" + big + b"LAST")
-    summary = write_out(str(work), str(out), dry_run=True, budget=540)
+    summary = write_out(str(work), str(out), dry_run=True, budget=500)
     assert _assert_comes_back(out) == [ARCHIVE, "summary.json", "summary.md"]
     archived = _archived(out)
     assert set(archived) == {p.name for p in work.iterdir()}
@@ -99,7 +99,7 @@ def test_a_killed_pytest_still_gives_counts_from_its_verbose_log(tmp_path):
                                         "tests/gpu/test_cuda_paths.py::test_two[1] FAILED [ 20%]\n"
                                         "tests/gpu/test_cuda_acceptance.py::test_three SKIPPED (needs CUDA) [ 30%]\n"
                                         "tests/gpu/test_cuda_acceptance.py::test_four ")  # killed: no outcome
-    tests = write_out(str(work), str(out), dry_run=False, budget=540)["gpu_tests"]
+    tests = write_out(str(work), str(out), dry_run=False, budget=500)["gpu_tests"]
     assert (tests["tests"], tests["passed"], tests["failed"], tests["skipped"]) == (3, 1, 1, 1)
     assert tests["failures"][0]["test"] == "tests/gpu/test_cuda_paths.py::test_two[1]"
     assert tests["source"].startswith("log")

@@ -12,7 +12,7 @@
 #               into a target folder put on PYTHONPATH (LARGEFR_SITE, default /tmp/largefr-site-cpXY),
 #               never into the machine's environment; a dry run with nothing missing installs it into
 #               a scratch folder instead, to prove it installs.
-# --budget      total seconds for all steps (default 540: one 600 s device call, install included);
+# --budget      total seconds for all steps (default 500: one 600 s device call, install included);
 #               each step also has its own limit, so one hang cannot eat the rest.
 # --only        comma-separated steps (install, throughput, gpu_tests, profile, bench_head, gpu_compile);
 #               the preflight always runs, and the install whenever DeepSpeed is missing.
@@ -25,7 +25,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
 WHEELHOUSE=""
-BUDGET_S=540
+BUDGET_S=500
 ONLY=""
 STEPS_KNOWN=",install,throughput,gpu_tests,profile,bench_head,gpu_compile,"
 while [[ $# -gt 0 ]]; do

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="the folder the steps wrote their files to")
     parser.add_argument("--out", required=True, help="the folder that comes back from the device ($OUT)")
     parser.add_argument("--dry-run", type=int, choices=(0, 1), default=0)
-    parser.add_argument("--budget", type=int, default=540)
+    parser.add_argument("--budget", type=int, default=500)
     parser.add_argument("--quiet", action="store_true", help="write the files only (after each step)")
     args = parser.parse_args(argv)
     summary = write_out(args.work, args.out, dry_run=bool(args.dry_run), budget=args.budget)
