@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Wheelhouse for a GPU machine without network: DeepSpeed 0.19.8 and what it (and the GPU tests) need
-# beyond torch, for every CPython the machine may have. tools/gpu_acceptance.sh installs it there.
+# beyond torch, for the machine's CPython. tools/gpu_acceptance.sh installs what the machine lacks of it.
 #
-#   bash tools/build_wheelhouse.sh [--out DIR] [--python "3.10 3.11 3.12 3.13 3.14"] [--extra "numpy pillow"]
+#   bash tools/build_wheelhouse.sh [--out DIR] [--python "3.12"] [--extra "numpy pillow"]
 #
 # --out      where the wheels go (default .wheelhouse/, gitignored); emptied first.
 # --python   CPython versions to fetch the compiled wheels for (pydantic-core, msgpack, pyyaml: one
-#            wheel per version); the pure-Python wheels fit every version.
+#            wheel per version; default 3.12, the lent GPU machines' Python); the pure-Python wheels
+#            fit every version. Add this machine's version ("3.11 3.12") to try the install here.
 # --extra    also fetch these compiled packages per version (numpy ~17 MiB and pillow ~7 MiB per
 #            version: only for a machine known to lack them, with a single --python).
 # Needs this machine's network (the package registry) and a Python with torch for DeepSpeed's
@@ -17,7 +18,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="$ROOT/.wheelhouse"
-PYTHON_VERSIONS="3.10 3.11 3.12 3.13 3.14"
+PYTHON_VERSIONS="3.12"
 EXTRA=""
 LIMIT_MIB=64
 DEEPSPEED_VERSION=0.19.8

@@ -241,9 +241,13 @@ def _synchronize(device: torch.device) -> None:
 # Sources: NVIDIA datasheets -- H100 Tensor Core GPU datasheet (SXM5: BF16/FP16 989.4, FP32 66.9;
 # PCIe: 756.5 / 51.2; the sheet prints 2x "with sparsity"), H200 Tensor Core GPU datasheet (SXM:
 # BF16/FP16 989, FP32 67), A100 Tensor Core GPU datasheet (SXM4/PCIe: BF16/FP16 312, FP32 19.5),
-# V100 datasheet (SXM2: FP16 tensor 125, FP32 15.7; no BF16 hardware).
+# V100 datasheet (SXM2: FP16 tensor 125, FP32 15.7; no BF16 hardware). The NVL cards (H100 NVL, H200 NVL
+# datasheets: BF16/FP16 1,671 "with sparsity", so 835.5 dense; FP32 60) are slower than the SXM parts whose
+# short names their device names also contain, so every more specific key comes before its short one.
 PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
     "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
     "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},  # SXM5
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
@@ -254,7 +258,7 @@ PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """Peak dense rate of a known GPU for 'bf16' | 'fp16' | 'fp32'; None when unknown."""
     name = device_name.upper()
-    for key, rates in PEAK_TFLOPS.items():  # 'H100 PCIe' before 'H100'
+    for key, rates in PEAK_TFLOPS.items():  # 'H100 NVL' and 'H100 PCIe' before 'H100'
         if all(part.upper() in name for part in key.split()):
             return rates.get(precision)
     return None

@@ -1,12 +1,14 @@
 """What the GPU tests share: the device, one training rank in a fresh process, a small training config.
 
-LARGEFR_GPU_TESTS_ON_CPU=1 runs the tests of test_cuda_acceptance.py on the CPU (gloo, DeepSpeed's CPU
-accelerator) to check their wiring on a machine without a GPU; the fp16 cases still need CUDA.
+LARGEFR_GPU_TESTS_ON_CPU=1 runs the tests marked `needs_device` on the CPU (gloo, DeepSpeed's CPU
+accelerator) to check their logic on a machine without a GPU, fp16 included (allow_fp16_on_the_cpu_stand_in).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 import pytest
 import torch
@@ -19,10 +21,24 @@ CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
 """Environment of a rank that must run on the CPU on a GPU machine (DeepSpeed's CPU accelerator, gloo)."""
 
 
+SPAWN_TIMEOUT_S = 150
+"""Seconds a spawned rank may run (below the GPU step's 240 s, so a hung rank fails its test, not the step)."""
+
+
 def spawn_one_rank(fn, *args, env: dict[str, str] | None = None):
     """fn(0, 1, *args) as one rank in a fresh process (what `python launch/train.py` on one GPU does).
 
     `env` is added to the child's environment (e.g. CPU_RANK_ENV); the result comes back through a file.
+    """
+    return spawn_ranks(fn, 1, *args, env=env)[0]
+
+
+def spawn_ranks(fn, world: int, *args, env: dict[str, str] | None = None) -> list:
+    """fn(rank, world, *args) on `world` fresh processes with one rendezvous (RANK, WORLD_SIZE, MASTER_*).
+
+    The ranks cannot outlive the test: whatever ends the wait (a rank's failure, SPAWN_TIMEOUT_S, the
+    test's own timeout raising here), every rank still alive is killed before this returns or raises.
+    They stay in the test's process group, so the acceptance script's step timeout reaches them too.
     """
     import tempfile
 
@@ -30,28 +46,76 @@ def spawn_one_rank(fn, *args, env: dict[str, str] | None = None):
 
     from tests.distributed_helpers import free_port
 
-    extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-             "LOCAL_RANK": "0", **(env or {})}
-    saved = {key: os.environ.get(key) for key in extra}
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), **(env or {})}
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "result.pt")
-        os.environ.update(extra)
+        processes = []
         try:
-            process = mp.get_context("spawn").Process(target=_save_result, args=(path, fn, args))
-            process.start()
+            for rank in range(world):
+                with _environment({**common, "RANK": str(rank), "LOCAL_RANK": "0"}):
+                    path = os.path.join(folder, f"rank{rank}.pt")
+                    processes.append(mp.get_context("spawn").Process(target=_save_result, args=(path, fn, rank,
+                                                                                                world, args)))
+                    processes[-1].start()
+            _wait_all(processes, SPAWN_TIMEOUT_S)
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        process.join(timeout=540)
-        assert process.exitcode == 0, f"the rank exited with {process.exitcode}"
-        return torch.load(path, weights_only=False)
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=10)
+        codes = [process.exitcode for process in processes]
+        assert codes == [0] * world, (f"the ranks exited with {codes} (-9: killed here after {SPAWN_TIMEOUT_S} s "
+                                      "or when another rank failed)")
+        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
 
 
-def _save_result(path: str, fn, args) -> None:
-    torch.save(fn(0, 1, *args), path)
+def _wait_all(processes: list, timeout_s: float) -> None:
+    """Until every process ended, one failed (the others would wait for it forever) or `timeout_s` passed."""
+    import time
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = [process for process in processes if process.exitcode is None]
+        failed = any(process.exitcode not in (None, 0) for process in processes)
+        left = deadline - time.monotonic()
+        if not running or failed or left <= 0:
+            return
+        wait([process.sentinel for process in running], timeout=left)  # wakes when one of them ends
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block and restored after (a spawned child copies it at start)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def allow_fp16_on_the_cpu_stand_in() -> None:
+    """On the CPU stand-in (ON_CPU), tell DeepSpeed's CPU accelerator that fp16 is supported; no-op elsewhere.
+
+    The accelerator asks oneDNN whether this CPU has fp16 hardware and refuses fp16 without it, but torch
+    computes fp16 on any CPU (slowly) in the same IEEE range as a GPU: the loss scaling, the head's
+    unscaling and the overflow skip of the fp16 tests then run here before a GPU sees them.
+    """
+    if not ON_CPU:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        type(accelerator).is_fp16_supported = lambda self: True
+
+
+def _save_result(path: str, fn, rank: int, world: int, args) -> None:
+    torch.save(fn(rank, world, *args), path)
     # Saved: skip interpreter finalization, where a process group left open can abort a finished process
     # (as tests/distributed_helpers.py does).
     sys.stdout.flush()
