@@ -93,7 +93,7 @@ def _head_on_shared_device(rank: int, world: int, rate: float) -> dict:
     loss.backward()
     result = {"device": str(loss.device), "loss": float(loss.detach()), "weight": head.weight.detach().double().cpu(),
               "sampled": head.last_sampled.cpu() + head.partition.start, "embedding_grad": local.grad.double().cpu(),
-              "weight_grad": head.weight.grad.double().cpu(), "rows": rows}
+              "weight_grad": head.weight.grad.to_dense().double().cpu(), "rows": rows}
     dist.destroy_process_group()
     return result
 
