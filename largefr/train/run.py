@@ -37,12 +37,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from largefr.data.recordio import RecordIOError
     from largefr.data.verification_bin import VerificationBinError
     from largefr.train.build import DataSetupError
+    from largefr.train.distributed_env import RendezvousError
     from largefr.train.engine import EngineConfigError
     from largefr.train.step import NonFiniteLossError
     from largefr.train.warm_start import InitFromError
 
     return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
-            NonFiniteLossError, InitFromError, FileNotFoundError, FileExistsError)
+            NonFiniteLossError, InitFromError, RendezvousError, FileNotFoundError, FileExistsError)
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
