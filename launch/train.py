@@ -13,6 +13,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="JSON or YAML config file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. head.margin=0.4")
     parser.add_argument("--resume", default=None, help="'auto' (latest checkpoint) or a checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run in the output folder first (without it, or --resume, a folder "
+                             "holding a run is refused)")
     parser.add_argument("--world", type=int, default=None, metavar="N",
                         help="ranks to start on this machine (through DeepSpeed's launcher, on a free rendezvous "
                              "port); default: one process, or the ranks a launcher (deepspeed, torchrun) started")
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from largefr.train.run import run_training
 
-    return run_training(args.config, args.set, resume=args.resume, world_size=int(launched or "1"))
+    return run_training(args.config, args.set, resume=args.resume, overwrite=args.overwrite,
+                        world_size=int(launched or "1"))
 
 
 def exit_now(code: int) -> None:

@@ -76,7 +76,7 @@ def start_ranks(args: argparse.Namespace, overrides: list[str]) -> list[subproce
                    LOCAL_WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         log = open(os.path.join(args.output, f"rank{rank}.out"), "w")
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
-                                       args.config, "--set", *overrides], cwd=ROOT, env=env, stdout=log,
+                                       args.config, "--overwrite", "--set", *overrides], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
     return procs
 

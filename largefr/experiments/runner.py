@@ -147,6 +147,7 @@ def _computes(config: dict[str, Any]) -> Config:
     """A resolved config without the folders it writes to: what decides a run's numbers."""
     data = json.loads(json.dumps(config))
     data["output"], data["checkpoint"]["dir"] = "<run folder>", None
+    data.get("train", {}).pop("world", None)  # a note on the intended ranks; the launcher decides the real ones
     return Config.from_dict(data)
 
 

@@ -18,6 +18,7 @@ from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.train.banner import resume_note, world_note
 from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.engine import accelerator_facts, build_deepspeed_config, build_optimizer, create_engine
@@ -262,7 +263,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)
     loader = build_train_loader(config, folder, env)
-    resume_path = _resolve_resume(resume if resume is not None else config.checkpoint.resume, config)
+    requested = resume if resume is not None else config.checkpoint.resume
+    resume_path = _resolve_resume(requested, config)
     engine, encoder = build_engine(config, env, load_init=resume_path is None)
     parts = build_head(config, env)
     if config.head.init == "class_mean" and resume_path is None:
@@ -301,7 +303,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                       summary_path=os.path.join(config.output, "summary.json"),
                       stats_fn=_stats_fn(parts.head), rank=env.rank,
                       records_left_out=0 if config.data.loader == "synthetic" else len(loader.index.bad_keys))
-    _announce(config, env, trainer)
+    _announce(config, env, trainer, world_note(config, env.world_size),
+              resume_note(requested, resume_path, str(config.checkpoint_dir)))
     if resume_path is not None:
         checkpointer.restore(trainer, resume_path)
     return trainer
@@ -364,7 +367,7 @@ def _summary_fields(config: Config, env: DistributedEnv, global_batch: int) -> d
             "loader": config.data.loader, "launcher": env.launcher, "device": str(env.device)}
 
 
-def _announce(config: Config, env: DistributedEnv, trainer: Trainer) -> None:
+def _announce(config: Config, env: DistributedEnv, trainer: Trainer, *notes: str | None) -> None:
     if env.is_main:
         os.makedirs(config.output, exist_ok=True)
         Path(config.output, "config.json").write_text(config_to_json(config))
@@ -373,3 +376,5 @@ def _announce(config: Config, env: DistributedEnv, trainer: Trainer) -> None:
         f"largefr: {env.world_size} rank(s) via {env.launcher}, {env.backend} on {env.device}; "
         f"{config.model.network} ZeRO {config.train.zero_stage} {config.train.precision}; "
         f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; output {config.output}")
+    for note in filter(None, notes):
+        trainer.metrics.info(f"largefr: {note}")
