@@ -72,7 +72,7 @@ def test_eval_verification_matches_brute_force(tmp_path, source, bin_brute_force
 def test_plot_similarity_means_and_gap(tmp_path, bin_brute_force):
     _, cosines, issame = bin_brute_force
     out, summary = str(tmp_path / "sim.png"), str(tmp_path / "sim.json")
-    assert load_tool("plot_similarity").main(["--weights", quickstart_checkpoint().weights, "--bin", _bin_path(),
+    assert load_tool("plot_similarity").main(["--weights", quickstart_checkpoint().weights, "--bins", _bin_path(),
                                               "--out", out, "--json", summary]) == 0
     stats = json.load(open(summary))
     positive = [c for c, same in zip(cosines, issame) if same]

@@ -1,8 +1,8 @@
 """Benchmark a backbone's training step: images/s with and without train.compile / train.channels_last, and
 the peak memory of one step with and without model.activation_checkpointing, A/B in one run.
 
-    python tools/bench_backbone.py --network r50 --image-size 112 --batch 128 --variants eager,compile,channels_last
-    python tools/bench_backbone.py --network vit_b --batch 128 --memory-only
+    python tools/bench_backbone.py --network r50 --image-size 112 --batch-size 128 --variants eager,compile,channels_last
+    python tools/bench_backbone.py --network vit_b --batch-size 128 --memory-only
 
 A step is what the trainer asks of the backbone: forward of a synthetic batch (random images, fixed for the
 run), a loss on the embeddings, backward, an SGD step (DeepSpeed's engine and the margin head left out: they
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from largefr.cli_flags import add_option
 from largefr.config import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
@@ -131,7 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--network", choices=NETWORK_NAMES, default="r50")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    add_option(parser, "--batch-size", renamed_from=("--batch",), dest="batch", type=int, default=128, metavar="N",
+               help="images per step, in this one process (default 128)")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
                         help="dtype of weights and images, as the engine casts them (default fp32)")
     parser.add_argument("--variants", default="eager,compile", type=lambda text: text.split(","),

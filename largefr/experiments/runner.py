@@ -95,7 +95,7 @@ def launch_command(launcher: str, ranks: int, config_path: str, overrides: Seque
     if launcher == "auto":
         launcher = "deepspeed" if ranks > 1 else "python"
     if launcher == "python" and ranks != 1:
-        raise PlanError(f"--launcher python starts one process; --ranks {ranks} needs deepspeed or torchrun")
+        raise PlanError(f"--launcher python starts one process; --world {ranks} needs deepspeed or torchrun")
     prefix = {
         "python": [sys.executable],
         "deepspeed": deepspeed_local_prefix(ranks),
