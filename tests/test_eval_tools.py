@@ -120,7 +120,7 @@ def test_embed_refuses_unaligned_image(tmp_path, capsys):
     Image.new("RGB", (100, 120)).save(tmp_path / "faces" / "big.jpg")
     assert load_tool("embed").main(["--weights", quickstart_checkpoint().weights, "--images",
                                     str(tmp_path / "faces"), "--out", str(tmp_path / "e.npy")]) == 2
-    assert "big.jpg: 100x120 pixels, expected an aligned 112x112 face crop" in capsys.readouterr().err
+    assert "big.jpg: 100x120 pixels is not a square aligned face crop; align it first" in capsys.readouterr().err
 
 
 def test_command_line_errors_name_the_problem(repo_root, capsys):

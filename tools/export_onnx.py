@@ -19,7 +19,7 @@ import torch
 from largefr.data.verification_bin import decode_pairs, load_bin
 from largefr.cli_flags import add_option
 from largefr.eval.cli import run_tool
-from largefr.eval.pairs import image_size_of
+from largefr.eval.image_size import announce_bin_resize, image_size_of
 from largefr.eval.onnx_export import (DEFAULT_OPSET, NORMALIZATION, export_onnx, max_abs_difference,
                                       normalized_difference)
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
@@ -44,6 +44,7 @@ def check_sets(bins: list[str], image_size: int = 112) -> dict[str, torch.Tensor
     sets = {"random": torch.rand(CHECK_IMAGES, 3, image_size, image_size, generator=generator) * 2 - 1}
     for path in bins:
         images, _ = load_bin(path)
+        announce_bin_resize(path, images[:CHECK_IMAGES], image_size)
         sets[path] = decode_pairs(images[:CHECK_IMAGES], image_size, source=path)
     return sets
 

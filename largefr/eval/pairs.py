@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from largefr.data.verification_bin import decode_pairs, load_bin
+from largefr.eval.image_size import announce_bin_resize, image_size_of
 from largefr.eval.roc import tar_at_far
 from largefr.eval.verification import embed_images, verification_accuracy
 
@@ -54,15 +55,13 @@ class BinResult:
         return asdict(self)
 
 
-def image_size_of(model: nn.Module, default: int = 112) -> int:
-    return int(getattr(model, "image_size", default))
-
-
 def embed_bin(model: nn.Module, path: str, *, batch_size: int, device: torch.device | str = "cpu",
               flip: bool = True, image_size: int | None = None) -> PairEmbeddings:
-    """Flip-sum embeddings of every image of the .bin at `path` (at the model's input side by default)."""
+    """Flip-sum embeddings of every image of the .bin at `path` (at the model's input side by default; images
+    of another size are resized, with one line saying so)."""
     image_size = image_size or image_size_of(model)
     images, issame = load_bin(path)
+    announce_bin_resize(path, images, image_size)
     chunk = max(1, DECODE_CHUNK_BATCHES * batch_size)
     parts = []
     for start in range(0, len(images), chunk):
