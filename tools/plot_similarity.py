@@ -15,6 +15,7 @@ from largefr.eval.cli import model_summary, run_tool, write_json
 from largefr.eval.pairs import embed_bin
 from largefr.eval.plots import plot_similarity
 from largefr.cli_flags import add_option
+from largefr.eval.collapse import collapse_warning, mean_pairwise_cosine
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = plot_similarity(pairs.cosines(), pairs.issame, args.out, title=args.title or f"{name} - {loaded.network}")
         print(f"{args.out}: {name}, {stats.positive_pairs} positive pairs mean {stats.positive_mean:.3f}, "
               f"{stats.negative_pairs} negative pairs mean {stats.negative_mean:.3f}, gap {stats.gap:.3f}")
+        warning = collapse_warning(name, mean_pairwise_cosine(pairs.embeddings), len(pairs.embeddings))
+        if warning:
+            print(warning)
         if args.json:
             write_json(args.json, {"model": model_summary(loaded), "bin": bin_path, **stats.as_dict()})
         return 0

@@ -96,6 +96,8 @@ def flat_metrics(measured: dict[str, Any], wall_seconds: float) -> dict[str, flo
         metrics.update({f"{name}/accuracy": result["accuracy"], f"{name}/tar": result["tar"],
                         f"{name}/gap": result["gap"], f"{name}/positive_mean": result["positive_mean"],
                         f"{name}/negative_mean": result["negative_mean"]})
+        if "mean_cosine" in result:  # measured since 2026-12-06
+            metrics[f"{name}/mean_cosine"] = result["mean_cosine"]
     for method in ("kmeans", "dbscan"):
         if "heldout" in measured:
             metrics[f"heldout/{method}_f"] = measured["heldout"][method]["fscore"]
