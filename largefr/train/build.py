@@ -143,15 +143,25 @@ def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) ->
     return resolved
 
 
+def _verification_candidates(target: str, config: Config, folder: str | None) -> list[str]:
+    """Where a data.val_targets entry may be: a path (with '.bin' or a folder part) as given, relative to the
+    working directory; a bare name as <name>.bin in the data folder, beside data.images, then here."""
+    if target.endswith(".bin") or os.sep in target:
+        return [target] if target.endswith(".bin") else [target, f"{target}.bin"]
+    folders = [folder, config.data.images, os.getcwd()]
+    return list(dict.fromkeys(os.path.join(f, f"{target}.bin") for f in folders if f))
+
+
 def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
-    """(name, path) of every data.val_targets entry; a name means <data folder>/<name>.bin."""
+    """(name, path) of every data.val_targets entry (see _verification_candidates for where it is looked for)."""
     out = []
     for target in config.data.val_targets:
-        is_path = target.endswith(".bin") or os.sep in target
-        path = target if is_path else os.path.join(folder or "", f"{target}.bin")
-        if not os.path.isfile(path):
-            raise DataSetupError(f"verification set {path} (data.val_targets entry {target!r}) does not exist: "
-                                 "put the .bin file there or remove the entry")
+        candidates = _verification_candidates(target, config, folder)
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+        if path is None:
+            raise DataSetupError(f"verification set {target!r} (data.val_targets) not found; looked for "
+                                 f"{', '.join(candidates)}. Give a .bin path relative to the working directory "
+                                 f"({os.getcwd()}) or an absolute one, or remove the entry")
         out.append((Path(path).stem, path))
     return out
 
