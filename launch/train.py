@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world", type=int, default=None, metavar="N",
                         help="ranks to start on this machine (through DeepSpeed's launcher, on a free rendezvous "
                              "port); default: one process, or the ranks a launcher (deepspeed, torchrun) started")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show third-party lines filtered by default (DeepSpeed's no-GPU warning, its "
+                             "launcher's INFO lines, the comm-op build line of every rank; LARGEFR_VERBOSE=1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
 
@@ -26,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()  # a crash in C++ code (SIGSEGV, SIGABRT) still prints each thread's Python stack
     args = parse_args(argv)
+    if args.verbose:
+        os.environ["LARGEFR_VERBOSE"] = "1"  # the ranks inherit it
     launched = os.environ.get("WORLD_SIZE")
     if args.world is not None and launched is None and args.world > 1:
         from largefr.train.local_launch import launch_local_ranks

@@ -60,6 +60,9 @@ def test_readme_quickstart_command_trains_while_port_29500_is_held(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["steps"], summary["world_size"], summary["launcher"]) == (3, 2, "deepspeed")
     assert "rendezvous on free port 127.0.0.1:" in done.stderr
+    output = done.stdout + done.stderr  # quiet by default: no third-party line that says nothing (largefr/quiet.py)
+    assert "Setting accelerator to CPU" not in output and "built successfully" not in output
+    assert "[INFO] [launch.py" not in output and "Unable to find hostfile" not in output
 
 
 def test_a_launchers_busy_port_is_named_with_the_flag_to_change(monkeypatch):

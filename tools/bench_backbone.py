@@ -82,16 +82,24 @@ def timed_steps(variant: Variant, images: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def progress(message: str) -> None:
+    """A timestamped line on stderr: every phase says when it starts (a compile takes minutes on a CPU)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def measure_speed(base: nn.Module, images: torch.Tensor, args: argparse.Namespace) -> list[dict]:
     variants = [build_variant(name, base, args.backend) for name in args.variants]
     results = []
     for variant in variants:
+        progress(f"{variant.name}: {args.warmup} warm-up step(s)"
+                 + (" (the first compiles: minutes on a CPU)" if variant.fallback else ""))
         first = timed_steps(variant, images, 1)
         rest = timed_steps(variant, images, max(args.warmup - 1, 1))
         results.append({"variant": variant.name, "first_step_s": first,
                         "compile_s": max(first - rest / max(args.warmup - 1, 1), 0.0) if variant.fallback else 0.0,
                         "round_images_per_s": []})
-    for _ in range(args.rounds):
+    for round_number in range(args.rounds):
+        progress(f"round {round_number + 1}/{args.rounds}: {args.steps} timed step(s) of each variant")
         for variant, result in zip(variants, results):
             seconds = timed_steps(variant, images, args.steps)
             result["round_images_per_s"].append(args.steps * images.shape[0] / seconds)
@@ -114,6 +122,7 @@ def peak_step_bytes(model: nn.Module, images: torch.Tensor) -> int:
 def measure_memory(args: argparse.Namespace, images: torch.Tensor, dtype: torch.dtype) -> dict:
     peaks = {}
     for checkpointing in (False, True):
+        progress(f"memory: one step {'with' if checkpointing else 'without'} activation checkpointing")
         torch.manual_seed(args.seed)
         model = _backbone(args, dtype, images.device, activation_checkpointing=checkpointing)
         peaks["checkpointing" if checkpointing else "plain"] = peak_step_bytes(model, images) / 2**20

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from largefr.distributed.spawn import free_port
+from largefr.quiet import quiet_stdout
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MEETING_TIMEOUT_S = 60.0
@@ -240,8 +241,9 @@ def init_distributed(*, timeout_s: float | None = None, backend: str | None = No
     if not dist.is_initialized():
         check_rendezvous_port(launcher)
         _meet(backend, timeout_s, device, launcher)
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
-                               timeout=timedelta(seconds=timeout_s))
+    with quiet_stdout():  # its comm-op build prints one line per rank at every start
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
+                                   timeout=timedelta(seconds=timeout_s))
     meeting_group = None
     if dist.get_world_size() > 1:
         meeting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=min(timeout_s, MEETING_TIMEOUT_S)))
