@@ -12,7 +12,7 @@ from PIL import Image
 from largefr.data.verification_bin import write_bin
 from largefr.eval.collapse import COLLAPSED_MEAN_COSINE, collapse_warning, mean_pairwise_cosine
 from largefr.experiments.grids import Grid, Setting
-from largefr.experiments.report import build_table, draw_table, format_markdown
+from largefr.experiments.report import build_table, draw_table, format_markdown, table_from_markdown
 from largefr.models import get_model
 from tests.eval_fixtures import load_tool
 
@@ -85,3 +85,14 @@ def test_table_png_bars_start_at_zero_and_the_title_says_what_was_averaged():
             assert panels and all(ax.get_ylim()[0] <= 0 < ax.get_ylim()[1] for ax in panels)
         finally:
             plt.close(fig)
+
+
+def test_a_figure_can_be_redrawn_from_its_markdown_table():
+    table = _table([0, 1, 2], collapsed_seed=None)
+    redrawn = table_from_markdown("# x\n" + format_markdown(table), "# x", grid="g", seeds=[0, 1, 2])
+    assert [s["name"] for s in redrawn["settings"]] == ["arcface", "cg"]
+    assert redrawn["headline_metrics"] == ["val/accuracy", "val/gap"]
+    for original, parsed in zip(table["settings"], redrawn["settings"]):
+        for metric in ("val/accuracy", "val/gap"):
+            assert parsed["stats"][metric]["mean"] == pytest.approx(original["stats"][metric]["mean"], abs=1e-4)
+            assert parsed["stats"][metric]["std"] == pytest.approx(original["stats"][metric]["std"], abs=1e-4)

@@ -191,3 +191,34 @@ def write_report(table: dict[str, Any], out: Path) -> None:
     write_json(str(out / "table.json"), table)
     (out / "table.md").write_text(format_markdown(table))
     plot_table(table, str(out / "table.png"))
+
+
+def table_from_markdown(text: str, after: str, *, grid: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """The plottable part of a table (means and stds per setting) from the first means table of `format_markdown`'s
+    form ('| setting | seeds | <set> acc % | ... |', cells 'mean +- std') that follows the line containing `after`.
+
+    For redrawing a report's figure where only its markdown survives (docs/EXPERIMENTS.md's tables).
+    """
+    kinds = {label: kind for kind, (_, _, label) in _SCALES.items()}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    header_at = next(i for i in range(start, len(lines)) if lines[i].startswith("| setting"))
+    cells = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
+    metrics = []
+    for column in cells(lines[header_at])[2:]:
+        label = next(label for label in sorted(kinds, key=len, reverse=True) if column.endswith(label))
+        prefix = column[:-len(label)].strip()
+        kind = kinds[label]
+        metrics.append(f"{prefix}/{kind}" if prefix else (kind if kind == "wall_seconds" else f"heldout/{kind}"))
+    settings = []
+    for line in lines[header_at + 2:]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        stats = {}
+        for metric, cell in zip(metrics, row[2:]):
+            scale = _SCALES[_kind(metric)][0]
+            mean, _, std = cell.partition("+-")
+            stats[metric] = {"mean": float(mean) / scale, "std": float(std) / scale if std.strip() else None}
+        settings.append({"name": row[0], "stats": stats, "collapsed_seeds": []})
+    return {"grid": grid, "seeds": list(seeds), "headline_metrics": metrics, "settings": settings}
