@@ -4,7 +4,6 @@ crops of another size refused naming both sizes and --resize (and resized with i
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
