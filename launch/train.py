@@ -23,7 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also show third-party lines filtered by default (DeepSpeed's no-GPU warning, its "
                              "launcher's INFO lines, the comm-op build line of every rank; LARGEFR_VERBOSE=1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.world is not None and args.world < 1:
+        parser.error(f"--world {args.world}: give 1 or more ranks")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         from largefr.train.local_launch import launch_local_ranks
 
         return launch_local_ranks(args.world, sys.argv[1:] if argv is None else argv)
-    if args.world is not None and args.world != int(launched or "1"):
-        print(f"error: --world {args.world}, but the launcher started {launched} rank(s): give one of them",
-              file=sys.stderr)
+    if args.world is not None and launched is not None and args.world != int(launched):
+        print(f"error: --world {args.world}, but the launcher started {launched} rank(s): leave --world out under "
+              "a launcher, or start without one", file=sys.stderr)
         return 2
     from largefr.train.run import run_training
 
