@@ -63,6 +63,8 @@ def test_readme_quickstart_command_trains_while_port_29500_is_held(tmp_path):
     output = done.stdout + done.stderr  # quiet by default: no third-party line that says nothing (largefr/quiet.py)
     assert "Setting accelerator to CPU" not in output and "built successfully" not in output
     assert "[INFO] [launch.py" not in output and "Unable to find hostfile" not in output
+    assert "] largefr: generating the synthetic data set into" in done.stdout  # timestamped, as the log lines
+    assert "] largefr: synthetic data set ready in" in done.stdout
 
 
 def test_a_launchers_busy_port_is_named_with_the_flag_to_change(monkeypatch):

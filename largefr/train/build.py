@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,14 +89,25 @@ def ensure_synthetic_data(config: Config, *, progress: bool = True) -> None:
 
     One process only (two generations into one folder race): rank 0 here, or tools/ablate.py before its runs.
     """
-    from largefr.data.synthetic import ensure_dataset
+    from largefr.data.synthetic import META_FILE, ensure_dataset
 
     data, synthetic = config.data, config.data.synthetic
+    first_time = progress and not os.path.isfile(os.path.join(data.data_dir, META_FILE))
+    if first_time:  # the generator's own progress lines carry no time; these two frame them
+        _stamped(f"generating the synthetic data set into {data.data_dir} (once; later runs reuse it)")
+    started = time.perf_counter()
     ensure_dataset(data.data_dir, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
                    pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
                    heldout_identities=synthetic.heldout_identities,
                    heldout_images_per_identity=synthetic.heldout_images_per_identity,
                    workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, replace_stale=True)
+    if first_time:
+        _stamped(f"synthetic data set ready in {time.perf_counter() - started:.0f} s")
+
+
+def _stamped(message: str) -> None:
+    """A timestamped largefr line on stdout, as the run's log lines look (before the run's logger exists)."""
+    print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] largefr: {message}", flush=True)
 
 
 def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
