@@ -494,6 +494,9 @@ class TrainConfig(_Section):
     """Stop after this many optimizer steps (null = run schedule.epochs)."""
     seed: int = 2048
     """Seed of every random generator (offset by the rank where streams must differ)."""
+    world: int | None = None
+    """Ranks this config was written for: its global batch, steps per epoch and schedule assume them. A launch
+    with another number of ranks still runs, and its banner says what changes (null = written for any)."""
     precision: Precision = "bf16"
     """Backbone precision; mapped by the trainer to DeepSpeed's bf16/fp16 sections."""
     zero_stage: int = 1

@@ -143,7 +143,7 @@ def tiny_setup(tmp_path_factory) -> Path:
 
 def _args(root: Path, out: str, grid: str = "grid.json", seeds: str = "0,1") -> list[str]:
     return ["--config", str(root / "config.json"), "--grid", str(root / grid), "--seeds", seeds,
-            "--out", str(root / out), "--ranks", "1"]
+            "--out", str(root / out), "--world", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def test_small_budget_fails_naming_the_rank_and_shortfall():
 
 def test_uneven_small_job_prints_every_rank_range(tmp_path):
     out = tmp_path / "plan.json"
-    result, _ = dry_run("--world", "3", "--classes", "1000", "--dim", "8", "--batch", "4", "--optimizer", "adamw",
+    result, _ = dry_run("--world", "3", "--classes", "1000", "--embedding-size", "8", "--batch-size", "4", "--optimizer", "adamw",
                         "--chunk-size", "64", "--budget-gb", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
     for rank, (start, end) in enumerate(ClassPartition(1000, 3, 0).all_ranges()):

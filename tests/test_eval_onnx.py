@@ -56,7 +56,7 @@ def test_export_tool_on_quickstart_model(tmp_path, source, capsys):
     path = checkpoint.root if source == "checkpoint" else checkpoint.weights
     out = str(tmp_path / "model.onnx")
     bin_path = os.path.join(synthetic_data(), "synth_val.bin")
-    status = load_tool("export_onnx").main([f"--{source}", path, "--out", out, "--check-bin", bin_path])
+    status = load_tool("export_onnx").main([f"--{source}", path, "--out", out, "--bins", bin_path])
     assert status == 0, capsys.readouterr().err  # includes the tool's own 1e-4 parity check
     assert "max |diff|" in capsys.readouterr().out
     graph = onnx.load(out).graph
@@ -116,7 +116,7 @@ def test_vit_t_export_tool_parity(tmp_path, capsys):
     weights, out = str(tmp_path / "backbone.pth"), str(tmp_path / "vit_t.onnx")
     torch.save(model.state_dict(), weights)
     bin_path = os.path.join(synthetic_data(), "synth_val.bin")
-    assert load_tool("export_onnx").main(["--weights", weights, "--out", out, "--check-bin", bin_path]) == 0
+    assert load_tool("export_onnx").main(["--weights", weights, "--out", out, "--bins", bin_path]) == 0
     assert "vit_t, input 'data' Nx3x112x112" in capsys.readouterr().out
     assert max_abs_difference(model, out, random_images(2)) <= TOLERANCE
 

@@ -72,7 +72,7 @@ def test_eval_verification_matches_brute_force(tmp_path, source, bin_brute_force
 def test_plot_similarity_means_and_gap(tmp_path, bin_brute_force):
     _, cosines, issame = bin_brute_force
     out, summary = str(tmp_path / "sim.png"), str(tmp_path / "sim.json")
-    assert load_tool("plot_similarity").main(["--weights", quickstart_checkpoint().weights, "--bin", _bin_path(),
+    assert load_tool("plot_similarity").main(["--weights", quickstart_checkpoint().weights, "--bins", _bin_path(),
                                               "--out", out, "--json", summary]) == 0
     stats = json.load(open(summary))
     positive = [c for c, same in zip(cosines, issame) if same]
@@ -120,7 +120,7 @@ def test_embed_refuses_unaligned_image(tmp_path, capsys):
     Image.new("RGB", (100, 120)).save(tmp_path / "faces" / "big.jpg")
     assert load_tool("embed").main(["--weights", quickstart_checkpoint().weights, "--images",
                                     str(tmp_path / "faces"), "--out", str(tmp_path / "e.npy")]) == 2
-    assert "big.jpg: 100x120 pixels, expected an aligned 112x112 face crop" in capsys.readouterr().err
+    assert "big.jpg: 100x120 pixels is not a square aligned face crop; align it first" in capsys.readouterr().err
 
 
 def test_command_line_errors_name_the_problem(repo_root, capsys):

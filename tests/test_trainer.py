@@ -141,7 +141,8 @@ def test_plain_python_missing_bin_fails_with_message(tiny_data, tmp_path):
     config = tiny_config(tiny_data, str(tmp_path / "out"), data={"val_targets": ["lfw"]})
     result = _launch([sys.executable, "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode == 1
-    assert f"verification set {os.path.join(tiny_data, 'lfw.bin')}" in result.stderr
+    assert f"verification set 'lfw' (data.val_targets) not found; looked for {os.path.join(tiny_data, 'lfw.bin')}" \
+        in result.stderr
     assert "data.val_targets" in result.stderr
 
 

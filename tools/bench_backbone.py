@@ -1,8 +1,8 @@
 """Benchmark a backbone's training step: images/s with and without train.compile / train.channels_last, and
 the peak memory of one step with and without model.activation_checkpointing, A/B in one run.
 
-    python tools/bench_backbone.py --network r50 --image-size 112 --batch 128 --variants eager,compile,channels_last
-    python tools/bench_backbone.py --network vit_b --batch 128 --memory-only
+    python tools/bench_backbone.py --network r50 --image-size 112 --batch-size 128 --variants eager,compile,channels_last
+    python tools/bench_backbone.py --network vit_b --batch-size 128 --memory-only
 
 A step is what the trainer asks of the backbone: forward of a synthetic batch (random images, fixed for the
 run), a loss on the embeddings, backward, an SGD step (DeepSpeed's engine and the margin head left out: they
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from largefr.cli_flags import add_option
 from largefr.config import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
@@ -81,16 +82,24 @@ def timed_steps(variant: Variant, images: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def progress(message: str) -> None:
+    """A timestamped line on stderr: every phase says when it starts (a compile takes minutes on a CPU)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def measure_speed(base: nn.Module, images: torch.Tensor, args: argparse.Namespace) -> list[dict]:
     variants = [build_variant(name, base, args.backend) for name in args.variants]
     results = []
     for variant in variants:
+        progress(f"{variant.name}: {args.warmup} warm-up step(s)"
+                 + (" (the first compiles: minutes on a CPU)" if variant.fallback else ""))
         first = timed_steps(variant, images, 1)
         rest = timed_steps(variant, images, max(args.warmup - 1, 1))
         results.append({"variant": variant.name, "first_step_s": first,
                         "compile_s": max(first - rest / max(args.warmup - 1, 1), 0.0) if variant.fallback else 0.0,
                         "round_images_per_s": []})
-    for _ in range(args.rounds):
+    for round_number in range(args.rounds):
+        progress(f"round {round_number + 1}/{args.rounds}: {args.steps} timed step(s) of each variant")
         for variant, result in zip(variants, results):
             seconds = timed_steps(variant, images, args.steps)
             result["round_images_per_s"].append(args.steps * images.shape[0] / seconds)
@@ -113,6 +122,7 @@ def peak_step_bytes(model: nn.Module, images: torch.Tensor) -> int:
 def measure_memory(args: argparse.Namespace, images: torch.Tensor, dtype: torch.dtype) -> dict:
     peaks = {}
     for checkpointing in (False, True):
+        progress(f"memory: one step {'with' if checkpointing else 'without'} activation checkpointing")
         torch.manual_seed(args.seed)
         model = _backbone(args, dtype, images.device, activation_checkpointing=checkpointing)
         peaks["checkpointing" if checkpointing else "plain"] = peak_step_bytes(model, images) / 2**20
@@ -131,7 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--network", choices=NETWORK_NAMES, default="r50")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    add_option(parser, "--batch-size", renamed_from=("--batch",), dest="batch", type=int, default=128, metavar="N",
+               help="images per step, in this one process (default 128)")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
                         help="dtype of weights and images, as the engine casts them (default fp32)")
     parser.add_argument("--variants", default="eager,compile", type=lambda text: text.split(","),

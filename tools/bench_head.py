@@ -1,9 +1,9 @@
 """Benchmark the sharded margin head: forward+backward time against the floor of its three GEMMs.
 
-    python tools/bench_head.py --batch 256 --classes 200000 --dim 512 --world 2
+    python tools/bench_head.py --batch-size 256 --classes 200000 --embedding-size 512 --world 2
 
 Spawns `--world` ranks (gloo on CPU, or nccl with one GPU per rank when enough GPUs are present).
-`--batch` is the per-rank batch B (global batch B_g = world * B). Per rank it reports:
+`--batch-size` is the per-rank batch B (global batch B_g = world * B). Per rank it reports:
 
 * step_ms: median wall time of head forward + backward (all-gather, sampling, logits, margin,
   sharded cross entropy, backward into W and the embeddings), after `--warmup` steps.
@@ -34,18 +34,22 @@ import sys
 
 import torch
 
-from largefr.config import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
-from largefr.perf.head_bench import DTYPES, HeadBenchSettings, machine_description, run_head_bench
+from largefr.cli_flags import PRECISION_NAMES, add_option
+from largefr.config import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES, TORCH_DTYPE_NAMES
+from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, required=True, help="per-rank batch size B")
+    add_option(parser, "--batch-size", renamed_from=("--batch",), dest="batch", type=int, required=True, metavar="B",
+               help="images per rank B (per process; global batch B_g = world * B)")
     parser.add_argument("--classes", type=int, required=True, help="total number of classes K")
-    parser.add_argument("--dim", type=int, required=True, help="embedding size d")
+    add_option(parser, "--embedding-size", renamed_from=("--dim",), dest="dim", type=int, required=True, metavar="D",
+               help="embedding size d")
     parser.add_argument("--world", type=int, required=True, help="number of ranks to spawn")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate in (0, 1]")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="logits (GEMM) dtype")
+    add_option(parser, "--precision", renamed_from=("--dtype",), old_values=PRECISION_NAMES,
+               choices=sorted(TORCH_DTYPE_NAMES), default="fp32", help="logits (GEMM) precision")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="low-memory head: classes per block (0: default head)")
     parser.add_argument("--type", default="arcface", choices=MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES,
@@ -59,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.classes < args.world or args.dim < 1 or args.world < 1 or args.repeats < 1:
-        parser.error("need --batch >= 1, --dim >= 1, --repeats >= 1 and --classes >= --world >= 1")
+        parser.error("need --batch-size >= 1, --embedding-size >= 1, --repeats >= 1 and --classes >= --world >= 1")
     if args.chunk_size < 0:
         parser.error("need --chunk-size >= 0")
     if args.paired_default and args.type != "arcface":
@@ -86,7 +90,8 @@ def print_paired(ranks: list[dict], label: str = "default", measured: str = "low
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = HeadBenchSettings(batch=args.batch, classes=args.classes, dim=args.dim, world=args.world,
-                                 sample_rate=args.sample_rate, dtype=args.dtype, chunk_size=args.chunk_size,
+                                 sample_rate=args.sample_rate, dtype=TORCH_DTYPE_NAMES[args.precision],
+                                 chunk_size=args.chunk_size,
                                  repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                  paired_default=args.paired_default, margin_type=args.type)
     ranks = run_head_bench(settings)
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                   machine=machine_description(args.world), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, threads_per_rank=args.threads, batch_per_rank=args.batch,
                   classes=args.classes, dim=args.dim, world=args.world, sample_rate=args.sample_rate,
-                  dtype=args.dtype, chunk_size=args.chunk_size, margin_type=args.type, ranks=ranks)
+                  dtype=TORCH_DTYPE_NAMES[args.precision], precision=args.precision, chunk_size=args.chunk_size,
+                  margin_type=args.type, ranks=ranks)
     print(f"{report['command']}\n{report['machine']}, torch {report['torch']}, {args.threads} thread(s)/rank")
     print("| rank | num_local | sampled | step_ms | gemm_ms | gemm_floor_ratio | peak_mem_mb |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

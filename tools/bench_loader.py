@@ -1,10 +1,10 @@
 """Loader throughput with data.augment on against off, for the DALI and torch loaders, in one run.
 
     python tools/bench_loader.py --config configs/quickstart.json [--loaders dali,torch] [--augment arcface_torch]
-                                 [--batches 40] [--warmup 3] [--rounds 3] [--batch-size B] [--num-workers N]
+                                 [--batches 40] [--warmup 3] [--rounds 3] [--batch-size B] [--workers N]
                                  [--json PATH] [--set KEY=VALUE ...]
 
-One process, the CPU (DALI's CPU pipeline; the torch loader's --num-workers worker processes,
+One process, the CPU (DALI's CPU pipeline; the torch loader's --workers worker processes,
 default data.num_workers). Prepares the config's data as training does, then in each round and
 for each loader builds the training loader twice, augmentation off and on, and times --batches
 batches after --warmup untimed ones (the pipeline build and the first prefetch are not timed).
@@ -28,6 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from largefr.cli_flags import add_option
 from largefr.config import RECORD_LOADER_KINDS, AugmentConfig, load_config  # noqa: E402
 from largefr.data.preview import augment_of, config_loader, prepare_config_data  # noqa: E402
 
@@ -42,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement (default 40)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="off/on pairs per loader (default 3)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    parser.add_argument("--num-workers", type=int, default=None, help="default: data.num_workers")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch, per process (default: "
+                                                                       "train.batch_size)")
+    add_option(parser, "--workers", renamed_from=("--num-workers",), type=int, default=None,
+               help="loader worker threads per process (default: data.num_workers)")
     parser.add_argument("--json", default=None, help="write every measurement here")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args(argv)
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     config, folder = prepare_config_data(load_config(args.config, args.set))
-    data = dataclasses.replace(config.data, num_workers=args.num_workers if args.num_workers is not None
+    data = dataclasses.replace(config.data, num_workers=args.workers if args.workers is not None
                                else config.data.num_workers)
     config = dataclasses.replace(config, data=data,
                                  train=dataclasses.replace(config.train, batch_size=args.batch_size

@@ -1,6 +1,6 @@
 """Dry run of a job far larger than this machine: every rank's head laid out on a fake process group.
 
-    python tools/dry_run.py --world 64 --classes 100000000 --dim 512 --batch 128 --budget-gb 80
+    python tools/dry_run.py --world 64 --classes 100000000 --embedding-size 512 --batch-size 128 --budget-gb 80
 
 For each rank r of `--world`, in this one process: a fake process group answers as rank r
 (largefr.perf.dry_run), and the rank's real ShardedMarginHead, ClusterBank, FeatureQueue

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 from largefr.eval.cli import run_tool, write_json
-from largefr.eval.clustering import CLUSTERING_METHODS, evaluate_clustering, format_clustering
+from largefr.eval.clustering import (CLUSTERING_METHODS, DBSCAN_EPS, DBSCAN_MIN_SAMPLES, evaluate_clustering,
+                                     format_clustering)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,8 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", required=True, help="N labels .npy")
     parser.add_argument("--method", required=True, choices=CLUSTERING_METHODS)
     parser.add_argument("--k", type=int, default=None, help="k-means clusters (default: number of identities)")
-    parser.add_argument("--eps", type=float, default=0.5, help="DBSCAN radius, cosine distance (default 0.5)")
-    parser.add_argument("--min-samples", type=int, default=2, help="DBSCAN core-point neighbours (default 2)")
+    parser.add_argument("--eps", type=float, default=DBSCAN_EPS,
+                        help=f"DBSCAN radius, cosine distance (default {DBSCAN_EPS}: docs/EXPERIMENTS.md)")
+    parser.add_argument("--min-samples", type=int, default=DBSCAN_MIN_SAMPLES,
+                        help=f"DBSCAN core-point neighbours (default {DBSCAN_MIN_SAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="k-means random state (default 0)")
     parser.add_argument("--json", help="also write the result here")
     return parser.parse_args(argv)

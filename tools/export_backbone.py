@@ -1,6 +1,6 @@
 """Write the backbone of a largefr checkpoint as a plain PyTorch state_dict.
 
-    python tools/export_backbone.py --checkpoint DIR --out model.pt [--prefix backbone.] [--dtype float32]
+    python tools/export_backbone.py --checkpoint DIR --out model.pt [--prefix backbone.] [--precision fp32]
 
 The weights come from DeepSpeed's module file (engine/mp_rank_00_model_states.pt, key 'module');
 a leading 'module.' is stripped. The result loads with torch.load(path, weights_only=True) into
@@ -14,10 +14,11 @@ import sys
 import torch
 
 from largefr.checkpoint.files import CheckpointError
+from largefr.cli_flags import PRECISION_NAMES, add_option
 from largefr.checkpoint.reshard import export_backbone
 from largefr.checkpoint.save_load import locate_checkpoint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "keep": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a run folder, its checkpoints/ folder or one step_<N> folder (latest complete step)")
     parser.add_argument("--out", required=True, help="output file, e.g. model.pt")
     parser.add_argument("--prefix", default="", help="keep only keys under this prefix and strip it (e.g. 'backbone.')")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="cast floating tensors (default float32; 'keep' = the training dtype)")
+    add_option(parser, "--precision", renamed_from=("--dtype",), old_values=PRECISION_NAMES, choices=sorted(DTYPES),
+               default="fp32", help="cast floating tensors (default fp32; 'keep' = the training precision)")
     return parser.parse_args(argv)
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         weights = export_backbone(locate_checkpoint(args.checkpoint), args.out, prefix=args.prefix,
-                                  dtype=DTYPES[args.dtype])
+                                  dtype=DTYPES[args.precision])
     except (CheckpointError, OSError) as error:
         print(f"export_backbone: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Write a synthetic face-like identity data set in insightface's layout.
 
     python tools/make_synthetic.py --out DIR --identities N --images-per-identity K \
-        [--size 112] [--pairs P] [--heldout-identities H] [--heldout-images-per-identity J] \
+        [--image-size 112] [--pairs P] [--heldout-identities H] [--heldout-images-per-identity J] \
         [--seed S] [--workers W] [--overwrite]
 
 DIR receives train.rec, train.idx, property (N classes, N x K images), synth_val.bin (P pairs,
@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from largefr.cli_flags import add_option
 from largefr.data.synthetic import generate_dataset, validate_arguments
 
 
@@ -25,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--identities", type=int, required=True, help="training identities (classes)")
     parser.add_argument("--images-per-identity", type=int, required=True, help="images per training identity")
-    parser.add_argument("--size", type=int, default=112, help="image height and width in pixels (default 112)")
+    add_option(parser, "--image-size", renamed_from=("--size",), type=int, default=112,
+               help="image height and width in pixels (default 112)")
     parser.add_argument("--pairs", type=int, default=600, help="verification pairs, even (default 600)")
     parser.add_argument("--val-identities", type=int, default=None,
                         help="held-out identities the pairs are drawn from (default pairs // 4)")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         validate_arguments(identities=args.identities, images_per_identity=args.images_per_identity,
-                           pairs=args.pairs, image_size=args.size, seed=args.seed, workers=args.workers,
+                           pairs=args.pairs, image_size=args.image_size, seed=args.seed, workers=args.workers,
                            val_identities=args.val_identities, heldout_identities=args.heldout_identities,
                            heldout_images_per_identity=args.heldout_images_per_identity)
         if out.exists() and not out.is_dir():
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise FileExistsError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
         summary = generate_dataset(out, identities=args.identities, images_per_identity=args.images_per_identity,
-                                   pairs=args.pairs, image_size=args.size, seed=args.seed, workers=args.workers,
+                                   pairs=args.pairs, image_size=args.image_size, seed=args.seed, workers=args.workers,
                                    progress=not args.quiet, val_identities=args.val_identities,
                                    heldout_identities=args.heldout_identities,
                                    heldout_images_per_identity=args.heldout_images_per_identity,

@@ -1,6 +1,6 @@
 """Soak test: `world` ranks x `steps` quickstart-sized steps; reports the resident-memory slope of each rank.
 
-    python tools/soak.py --steps 2000 --world 2 [--config configs/quickstart.json] [--output runs/soak]
+    python tools/soak.py --steps 2000 --world 2 [--config configs/quickstart.json] [--out runs/soak]
 
 Starts the ranks itself (plain `python launch/train.py` with RANK/WORLD_SIZE/MASTER_* set, so their
 pids are known), samples each rank's VmRSS from /proc every `--interval` seconds together with the
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from largefr.cli_flags import add_option
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_LINE = re.compile(r"step (\d+)/\d+")
 
@@ -27,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "quickstart.json"))
-    parser.add_argument("--output", default=os.path.join(ROOT, "runs", "soak"))
+    add_option(parser, "--out", renamed_from=("--output",), default=os.path.join(ROOT, "runs", "soak"),
+               help="the run folder (default runs/soak)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between RSS samples")
     parser.add_argument("--skip-fraction", type=float, default=0.1, help="leading part of the run left out of the fit")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
@@ -74,21 +77,21 @@ def start_ranks(args: argparse.Namespace, overrides: list[str]) -> list[subproce
     for rank in range(args.world):
         env = dict(os.environ, PYTHONPATH=ROOT, RANK=str(rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        log = open(os.path.join(args.output, f"rank{rank}.out"), "w")
+        log = open(os.path.join(args.out, f"rank{rank}.out"), "w")
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
-                                       args.config, "--set", *overrides], cwd=ROOT, env=env, stdout=log,
+                                       args.config, "--overwrite", "--set", *overrides], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
     return procs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.makedirs(args.output, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     # long schedule so max_steps ends the run; no periodic eval (its memory is not the step's)
     overrides = [f"train.max_steps={args.steps}", "schedule.epochs=1000", "eval.every=0", "logging.every=10",
-                 f"output={args.output}", "checkpoint.every=0", *args.set]
+                 f"output={args.out}", "checkpoint.every=0", *args.set]
     procs = start_ranks(args, overrides)
-    log_path = os.path.join(args.output, "train.log")
+    log_path = os.path.join(args.out, "train.log")
     samples: list[list[tuple[int, float]]] = [[] for _ in procs]
     started = time.monotonic()
     while any(p.poll() is None for p in procs):
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                  "rss_max_mb": round(max(r for _, r in rank_samples), 1) if rank_samples else None}
         report["ranks"].append(entry)
         print(json.dumps(entry), flush=True)
-    with open(os.path.join(args.output, "soak.json"), "w") as out:
+    with open(os.path.join(args.out, "soak.json"), "w") as out:
         json.dump({**report, "samples": samples}, out)
     return 0 if all(code == 0 for code in codes) else 1
 

@@ -96,6 +96,13 @@ def kmeans_labels(embeddings: np.ndarray, num_clusters: int, *, seed: int = 0) -
     return model.fit_predict(normalize_rows(embeddings))
 
 
+DBSCAN_EPS = 0.2
+"""Default DBSCAN radius (cosine distance 1 - cos: neighbours above cosine 0.8) of every tool: the radius
+docs/EXPERIMENTS.md found best for every setting of the quickstart's 200-step models (its eps table)."""
+DBSCAN_MIN_SAMPLES = 2
+"""Default DBSCAN core-point neighbours."""
+
+
 def dbscan_labels(embeddings: np.ndarray, *, eps: float, min_samples: int) -> np.ndarray:
     """DBSCAN cluster ids (noise: -1) under the cosine distance of the embeddings."""
     if eps <= 0 or min_samples < 1:
@@ -131,7 +138,7 @@ def score_clustering(predicted: np.ndarray, truth: np.ndarray) -> dict[str, floa
 
 
 def evaluate_clustering(embeddings: np.ndarray, labels: np.ndarray, method: str, *, num_clusters: int | None = None,
-                        eps: float = 0.5, min_samples: int = 2, seed: int = 0) -> ClusteringResult:
+                        eps: float = DBSCAN_EPS, min_samples: int = DBSCAN_MIN_SAMPLES, seed: int = 0) -> ClusteringResult:
     """Cluster `embeddings` with `method` ('kmeans' or 'dbscan') and score against `labels`."""
     embeddings, labels = np.asarray(embeddings), np.asarray(labels).reshape(-1)
     if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:

@@ -7,7 +7,8 @@ Layout of `root` (the IJBB or IJBC folder as distributed with insightface's eval
     meta/<target>_template_pair_label.txt  template id 1, template id 2, label 1/0 (one line per pair)
     loose_crop/<image name>
 
-with `<target>` = `ijbb` or `ijbc`. Protocol: every crop is aligned to 112 x 112 by its landmarks
+with `<target>` = `ijbb` or `ijbc`. Protocol: every crop is aligned by its landmarks to the model's input size
+(112 x 112 for insightface's models; the ArcFace template scaled for others)
 (`largefr.eval.align`), embedded with the flip test (embedding of the image plus that of its mirror
 image), multiplied by its detector score (insightface's "D1" mode; the embedding norm is kept,
 "N1"); images of one media (the frames of one video, or one still) are averaged, the media
@@ -18,6 +19,7 @@ its two templates. TAR at FAR 1e-6 .. 1e-1 comes from the ROC of all pair scores
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from largefr.eval.align import AlignmentError, align_face
+from largefr.eval.image_size import DEFAULT_IMAGE_SIZE as ARCFACE_SIZE, image_size_of
 from largefr.eval.roc import IJB_FAR_TARGETS, roc_auc, roc_curve, tar_at_far
 from largefr.eval.verification import embed_images
 
@@ -213,10 +216,19 @@ def score_templates(meta: IJBMeta, image_features: np.ndarray, *, use_detector_s
 def evaluate_ijb(model: nn.Module, root: str, target: str, *, batch_size: int, device: torch.device | str = "cpu",
                  workers: int = 4, flip: bool = True,
                  use_detector_score: bool = True) -> tuple[IJBResult, np.ndarray, np.ndarray]:
-    """(result, pair scores, pair labels) of the whole protocol on the IJB folder `root`."""
+    """(result, pair scores, pair labels) of the whole protocol on the IJB folder `root`.
+
+    The crops are aligned at the model's input size (the 112 px ArcFace template scaled), said in one line
+    when it is not 112.
+    """
     started = time.perf_counter()
     meta = read_ijb_meta(root, target)
-    image_features = embed_ijb_images(model, meta, batch_size=batch_size, device=device, flip=flip, workers=workers)
+    image_size = image_size_of(model)
+    if image_size != ARCFACE_SIZE:
+        print(f"{target}: loose crops aligned at the model's input size {image_size}x{image_size} (the ArcFace "
+              f"{ARCFACE_SIZE}x{ARCFACE_SIZE} template scaled)", file=sys.stderr, flush=True)
+    image_features = embed_ijb_images(model, meta, batch_size=batch_size, device=device, flip=flip, workers=workers,
+                                      image_size=image_size)
     result, scores = score_templates(meta, image_features, use_detector_score=use_detector_score)
     result.seconds = time.perf_counter() - started
     return result, scores, meta.pair_labels

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from largefr.data.verification_bin import decode_pairs, load_bin
+from largefr.eval.collapse import collapse_warning, mean_pairwise_cosine
+from largefr.eval.image_size import announce_bin_resize, image_size_of
 from largefr.eval.roc import tar_at_far
 from largefr.eval.verification import embed_images, verification_accuracy
 
@@ -49,20 +51,20 @@ class BinResult:
     far: float
     far_target: float
     seconds: float
+    mean_cosine: float = float("nan")
+    """Mean pairwise cosine of all the set's embeddings; above COLLAPSED_MEAN_COSINE the model collapsed."""
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def image_size_of(model: nn.Module, default: int = 112) -> int:
-    return int(getattr(model, "image_size", default))
-
-
 def embed_bin(model: nn.Module, path: str, *, batch_size: int, device: torch.device | str = "cpu",
               flip: bool = True, image_size: int | None = None) -> PairEmbeddings:
-    """Flip-sum embeddings of every image of the .bin at `path` (at the model's input side by default)."""
+    """Flip-sum embeddings of every image of the .bin at `path` (at the model's input side by default; images
+    of another size are resized, with one line saying so)."""
     image_size = image_size or image_size_of(model)
     images, issame = load_bin(path)
+    announce_bin_resize(path, images, image_size)
     chunk = max(1, DECODE_CHUNK_BATCHES * batch_size)
     parts = []
     for start in range(0, len(images), chunk):
@@ -78,7 +80,7 @@ def score_pairs(pairs: PairEmbeddings, *, name: str, path: str, far_target: floa
     tar = tar_at_far(pairs.cosines(), pairs.issame, (far_target,))[0]
     return BinResult(name=name, path=path, pairs=int(pairs.issame.size), accuracy=verification.accuracy,
                      std=verification.std, best_threshold=verification.best_threshold, tar=tar.tar, far=tar.far,
-                     far_target=far_target, seconds=seconds)
+                     far_target=far_target, seconds=seconds, mean_cosine=mean_pairwise_cosine(pairs.embeddings))
 
 
 def evaluate_bin(model: nn.Module, path: str, *, batch_size: int, device: torch.device | str = "cpu",
@@ -100,4 +102,5 @@ def format_table(results: list[BinResult]) -> str:
     if results:
         rows.append(f"TAR at FAR {results[0].far_target:g} (the FAR reached in brackets); threshold: squared L2 "
                     "distance of normalized flip-sum embeddings, mean of the 10 folds")
+    rows += filter(None, (collapse_warning(r.name, r.mean_cosine, 2 * r.pairs) for r in results))
     return "\n".join(rows)

@@ -239,7 +239,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         help="backbone name (default: inferred from the weights' names and shapes)")
     parser.add_argument("--embedding-size", type=int, default=None, help="default: inferred from the weights")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass, in this one process (default 64)")
 
 
 def load_backbone_from_args(args: argparse.Namespace) -> LoadedBackbone:

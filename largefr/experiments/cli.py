@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from largefr.cli_flags import add_option
 from largefr.experiments.grids import BUILTIN_GRIDS, load_grid
 from largefr.experiments.measure import DBSCAN_MIN_SAMPLES, DEFAULT_DBSCAN_EPS, MeasureOptions, heldout_identity_count
 from largefr.experiments.runner import (LAUNCHERS, RUN_DEFAULTS, TOOL_KEYS, PlanError, RunSpec, check_finished_runs,
@@ -48,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (runs/, table.md, table.json, table.png)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the setting's own (e.g. train.max_steps=100)")
-    parser.add_argument("--ranks", type=int, default=2, help="processes per run (default 2)")
+    add_option(parser, "--world", renamed_from=("--ranks",), type=int, default=2, help="ranks per run (default 2)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="auto",
-                        help="auto (default): deepspeed for --ranks > 1, plain python for 1")
+                        help="auto (default): deepspeed for --world > 1, plain python for 1")
     parser.add_argument("--heldout", default=None, help="folder of identity sub-folders to cluster (default: the "
                         "data folder's synth_heldout/ when it exists; else no clustering columns)")
     parser.add_argument("--dbscan-eps", type=float, default=DEFAULT_DBSCAN_EPS,
@@ -103,8 +104,8 @@ def _heldout_dir(args: argparse.Namespace, runs: list[RunSpec]) -> str | None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.ranks < 1:
-        raise PlanError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.world < 1:
+        raise PlanError(f"--world must be >= 1, got {args.world}")
     if args.dbscan_eps <= 0:
         raise PlanError(f"--dbscan-eps must be > 0 (a cosine distance), got {args.dbscan_eps}")
     if args.heldout is not None and not os.path.isdir(args.heldout):
@@ -137,8 +138,8 @@ def _execute(args: argparse.Namespace, runs: list[RunSpec]) -> tuple[list[dict],
     _refuse_other_measurements(runs, options)
     print(f"ablate: {len(runs)} runs, held-out clustering: {options.heldout_dir or 'none (no --heldout folder)'}",
           flush=True)
-    launch_command(args.launcher, args.ranks, args.config, [])  # a launcher that cannot start N ranks: refused now
-    return run_grid(runs, command_for=lambda run: launch_command(args.launcher, args.ranks, args.config, run.overrides),
+    launch_command(args.launcher, args.world, args.config, [])  # a launcher that cannot start N ranks: refused now
+    return run_grid(runs, command_for=lambda run: launch_command(args.launcher, args.world, args.config, run.overrides),
                     measure=lambda run: measure_run(run.config, options),
                     echo=lambda line: print(line, flush=True),
                     equal_run=lambda run: find_equal_run(run, [Path(d) for d in args.reuse], measured_with(options)))
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         grid, seeds, out = load_grid(args.grid), _seeds(args.seeds), Path(args.out)
-        runs = plan_runs(grid, args.config, args.set, seeds, out, world_size=args.ranks)
+        runs = plan_runs(grid, args.config, args.set, seeds, out, world_size=args.world)
         check_finished_runs(runs)
         results, failures = _execute(args, runs)
     except (ValueError, OSError, ImportError) as error:  # PlanError, GridError, data generation, a missing extra

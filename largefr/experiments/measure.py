@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from largefr.config import Config
+from largefr.eval.clustering import DBSCAN_EPS, DBSCAN_MIN_SAMPLES
 
 __all__ = ["MeasureOptions", "measured_with", "DEFAULT_DBSCAN_EPS", "DBSCAN_MIN_SAMPLES", "FAR_TARGET", "measure_run",
            "heldout_identity_count", "flat_metrics"]
 
-# Cosine distance 1 - cos: images above cosine 0.7 are neighbours. One fixed value, so every setting and
-# seed is clustered alike. Chosen on a 300-step quickstart model (cg+con+ali, 2 ranks) and its 50 x 10
-# held-out images: same-identity cosine mean 0.63, different-identity 99th percentile 0.60; DBSCAN F
-# 0.55 / 0.61 / 0.41 / 0.14 / 0.04 at eps 0.2 / 0.3 / 0.35 / 0.4 / 0.5 (larger radii chain identities).
-DEFAULT_DBSCAN_EPS = 0.3
-DBSCAN_MIN_SAMPLES = 2
+# One fixed radius (largefr.eval.clustering.DBSCAN_EPS, the tools' one default), so every setting and seed
+# is clustered alike. It was 0.3 until 2026-12-06 (the tables of docs/EXPERIMENTS.md measured so):
+# `--dbscan-eps 0.3` reproduces them and reuses their runs.
+DEFAULT_DBSCAN_EPS = DBSCAN_EPS
 FAR_TARGET = 1e-3
 
 
@@ -97,6 +96,8 @@ def flat_metrics(measured: dict[str, Any], wall_seconds: float) -> dict[str, flo
         metrics.update({f"{name}/accuracy": result["accuracy"], f"{name}/tar": result["tar"],
                         f"{name}/gap": result["gap"], f"{name}/positive_mean": result["positive_mean"],
                         f"{name}/negative_mean": result["negative_mean"]})
+        if "mean_cosine" in result:  # measured since 2026-12-06
+            metrics[f"{name}/mean_cosine"] = result["mean_cosine"]
     for method in ("kmeans", "dbscan"):
         if "heldout" in measured:
             metrics[f"heldout/{method}_f"] = measured["heldout"][method]["fscore"]

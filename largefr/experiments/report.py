@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from largefr.eval.collapse import COLLAPSED_MEAN_COSINE, is_collapsed
 from largefr.experiments.grids import Grid
 from largefr.experiments.stats import CONFIDENCE, paired_difference, summarize
 
@@ -18,7 +19,7 @@ __all__ = ["build_table", "write_report", "headline_metrics", "format_markdown"]
 _SCALES = {"accuracy": (100, 2, "acc %"), "tar": (100, 2, "TAR@FAR %"), "gap": (1, 3, "gap"),
            "positive_mean": (1, 3, "pos cos"), "negative_mean": (1, 3, "neg cos"), "kmeans_f": (100, 2, "kmeans F %"),
            "kmeans_nmi": (100, 2, "kmeans NMI %"), "dbscan_f": (100, 2, "DBSCAN F %"),
-           "dbscan_nmi": (100, 2, "DBSCAN NMI %"), "wall_seconds": (1, 0, "wall s")}
+           "dbscan_nmi": (100, 2, "DBSCAN NMI %"), "wall_seconds": (1, 0, "wall s"), "mean_cosine": (1, 4, "mean cos")}
 _HEADLINE = ("accuracy", "tar", "gap", "kmeans_f", "kmeans_nmi", "dbscan_f", "dbscan_nmi", "wall_seconds")
 
 
@@ -38,10 +39,16 @@ def headline_metrics(metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if _kind(m) in _HEADLINE]
 
 
+def collapsed(metrics: dict[str, float]) -> bool:
+    """A run whose embeddings collapsed on some verification set (mean pairwise cosine above the limit)."""
+    return any(is_collapsed(value) for name, value in metrics.items() if _kind(name) == "mean_cosine")
+
+
 def _setting_entry(name: str, overrides: Sequence[str], runs: dict[int, dict], baseline: dict[int, dict] | None,
                    metrics: Sequence[str]) -> dict[str, Any]:
     values = {m: {seed: r["metrics"].get(m) for seed, r in runs.items()} for m in metrics}
     entry = {"name": name, "overrides": list(overrides), "finished": len(runs), "finished_seeds": sorted(runs),
+             "collapsed_seeds": sorted(seed for seed, r in runs.items() if collapsed(r["metrics"])),
              "stats": {m: summarize(list(values[m].values())).as_dict() for m in metrics}, "paired": None}
     if baseline is not None:
         base = {m: {seed: r["metrics"].get(m) for seed, r in baseline.items()} for m in metrics}
@@ -56,7 +63,7 @@ def build_table(grid: Grid, seeds: Sequence[int], results: Sequence[dict], failu
     baseline = by_setting[grid.baseline.name]
     settings = [_setting_entry(s.name, s.overrides, by_setting[s.name], None if i == 0 else baseline, metrics)
                 for i, s in enumerate(grid.settings)]
-    runs = [{"setting": r["setting"], "seed": r["seed"], "metrics": r["metrics"],
+    runs = [{"setting": r["setting"], "seed": r["seed"], "metrics": r["metrics"], "collapsed": collapsed(r["metrics"]),
              "train_seconds": r.get("train_seconds"), "checkpoint": r.get("checkpoint")} for r in results]
     return {"grid": grid.name, "baseline": grid.baseline.name, "seeds": list(seeds), "confidence": CONFIDENCE,
             "metrics": metrics, "headline_metrics": headline_metrics(metrics), "settings": settings, "runs": runs,
@@ -93,13 +100,19 @@ def _paired_cell(metric: str, paired: dict) -> str:
     return _scaled(metric, paired["mean"], True) + interval
 
 
+def _setting_label(setting: dict[str, Any]) -> str:
+    """The setting's name, marked when some of its runs collapsed."""
+    bad = setting.get("collapsed_seeds") or []
+    return f"{setting['name']} (COLLAPSED: seed {','.join(map(str, bad))})" if bad else setting["name"]
+
+
 def format_markdown(table: dict[str, Any]) -> str:
     columns, seeds = table["headline_metrics"], len(table["seeds"])
     header = ["setting", "seeds", *(_header(m) for m in columns)]
-    means = [[s["name"], f"{s['finished']}/{seeds}",
+    means = [[_setting_label(s), f"{s['finished']}/{seeds}",
               *(f"{_scaled(m, s['stats'][m]['mean'])} +- {_scaled(m, s['stats'][m]['std'])}" for m in columns)]
              for s in table["settings"]]
-    paired = [[s["name"], str(s["paired"][columns[0]]["n"]) if columns else "0",
+    paired = [[_setting_label(s), str(s["paired"][columns[0]]["n"]) if columns else "0",
                *(_paired_cell(m, s["paired"][m]) for m in columns)] for s in table["settings"][1:]]
     lines = [f"# Grid {table['grid']}: {len(table['settings'])} settings x seeds "
              f"{','.join(map(str, table['seeds']))}, baseline {table['baseline']}", "",
@@ -108,44 +121,67 @@ def format_markdown(table: dict[str, Any]) -> str:
              f"Paired difference to {table['baseline']} (same seed), mean [95% t interval, n - 1 dof]; "
              "an interval that excludes 0 is beyond the seeds' noise.", "",
              *_markdown_table(["setting", "n", *header[2:]], paired)]
+    if any(s.get("collapsed_seeds") for s in table["settings"]):
+        lines += ["", f"COLLAPSED: runs whose embeddings collapsed (mean pairwise cosine above {COLLAPSED_MEAN_COSINE} on "
+                  "a verification set): every image looks alike, so their accuracy is chance, not a result; train longer "
+                  "or check the run"]
     if table["failures"]:
         lines += ["", "Failed runs:", *(f"- {f['setting']} seed {f['seed']}: {f['reason']} ({f['folder']})"
                                         for f in table["failures"])]
     return "\n".join(lines) + "\n"
 
 
-def plot_table(table: dict[str, Any], out_path: str) -> None:
-    """One panel per headline metric: a bar per setting (mean), error bar = sample std over seeds."""
+def averaged_over(table: dict[str, Any]) -> str:
+    """What a bar of table.png is: the mean over which seeds, and what its error bar is."""
+    seeds = table["seeds"]
+    if len(seeds) == 1:
+        return f"one run per setting (seed {seeds[0]}), no spread to show"
+    return f"bar: mean over the finished runs of seeds {','.join(map(str, seeds))}; error bar: sample std over them"
+
+
+def draw_table(table: dict[str, Any]):
+    """The figure of table.png: one panel per headline metric, a bar per setting (mean), error bar = sample std.
+
+    Bars start at zero (differences are read from the table's intervals, not from a zoomed axis); a
+    collapsed setting's bar is hatched grey and its name marked. The caller closes the figure.
+    """
     from largefr.eval.plots import _pyplot
 
     plt = _pyplot()
     columns = table["headline_metrics"] or ["wall_seconds"]
-    names = [s["name"] for s in table["settings"]]
+    names = [s["name"] + (" (collapsed)" if s.get("collapsed_seeds") else "") for s in table["settings"]]
     cols = min(4, len(columns))
     rows = math.ceil(len(columns) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, columns):
+        scale = _SCALES.get(_kind(metric), (1, 3, metric))[0]
+        stats = [s["stats"].get(metric, {"mean": None, "std": None}) for s in table["settings"]]
+        means = [scale * (st["mean"] if st["mean"] is not None else math.nan) for st in stats]
+        errors = [scale * (st["std"] or 0.0) for st in stats]
+        bars = ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+        for bar, setting in zip(bars, table["settings"]):
+            if setting.get("collapsed_seeds"):
+                bar.set_hatch("//")
+                bar.set_color("tab:gray")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize="small")
+        ax.set_title(_header(metric), fontsize="medium")
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(f"grid {table['grid']}: {averaged_over(table)}", fontsize="medium")
+    fig.tight_layout()
+    return fig
+
+
+def plot_table(table: dict[str, Any], out_path: str) -> None:
+    """table.png: `draw_table`'s figure."""
+    from largefr.eval.plots import _pyplot
+
+    fig = draw_table(table)
     try:
-        for ax, metric in zip(axes.flat, columns):
-            scale = _SCALES.get(_kind(metric), (1, 3, metric))[0]
-            stats = [s["stats"].get(metric, {"mean": None, "std": None}) for s in table["settings"]]
-            means = [scale * (st["mean"] if st["mean"] is not None else math.nan) for st in stats]
-            errors = [scale * (st["std"] or 0.0) for st in stats]
-            ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
-            ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize="small")
-            ax.set_title(_header(metric), fontsize="medium")
-            finite = [m for m in means if math.isfinite(m)]
-            if finite and _kind(metric) != "wall_seconds":  # zoom on the differences
-                low = min(m - e for m, e in zip(means, errors) if math.isfinite(m))
-                high = max(m + e for m, e in zip(means, errors) if math.isfinite(m))
-                pad = max(0.1 * (high - low), 1e-3 * scale)
-                ax.set_ylim(low - pad, high + pad)
-        for ax in list(axes.flat)[len(columns):]:
-            ax.axis("off")
-        fig.suptitle(f"grid {table['grid']}: mean +- std over seeds {','.join(map(str, table['seeds']))}")
-        fig.tight_layout()
         fig.savefig(out_path, dpi=110)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
 
 
 def write_report(table: dict[str, Any], out: Path) -> None:
@@ -155,3 +191,34 @@ def write_report(table: dict[str, Any], out: Path) -> None:
     write_json(str(out / "table.json"), table)
     (out / "table.md").write_text(format_markdown(table))
     plot_table(table, str(out / "table.png"))
+
+
+def table_from_markdown(text: str, after: str, *, grid: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """The plottable part of a table (means and stds per setting) from the first means table of `format_markdown`'s
+    form ('| setting | seeds | <set> acc % | ... |', cells 'mean +- std') that follows the line containing `after`.
+
+    For redrawing a report's figure where only its markdown survives (docs/EXPERIMENTS.md's tables).
+    """
+    kinds = {label: kind for kind, (_, _, label) in _SCALES.items()}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    header_at = next(i for i in range(start, len(lines)) if lines[i].startswith("| setting"))
+    cells = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
+    metrics = []
+    for column in cells(lines[header_at])[2:]:
+        label = next(label for label in sorted(kinds, key=len, reverse=True) if column.endswith(label))
+        prefix = column[:-len(label)].strip()
+        kind = kinds[label]
+        metrics.append(f"{prefix}/{kind}" if prefix else (kind if kind == "wall_seconds" else f"heldout/{kind}"))
+    settings = []
+    for line in lines[header_at + 2:]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        stats = {}
+        for metric, cell in zip(metrics, row[2:]):
+            scale = _SCALES[_kind(metric)][0]
+            mean, _, std = cell.partition("+-")
+            stats[metric] = {"mean": float(mean) / scale, "std": float(std) / scale if std.strip() else None}
+        settings.append({"name": row[0], "stats": stats, "collapsed_seeds": []})
+    return {"grid": grid, "seeds": list(seeds), "headline_metrics": metrics, "settings": settings}

@@ -23,12 +23,12 @@ from typing import Any
 from largefr.config import Config, ConfigError, load_config
 from largefr.experiments.grids import Grid, Setting
 from largefr.distributed.spawn import free_port
+from largefr.train.local_launch import LAUNCH_SCRIPT, deepspeed_local_prefix
 
 __all__ = ["RUN_DEFAULTS", "TOOL_KEYS", "LAUNCHERS", "RunSpec", "PlanError", "plan_runs", "run_grid",
            "RESULT_FILE", "LOG_FILE", "find_equal_run"]
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_SCRIPT = ROOT / "launch" / "train.py"
 RESULT_FILE, LOG_FILE = "result.json", "ablate.log"
 RUN_DEFAULTS = ("eval.every=0", "checkpoint.every=0")
 """Evaluation and checkpoint only at the end of each run: the tool measures the final checkpoint."""
@@ -95,11 +95,10 @@ def launch_command(launcher: str, ranks: int, config_path: str, overrides: Seque
     if launcher == "auto":
         launcher = "deepspeed" if ranks > 1 else "python"
     if launcher == "python" and ranks != 1:
-        raise PlanError(f"--launcher python starts one process; --ranks {ranks} needs deepspeed or torchrun")
+        raise PlanError(f"--launcher python starts one process; --world {ranks} needs deepspeed or torchrun")
     prefix = {
         "python": [sys.executable],
-        "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                      "--master_port", str(free_port())],
+        "deepspeed": deepspeed_local_prefix(ranks),
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                      "--master_port", str(free_port())],
     }[launcher]
@@ -148,6 +147,7 @@ def _computes(config: dict[str, Any]) -> Config:
     """A resolved config without the folders it writes to: what decides a run's numbers."""
     data = json.loads(json.dumps(config))
     data["output"], data["checkpoint"]["dir"] = "<run folder>", None
+    data.get("train", {}).pop("world", None)  # a note on the intended ranks; the launcher decides the real ones
     return Config.from_dict(data)
 
 

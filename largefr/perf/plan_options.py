@@ -2,14 +2,17 @@
 
 `add_plan_options(parser, ...)` adds one option per `PlanInputs` field (tools/plan_memory.py,
 tools/dry_run.py); `plan_inputs(args)` turns the parsed options back into a `PlanInputs`.
-`add_head_options` is the subset that describes the head alone (--dim, --sample-rate, --precision,
---chunk-size), for tools that choose classes, world sizes and batch their own way
-(tools/scale_classes.py). A default of None makes an option required.
+`add_head_options` is the subset that describes the head alone (--embedding-size, --sample-rate,
+--precision, --chunk-size), for tools that choose classes, world sizes and batch their own way
+(tools/scale_classes.py). A default of None makes an option required. Renamed options keep their old spelling for one release
+(--dim -> --embedding-size, --batch -> --batch-size; largefr.cli_flags) and their old `args` names
+(args.dim, args.batch).
 """
 from __future__ import annotations
 
 import argparse
 
+from largefr.cli_flags import add_option
 from largefr.config import LOGITS_DTYPES
 from largefr.perf.memory_plan import OPTIMIZERS, PlanInputs
 
@@ -19,8 +22,9 @@ def _default(value: object) -> dict:
 
 
 def add_head_options(parser: argparse.ArgumentParser, *, dim: int | None = None, sample_rate: float = 1.0) -> None:
-    """--dim, --sample-rate, --precision, --chunk-size: the head's shape as the planner reads it."""
-    parser.add_argument("--dim", type=int, help="embedding size d", **_default(dim))
+    """--embedding-size, --sample-rate, --precision, --chunk-size: the head's shape as the planner reads it."""
+    add_option(parser, "--embedding-size", renamed_from=("--dim",), dest="dim", type=int, metavar="D",
+               help="embedding size d", **_default(dim))
     parser.add_argument("--sample-rate", type=float, default=sample_rate, help="Partial FC sample rate in (0, 1]")
     parser.add_argument("--precision", choices=sorted(LOGITS_DTYPES), default="fp32", help="logits GEMM dtype")
     parser.add_argument("--chunk-size", type=int, default=0, help="low-memory head block width (0: default head)")
@@ -31,7 +35,8 @@ def add_plan_options(parser: argparse.ArgumentParser, *, classes: int | None = N
     """One option per `PlanInputs` field; the keyword arguments are the tool's defaults (None: required)."""
     parser.add_argument("--classes", type=int, help="total number of classes K", **_default(classes))
     parser.add_argument("--world", type=int, help="ranks sharing the classes", **_default(world))
-    parser.add_argument("--batch", type=int, help="per-rank batch B (global B_g = world * B)", **_default(batch))
+    add_option(parser, "--batch-size", renamed_from=("--batch",), dest="batch", type=int, metavar="B",
+               help="images per rank B (per process; global B_g = world * B)", **_default(batch))
     add_head_options(parser, dim=dim, sample_rate=sample_rate)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer (state per row)")
     parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.train.banner import resume_note, world_note
 from largefr.train.compile import prepare_step_modules
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.engine import accelerator_facts, build_deepspeed_config, build_optimizer, create_engine
@@ -86,14 +89,25 @@ def ensure_synthetic_data(config: Config, *, progress: bool = True) -> None:
 
     One process only (two generations into one folder race): rank 0 here, or tools/ablate.py before its runs.
     """
-    from largefr.data.synthetic import ensure_dataset
+    from largefr.data.synthetic import META_FILE, ensure_dataset
 
     data, synthetic = config.data, config.data.synthetic
+    first_time = progress and not os.path.isfile(os.path.join(data.data_dir, META_FILE))
+    if first_time:  # the generator's own progress lines carry no time; these two frame them
+        _stamped(f"generating the synthetic data set into {data.data_dir} (once; later runs reuse it)")
+    started = time.perf_counter()
     ensure_dataset(data.data_dir, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
                    pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
                    heldout_identities=synthetic.heldout_identities,
                    heldout_images_per_identity=synthetic.heldout_images_per_identity,
                    workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, replace_stale=True)
+    if first_time:
+        _stamped(f"synthetic data set ready in {time.perf_counter() - started:.0f} s")
+
+
+def _stamped(message: str) -> None:
+    """A timestamped largefr line on stdout, as the run's log lines look (before the run's logger exists)."""
+    print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] largefr: {message}", flush=True)
 
 
 def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
@@ -142,16 +156,27 @@ def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) ->
     return resolved
 
 
+def _verification_candidates(target: str, config: Config, folder: str | None) -> list[str]:
+    """Where a data.val_targets entry may be: a path (with '.bin' or a folder part) as given, relative to the
+    working directory; a bare name as <name>.bin in the data folder, beside data.images, then here."""
+    if target.endswith(".bin") or os.sep in target:
+        return [target] if target.endswith(".bin") else [target, f"{target}.bin"]
+    folders = [folder, config.data.images, os.getcwd()]
+    return list(dict.fromkeys(os.path.join(f, f"{target}.bin") for f in folders if f))
+
+
 def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
-    """(name, path) of every data.val_targets entry; a name means <data folder>/<name>.bin; a path may also be
-    a folder of identity sub-folders or of train.rec (pairs drawn as tools/eval_folder.py draws them)."""
+    """(name, path) of every data.val_targets entry (see _verification_candidates for where it is looked for); a
+    path may also be a folder of identity sub-folders or of train.rec (pairs drawn as tools/eval_folder.py draws
+    them)."""
     out = []
     for target in config.data.val_targets:
-        is_path = target.endswith(".bin") or os.sep in target
-        path = target if is_path else os.path.join(folder or "", f"{target}.bin")
-        if not (os.path.isfile(path) or os.path.isdir(path)):
-            raise DataSetupError(f"verification set {path} (data.val_targets entry {target!r}) does not exist: "
-                                 "put the .bin file (or identity folder) there or remove the entry")
+        candidates = _verification_candidates(target, config, folder)
+        path = next((c for c in candidates if os.path.isfile(c) or os.path.isdir(c)), None)
+        if path is None:
+            raise DataSetupError(f"verification set {target!r} (data.val_targets) not found; looked for "
+                                 f"{', '.join(candidates)}. Give a .bin path (or an identity folder) relative to the "
+                                 f"working directory ({os.getcwd()}) or an absolute one, or remove the entry")
         out.append((Path(path).name if os.path.isdir(path) else Path(path).stem, path))
     return out
 
@@ -264,7 +289,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     config = with_data_counts(config, folder, env)
     verification_sets = load_verification_sets(config, folder, env)
     loader = build_train_loader(config, folder, env)
-    resume_path = _resolve_resume(resume if resume is not None else config.checkpoint.resume, config)
+    requested = resume if resume is not None else config.checkpoint.resume
+    resume_path = _resolve_resume(requested, config)
     engine, encoder = build_engine(config, env, load_init=resume_path is None)
     parts = build_head(config, env)
     if config.head.init == "class_mean" and resume_path is None:
@@ -303,7 +329,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                       summary_path=os.path.join(config.output, "summary.json"),
                       stats_fn=_stats_fn(parts.head), rank=env.rank,
                       records_left_out=0 if config.data.loader == "synthetic" else len(loader.index.bad_keys))
-    _announce(config, env, trainer)
+    _announce(config, env, trainer, world_note(config, env.world_size),
+              resume_note(requested, resume_path, str(config.checkpoint_dir)))
     if resume_path is not None:
         checkpointer.restore(trainer, resume_path)
     return trainer
@@ -366,7 +393,7 @@ def _summary_fields(config: Config, env: DistributedEnv, global_batch: int) -> d
             "loader": config.data.loader, "launcher": env.launcher, "device": str(env.device)}
 
 
-def _announce(config: Config, env: DistributedEnv, trainer: Trainer) -> None:
+def _announce(config: Config, env: DistributedEnv, trainer: Trainer, *notes: str | None) -> None:
     if env.is_main:
         os.makedirs(config.output, exist_ok=True)
         Path(config.output, "config.json").write_text(config_to_json(config))
@@ -375,3 +402,5 @@ def _announce(config: Config, env: DistributedEnv, trainer: Trainer) -> None:
         f"largefr: {env.world_size} rank(s) via {env.launcher}, {env.backend} on {env.device}; "
         f"{config.model.network} ZeRO {config.train.zero_stage} {config.train.precision}; "
         f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; output {config.output}")
+    for note in filter(None, notes):
+        trainer.metrics.info(f"largefr: {note}")

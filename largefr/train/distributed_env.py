@@ -13,6 +13,8 @@ dies makes the others fail after `timeout` instead of hanging forever.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from largefr.distributed.spawn import free_port
+from largefr.quiet import quiet_stdout
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MEETING_TIMEOUT_S = 60.0
@@ -91,7 +94,11 @@ LOCK_RECHECK_S = 0.5
 
 
 class StaleBuildLockError(FileExistsError):
-    """A JIT build's `lock` file left by a build that was killed: every later start would wait on it forever."""
+    """A JIT build's `lock` file left by a killed build that could not be removed: every start would wait on it."""
+
+
+class RendezvousError(RuntimeError):
+    """The ranks could not meet (a busy port, an unreachable master, a missing peer); the message says which."""
 
 
 def _held_open(path: str) -> bool:
@@ -132,39 +139,111 @@ def stale_build_lock(op_name: str = SHM_COMM_OP) -> str | None:
     return lock if same_file and not _held_open(lock) else None
 
 
-def check_build_lock(op_name: str = SHM_COMM_OP) -> None:
-    """Raise StaleBuildLockError naming the file when a killed JIT build of `op_name` left its lock behind."""
+def clear_stale_build_lock(op_name: str = SHM_COMM_OP) -> str | None:
+    """Remove the lock a killed JIT build of `op_name` left (no process holds it), with one log line; its path.
+
+    Called by one process per machine before the ranks meet (`init_distributed`: local rank 0), so no rank
+    of this job can have started the build yet. StaleBuildLockError when the file cannot be removed.
+    """
     lock = stale_build_lock(op_name)
-    if lock is not None:
+    if lock is None:
+        return None
+    try:
+        os.remove(lock)
+    except FileNotFoundError:  # removed meanwhile (another job's start): nothing left to do
+        return lock
+    except OSError as error:
         raise StaleBuildLockError(
-            f"{lock}: a lock file left by a killed build of DeepSpeed's {op_name} op (no process holds it); "
-            "every start would wait on it forever. Delete it and start again (the op is then rebuilt), "
-            "or set TORCH_EXTENSIONS_DIR to another folder. If another machine sharing this folder is "
-            "building the op right now, wait for it instead")
+            f"{lock}: a lock file left by a killed build of DeepSpeed's {op_name} op (no process holds it) "
+            f"could not be removed ({error.strerror}); every start would wait on it forever. Delete it, or set "
+            "TORCH_EXTENSIONS_DIR to another folder") from error
+    print(f"largefr: removed {lock}, left by a killed build of DeepSpeed's {op_name} op (no process held it); "
+          "the op is built again", file=sys.stderr, flush=True)
+    return lock
+
+
+def _is_local_address(address: str) -> bool:
+    """True when `address` names this machine (where a busy port can be checked before the ranks meet)."""
+    if address in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
+        return True
+    try:
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _port_in_use(address: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def _port_busy_message(address: str, port: int, launcher: str) -> str:
+    return (f"the rendezvous port {address}:{port} (MASTER_PORT, set by {launcher}) is held by another process, "
+            f"so the ranks cannot meet there. Start with `python launch/train.py --world N ...` (it picks a free "
+            f"port), or give the launcher a free port: `deepspeed --master_port {free_port()} ...` "
+            f"(`torchrun --master_port ...`)")
+
+
+def check_rendezvous_port(launcher: str, environ: Mapping[str, str] | None = None) -> None:
+    """Before rank 0 meets the others: a launcher's MASTER_PORT on this machine that another process holds
+    raises RendezvousError naming it and the flag to change (torch would only say EADDRINUSE)."""
+    environ = os.environ if environ is None else environ
+    address, port = environ.get("MASTER_ADDR", ""), int(environ.get("MASTER_PORT", "0") or 0)
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent holds the port itself
+    if environ.get("RANK") != "0" or not port or agent_store or not _is_local_address(address):
+        return
+    if _port_in_use(address, port):
+        raise RendezvousError(_port_busy_message(address, port, launcher))
+
+
+def _meet(backend: str, timeout_s: float, device: torch.device, launcher: str) -> None:
+    """dist.init_process_group, with a failure reported as what it is: the ranks did not meet."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    try:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except (dist.DistError, RuntimeError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "EADDRINUSE" in first_line or "address already in use" in first_line:
+            raise RendezvousError(_port_busy_message(str(address), int(port or 0), launcher)) from error
+        raise RendezvousError(
+            f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not meet the others at "
+            f"{address}:{port} (MASTER_ADDR:MASTER_PORT, set by {launcher}) within {timeout_s:.0f} s: {first_line}. "
+            "Check that every rank was started with the same address and port and that rank 0 is running; "
+            "nothing was trained yet") from error
 
 
 def init_distributed(*, timeout_s: float | None = None, backend: str | None = None) -> DistributedEnv:
     """Create (or adopt) the default process group and DeepSpeed's comm backend; return who we are.
 
     timeout_s bounds every collective, so a rank that died makes the others fail instead of hang.
-    A stale JIT build lock of DeepSpeed's CPU comm op raises StaleBuildLockError instead of a silent wait.
+    A stale JIT build lock of DeepSpeed's CPU comm op is removed (one log line) instead of a silent wait; a
+    rendezvous that fails raises RendezvousError saying what failed (a busy port names the flag to change).
     """
     import deepspeed
 
-    check_build_lock()  # deepspeed.init_distributed JIT-builds its CPU comm op and would wait on a stale lock
     timeout_s = default_timeout_s() if timeout_s is None else timeout_s
     launcher = detect_launcher()
     if launcher == "single" and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank == 0:  # one process per machine, before any rank of this job can start the build
+        clear_stale_build_lock()  # deepspeed.init_distributed JIT-builds its CPU comm op: a stale lock hangs it
     device = _device_for(local_rank)
     backend = backend or _accelerator().communication_backend_name()
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
-                               timeout=timedelta(seconds=timeout_s))
+        check_rendezvous_port(launcher)
+        _meet(backend, timeout_s, device, launcher)
+    with quiet_stdout():  # its comm-op build prints one line per rank at every start
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
+                                   timeout=timedelta(seconds=timeout_s))
     meeting_group = None
     if dist.get_world_size() > 1:
         meeting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=min(timeout_s, MEETING_TIMEOUT_S)))

@@ -1,7 +1,8 @@
 """One training run from a config file, with the error handling every rank shares (used by launch/train.py).
 
 Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after writing a checkpoint), 1 a run-time
-error with a message (bad data, missing .bin, non-finite loss under 'abort', ...), 2 a config error.
+error with a message (bad data, missing .bin, non-finite loss under 'abort', ...), 2 a config error or an
+output folder that holds an earlier run (largefr/train/output_folder.py).
 Every rank validates the config and the files itself, so every rank exits with the message; the ranks
 that failed meet (bounded) before exiting, since a launcher kills every rank once one exits non-zero.
 Set LARGEFR_DEBUG=1 to get the traceback of a reported error.
@@ -37,12 +38,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from largefr.data.recordio import RecordIOError
     from largefr.data.verification_bin import VerificationBinError
     from largefr.train.build import DataSetupError
+    from largefr.train.distributed_env import RendezvousError
     from largefr.train.engine import EngineConfigError
     from largefr.train.step import NonFiniteLossError
     from largefr.train.warm_start import InitFromError
 
     return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
-            NonFiniteLossError, InitFromError, FileNotFoundError, FileExistsError)
+            NonFiniteLossError, InitFromError, RendezvousError, FileNotFoundError, FileExistsError)
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
@@ -67,13 +69,22 @@ def limit_cpu_threads() -> None:
 
 
 def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str | None = None,
-                 world_size: int = 1) -> int:
-    """Load, build, train; returns the process exit code."""
+                 overwrite: bool = False, world_size: int = 1) -> int:
+    """Load, build, train; returns the process exit code. See output_folder for `resume` and `overwrite`."""
     from largefr.train.distributed_env import meet_after_config_error
+    from largefr.train.output_folder import OutputFolderError, claim_output_folder
 
     try:
         config = load_config(config_path, overrides, world_size=world_size)
     except ConfigError as error:
+        report(str(error))
+        meet_after_config_error()
+        return EXIT_CONFIG
+    try:
+        claim_output_folder(config.output, str(config.checkpoint_dir), overwrite=overwrite,
+                            resume=resume if resume is not None else config.checkpoint.resume,
+                            rank=int(os.environ.get("RANK", "0")))
+    except OutputFolderError as error:
         report(str(error))
         meet_after_config_error()
         return EXIT_CONFIG
