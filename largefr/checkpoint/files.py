@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -130,13 +131,44 @@ def scan_engine_files(engine_dir: str) -> None:
             safe_load(os.path.join(engine_dir, relpath), deepspeed_file=True, mmap=True)
 
 
-def save_file(obj: Any, path: str, where: str) -> None:
-    """`torch.save` after checking `obj` is plain data; fsync so the manifest never outruns the data."""
+def save_file(obj: Any, path: str, where: str) -> dict[str, Any]:
+    """`torch.save` after checking `obj` is plain data; fsync so the manifest never outruns the data.
+
+    Returns the file's size and sha256 (as `file_digest`), hashed from the bytes as they are written:
+    no second read of the file.
+    """
     check_plain(obj, where)
     with open(path, "wb") as handle:
-        torch.save(obj, handle)
+        writer = _HashingWriter(handle)
+        torch.save(obj, writer)
         handle.flush()
         os.fsync(handle.fileno())
+    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through (torch.save writes in order, as memoryviews)."""
+
+    def __init__(self, handle: io.BufferedWriter):
+        super().__init__()
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        written = self.handle.write(data)
+        self.size += written
+        return written
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 # ---------------------------------------------------------------------------------------------

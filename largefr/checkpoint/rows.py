@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from largefr.checkpoint.files import CheckpointError, safe_load
+from largefr.checkpoint.files import CheckpointError, check_plain, safe_load
 
 ROW_BLOCK_BYTES = 16 << 20
 """Largest piece of rows moved through the scratch block: the restore's and the reshard's memory
@@ -236,11 +236,10 @@ def write_placeholder(obj: Mapping[str, Any], path: str, rows: Mapping[str, tupl
     Nothing of the rows' size is allocated."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from largefr.checkpoint.files import save_file
-
+    check_plain(obj, where)
     with FakeTensorMode():
         fake = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in rows.items()}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
-        save_file({**obj, "rows": fake}, path, where)
+        torch.save({**obj, "rows": fake}, path)  # to a path: torch seeks over the rows (fsync: the caller's)
     meta = load_meta(path)
     return {name: row_span(tensor, f"{path}: rows '{name}'") for name, tensor in meta["rows"].items()}

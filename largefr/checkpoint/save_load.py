@@ -125,7 +125,8 @@ def _make_tmp_dir(root: str, step: int, group) -> str:
 
 
 def _write_own_files(tmp: str, step: int, partition: ClassPartition, head_rows: Mapping[str, torch.Tensor],
-                     head_extra: Mapping[str, Any] | None, replicated: Mapping[str, Any] | None) -> None:
+                     head_extra: Mapping[str, Any] | None, replicated: Mapping[str, Any] | None) -> dict[str, Any]:
+    """This rank's head file (and on rank 0 replicated.pt); their digests, taken while writing."""
     for name, tensor in head_rows.items():
         if tensor.dim() < 1 or tensor.shape[0] != partition.num_local:
             raise CheckpointError(f"head rows '{name}' have shape {list(tensor.shape)}; dim 0 must be num_local "
@@ -133,17 +134,20 @@ def _write_own_files(tmp: str, step: int, partition: ClassPartition, head_rows: 
     head = {"num_classes": partition.num_classes, "class_start": partition.start, "class_end": partition.end,
             "world_size": partition.world_size, "rank": partition.rank,
             "rows": {name: t.detach().cpu().contiguous() for name, t in head_rows.items()}, "extra": dict(head_extra or {})}
-    save_file(head, os.path.join(tmp, head_file_name(partition.rank, partition.world_size)),
-              f"head state of rank {partition.rank}")
+    head_name = head_file_name(partition.rank, partition.world_size)
+    digests = {head_name: save_file(head, os.path.join(tmp, head_name), f"head state of rank {partition.rank}")}
     if partition.rank == 0:
         if replicated is None:
             raise CheckpointError("rank 0 must pass the replicated state")
-        save_file({"step": step, **replicated}, os.path.join(tmp, REPLICATED_NAME), "replicated state")
+        digests[REPLICATED_NAME] = save_file({"step": step, **replicated}, os.path.join(tmp, REPLICATED_NAME),
+                                             "replicated state")
+    return digests
 
 
 def _digest_share(tmp: str, names: list[str], rank: int, world: int) -> dict[str, Any]:
-    """Each rank hashes (and fsyncs) every world-th file: the cost is spread over the ranks."""
-    return {name: file_digest(os.path.join(tmp, name)) for i, name in enumerate(names) if i % world == rank}
+    """Each rank hashes (and fsyncs) every world-th of the files no rank hashed while writing (DeepSpeed's)."""
+    others = [name for name in names if not HEAD_FILE_PATTERN.match(name) and name != REPLICATED_NAME]
+    return {name: file_digest(os.path.join(tmp, name)) for i, name in enumerate(others) if i % world == rank}
 
 
 def _engine_entry(engine, world: int) -> dict[str, Any] | None:
@@ -169,11 +173,11 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
     tmp = _make_tmp_dir(ckpt_root, step, group)
     if engine is not None:
         engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
-    _, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
+    written, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
     _raise_together(error, group)
     _debug_die_mid_save(step, rank)
     names = _broadcast_from_first(list_files(tmp), group)
-    digests, error = _attempt(lambda: _digest_share(tmp, names, rank, world))
+    digests, error = _attempt(lambda: {**written, **_digest_share(tmp, names, rank, world)})
     gathered = _all_gather((digests, error, row_schema(head_rows)), group)
     failure = next((e for _, e, _ in gathered if e), None)
     if failure is not None:  # every rank holds the same gathered list: all raise alike
