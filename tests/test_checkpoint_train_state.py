@@ -134,7 +134,10 @@ def _assert_tree_equal(actual, expected, where: str) -> None:
             assert torch.equal(actual[key], expected[key]), f"{where}.{key}"
 
 
-@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2, 3, pytest.param(4, marks=pytest.mark.slow)])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, marks=SLOW), 2, 3, pytest.param(4, marks=SLOW)])
 def test_head_state_restores_exactly_on_another_world_size(saved, world):
     root, saved_ranks, restored_here = saved
     restored = restored_here if world == len(saved_ranks) else run_distributed(_restore, world, root)

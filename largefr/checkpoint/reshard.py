@@ -2,7 +2,8 @@
 
 A checkpoint written by W ranks holds one head file per rank with the rows of its class range
 (`ClassPartition(num_classes, W, r)`). A run on M ranks reads, for its own range, only the old
-files whose ranges overlap it, and stitches the rows together by class id.
+files whose ranges overlap it, and copies their rows block by block into its destination tensors
+at their class ids (`largefr.checkpoint.rows`).
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, MANIFEST_NAME, REPLICATED_NAME, STEP_DIR_PATTERN,
-                                      CheckpointError, file_digest,
+from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, MANIFEST_NAME, REPLICATED_NAME,
+                                      STEP_DIR_PATTERN, CheckpointError, file_digest,
                                       fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
                                       safe_load, save_file, scan_engine_files, step_dir_name,
                                       validate_checkpoint, verify_digests, write_manifest)
@@ -133,9 +133,10 @@ def _write_own_files(tmp: str, step: int, partition: ClassPartition, head_rows: 
                                   f"= {partition.num_local} (classes [{partition.start}, {partition.end}))")
     head = {"num_classes": partition.num_classes, "class_start": partition.start, "class_end": partition.end,
             "world_size": partition.world_size, "rank": partition.rank,
-            "rows": {name: t.detach().cpu().contiguous() for name, t in head_rows.items()}, "extra": dict(head_extra or {})}
-    head_name = head_file_name(partition.rank, partition.world_size)
-    digests = {head_name: save_file(head, os.path.join(tmp, head_name), f"head state of rank {partition.rank}")}
+            "rows": {name: t.detach().cpu().contiguous() for name, t in head_rows.items()},  # rows lie in order
+            "extra": dict(head_extra or {})}
+    name = head_file_name(partition.rank, partition.world_size)
+    digests = {name: save_file(head, os.path.join(tmp, name), f"head state of rank {partition.rank}")}
     if partition.rank == 0:
         if replicated is None:
             raise CheckpointError("rank 0 must pass the replicated state")
