@@ -137,7 +137,10 @@ def _assert_tree_equal(actual, expected, where: str) -> None:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("world", [pytest.param(1, marks=SLOW), 2, 3, pytest.param(4, marks=SLOW)])
+# the default run keeps 2 -> 2 (restored in the fixture's processes); rows re-split on every world change
+# are in the default run of tests/test_checkpoint_stream.py
+@pytest.mark.parametrize("world", [pytest.param(1, marks=SLOW), 2, pytest.param(3, marks=SLOW),
+                                   pytest.param(4, marks=SLOW)])
 def test_head_state_restores_exactly_on_another_world_size(saved, world):
     root, saved_ranks, restored_here = saved
     restored = restored_here if world == len(saved_ranks) else run_distributed(_restore, world, root)
