@@ -3,10 +3,13 @@
     python tools/reshard_checkpoint.py --checkpoint DIR --world N --out NEW_DIR
 
 Head shards (classifier, bank, phi and their optimizer rows) are re-split by class range for N
-ranks; per-rank extras (RNG states) are dropped. The replicated state is copied. DeepSpeed's engine
-files are copied when they load on N ranks (ZeRO 0, or the same world size); ZeRO-1/2 optimizer
-partitions of another world size are converted to DeepSpeed's universal checkpoint format, which
-the trainer restores on any number of ranks. Resume with `checkpoint.resume=NEW_DIR`.
+ranks, streamed: each old head file is read once, its sha256 checked on the way, and its rows
+written into the new files one block at a time (`largefr.checkpoint.rows.ROW_BLOCK_BYTES`), so
+the tool's memory does not grow with the checkpoint. Per-rank extras (RNG states) are dropped.
+The replicated state is checked and copied. DeepSpeed's engine files are copied when they load on
+N ranks (ZeRO 0, or the same world size); ZeRO-1/2 optimizer partitions of another world size are
+converted to DeepSpeed's universal checkpoint format, which the trainer restores on any number of
+ranks. Resume with `checkpoint.resume=NEW_DIR`.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.world < 1:
             raise ValueError(f"--world must be >= 1, got {args.world}")
-        out = reshard_checkpoint(locate_checkpoint(args.checkpoint), args.out, args.world)
+        out = reshard_checkpoint(locate_checkpoint(args.checkpoint), args.out, args.world,
+                                 log=lambda line: print(line, flush=True))
     except (CheckpointError, ValueError, OSError) as error:
         print(f"reshard_checkpoint: error: {error}", file=sys.stderr)
         return 2

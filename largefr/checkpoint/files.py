@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -40,6 +41,10 @@ def step_dir_name(step: int) -> str:
 
 def head_file_name(rank: int, world_size: int) -> str:
     return f"head_rank{rank:05d}_of{world_size:05d}.pt"
+
+
+HEAD_FILE_PATTERN = re.compile(r"^head_rank\d{5}_of\d{5}\.pt$")
+"""Names `head_file_name` gives."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,16 +89,17 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, *, deepspeed_file: bool = False, mmap: bool = False) -> Any:
+def safe_load(path: str, *, deepspeed_file: bool = False, mmap: bool = False, map_location: str = "cpu") -> Any:
     """`torch.load(weights_only=True)`: no pickled code runs; a file that needs it is refused.
 
     `deepspeed_file` allows the few DeepSpeed classes its engine files contain. `mmap` maps tensor
-    storage instead of reading it (cheap scans, row slices of large head files).
+    storage instead of reading it (cheap scans). `map_location="meta"` reads no tensor data at all
+    (`largefr.checkpoint.rows.load_meta`: where the rows of a head file lie).
     """
     allowed = _deepspeed_safe_globals() if deepspeed_file else []
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(str(error))
         raise CheckpointError(
@@ -125,13 +131,44 @@ def scan_engine_files(engine_dir: str) -> None:
             safe_load(os.path.join(engine_dir, relpath), deepspeed_file=True, mmap=True)
 
 
-def save_file(obj: Any, path: str, where: str) -> None:
-    """`torch.save` after checking `obj` is plain data; fsync so the manifest never outruns the data."""
+def save_file(obj: Any, path: str, where: str) -> dict[str, Any]:
+    """`torch.save` after checking `obj` is plain data; fsync so the manifest never outruns the data.
+
+    Returns the file's size and sha256 (as `file_digest`), hashed from the bytes as they are written:
+    no second read of the file.
+    """
     check_plain(obj, where)
     with open(path, "wb") as handle:
-        torch.save(obj, handle)
+        writer = _HashingWriter(handle)
+        torch.save(obj, writer)
         handle.flush()
         os.fsync(handle.fileno())
+    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through (torch.save writes in order, as memoryviews)."""
+
+    def __init__(self, handle: io.BufferedWriter):
+        super().__init__()
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        written = self.handle.write(data)
+        self.size += written
+        return written
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,12 +183,17 @@ def list_files(directory: str) -> list[str]:
     return sorted(found)
 
 
+DIGEST_BLOCK_BYTES = 8 << 20
+"""Bytes `file_digest` reads at a time."""
+
+
 def file_digest(path: str) -> dict[str, Any]:
     """Size and sha256 of a file; also fsyncs it (files written by DeepSpeed are not)."""
     sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            sha.update(block)
+    block = memoryview(bytearray(DIGEST_BLOCK_BYTES))  # one buffer, reused: memory stays one block
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(block):
+            sha.update(block[:count])
         os.fsync(handle.fileno())
     return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
 
@@ -233,11 +275,14 @@ def validate_checkpoint(path: str) -> dict[str, Any]:
 def verify_digests(path: str, manifest: Mapping[str, Any], relpaths: Iterable[str]) -> None:
     """Hash the named files and compare with the manifest (detects silent corruption)."""
     for relpath in relpaths:
-        expected = manifest["files"][relpath]
-        actual = file_digest(os.path.join(path, relpath))
-        if actual["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: file {relpath} does not match the sha256 in the manifest: "
-                                  "it is corrupted; resume from an earlier checkpoint")
+        check_digest(path, manifest, relpath, file_digest(os.path.join(path, relpath))["sha256"])
+
+
+def check_digest(path: str, manifest: Mapping[str, Any], relpath: str, sha256: str) -> None:
+    """Raise unless `sha256` (of file `relpath` of checkpoint `path`) is the one its manifest records."""
+    if sha256 != manifest["files"][relpath]["sha256"]:
+        raise CheckpointError(f"checkpoint {path}: file {relpath} does not match the sha256 in the manifest: "
+                              "it is corrupted; resume from an earlier checkpoint")
 
 
 def list_step_dirs(root: str) -> list[tuple[int, str]]:

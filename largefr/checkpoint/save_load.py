@@ -42,12 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.checkpoint.files import (ENGINE_TAG, MANIFEST_NAME, REPLICATED_NAME, STEP_DIR_PATTERN,
-                                      CheckpointError, file_digest,
+from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, MANIFEST_NAME, REPLICATED_NAME,
+                                      STEP_DIR_PATTERN, CheckpointError, file_digest,
                                       fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
                                       safe_load, save_file, scan_engine_files, step_dir_name,
                                       validate_checkpoint, verify_digests, write_manifest)
-from largefr.checkpoint.reshard import check_compatible, gather_head_rows, load_head_rows, row_schema
+from largefr.checkpoint.reshard import (allocate_rows, check_compatible, load_head_rows, restore_head_rows,
+                                        row_schema)
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 
@@ -124,25 +125,30 @@ def _make_tmp_dir(root: str, step: int, group) -> str:
 
 
 def _write_own_files(tmp: str, step: int, partition: ClassPartition, head_rows: Mapping[str, torch.Tensor],
-                     head_extra: Mapping[str, Any] | None, replicated: Mapping[str, Any] | None) -> None:
+                     head_extra: Mapping[str, Any] | None, replicated: Mapping[str, Any] | None) -> dict[str, Any]:
+    """This rank's head file (and on rank 0 replicated.pt); their digests, taken while writing."""
     for name, tensor in head_rows.items():
         if tensor.dim() < 1 or tensor.shape[0] != partition.num_local:
             raise CheckpointError(f"head rows '{name}' have shape {list(tensor.shape)}; dim 0 must be num_local "
                                   f"= {partition.num_local} (classes [{partition.start}, {partition.end}))")
     head = {"num_classes": partition.num_classes, "class_start": partition.start, "class_end": partition.end,
             "world_size": partition.world_size, "rank": partition.rank,
-            "rows": {name: t.detach().cpu() for name, t in head_rows.items()}, "extra": dict(head_extra or {})}
-    save_file(head, os.path.join(tmp, head_file_name(partition.rank, partition.world_size)),
-              f"head state of rank {partition.rank}")
+            "rows": {name: t.detach().cpu().contiguous() for name, t in head_rows.items()},  # rows lie in order
+            "extra": dict(head_extra or {})}
+    name = head_file_name(partition.rank, partition.world_size)
+    digests = {name: save_file(head, os.path.join(tmp, name), f"head state of rank {partition.rank}")}
     if partition.rank == 0:
         if replicated is None:
             raise CheckpointError("rank 0 must pass the replicated state")
-        save_file({"step": step, **replicated}, os.path.join(tmp, REPLICATED_NAME), "replicated state")
+        digests[REPLICATED_NAME] = save_file({"step": step, **replicated}, os.path.join(tmp, REPLICATED_NAME),
+                                             "replicated state")
+    return digests
 
 
 def _digest_share(tmp: str, names: list[str], rank: int, world: int) -> dict[str, Any]:
-    """Each rank hashes (and fsyncs) every world-th file: the cost is spread over the ranks."""
-    return {name: file_digest(os.path.join(tmp, name)) for i, name in enumerate(names) if i % world == rank}
+    """Each rank hashes (and fsyncs) every world-th of the files no rank hashed while writing (DeepSpeed's)."""
+    others = [name for name in names if not HEAD_FILE_PATTERN.match(name) and name != REPLICATED_NAME]
+    return {name: file_digest(os.path.join(tmp, name)) for i, name in enumerate(others) if i % world == rank}
 
 
 def _engine_entry(engine, world: int) -> dict[str, Any] | None:
@@ -168,11 +174,11 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
     tmp = _make_tmp_dir(ckpt_root, step, group)
     if engine is not None:
         engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
-    _, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
+    written, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
     _raise_together(error, group)
     _debug_die_mid_save(step, rank)
     names = _broadcast_from_first(list_files(tmp), group)
-    digests, error = _attempt(lambda: _digest_share(tmp, names, rank, world))
+    digests, error = _attempt(lambda: {**written, **_digest_share(tmp, names, rank, world)})
     gathered = _all_gather((digests, error, row_schema(head_rows)), group)
     failure = next((e for _, e, _ in gathered if e), None)
     if failure is not None:  # every rank holds the same gathered list: all raise alike
@@ -324,7 +330,8 @@ class LoadedCheckpoint:
     path: str
     step: int
     head_rows: dict[str, torch.Tensor]
-    """Rows of this rank's class range, re-split by class id if the world size changed."""
+    """Rows of this rank's class range (the destinations passed in, filled), re-split by class id if the
+    world size changed."""
     head_extra: dict[str, Any] | None
     """This rank's saved extras; None when the world size changed (they do not map to new ranks)."""
     replicated: dict[str, Any]
@@ -333,34 +340,44 @@ class LoadedCheckpoint:
     """False when the engine optimizer was re-initialised from the loaded weights."""
 
 
-def _read_local(path: str, manifest: Mapping[str, Any], partition: ClassPartition,
-                verify: bool) -> tuple[dict, dict | None, dict]:
-    """Verify hashes (this rank's share), scan engine files, read head rows and replicated state."""
+def _read_local(path: str, manifest: Mapping[str, Any], partition: ClassPartition, rows: Mapping[str, torch.Tensor],
+                verify: bool) -> tuple[dict | None, dict]:
+    """Verify hashes (this rank's share), scan engine files, fill the head rows, read the replicated state.
+
+    Head files are hashed while their rows are read (`restore_head_rows`); the other files are
+    shared out over the ranks and hashed by reading them.
+    """
     if verify:
-        names = sorted(manifest["files"])
+        others = sorted(name for name in manifest["files"] if not HEAD_FILE_PATTERN.match(name))
         rank, world = partition.rank, partition.world_size
-        verify_digests(path, manifest, [n for i, n in enumerate(names) if i % world == rank])
+        verify_digests(path, manifest, [n for i, n in enumerate(others) if i % world == rank])
     if manifest["engine"] is not None:
         scan_engine_files(os.path.join(path, ENGINE_TAG))
-    rows, extra = gather_head_rows(path, manifest, partition)
-    return rows, extra, safe_load(os.path.join(path, REPLICATED_NAME))
+    extra = restore_head_rows(path, manifest, partition, rows, verify=verify)
+    return extra, safe_load(os.path.join(path, REPLICATED_NAME))
 
 
 def load_checkpoint(path: str, *, engine, partition: ClassPartition, group=None,
-                    expected_rows: Mapping[str, Any] | None = None, verify: bool = True) -> LoadedCheckpoint:
-    """Restore the engine in place and return the head rows, extras and replicated state; collective.
+                    expected_rows: Mapping[str, Any] | None = None, verify: bool = True,
+                    rows: Mapping[str, torch.Tensor] | None = None) -> LoadedCheckpoint:
+    """Restore the engine in place, fill the head rows and return them with the extras and replicated
+    state; collective.
 
     expected_rows: name -> row width (shape after dim 0) this run uses; a checkpoint with other
-    names or widths is refused. verify: compare sha256 digests (each rank hashes a share).
+    names or widths is refused. verify: compare sha256 digests (each rank hashes a share). rows:
+    name -> destination tensor of this rank's class range (the live classifier, optimizer and bank
+    tensors), filled in place block by block; None allocates new CPU tensors. On an error the
+    destinations may be partly overwritten (every rank raises).
     """
     _check_group(partition, group)
     manifest = validate_checkpoint(path)  # same files on every rank: all ranks raise alike
     check_compatible(path, manifest, partition.num_classes, expected_rows)
-    result, error = _attempt(lambda: _read_local(path, manifest, partition, verify))
+    destinations = dict(rows) if rows is not None else allocate_rows(manifest, partition)
+    result, error = _attempt(lambda: _read_local(path, manifest, partition, destinations, verify))
     _raise_together(error, group)
-    rows, extra, replicated = result
+    extra, replicated = result
     restored = _load_engine(engine, path, manifest, partition.world_size) if engine is not None else False
-    return LoadedCheckpoint(path=path, step=manifest["step"], head_rows=rows, head_extra=extra,
+    return LoadedCheckpoint(path=path, step=manifest["step"], head_rows=destinations, head_extra=extra,
                             replicated=replicated, saved_world_size=manifest["world_size"],
                             engine_optimizer_restored=restored)
 

@@ -24,13 +24,22 @@ generator is restored only on CUDA from a CUDA checkpoint (else it keeps the see
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 import torch
 
+from largefr.checkpoint.files import validate_checkpoint
 from largefr.checkpoint.save_load import (CheckpointError, LoadedCheckpoint, capture_generator_state, capture_rng_state,
                                           load_checkpoint, restore_generator_state, restore_rng_state, save_checkpoint)
+from largefr.distributed.collectives import all_gather_rows
 from largefr.heads.joint import ClusterGuidedHead
+
+
+OPTIM_PREFIX = "optim."
+"""Head row names of the row-sparse optimizer's per-row state: `optim.<state key>`."""
+BANK_PREFIX = "bank."
+"""Head row names of the cluster bank's buffers: `bank.<buffer name>`."""
 
 
 class TrainingCheckpointer:
@@ -57,9 +66,9 @@ class TrainingCheckpointer:
     def head_rows(self) -> dict[str, torch.Tensor]:
         rows = {"weight": self.weight.detach()}
         for key, value in self.weight_optimizer.state.get(self.weight, {}).items():
-            rows[f"optim.{key}"] = value
+            rows[f"{OPTIM_PREFIX}{key}"] = value
         if self.head.bank is not None:
-            rows.update({f"bank.{name}": buffer for name, buffer in self.head.bank.named_buffers()})
+            rows.update({f"{BANK_PREFIX}{name}": buffer for name, buffer in self.head.bank.named_buffers()})
         return rows
 
     def head_extra(self) -> dict[str, Any]:
@@ -100,16 +109,24 @@ class TrainingCheckpointer:
     # ---- restore ------------------------------------------------------------------------------
     def restore(self, trainer, path: str) -> LoadedCheckpoint:
         self.check_same_model(path)
+        destinations = self.row_destinations(path)
         loaded = load_checkpoint(path, engine=trainer.runner.engine, partition=self.head.partition,
-                                 group=self.head.group)
-        self._restore_rows(path, loaded.head_rows)
+                                 group=self.head.group, rows=destinations)
+        self._adopt_optimizer_rows(destinations)
         if loaded.head_extra is not None:
             self._restore_samplers(trainer, loaded.head_extra, loaded.step)
             restore_rng_state(loaded.head_extra["rng"], self.device)
         self._restore_replicated(path, loaded.replicated, trainer)
+        peaks = ", ".join(f"{peak / 2**30:.2f}" for peak in self._peak_resident_bytes_per_rank())
         trainer.metrics.info(f"resumed from {path} (step {loaded.step}, saved by {loaded.saved_world_size} ranks"
-                             f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'})")
+                             f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'}); "
+                             f"peak resident memory per rank so far: {peaks} GiB")
         return loaded
+
+    def _peak_resident_bytes_per_rank(self) -> list[float]:
+        """Every rank's peak resident memory (the process's high-water mark: build and restore)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return all_gather_rows(torch.tensor([float(peak)], device=self.device), self.head.group).tolist()
 
     def _restore_samplers(self, trainer, extra: dict[str, Any], step: int) -> None:
         """The sampling generators' states; re-seeded per step when saved on another device type."""
@@ -135,24 +152,33 @@ class TrainingCheckpointer:
                 raise CheckpointError(f"checkpoint {path} was written with {section}.{key}={theirs!r}, this run has "
                                       f"{ours!r}: resume with the same {section}.{key} or use a new output folder")
 
-    def _restore_rows(self, path: str, rows: dict[str, torch.Tensor]) -> None:
-        if tuple(rows["weight"].shape) != tuple(self.weight.shape):
-            raise CheckpointError(f"checkpoint {path}: classifier rows of shape {tuple(rows['weight'].shape)}, this "
-                                  f"run has {tuple(self.weight.shape)} (embedding size differs?)")
-        with torch.no_grad():
-            self.weight.copy_(rows["weight"])
-        state = {key[len("optim."):]: value.to(self.weight.device) for key, value in rows.items()
-                 if key.startswith("optim.")}
-        if state:
-            self.weight_optimizer.state[self.weight] = state
+    def row_destinations(self, path: str) -> dict[str, torch.Tensor]:
+        """The live tensors the saved head rows are read into, block by block: W, the row-sparse optimizer's
+        per-row state (created empty where the optimizer has not stepped yet: it is training memory) and
+        the bank's buffers. Names, shapes and dtypes are checked against the checkpoint by the loader."""
+        saved = validate_checkpoint(path)["rows"]
+        destinations = {"weight": self.weight.detach()}
+        state = self.weight_optimizer.state.get(self.weight, {})
+        for name, entry in saved.items():
+            if name.startswith(OPTIM_PREFIX):
+                shape, dtype = (self.weight.shape[0], *entry["shape"]), getattr(torch, entry["dtype"])
+                current = state.get(name[len(OPTIM_PREFIX):])
+                fits = torch.is_tensor(current) and current.shape == shape and current.dtype == dtype
+                destinations[name] = current if fits else torch.empty(shape, dtype=dtype, device=self.weight.device)
         if self.head.bank is not None:
-            bank_rows = {key[len("bank."):]: value for key, value in rows.items() if key.startswith("bank.")}
-            missing = [name for name, _ in self.head.bank.named_buffers() if name not in bank_rows]
+            buffers = dict(self.head.bank.named_buffers())
+            missing = [name for name in buffers if f"{BANK_PREFIX}{name}" not in saved]
             if missing:
                 raise CheckpointError(f"checkpoint {path} has no cluster bank rows {missing}: it was written with the "
                                       "cluster terms off; resume with the same cluster settings")
-            for name, buffer in self.head.bank.named_buffers():
-                buffer.copy_(bank_rows[name])
+            destinations.update({f"{BANK_PREFIX}{name}": buffer for name, buffer in buffers.items()})
+        return destinations
+
+    def _adopt_optimizer_rows(self, destinations: dict[str, torch.Tensor]) -> None:
+        state = {name[len(OPTIM_PREFIX):]: tensor for name, tensor in destinations.items()
+                 if name.startswith(OPTIM_PREFIX)}
+        if state:
+            self.weight_optimizer.state[self.weight] = state
 
     def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer) -> None:
         loop = replicated["loop"]
