@@ -27,7 +27,7 @@ from largefr.perf.memory_plan import PlanInputs, phase_peaks
 from largefr.perf.scale_run import SCALE_OVERRIDES, run_scale_point
 
 DEFAULT_SET = ["head.sample_rate=0.1", "optim.name=sgd", "model.embedding_size=128", "train.batch_size=32"]
-PHASE_OF = {"train": "training step", "resume": "resume", "reshard": "reshard (one output shard)"}
+PHASE_OF = {"train": "training step", "resume": "resume", "reshard": "reshard"}
 """Measured phase -> its planner phase (largefr.perf.memory_plan.RUN_PHASES)."""
 PROCESS_KIND = {"train": "trainer", "resume": "trainer", "reshard": "reshard tool"}
 """Phases run by the same program share its own (non-head) memory, measured once at the smallest point."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from largefr.checkpoint.rows import ROW_BLOCK_BYTES
 from largefr.config import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
 
@@ -269,9 +270,8 @@ def format_plan(plan: RankPlan, inputs: PlanInputs) -> str:
     return "\n".join(lines)
 
 
-RESTORE_BLOCK_BYTES = 64 * 2**20
-"""Bytes of one block of rows a restore or reshard copies at a time (largefr.checkpoint)."""
-RUN_PHASES = ("training step", "checkpoint save", "resume", "reshard (one output shard)", "class-mean warm start")
+RUN_PHASES = ("training step", "checkpoint save", "resume", "class-mean warm start")
+"""Phases of a run whose per-rank peak grows with the class count (the reshard tool's does not: one block)."""
 
 
 def phase_peaks(inputs: PlanInputs, *, resume_world: int | None = None, base_bytes: int = 0) -> dict[str, int]:
@@ -280,21 +280,21 @@ def phase_peaks(inputs: PlanInputs, *, resume_world: int | None = None, base_byt
 
     training step: resident + the step's peak (`plan_memory`).
     checkpoint save: resident (torch.save writes the tensors as they are, no copy).
-    resume: the resident state on `resume_world` ranks (default: the same world) + one restore block.
-    reshard: one output shard of `resume_world` ranks (W, optimizer state, bank) + one block, in one process.
+    resume: the resident state on `resume_world` ranks (default: the same world) + one block: rows are read
+        straight into the live tensors (largefr.checkpoint.rows), the block only for hashing or another device.
+    reshard: tools/reshard_checkpoint.py holds one block whatever the checkpoint's size (`base_bytes` is then
+        that tool's own memory).
     class-mean warm start: W, bank and queue (no optimizer state yet) + the float64 per-class sums and counts.
     """
     world = resume_world or inputs.world_size
     train = plan_memory(inputs)
     at_resume = plan_memory(_with(inputs, world_size=world))
-    partitioned = ("W rows", "optimizer state", "bank centers", "bank phi + flags")
     num_local = train.num_local
-    block = min(RESTORE_BLOCK_BYTES, at_resume.resident["W rows"])  # a block never exceeds the rank's rows
     return {
         "training step": base_bytes + train.total,
         "checkpoint save": base_bytes + train.resident_bytes,
-        "resume": base_bytes + at_resume.resident_bytes + block,
-        "reshard (one output shard)": base_bytes + sum(at_resume.resident[k] for k in partitioned) + block,
+        "resume": base_bytes + at_resume.resident_bytes + ROW_BLOCK_BYTES,
+        "reshard": base_bytes + ROW_BLOCK_BYTES,
         "class-mean warm start": base_bytes + train.resident_bytes - train.resident["optimizer state"]
         + num_local * (inputs.dim + 2) * 8,
     }
