@@ -280,8 +280,9 @@ def phase_peaks(inputs: PlanInputs, *, resume_world: int | None = None, base_byt
 
     training step: resident + the step's peak (`plan_memory`).
     checkpoint save: resident (torch.save writes the tensors as they are, no copy).
-    resume: the resident state on `resume_world` ranks (default: the same world) + one block: rows are read
-        straight into the live tensors (largefr.checkpoint.rows), the block only for hashing or another device.
+    resume: the resident state on `resume_world` ranks (default: the same world) + the larger of one block (rows
+        are read straight into the live tensors, largefr.checkpoint.rows; the block only for hashing or another
+        device) and the first step's peak on those ranks: a resumed job goes on training.
     reshard: tools/reshard_checkpoint.py holds one block whatever the checkpoint's size (`base_bytes` is then
         that tool's own memory).
     class-mean warm start: W, bank and queue (no optimizer state yet) + the float64 per-class sums and counts.
@@ -293,7 +294,7 @@ def phase_peaks(inputs: PlanInputs, *, resume_world: int | None = None, base_byt
     return {
         "training step": base_bytes + train.total,
         "checkpoint save": base_bytes + train.resident_bytes,
-        "resume": base_bytes + at_resume.resident_bytes + ROW_BLOCK_BYTES,
+        "resume": base_bytes + at_resume.resident_bytes + max(ROW_BLOCK_BYTES, at_resume.step_peak),
         "reshard": base_bytes + ROW_BLOCK_BYTES,
         "class-mean warm start": base_bytes + train.resident_bytes - train.resident["optimizer state"]
         + num_local * (inputs.dim + 2) * 8,

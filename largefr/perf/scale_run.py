@@ -124,6 +124,9 @@ def run_scale_point(*, config: str, classes: int, world: int, resume_worlds: lis
     progress(f"  {_describe(phases[-1])}")
     if not checkpoint.exists():
         return phases
+    for later in (train_out / "checkpoints").glob("step_*"):  # disk: only the checkpoint the phases read stays
+        if later != checkpoint:
+            shutil.rmtree(later, ignore_errors=True)
     reference = logged_losses(train_out)
     for target in resume_worlds:
         out = work / f"resume_{world}_{target}"
@@ -139,6 +142,7 @@ def run_scale_point(*, config: str, classes: int, world: int, resume_worlds: lis
             detail["final_loss_equal"] = _read_json(out / "summary.json").get("final_loss") == summary.get("final_loss")
         phases.append(_phase(f"resume {world}->{target}", target, results, **detail))
         progress(f"  {_describe(phases[-1])}")
+        shutil.rmtree(out, ignore_errors=True)  # its end-of-run checkpoint is as large as the one it read
     phases += _tool_phases(checkpoint, max(resume_worlds + [world]), work, progress, classes)
     return phases
 
