@@ -187,3 +187,26 @@ def test_bench_head_pairs_low_memory_and_default_steps(tmp_path):
         assert abs(rank["loss"] - rank["default_loss"]) < 1e-5
         assert len(rank["step_ratio_to_default"]) == 2
         assert rank["peak_mem_mb"] < rank["default_peak_mem_mb"]
+
+
+def test_run_phases_and_their_capacity(tmp_path, capsys):
+    """The resume on fewer ranks holds more per rank than training; plan_memory names the phase that limits."""
+    from largefr.perf.memory_plan import RUN_PHASES, max_classes_per_phase, phase_peaks
+
+    inputs = PlanInputs(num_classes=2_000_000, world_size=2, dim=128, batch=32, sample_rate=0.1, queue_size=1024)
+    base = 2**29
+    to_one, same = phase_peaks(inputs, resume_world=1, base_bytes=base), phase_peaks(inputs, base_bytes=base)
+    assert to_one["resume"] == base + plan_memory(PlanInputs(**{**vars(inputs), "world_size": 1})).total
+    assert same["resume"] <= same["training step"] and to_one["resume"] > same["training step"]
+    assert same["checkpoint save"] == base + plan_memory(inputs).resident_bytes
+    per_phase = max_classes_per_phase(inputs, 4 * 2**30, resume_world=1, base_bytes=base)
+    assert set(per_phase) == set(RUN_PHASES) and min(per_phase, key=per_phase.get) == "resume"
+    out = tmp_path / "plan.json"
+    code = _load_tool("plan_memory").main(["--classes", "2000000", "--world", "2", "--embedding-size", "128",
+                                           "--batch-size", "32", "--sample-rate", "0.1", "--queue-size", "1024",
+                                           "--budget-gb", "4", "--reserve-gb", "0.5", "--resume-world", "1",
+                                           "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["limited_by"] == "resume" and report["max_classes_per_phase"] == per_phase
+    assert f"| resume | {per_phase['resume']:,} |" in capsys.readouterr().out

@@ -5,7 +5,11 @@
 Prints, for the busiest rank (shards may be uneven: ClassPartition gives the extra classes to the
 first ranks), the bytes of W, its optimizer state, the cluster bank and phi, the feature queue,
 and the peak of one head step (logits and the float32 softmax/gradient buffers, W's gradient,
-gathered features); with --budget-gb, the largest class count whose busiest rank fits.
+gathered features); with --budget-gb, the largest class count whose busiest rank fits, for each phase
+of a run (training step, checkpoint save, resume on --resume-world ranks, class-mean warm start; the
+reshard tool holds one block whatever the class count), and which phase limits it. --reserve-gb is the
+memory per rank the planner does not count (the process, backbone and engine; tools/scale_run.py
+measures it as "base").
 See largefr/perf/memory_plan.py for what each line counts; tools/scale_classes.py checks it
 against measurements.
 """
@@ -15,7 +19,7 @@ import argparse
 import json
 import sys
 
-from largefr.perf.memory_plan import GIB, format_plan, max_classes_within, plan_memory
+from largefr.perf.memory_plan import GIB, format_plan, max_classes_per_phase, plan_memory
 from largefr.perf.plan_options import add_plan_options, plan_inputs
 
 
@@ -24,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_plan_options(parser)
     parser.add_argument("--budget-gb", type=float, default=None, help="per-rank budget in GiB: report the most "
                                                                           "classes that fit")
+    parser.add_argument("--reserve-gb", type=float, default=0.0, help="per-rank memory outside the head (process, "
+                        "backbone, engine), counted against the budget")
+    parser.add_argument("--resume-world", type=int, default=None, help="ranks that resume the checkpoint "
+                        "(default: --world)")
     parser.add_argument("--json", default=None, help="write the plan to this JSON file")
     return parser.parse_args(argv)
 
@@ -39,12 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(plan, inputs))
     report = dict(inputs=vars(args), plan=plan.as_dict())
     if args.budget_gb is not None:
-        budget = int(args.budget_gb * GIB)
-        largest = max_classes_within(inputs, budget)
-        fits = plan.total <= budget
-        print(f"\nbudget {args.budget_gb:g} GiB/rank: {args.classes:,} classes {'fit' if fits else 'do NOT fit'}; "
+        budget, reserve = int(args.budget_gb * GIB), int(args.reserve_gb * GIB)
+        per_phase = max_classes_per_phase(inputs, budget, resume_world=args.resume_world, base_bytes=reserve)
+        largest = per_phase["training step"]
+        fits = reserve + plan.total <= budget
+        print(f"\nbudget {args.budget_gb:g} GiB/rank ({args.reserve_gb:g} reserved outside the head): "
+              f"{args.classes:,} classes {'fit' if fits else 'do NOT fit'}; "
               f"at most {largest:,} classes fit on {args.world} ranks with these settings")
-        report.update(budget_gb=args.budget_gb, fits=fits, max_classes=largest)
+        print("\n| phase | most classes that fit |\n|---|---:|")
+        for phase, classes in per_phase.items():
+            print(f"| {phase} | {classes:,} |")
+        limit = min(per_phase, key=per_phase.get)
+        print(f"limited by: {limit} ({per_phase[limit]:,} classes; resume on {args.resume_world or args.world} "
+              "ranks; the reshard tool holds one block whatever the class count)")
+        report.update(budget_gb=args.budget_gb, reserve_gb=args.reserve_gb, fits=fits, max_classes=largest,
+                      max_classes_per_phase=per_phase, limited_by=limit)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
