@@ -1,6 +1,7 @@
 """Plain torch DataLoader over insightface .rec files: the fallback where DALI is not installed.
 
-Reads the same validated image index as the DALI loader and shards it the same way
+Reads one .rec or a set of shards (one global image order, largefr/data/rec_set.py) through the same
+validated image index as the DALI loader and shards it the same way
 (largefr.data.sharding), decodes with PIL (libjpeg-turbo, like DALI's CPU decoder: pixels are
 identical) and normalizes as DALI's crop_mirror_normalize does, so with shuffle and flip off both
 loaders yield the same batches. data.augment runs per image between decode and normalize
@@ -59,21 +60,24 @@ class RecordImageDataset(Dataset):
         self.augment = augment if augment is not None and augment.enabled else None
         self.image_size = image_size
         self.on_bad_image = on_bad_image
-        self.file = RecordFile(index.rec_path)
+        self.files = [RecordFile(path) for path in index.rec_paths]
+        """One lazily opened reader per .rec of the set (each DataLoader worker opens its own descriptors)."""
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _load(self, position: int) -> tuple[np.ndarray, int]:
+        number = self.index.file_of(position)
         key, offset = int(self.index.keys[position]), int(self.index.offsets[position])
-        _, data = self.file.read_sample_at(offset, key)
+        _, data = self.files[number].read_sample_at(offset, key)
+        path = self.index.rec_paths[number]
         try:
             image = decode_rgb(data)
         except Exception as err:
-            raise BadImageError(f"{self.index.rec_path} key {key} (offset {offset}): undecodable image "
+            raise BadImageError(f"{path} key {key} (offset {offset}): undecodable image "
                                 f"({type(err).__name__}: {err}); set data.on_bad_image=skip to skip it") from None
         if image.shape[:2] != (self.image_size, self.image_size):
-            raise RecordIOError(f"{self.index.rec_path} key {key}: image is {image.shape[1]}x{image.shape[0]}, "
+            raise RecordIOError(f"{path} key {key}: image is {image.shape[1]}x{image.shape[0]}, "
                                 f"expected {self.image_size}x{self.image_size} (data.image_size / property)")
         return image, int(self.index.labels[position])
 

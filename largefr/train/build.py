@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from largefr.config import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
+from largefr.data.rec_set import data_folder
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -115,9 +116,11 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
             ensure_synthetic_data(config, progress=env.is_main)
 
         run_on_first_rank(generate, f"generating the synthetic data set in {folder}", device=env.device)
-    if not os.path.isdir(folder):
-        raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
-                             "train.rec, train.idx and property")
+    missing = [entry for entry in ([folder] if isinstance(folder, str) else folder) if not os.path.exists(entry)]
+    if missing:
+        raise DataSetupError(f"data folder {missing[0]} (data.rec) does not exist: point data.rec at the folder holding "
+                             "train.rec, train.idx and property (or shards train-00000.rec ..., a .rec file, or "
+                             "a list of them)")
     return folder
 
 
@@ -147,7 +150,7 @@ def verification_paths(config: Config, folder: str | None) -> list[tuple[str, st
     out = []
     for target in config.data.val_targets:
         is_path = target.endswith(".bin") or os.sep in target
-        path = target if is_path else os.path.join(folder or "", f"{target}.bin")
+        path = target if is_path else os.path.join(data_folder(folder) or "", f"{target}.bin")
         if not os.path.isfile(path):
             raise DataSetupError(f"verification set {path} (data.val_targets entry {target!r}) does not exist: "
                                  "put the .bin file there or remove the entry")
