@@ -19,8 +19,8 @@ import numpy as np
 from largefr.data.recordio import (IR_HEADER_SIZE, RECORDIO_MAGIC, RecordFile, RecordIOError, first_label,
                                    read_index, unpack_header)
 
-CHUNK_RECORDS = 1 << 16
-"""Records whose first bytes are gathered at once (a few tens of MiB of index arithmetic)."""
+CHUNK_RECORDS = 1 << 14
+"""Records whose first bytes are gathered at once (their index arithmetic takes about 15 MB)."""
 _IDX_CHUNK_BYTES = 1 << 24
 _LENGTH_MASK = (1 << 29) - 1
 _HEAD_BYTES = 8 + IR_HEADER_SIZE + 8  # frame, payload header, two float labels
@@ -125,9 +125,16 @@ def _image_selection(file: RecordFile, keys: np.ndarray, offsets: np.ndarray, pa
 
 def _gather(buffer: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     """len(starts) x width bytes from `buffer` at `starts` (bytes past its end read as 0)."""
-    positions = starts[:, None] + np.arange(width, dtype=np.int64)
-    inside = positions < buffer.size
-    return np.where(inside, buffer[np.minimum(positions, buffer.size - 1)], 0).astype(np.uint8)
+    safe = np.clip(starts, 0, max(buffer.size - width, 0))
+    rows = buffer[safe[:, None] + np.arange(min(width, buffer.size), dtype=np.int64)]
+    if rows.shape[1] < width:
+        rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])))
+    for i in np.flatnonzero(safe != starts):  # rows reaching past the end (the last records): bytes there read as 0
+        start = int(starts[i])
+        rows[i] = 0
+        tail = buffer[start:min(start + width, buffer.size)] if start < buffer.size else buffer[:0]
+        rows[i, :tail.size] = tail
+    return rows
 
 
 def image_formats(heads: np.ndarray) -> np.ndarray:
@@ -216,6 +223,15 @@ def _check_distinct_offsets(keys: np.ndarray, offsets: np.ndarray, path_idx: str
                             f"{int(offsets[i])}; the index is corrupt, rebuild it")
 
 
+def _release(mm: mmap.mmap, offsets: np.ndarray) -> None:
+    """Unmap the pages of a scanned chunk (file pages stay cached by the OS): the scan's resident memory
+    stays the arrays it keeps, not the size of the .rec. Offsets are sorted, so the chunk is one range."""
+    start = int(offsets[0]) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(int(offsets[-1]) + _HEAD_BYTES + _IMAGE_HEAD + 4096, len(mm))
+    if hasattr(mm, "madvise") and end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def _scan_records(file: RecordFile, keys: np.ndarray, offsets: np.ndarray, progress) -> tuple[np.ndarray, np.ndarray]:
     labels = np.zeros(len(keys), np.int64)
     problems = np.zeros(len(keys), np.uint8)
@@ -232,6 +248,7 @@ def _scan_records(file: RecordFile, keys: np.ndarray, offsets: np.ndarray, progr
                     chunk_labels[i], chunk_problems[i] = _multipart(file, int(keys[part][i]), int(offsets[part][i]))
                 labels[part] = np.where(chunk_problems == OK, chunk_labels, 0).astype(np.int64)
                 problems[part] = chunk_problems
+                _release(mm, offsets[part])
                 if progress is not None:
                     progress(min(start + CHUNK_RECORDS, len(keys)), len(keys))
         finally:

@@ -43,8 +43,10 @@ class Finding:
     """Short name: scan.PROBLEM_KINDS, 'label_range', 'undecodable' or 'index'."""
 
     def __str__(self) -> str:
+        if self.problem.startswith(self.file):  # the reader's own message names file, key and offset
+            return self.problem
         where = self.file if self.key is None else f"{self.file} key {self.key} (offset {self.offset})"
-        return self.problem if self.problem.startswith(where) else f"{where}: {self.problem}"
+        return f"{where}: {self.problem}"
 
 
 @dataclass
