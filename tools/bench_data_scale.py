@@ -7,7 +7,7 @@ peak memory), loader start-up and images/s, and verify (the table in docs/PERFOR
     python tools/bench_data_scale.py pack --images DIR --out DIR [--workers 1 2] [--json REPORT]
     python tools/bench_data_scale.py scan --rec DIR [--shards-per-step 2] [--workers 1] [--json REPORT]
     python tools/bench_data_scale.py loader --rec DIR [--batches 100] [--batch-size 256] [--json REPORT]
-    python tools/bench_data_scale.py verify --rec DIR [--json REPORT]
+    python tools/bench_data_scale.py verify --rec DIR [--decode --workers 2] [--json REPORT]
 
 generate writes records directly (RecBuilder layout, keys global, identities in order, one small
 JPEG per identity reused by all its images, so writing is I/O-bound): shards of --shard-images, or
@@ -195,9 +195,9 @@ def loader(args: argparse.Namespace) -> dict:
 def verify_timing(args: argparse.Namespace) -> dict:
     from largefr.data.verify import verify
 
-    report = verify(args.rec, progress_every=30)
-    return {"records": report.records, "files": report.files, "seconds": report.seconds,
-            "bad": len(report.findings)}
+    report = verify(args.rec, decode=args.decode, workers=args.workers, progress_every=30)
+    return {"records": report.records, "files": report.files, "seconds": report.seconds, "decode": args.decode,
+            "workers": args.workers, "bad": len(report.findings)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -234,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     loading.add_argument("--cache-dir", default=None)
     checking = commands.add_parser("verify")
     checking.add_argument("--rec", required=True)
+    checking.add_argument("--decode", action="store_true")
+    checking.add_argument("--workers", type=int, default=2)
     for sub in (gen, tree, packing, scanning, loading, checking):
         sub.add_argument("--json", default=None, help="write the measurements here")
     return parser

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,7 +53,6 @@ class ImageIndex:
     """Keys skipped because their bytes are not an image (on_bad_image='skip')."""
     source: str = ""
     """data.rec as given, for messages."""
-    _written: list = field(default_factory=list, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -82,9 +81,8 @@ class ImageIndex:
 
     def dali_index(self) -> str:
         """The DALI index of these records (global offsets over rec_paths), written on first use."""
-        if not self._written and not os.path.exists(self.dali_index_path):
+        if not os.path.exists(self.dali_index_path):  # named after the scanned files: never stale
             write_dali_index(self.dali_index_path, self.keys, self.offsets, self.file_starts, self.rec_paths)
-        self._written.append(True)
         return self.dali_index_path
 
     def check_labels(self, num_classes: int) -> None:

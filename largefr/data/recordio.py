@@ -94,17 +94,12 @@ def encode_record(payload: bytes) -> bytes:
         raise ValueError(f"record of {len(payload)} bytes exceeds the RecordIO limit of 2^29 - 1")
     view = memoryview(payload)
     parts, start, pos = [], 0, payload.find(_MAGIC_BYTES)
-    while pos >= 0:
-        if pos % 4 == 0:  # only 4-aligned magic words are split (as dmlc-core's writer does)
+    while pos >= 0:  # bytes.find, then keep only 4-aligned magic words (dmlc-core splits at those)
+        if pos % 4 == 0:
             parts.append(_part(1 if start == 0 else 2, view[start:pos]))
             start = pos + 4
-            pos = payload.find(_MAGIC_BYTES, start)
-        else:
-            pos = payload.find(_MAGIC_BYTES, pos + 1)
-    if start == 0:
-        pad = b"\0" * (_align4(len(payload)) - len(payload))
-        return b"".join((_MAGIC_BYTES, struct.pack("<I", len(payload)), payload, pad))
-    parts.append(_part(3, view[start:]))
+        pos = payload.find(_MAGIC_BYTES, start if pos % 4 == 0 else pos + 1)
+    parts.append(_part(0 if start == 0 else 3, view[start:]))
     return b"".join(parts)
 
 

@@ -109,7 +109,7 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
     if data.images is not None:
         from largefr.data.pack import ensure_packed
 
-        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir),
+        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir, on_bad_image=data.on_bad_image),
                           f"packing data.images={data.images} into {folder}", device=env.device)
     elif data.rec is None and data.synthetic is not None:
         def generate() -> None:
