@@ -217,3 +217,15 @@ def test_bad_continuation_flag_names_key(rec_dir):
         f.write(struct.pack("<I", lrec | (2 << 29)))  # a "middle part" where a record must start
     with pytest.raises(RecordIOError, match=rf"train.rec key 2: continuation flag 2 at offset {offset}"):
         _reader(rec_dir).read(2)
+
+
+def test_index_lines_in_any_order_scan_to_file_order(rec_dir):
+    path_idx = os.path.join(rec_dir, "train.idx")
+    before = scan_file(os.path.join(rec_dir, "train.rec"), path_idx)
+    lines = open(path_idx).read().splitlines()
+    with open(path_idx, "w") as f:  # another writer's order, with a blank line: the same records, in file order
+        f.write("\n".join(lines[::-1][:3] + [""] + lines[::-1][3:]) + "\n")
+    after = scan_file(os.path.join(rec_dir, "train.rec"), path_idx)
+    for column in ("keys", "offsets", "labels", "problems"):
+        assert getattr(after, column).tolist() == getattr(before, column).tolist()
+    assert after.offsets.tolist() == sorted(after.offsets.tolist()) and after.header_layout

@@ -186,7 +186,7 @@ def loader(args: argparse.Namespace) -> dict:
         seconds = time.monotonic() - started
         out[kind] = {"startup_s": startup, "images_per_s": args.batches * args.batch_size / seconds,
                      "batches": args.batches, "batch_size": args.batch_size, "records": len(loaded.index)}
-        print(f"{kind}: start-up (scan cached, first batch) {startup:.1f} s, "
+        print(f"{kind}: start-up (index scan or its cache, loader, first batch) {startup:.1f} s, "
               f"{out[kind]['images_per_s']:,.0f} images/s", file=sys.stderr, flush=True)
         del batches, loaded
     return out

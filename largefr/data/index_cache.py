@@ -108,10 +108,13 @@ def scan_to_cache(file: RecFile, path_npz: str, progress_every: float | None = N
         raise RecordIOError(describe_record(file.rec, int(found.keys[i]), int(found.offsets[i]),
                                             int(found.problems[i]))
                             + f" ({broken.size} broken records in {file.rec}; tools/rec.py verify lists them)")
-    usable, not_image = found.problems == OK, found.problems == NOT_IMAGE
+    not_image = found.problems == NOT_IMAGE
+    kept = (found.keys, found.offsets, found.labels)
+    if not_image.any():  # a copy only when something is left out
+        kept = tuple(column[~not_image] for column in kept)
     tmp = f"{path_npz}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        np.savez(f, keys=found.keys[usable], offsets=found.offsets[usable], labels=found.labels[usable],
+        np.savez(f, keys=kept[0], offsets=kept[1], labels=kept[2],
                  bad_keys=found.keys[not_image], bad_offsets=found.offsets[not_image])
     os.replace(tmp, path_npz)
     _remove_older_scans(path_npz)

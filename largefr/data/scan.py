@@ -67,26 +67,28 @@ def read_index_arrays(path_idx: str) -> tuple[np.ndarray, np.ndarray]:
     with open(path_idx, "rb") as f:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(_IDX_CHUNK_BYTES), b"")) + 1
         f.seek(0)
-        values, filled, tail = np.empty(2 * lines, np.int64), 0, b""
+        keys, offsets, filled, tail = np.empty(lines, np.int64), np.empty(lines, np.int64), 0, b""
         for chunk in iter(lambda: f.read(_IDX_CHUNK_BYTES), b""):
             text, _, tail = (tail + chunk).rpartition(b"\n")
-            filled = _parse_into(values, filled, text, path_idx)
-        filled = _parse_into(values, filled, tail, path_idx)
-    pairs = values[:filled].reshape(-1, 2)
-    if (pairs < 0).any():
+            filled = _parse_into(keys, offsets, filled, text, path_idx)
+        filled = _parse_into(keys, offsets, filled, tail, path_idx)
+    keys, offsets = keys[:filled], offsets[:filled]
+    if (keys < 0).any() or (offsets < 0).any():
         read_index(path_idx)  # names the line
-    return pairs[:, 0].copy(), pairs[:, 1].copy()
+    return keys, offsets
 
 
-def _parse_into(values: np.ndarray, filled: int, text: bytes, path_idx: str) -> int:
+def _parse_into(keys: np.ndarray, offsets: np.ndarray, filled: int, text: bytes, path_idx: str) -> int:
     if not text.strip():
         return filled
     parsed = np.fromstring(text.decode("ascii", "replace"), dtype=np.int64, sep=" ")
-    if parsed.size != 2 * (len(text.split()) // 2) or parsed.size != 2 * _line_count(text):
+    if parsed.size != 2 * _line_count(text):  # a malformed line stops numpy's reader early
         read_index(path_idx)  # the line-by-line reader names the malformed line
         raise RecordIOError(f"{path_idx}: not a 'key<TAB>offset' index")
-    values[filled:filled + parsed.size] = parsed
-    return filled + parsed.size
+    count = parsed.size // 2
+    keys[filled:filled + count] = parsed[0::2]
+    offsets[filled:filled + count] = parsed[1::2]
+    return filled + count
 
 
 def _line_count(text: bytes) -> int:
@@ -95,9 +97,12 @@ def _line_count(text: bytes) -> int:
 
 
 def _check_unique(keys: np.ndarray, offsets: np.ndarray, path_idx: str) -> None:
-    order = np.argsort(keys, kind="stable")
-    dup = np.flatnonzero(np.diff(keys[order]) == 0)
-    if dup.size:
+    ordered = np.sort(keys)
+    repeated = ordered[1:] == ordered[:-1]
+    del ordered
+    if repeated.any():
+        order = np.argsort(keys, kind="stable")
+        dup = np.flatnonzero(np.diff(keys[order]) == 0)
         i, j = order[dup[0]], order[dup[0] + 1]
         raise RecordIOError(f"{path_idx}: duplicate key {int(keys[i])} (offsets {int(offsets[i])} and "
                             f"{int(offsets[j])}): the index is corrupt; rebuild it")
@@ -205,9 +210,11 @@ def scan_file(path_rec: str, path_idx: str, progress=None) -> FileScan:
         if header_layout:
             keys, offsets = keys[mask], offsets[mask]
         del mask
-        order = np.argsort(offsets, kind="stable")
-        keys, offsets = keys[order], offsets[order]
-        del order
+        if not (offsets[1:] >= offsets[:-1]).all():  # written in key order, not file order: sort (a copy)
+            order = np.argsort(offsets, kind="stable")
+            keys = keys[order]
+            offsets = offsets[order]
+            del order
         _check_distinct_offsets(keys, offsets, path_idx)
         labels, problems = _scan_records(file, keys, offsets, progress)
     finally:
