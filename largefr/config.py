@@ -231,8 +231,8 @@ class DataConfig(_Section):
     data.images is required unless data.loader is 'synthetic' or data.synthetic.cache_dir is set."""
     images: str | None = None
     """Folder of identity sub-folders of images (as arcface_torch's ImageFolder fallback reads: labels
-    follow sorted folder names), packed once into a cached train.rec under data.cache_dir (packed
-    again when a file is added, removed or changed); instead of data.rec."""
+    follow sorted folder names), packed once into shards under data.cache_dir (the shards from the first
+    changed file on are packed again when a file is added, removed or changed); instead of data.rec."""
     cache_dir: str | None = None
     """Folder of the packed copy of data.images and of the scanned image indexes; null = $LARGEFR_CACHE,
     else ~/.cache/largefr (a scan of a writable data.rec is then written beside it)."""

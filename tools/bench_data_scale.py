@@ -6,7 +6,7 @@ peak memory), loader start-up and images/s, and verify (the table in docs/PERFOR
     python tools/bench_data_scale.py images --out DIR --identities N [--images-per-identity 10] [--size 16]
     python tools/bench_data_scale.py pack --images DIR --out DIR [--workers 1 2] [--json REPORT]
     python tools/bench_data_scale.py scan --rec DIR [--shards-per-step 2] [--workers 1] [--json REPORT]
-    python tools/bench_data_scale.py loader --rec DIR [--batches 100] [--batch-size 256] [--json REPORT]
+    python tools/bench_data_scale.py loader --rec DIR [--batches 100] [--batch-size 256] [--workers 2] [--json REPORT]
     python tools/bench_data_scale.py verify --rec DIR [--decode --workers 2] [--json REPORT]
 
 generate writes records directly (RecBuilder layout, keys global, identities in order, one small
@@ -175,7 +175,7 @@ def loader(args: argparse.Namespace) -> dict:
     for kind in args.loaders:
         started = time.monotonic()
         loaded = build_loader(kind, rec=args.rec, batch_size=args.batch_size, rank=0, world_size=1,
-                              num_classes=classes, image_size=size, num_workers=args.num_workers, device="cpu",
+                              num_classes=classes, image_size=size, num_workers=args.workers, device="cpu",
                               cache_dir=args.cache_dir)
         batches = iter(loaded)
         next(batches)
@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     loading.add_argument("--loaders", nargs="+", default=["torch", "dali"])
     loading.add_argument("--batches", type=int, default=100)
     loading.add_argument("--batch-size", type=int, default=256)
-    loading.add_argument("--num-workers", type=int, default=2)
+    loading.add_argument("--workers", type=int, default=2, help="torch DataLoader workers or DALI threads")
     loading.add_argument("--cache-dir", default=None)
     checking = commands.add_parser("verify")
     checking.add_argument("--rec", required=True)
