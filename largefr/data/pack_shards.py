@@ -68,15 +68,15 @@ def identity_folders(images_dir: str) -> list[str]:
     return names
 
 
-def iter_files(images_dir: str, folders: list[str]) -> Iterator[tuple[int, str, int]]:
-    """(label, path, identity number) of every image, folder by folder (streamed)."""
+def iter_files(images_dir: str, folders: list[str]) -> Iterator[tuple[int, str]]:
+    """(label, path) of every image, folder by folder (streamed); the label is the identity's number."""
     for label, name in enumerate(folders):
         folder = os.path.join(images_dir, name)
         files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise PackError(f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         for file_name in files:
-            yield label, os.path.join(folder, file_name), label
+            yield label, os.path.join(folder, file_name)
 
 
 def _source_line(label: int, path: str, images_dir: str, stat: tuple[int, int]) -> bytes:
@@ -109,9 +109,9 @@ def _encode_chunk(paths: list[str]) -> list[Encoded]:
     return out
 
 
-def _encoded(files: Iterator[tuple[int, str, int]], workers: int) -> Iterator[tuple[tuple[int, str, int], tuple]]:
+def _encoded(files: Iterator[tuple[int, str]], workers: int) -> Iterator[tuple[tuple[int, str], Encoded]]:
     """(file, encode result) in input order; at most 4 chunks per worker in flight (bounded memory)."""
-    def chunks() -> Iterator[list[tuple[int, str, int]]]:
+    def chunks() -> Iterator[list[tuple[int, str]]]:
         chunk = []
         for item in files:
             chunk.append(item)
@@ -123,14 +123,14 @@ def _encoded(files: Iterator[tuple[int, str, int]], workers: int) -> Iterator[tu
 
     if workers <= 1:
         for chunk in chunks():
-            yield from zip(chunk, _encode_chunk([path for _, path, _ in chunk]))
+            yield from zip(chunk, _encode_chunk([path for _, path in chunk]))
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch's threads
     with context.Pool(workers) as pool:
         pending: collections.deque = collections.deque()
         source = chunks()
         for chunk in source:
-            pending.append((chunk, pool.apply_async(_encode_chunk, ([path for _, path, _ in chunk],))))
+            pending.append((chunk, pool.apply_async(_encode_chunk, ([path for _, path in chunk],))))
             if len(pending) >= 4 * workers:
                 done, result = pending.popleft()
                 yield from zip(done, result.get())
@@ -170,7 +170,7 @@ def _duration(seconds: float) -> str:
 
 
 def _reusable(manifest: dict | None, settings: PackSettings, images_dir: str, out_dir: str,
-              files: Iterator[tuple[int, str, int]]) -> tuple[list[dict], Iterator[tuple[int, str, int]]]:
+              files: Iterator[tuple[int, str]]) -> tuple[list[dict], Iterator[tuple[int, str]]]:
     """(finished shards whose input is unchanged, the files left to pack)."""
     if manifest is None:
         return [], files
@@ -182,7 +182,7 @@ def _reusable(manifest: dict | None, settings: PackSettings, images_dir: str, ou
         start, end = shard["files"]
         taken = [item for _, item in zip(range(end - start), files)]
         digest = hashlib.sha1()
-        for label, path, _ in taken:
+        for label, path in taken:
             digest.update(_source_line(label, path, images_dir, _stat(path)))
         if len(taken) != end - start or digest.hexdigest() != shard["source_digest"]:
             return kept, _chain(taken, files)
@@ -252,8 +252,8 @@ def pack_shards(images_dir: str, out_dir: str, *, settings: PackSettings = PackS
     first_file = kept[-1]["files"][1] if kept else 0
     state = {"image_size": image_size, "skipped": sum(len(s["skipped"]) for s in kept)}
     try:
-        _write(writer, files, first_file, images_dir, folders, settings, workers, state,
-                            _Progress(progress, progress_every, len(folders)), on_shard)
+        _write(writer, files, first_file, images_dir, len(folders), settings, workers, state,
+               _Progress(progress, progress_every, len(folders)), on_shard)
     except BaseException:
         writer.abort()
         raise
@@ -271,12 +271,11 @@ def _save_manifest(writer: ShardWriter, settings: PackSettings, state: dict, num
         "images": writer.next_key, "skipped": state["skipped"], "complete": complete, "shards": writer.shards})
 
 
-def _write(writer: ShardWriter, files, file_index: int, images_dir: str, folders: list[str],
-           settings: PackSettings, workers: int, state: dict, progress: _Progress, on_shard) -> int:
-    """Write every remaining file's record; the number of input files consumed."""
+def _write(writer: ShardWriter, files: Iterator[tuple[int, str]], file_index: int, images_dir: str,
+           num_classes: int, settings: PackSettings, workers: int, state: dict, progress: _Progress, on_shard) -> None:
+    """Write the record of every remaining file (`file_index`: the number of input files before them)."""
     shard = _OpenShard(file_index, hashlib.sha1(), [])
-    identity = 0
-    for (label, path, identity), (data, size, problem, stat) in _encoded(files, workers):
+    for (label, path), (data, size, problem, stat) in _encoded(files, workers):
         if problem is None and state["image_size"] is None:
             state["image_size"] = size
         if problem is None and size != state["image_size"]:
@@ -285,7 +284,7 @@ def _write(writer: ShardWriter, files, file_index: int, images_dir: str, folders
         if problem is None:
             framed = _frame(float(label), data, writer.next_key)
             if writer.full(len(framed)):
-                _close(writer, shard, file_index, settings, state, len(folders), on_shard)
+                _close(writer, shard, file_index, settings, state, num_classes, on_shard)
                 shard = _OpenShard(file_index, hashlib.sha1(), [])
             writer.add_framed(framed, label)
         elif settings.on_bad_image == "error":
@@ -297,10 +296,9 @@ def _write(writer: ShardWriter, files, file_index: int, images_dir: str, folders
             state["skipped"] += 1
         shard.digest.update(_source_line(label, path, images_dir, stat))
         file_index += 1
-        progress.update(writer.next_key, identity, len(writer.shards), state["skipped"])
-    _close(writer, shard, file_index, settings, state, len(folders), on_shard)
-    progress.update(writer.next_key, len(folders) - 1, len(writer.shards), state["skipped"], final=True)
-    return file_index
+        progress.update(writer.next_key, label, len(writer.shards), state["skipped"])
+    _close(writer, shard, file_index, settings, state, num_classes, on_shard)
+    progress.update(writer.next_key, num_classes - 1, len(writer.shards), state["skipped"], final=True)
 
 
 def _frame(label: float, image: bytes, key: int) -> bytes:
