@@ -4,7 +4,7 @@ peak memory), loader start-up and images/s, and verify (the table in docs/PERFOR
     python tools/bench_data_scale.py generate --out DIR [--identities 500000] [--images-per-identity 10]
                                      [--shard-images 500000] [--single-file] [--size 16]
     python tools/bench_data_scale.py images --out DIR --identities N [--images-per-identity 10] [--size 16]
-    python tools/bench_data_scale.py pack --images DIR --out DIR [--workers 1 2] [--json REPORT]
+    python tools/bench_data_scale.py pack --images DIR --out DIR [--workers 1 2] [--rounds 3] [--json REPORT]
     python tools/bench_data_scale.py scan --rec DIR [--shards-per-step 2] [--workers 1] [--json REPORT]
     python tools/bench_data_scale.py loader --rec DIR [--batches 100] [--batch-size 256] [--workers 2] [--json REPORT]
     python tools/bench_data_scale.py verify --rec DIR [--decode --workers 2] [--json REPORT]
@@ -12,7 +12,8 @@ peak memory), loader start-up and images/s, and verify (the table in docs/PERFOR
 generate writes records directly (RecBuilder layout, keys global, identities in order, one small
 JPEG per identity reused by all its images, so writing is I/O-bound): shards of --shard-images, or
 one train.rec. images writes an image folder of hard links (one JPEG per identity) for `pack`,
-which runs tools/pack_rec.py once per --workers value into OUT/w<N> and checks the outputs are
+which runs tools/pack_rec.py once per --workers value and round into OUT/w<N> (rounds alternate the
+worker counts; medians of images/s and of the per-round ratios) and checks every output is
 byte-identical. scan runs the index scan in a fresh process over the first k shards for growing k
 (a fresh cache each time), reporting seconds, peak resident memory of the scanning process and of
 its workers, and the memory beyond the kept arrays (per million records); then the cached reload.
@@ -100,23 +101,41 @@ def _digest(folder: str) -> str:
     return digest.hexdigest()
 
 
+def _pack_once(args: argparse.Namespace, workers: int, out: str) -> dict:
+    command = [sys.executable, os.path.join(REPO_ROOT, "tools", "pack_rec.py"), "--images", args.images,
+               "--out", out, "--workers", str(workers), "--shard-images", str(args.shard_images),
+               "--progress-every", "30"]
+    started = time.monotonic()
+    subprocess.run(command, check=True)
+    seconds = time.monotonic() - started
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        count = json.load(f)["images"]
+    print(f"pack --workers {workers}: {count:,} images in {seconds:.1f} s ({count / seconds:,.0f} images/s)",
+          file=sys.stderr, flush=True)
+    return {"workers": workers, "images": count, "seconds": seconds, "images_per_s": count / seconds,
+            "digest": _digest(out)}
+
+
 def pack(args: argparse.Namespace) -> dict:
+    """Each round packs once per --workers value, back to back (ratios stay fair on a drifting machine)."""
+    import shutil
+    import statistics
+
     runs = []
+    for _ in range(args.rounds):
+        for workers in args.workers:
+            out = os.path.join(args.out, f"w{workers}")
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(_pack_once(args, workers, out))
+    first = args.workers[0]
+    summary = {}
     for workers in args.workers:
-        out = os.path.join(args.out, f"w{workers}")
-        command = [sys.executable, os.path.join(REPO_ROOT, "tools", "pack_rec.py"), "--images", args.images,
-                   "--out", out, "--workers", str(workers), "--shard-images", str(args.shard_images),
-                   "--progress-every", "30"]
-        started = time.monotonic()
-        subprocess.run(command, check=True)
-        seconds = time.monotonic() - started
-        with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
-            count = json.load(f)["images"]
-        runs.append({"workers": workers, "images": count, "seconds": seconds, "images_per_s": count / seconds,
-                     "digest": _digest(out)})
-        print(f"pack --workers {workers}: {count:,} images in {seconds:.1f} s ({count / seconds:,.0f} images/s)",
-              file=sys.stderr, flush=True)
-    return {"runs": runs, "identical": len({r["digest"] for r in runs}) == 1}
+        rates = [r["images_per_s"] for r in runs if r["workers"] == workers]
+        ratios = [b["images_per_s"] / a["images_per_s"] for a, b in
+                  zip([r for r in runs if r["workers"] == first], [r for r in runs if r["workers"] == workers])]
+        summary[str(workers)] = {"median_images_per_s": statistics.median(rates),
+                                 f"median_ratio_to_{first}_workers": statistics.median(ratios)}
+    return {"runs": runs, "summary": summary, "identical": len({r["digest"] for r in runs}) == 1}
 
 
 _SCAN_CHILD = r"""
@@ -220,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     packing.add_argument("--out", required=True)
     packing.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     packing.add_argument("--shard-images", type=int, default=100000)
+    packing.add_argument("--rounds", type=int, default=1, help="packs per --workers value, alternating")
     scanning = commands.add_parser("scan")
     scanning.add_argument("--rec", required=True)
     scanning.add_argument("--shards-per-step", type=int, default=2)
