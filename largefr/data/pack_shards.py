@@ -14,7 +14,9 @@ counted and listed in the manifest ('skip').
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
+import itertools
 import multiprocessing
 import os
 import sys
@@ -32,8 +34,8 @@ from largefr.data.shard_writer import (MANIFEST_VERSION, ShardWriter, read_manif
 BAD_FILE_POLICIES = ("error", "skip")
 DEFAULT_SHARD_BYTES = 1 << 30
 """Shard size when neither a count nor a size is given: 1 GiB (a few hundred thousand 112 px faces)."""
-_CHUNK = 128
-"""Images per task sent to a worker."""
+_FOLDERS_PER_TASK = 8
+"""Identity folders listed and read per task sent to a worker."""
 
 
 @dataclass(frozen=True)
@@ -68,20 +70,27 @@ def identity_folders(images_dir: str) -> list[str]:
     return names
 
 
-def iter_files(images_dir: str, folders: list[str]) -> Iterator[tuple[int, str]]:
-    """(label, path) of every image, folder by folder (streamed); the label is the identity's number."""
+def _image_names(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _empty_folder(folder: str) -> PackError:
+    return PackError(f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def iter_files(images_dir: str, folders: list[str]) -> Iterator[tuple[int, str, int]]:
+    """(label, path relative to images_dir, number in its folder) of every image, folder by folder."""
     for label, name in enumerate(folders):
-        folder = os.path.join(images_dir, name)
-        files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise PackError(f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for file_name in files:
-            yield label, os.path.join(folder, file_name)
+        names = _image_names(os.path.join(images_dir, name))
+        if not names:
+            raise _empty_folder(os.path.join(images_dir, name))
+        for number, file_name in enumerate(names):
+            yield label, f"{name}/{file_name}", number
 
 
-def _source_line(label: int, path: str, images_dir: str, stat: tuple[int, int]) -> bytes:
+def _source_line(label: int, relative: str, stat: tuple[int, int]) -> bytes:
     """What the digest of a shard's input records of one file: label, name, size, mtime."""
-    return f"{label}\0{os.path.relpath(path, images_dir)}\0{stat[0]}\0{stat[1]}\n".encode()
+    return f"{label}\0{relative}\0{stat[0]}\0{stat[1]}\n".encode()
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -94,49 +103,62 @@ def _stat(path: str) -> tuple[int, int]:
 
 Encoded = tuple[bytes | None, tuple[int, int] | None, str | None, tuple[int, int]]
 """(image bytes, (H, W), None, (size, mtime)) or (None, None, problem, (size, mtime)) of one file."""
+Packed = tuple[int, str, Encoded]
+"""(label, path relative to images_dir, what reading it gave) of one file."""
 
 
-def _encode_chunk(paths: list[str]) -> list[Encoded]:
-    """Read and check each image (runs in a worker)."""
+def _encode_file(path: str) -> Encoded:
+    stat = _stat(path)
+    try:
+        data, size = encode_for_rec(path)
+        return data, size, None, stat
+    except (PackError, OSError) as err:
+        return None, None, str(err), stat
+
+
+def _encode_folders(images_dir: str, task: list[tuple[int, str, int]]) -> list[Packed] | PackError:
+    """List and read the images of identity folders (label, name, files of it to leave out), in a worker."""
     out = []
-    for path in paths:
-        stat = _stat(path)
-        try:
-            data, size = encode_for_rec(path)
-            out.append((data, size, None, stat))
-        except (PackError, OSError) as err:
-            out.append((None, None, str(err), stat))
+    for label, name, skip in task:
+        folder = os.path.join(images_dir, name)
+        names = _image_names(folder)
+        if not names:
+            return _empty_folder(folder)
+        out += [(label, f"{name}/{file_name}", _encode_file(os.path.join(folder, file_name)))
+                for file_name in names[skip:]]
     return out
 
 
-def _encoded(files: Iterator[tuple[int, str]], workers: int) -> Iterator[tuple[tuple[int, str], Encoded]]:
-    """(file, encode result) in input order; at most 4 chunks per worker in flight (bounded memory)."""
-    def chunks() -> Iterator[list[tuple[int, str]]]:
-        chunk = []
-        for item in files:
-            chunk.append(item)
-            if len(chunk) == _CHUNK:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+def _tasks(folders: list[str], start: tuple[int, int]) -> Iterator[list[tuple[int, str, int]]]:
+    """Folders from `start` (folder number, files of it already packed), _FOLDERS_PER_TASK at a time."""
+    first, skip = start
+    for at in range(first, len(folders), _FOLDERS_PER_TASK):
+        yield [(label, folders[label], skip if label == first else 0)
+               for label in range(at, min(at + _FOLDERS_PER_TASK, len(folders)))]
+
+
+def _encoded(images_dir: str, folders: list[str], start: tuple[int, int], workers: int) -> Iterator[Packed]:
+    """Every file from `start` on, in input order; listing and reading run in the workers, at most 4
+    tasks per worker in flight (bounded memory)."""
+    def unpacked(result: list[Packed] | PackError) -> list[Packed]:
+        if isinstance(result, PackError):
+            raise result
+        return result
 
     if workers <= 1:
-        for chunk in chunks():
-            yield from zip(chunk, _encode_chunk([path for _, path in chunk]))
+        for task in _tasks(folders, start):
+            yield from unpacked(_encode_folders(images_dir, task))
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch's threads
-    with context.Pool(workers) as pool:
+    # an executor, not a Pool: a worker that dies raises BrokenProcessPool here instead of hanging
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: collections.deque = collections.deque()
-        source = chunks()
-        for chunk in source:
-            pending.append((chunk, pool.apply_async(_encode_chunk, ([path for _, path in chunk],))))
+        for task in _tasks(folders, start):
+            pending.append(pool.submit(_encode_folders, images_dir, task))
             if len(pending) >= 4 * workers:
-                done, result = pending.popleft()
-                yield from zip(done, result.get())
+                yield from unpacked(pending.popleft().result())
         while pending:
-            done, result = pending.popleft()
-            yield from zip(done, result.get())
+            yield from unpacked(pending.popleft().result())
 
 
 class _Progress:
@@ -170,42 +192,34 @@ def _duration(seconds: float) -> str:
 
 
 def _reusable(manifest: dict | None, settings: PackSettings, images_dir: str, out_dir: str,
-              files: Iterator[tuple[int, str]]) -> tuple[list[dict], Iterator[tuple[int, str]]]:
-    """(finished shards whose input is unchanged, the files left to pack)."""
+              folders: list[str]) -> tuple[list[dict], tuple[int, int] | None]:
+    """(finished shards whose input is unchanged, where packing resumes: (folder number, files of it
+    already packed), or None when a complete pack is up to date)."""
     if manifest is None:
-        return [], files
+        return [], (0, 0)
     if manifest.get("settings") != settings.as_dict():
         raise PackError(f"{out_dir}: was packed with {manifest.get('settings')}, not {settings.as_dict()}; "
                         "pack into another folder (--out) or delete this one")
+    listing = iter_files(images_dir, folders)
     kept: list[dict] = []
+    starts, position = [], (0, 0)
     for shard in manifest["shards"]:
         start, end = shard["files"]
-        taken = [item for _, item in zip(range(end - start), files)]
+        taken = list(itertools.islice(listing, end - start))
         digest = hashlib.sha1()
-        for label, path in taken:
-            digest.update(_source_line(label, path, images_dir, _stat(path)))
+        for label, relative, _ in taken:
+            digest.update(_source_line(label, relative, _stat(os.path.join(images_dir, relative))))
         if len(taken) != end - start or digest.hexdigest() != shard["source_digest"]:
-            return kept, _chain(taken, files)
+            return kept, position
         kept.append(shard)
-    if manifest.get("complete") and kept:  # new files after a complete pack: its last shard is packed again
-        following = next(files, None)
-        if following is None:
-            return kept, iter(())
-        last = kept.pop()
-        return kept, _chain([following], files, redo=(images_dir, last))
-    return kept, files
-
-
-def _chain(first: list, rest: Iterator, redo: tuple[str, dict] | None = None) -> Iterator:
-    if redo is not None:  # the files of the dropped last shard come first again
-        images_dir, shard = redo
-        folders = identity_folders(images_dir)
-        again = iter_files(images_dir, folders)
-        for _ in range(shard["files"][0]):
-            next(again)
-        yield from (item for _, item in zip(range(shard["files"][1] - shard["files"][0]), again))
-    yield from first
-    yield from rest
+        starts.append(position)
+        position = (taken[-1][0], taken[-1][2] + 1) if taken else position
+    if manifest.get("complete") and kept:
+        if next(listing, None) is None:
+            return kept, None
+        kept.pop()  # new files after a complete pack: its last shard is packed again
+        return kept, starts[-1]
+    return kept, position
 
 
 def _remove_unlisted(out_dir: str, keep: set[str]) -> None:
@@ -242,9 +256,9 @@ def pack_shards(images_dir: str, out_dir: str, *, settings: PackSettings = PackS
     if os.path.exists(os.path.join(out_dir, "train.rec")):
         raise PackError(f"{out_dir}: holds train.rec (a single-file data set); pack shards into another folder")
     manifest = read_manifest(out_dir)
-    kept, files = _reusable(manifest, settings, images_dir, out_dir, iter_files(images_dir, folders))
+    kept, start = _reusable(manifest, settings, images_dir, out_dir, folders)
     _remove_unlisted(out_dir, {shard["name"] for shard in kept})
-    if manifest is not None and manifest.get("complete") and len(kept) == len(manifest["shards"]):
+    if start is None:
         return PackResult(manifest["images"], len(folders), len(kept), manifest["skipped"], len(kept))
     image_size = tuple(manifest["image_size"]) if kept else None
     writer = ShardWriter(out_dir, shard_images=settings.shard_images, shard_bytes=settings.shard_bytes,
@@ -252,8 +266,8 @@ def pack_shards(images_dir: str, out_dir: str, *, settings: PackSettings = PackS
     first_file = kept[-1]["files"][1] if kept else 0
     state = {"image_size": image_size, "skipped": sum(len(s["skipped"]) for s in kept)}
     try:
-        _write(writer, files, first_file, images_dir, len(folders), settings, workers, state,
-               _Progress(progress, progress_every, len(folders)), on_shard)
+        _write(writer, _encoded(images_dir, folders, start, workers), first_file, images_dir, len(folders), settings,
+               state, _Progress(progress, progress_every, len(folders)), on_shard)
     except BaseException:
         writer.abort()
         raise
@@ -271,15 +285,15 @@ def _save_manifest(writer: ShardWriter, settings: PackSettings, state: dict, num
         "images": writer.next_key, "skipped": state["skipped"], "complete": complete, "shards": writer.shards})
 
 
-def _write(writer: ShardWriter, files: Iterator[tuple[int, str]], file_index: int, images_dir: str,
-           num_classes: int, settings: PackSettings, workers: int, state: dict, progress: _Progress, on_shard) -> None:
+def _write(writer: ShardWriter, files: Iterator[Packed], file_index: int, images_dir: str, num_classes: int,
+           settings: PackSettings, state: dict, progress: _Progress, on_shard) -> None:
     """Write the record of every remaining file (`file_index`: the number of input files before them)."""
     shard = _OpenShard(file_index, hashlib.sha1(), [])
-    for (label, path), (data, size, problem, stat) in _encoded(files, workers):
+    for label, path, (data, size, problem, stat) in files:
         if problem is None and state["image_size"] is None:
             state["image_size"] = size
         if problem is None and size != state["image_size"]:
-            problem = (f"{path}: image is {size[1]}x{size[0]} but the first image is {state['image_size'][1]}x"
+            problem = (f"{os.path.join(images_dir, path)}: image is {size[1]}x{size[0]} but the first image is {state['image_size'][1]}x"
                        f"{state['image_size'][0]}; align/resize all images to one size")
         if problem is None:
             framed = _frame(float(label), data, writer.next_key)
@@ -292,9 +306,9 @@ def _write(writer: ShardWriter, files: Iterator[tuple[int, str]], file_index: in
                             "tools/pack_rec.py --skip-bad); finished shards are kept for a resume")
         else:
             print(f"skipping {problem}", file=sys.stderr, flush=True)
-            shard.skipped.append(os.path.relpath(path, images_dir))
+            shard.skipped.append(path)
             state["skipped"] += 1
-        shard.digest.update(_source_line(label, path, images_dir, stat))
+        shard.digest.update(_source_line(label, path, stat))
         file_index += 1
         progress.update(writer.next_key, label, len(writer.shards), state["skipped"])
     _close(writer, shard, file_index, settings, state, num_classes, on_shard)
