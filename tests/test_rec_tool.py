@@ -65,7 +65,7 @@ def test_verify_names_every_planted_fault(repo_root, faulty, tmp_path):
                      f"{rec} key 5 (offset {faults['label_range'][1]}): label 99 is outside [0, {IDENTITIES})",
                      f"{rec} key 7 (offset {faults['not_image'][1]}): the payload does not start like an image",
                      f"{rec} key 23: record at offset {faults['truncated'][1]} declares",
-                     f"{rec} key 999: record header at offset {faults['past_end'][1]} runs past the end"):
+                     f"{rec[:-4]}.idx: key 999 points at offset {faults['past_end'][1]}, past the end of {rec}"):
         assert any(line.startswith(expected) for line in lines), (expected, lines)
     assert lines[-1].startswith(f"verified {IMAGES + 1} records in 1 files") and " 5 bad (" in lines[-1]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from largefr.data.rec_set import RecFile
 from largefr.data.recordio import RecordFile, RecordIOError, unpack_header
-from largefr.data.scan import NOT_IMAGE, OK, PROBLEMS, scan_file
+from largefr.data.scan import NOT_IMAGE, OK, PAST_END, PROBLEMS, scan_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,17 @@ def exclusive(lock_path: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def describe_record(path_rec: str, key: int, offset: int, problem: int) -> str:
+def describe_record(file: RecFile, key: int, offset: int, problem: int) -> str:
     """The reader's own words for a broken record (length, magic, flag), else the problem's."""
+    if problem == PAST_END:
+        size = os.path.getsize(file.rec)
+        return (f"{file.idx}: key {key} points at offset {offset}, past the end of {file.rec} ({size} bytes): "
+                "the .rec is truncated or the .idx belongs to another file")
     try:
-        unpack_header(RecordFile(path_rec).read_at(offset, key))
+        unpack_header(RecordFile(file.rec).read_at(offset, key))
     except RecordIOError as err:
         return str(err)
-    return f"{path_rec} key {key} (offset {offset}): {PROBLEMS[problem]}"
+    return f"{file.rec} key {key} (offset {offset}): {PROBLEMS[problem]}"
 
 
 def scan_to_cache(file: RecFile, path_npz: str, progress_every: float | None = None) -> int:
@@ -105,7 +109,7 @@ def scan_to_cache(file: RecFile, path_npz: str, progress_every: float | None = N
     broken = np.flatnonzero((found.problems != OK) & (found.problems != NOT_IMAGE))
     if broken.size:
         i = int(broken[0])
-        raise RecordIOError(describe_record(file.rec, int(found.keys[i]), int(found.offsets[i]),
+        raise RecordIOError(describe_record(file, int(found.keys[i]), int(found.offsets[i]),
                                             int(found.problems[i]))
                             + f" ({broken.size} broken records in {file.rec}; tools/rec.py verify lists them)")
     not_image = found.problems == NOT_IMAGE

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import io
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ class Finding:
     """Short name: scan.PROBLEM_KINDS, 'label_range', 'undecodable' or 'index'."""
 
     def __str__(self) -> str:
-        if self.problem.startswith(self.file):  # the reader's own message names file, key and offset
+        if self.problem.startswith(os.path.splitext(self.file)[0]):  # the reader's words name file (.rec or .idx)
             return self.problem
         where = self.file if self.key is None else f"{self.file} key {self.key} (offset {self.offset})"
         return f"{where}: {self.problem}"
@@ -91,7 +92,7 @@ def _verify_file(file: RecFile, num_classes: int | None) -> tuple[int, list[Find
     findings = []
     for number, i in enumerate(np.flatnonzero(found.problems != OK)):
         key, offset, code = int(found.keys[i]), int(found.offsets[i]), int(found.problems[i])
-        text = describe_record(file.rec, key, offset, code) if number < _DESCRIBED_PER_FILE else PROBLEMS[code]
+        text = describe_record(file, key, offset, code) if number < _DESCRIBED_PER_FILE else PROBLEMS[code]
         findings.append(Finding(file.rec, key, offset, text, PROBLEM_KINDS[code]))
     usable = found.problems == OK
     if num_classes is not None:
