@@ -48,7 +48,7 @@ class ImageIndex:
     labels: np.ndarray
     """int64 class label of each image."""
     dali_index_path: str
-    """Where the `key\toffset` index of exactly these records for DALI is (see dali_index())."""
+    """Where the `key\\toffset` index of exactly these records for DALI is (see dali_index())."""
     bad_keys: tuple[int, ...] = ()
     """Keys skipped because their bytes are not an image (on_bad_image='skip')."""
     source: str = ""

@@ -121,18 +121,8 @@ def scan_to_cache(file: RecFile, path_npz: str, progress_every: float | None = N
         np.savez(f, keys=kept[0], offsets=kept[1], labels=kept[2],
                  bad_keys=found.keys[not_image], bad_offsets=found.offsets[not_image])
     os.replace(tmp, path_npz)
-    _remove_older_scans(path_npz)
+    _remove_older(path_npz, CACHE_SUFFIX, ".npz")
     return len(found.keys)
-
-
-def _remove_older_scans(path_npz: str) -> None:
-    """Scans of earlier versions of the same file (another tag): never read again."""
-    folder, name = os.path.split(path_npz)
-    prefix = name.split(CACHE_SUFFIX, 1)[0] + CACHE_SUFFIX
-    for other in os.listdir(folder):
-        if other.startswith(prefix) and other.endswith(".npz") and other != name:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, other))
 
 
 def _scan_job(file: RecFile, path_npz: str) -> int:
@@ -195,3 +185,14 @@ def write_dali_index(path: str, keys: np.ndarray, offsets: np.ndarray, file_star
                                     (offsets[start:end] + bases[number]).astype(str))
                 f.write("\n".join(lines.tolist()) + "\n")
     os.replace(tmp, path)
+    _remove_older(path, DALI_INDEX_SUFFIX, ".idx")
+
+
+def _remove_older(path: str, suffix: str, extension: str) -> None:
+    """Derived files of earlier versions of the same data (another tag): never read again."""
+    folder, name = os.path.split(path)
+    prefix = name.split(suffix, 1)[0] + suffix
+    for other in os.listdir(folder):
+        if other.startswith(prefix) and other.endswith(extension) and other != name:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, other))
