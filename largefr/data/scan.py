@@ -155,8 +155,8 @@ def image_formats(heads: np.ndarray) -> np.ndarray:
     return found
 
 
-def _scan_chunk(buffer: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels float64, problems, image starts) of records at `offsets` with whole (one-part) frames."""
+def _scan_chunk(buffer: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels float64, problems) of the records at `offsets` (BAD_PARTS: a multi-part frame, read in full)."""
     head = _gather(buffer, offsets, _HEAD_BYTES)
     words = head[:, :16].copy().view("<u4")  # magic, lrec, flag, label
     magic, lrec, flag = words[:, 0], words[:, 1], words[:, 2].astype(np.int64)
@@ -177,7 +177,7 @@ def _scan_chunk(buffer: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.
     short = image_start + _IMAGE_HEAD > offsets + 8 + length  # tiny payloads: compare only their bytes
     heads[short] = _gather_bounded(buffer, image_start[short], offsets[short] + 8 + length[short])
     problems[(problems == OK) & (image_formats(heads) < 0)] = NOT_IMAGE
-    return label, problems, image_start
+    return label, problems
 
 
 def _gather_bounded(buffer: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -193,8 +193,8 @@ def _multipart(file: RecordFile, key: int, offset: int) -> tuple[float, int]:
     except RecordIOError:
         return 0.0, BAD_PARTS
     value = first_label(label)
-    if value != int(value):
-        return value, NOT_INTEGER
+    if not float(value).is_integer():  # NaN and infinities included
+        return 0.0, NOT_INTEGER
     heads = np.frombuffer(image[:_IMAGE_HEAD].ljust(_IMAGE_HEAD, b"\0"), np.uint8)[None]
     return value, OK if image_formats(heads)[0] >= 0 else NOT_IMAGE
 
@@ -250,7 +250,7 @@ def _scan_records(file: RecordFile, keys: np.ndarray, offsets: np.ndarray, progr
         try:
             for start in range(0, len(keys), CHUNK_RECORDS):
                 part = slice(start, start + CHUNK_RECORDS)
-                chunk_labels, chunk_problems, _ = _scan_chunk(buffer, offsets[part], file.file_size)
+                chunk_labels, chunk_problems = _scan_chunk(buffer, offsets[part], file.file_size)
                 for i in np.flatnonzero(chunk_problems == BAD_PARTS):
                     chunk_labels[i], chunk_problems[i] = _multipart(file, int(keys[part][i]), int(offsets[part][i]))
                 labels[part] = np.where(chunk_problems == OK, chunk_labels, 0).astype(np.int64)
