@@ -178,3 +178,16 @@ def test_mxnet_reads_every_shard(packed):
             assert (k, header.label, image) == (key, float(expected[key][0]), expected[key][1])
             key += 1
     assert key == len(expected)
+
+
+def test_data_rec_takes_a_path_or_a_list_of_paths():
+    from largefr.config import Config
+    from largefr.config_validation import ConfigError
+
+    for rec in ("/data/set", ["/data/a", "/data/b/train-00003.rec"]):
+        assert Config.from_dict({"data": {"rec": rec}, "output": "out"}).data.rec == rec
+    for rec, problem in ((3, r"data.rec: must be a string or a list of strings or null, got 3"),
+                         ([], r"data.rec: must name at least one folder or .rec file"),
+                         (["/data/a", " "], r"data.rec: must not be empty")):
+        with pytest.raises(ConfigError, match=problem):
+            Config.from_dict({"data": {"rec": rec}, "output": "out"})
