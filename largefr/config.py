@@ -223,15 +223,16 @@ photometric changes, compression last as in a re-saved photo."""
 @dataclass(kw_only=True)
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
-    rec: str | None = None
+    rec: str | list[str] | None = None
     """Folder holding train.rec, train.idx and property, in any layout insightface's tools write
     (faces_emore's header and identity records, or RecBuilder's images from key 0, property with a
-    second line, train.meta); one of data.rec / data.images is required unless data.loader is
-    'synthetic' or data.synthetic.cache_dir is set."""
+    second line, train.meta); or a folder of shards train-00000.rec/.idx ... (tools/pack_rec.py), a
+    .rec file, or a list of these read as one set (largefr/data/rec_set.py); one of data.rec /
+    data.images is required unless data.loader is 'synthetic' or data.synthetic.cache_dir is set."""
     images: str | None = None
     """Folder of identity sub-folders of images (as arcface_torch's ImageFolder fallback reads: labels
-    follow sorted folder names), packed once into a cached train.rec under data.cache_dir (packed
-    again when a file is added, removed or changed); instead of data.rec."""
+    follow sorted folder names), packed once into shards under data.cache_dir (the shards from the first
+    changed file on are packed again when a file is added, removed or changed); instead of data.rec."""
     cache_dir: str | None = None
     """Folder of the packed copy of data.images and of the scanned image indexes; null = $LARGEFR_CACHE,
     else ~/.cache/largefr (a scan of a writable data.rec is then written beside it)."""
@@ -266,8 +267,8 @@ class DataConfig(_Section):
     blur, JPEG), all off by default; see AugmentConfig and docs/AUGMENTATION.md."""
 
     @property
-    def data_dir(self) -> str | None:
-        """Folder holding the training files: data.rec, the packed copy of data.images, else the synthetic cache."""
+    def data_dir(self) -> str | list[str] | None:
+        """The training files: data.rec, the packed copy of data.images, else the synthetic cache folder."""
         if self.rec is not None:
             return self.rec
         if self.images is not None:

@@ -62,6 +62,11 @@ def convert_value(value: Any, hint: Any, key: str, issues: list[Issue]) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return convert_value(value, inner[0], key, issues)
+        for option in inner:  # several types (a path or a list of paths): the first that fits
+            option_issues: list[Issue] = []
+            converted = convert_value(value, option, key, option_issues)
+            if not option_issues:
+                return converted
     elif origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value

@@ -65,13 +65,20 @@ def _nonempty(text: str | None) -> str | None:
     return "must not be empty (use null to unset it)" if empty else None
 
 
+def _nonempty_paths(paths: str | list[str] | None) -> str | None:
+    if isinstance(paths, list):
+        return "must name at least one folder or .rec file" if not paths else next(
+            (problem for problem in map(_nonempty, paths) if problem), None)
+    return _nonempty(paths)
+
+
 def _data_checks(d: Any) -> list[Check]:
     reads_rec = d.loader != "synthetic" and not (d.synthetic and d.synthetic.cache_dir)
     repeated = sorted({t for t in d.val_targets if d.val_targets.count(t) > 1})
     checks = [
         ("rec", "required: the folder holding train.rec, train.idx and property (or set data.images, "
                 "data.synthetic.cache_dir, or data.loader 'synthetic')"
-         if reads_rec and d.rec is None and d.images is None else _nonempty(d.rec)),
+         if reads_rec and d.rec is None and d.images is None else _nonempty_paths(d.rec)),
         ("images", "give data.rec or data.images, not both" if d.rec is not None and d.images is not None
          else _nonempty(d.images)),
         ("cache_dir", _nonempty(d.cache_dir)),

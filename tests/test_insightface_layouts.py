@@ -19,11 +19,12 @@ from PIL import Image
 
 from largefr.data import prepare_image_index
 from largefr.data.image_index import counts_from_data
+from largefr.data.pack_shards import PackSettings, pack_shards
 from largefr.data.recordio import IndexedRecordReader, RecordIOError, read_property_file
 from tests.distributed_helpers import run_distributed
 
 IDENTITIES, PER_IDENTITY, SIDE = 6, 4, 32
-LAYOUTS = ("faces_emore", "rec_builder", "label_vectors")
+LAYOUTS = ("faces_emore", "rec_builder", "label_vectors", "im2rec")
 
 
 def _jpeg(seed: int) -> bytes:
@@ -89,6 +90,16 @@ def write_rec_builder(folder, *, label_vectors: bool = False) -> None:
         pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def write_im2rec(folder) -> None:
+    """im2rec: records in its (shuffled) .lst order, key = the .lst index (so key 0 is an image somewhere in
+    the file, flag 0), one scalar label each, no header, no identity records, no property file."""
+    labels = _labels()
+    order = np.random.default_rng(11).permutation(len(labels))
+    records = [(int(i), _payload(0, float(labels[i]), int(i), image=_jpeg(int(i)))) for i in order]
+    _write(folder, records, [])
+    os.remove(os.path.join(folder, "property"))
+
+
 def write_image_folder(root) -> None:
     for label in range(IDENTITIES):
         os.makedirs(root / f"person_{label:02d}")
@@ -99,6 +110,8 @@ def write_image_folder(root) -> None:
 def write_layout(layout: str, folder) -> None:
     if layout == "faces_emore":
         write_faces_emore(folder)
+    elif layout == "im2rec":
+        write_im2rec(folder)
     else:
         write_rec_builder(folder, label_vectors=layout == "label_vectors")
 
@@ -109,7 +122,9 @@ def layouts(tmp_path_factory) -> dict[str, str]:
     for layout in LAYOUTS:
         write_layout(layout, root / layout)
     write_image_folder(root / "images")
-    return {**{layout: str(root / layout) for layout in LAYOUTS}, "images": str(root / "images")}
+    pack_shards(str(root / "images"), str(root / "shards"), settings=PackSettings(shard_images=7), progress=None)
+    return {**{layout: str(root / layout) for layout in LAYOUTS}, "images": str(root / "images"),
+            "shards": str(root / "shards")}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -155,10 +170,10 @@ def test_image_folder_is_packed_once_and_again_when_it_changes(layouts, tmp_path
 
     root = tmp_path / "faces"
     write_image_folder(root)
-    packed = ensure_packed(str(root), str(tmp_path / "cache"), progress=None)
-    first_mtime = os.stat(os.path.join(packed, "train.rec")).st_mtime_ns
+    packed = ensure_packed(str(root), str(tmp_path / "cache"), progress=None, workers=1)
+    first_mtime = os.stat(os.path.join(packed, "train-00000.rec")).st_mtime_ns
     assert ensure_packed(str(root), str(tmp_path / "cache"), progress=None) == packed
-    assert os.stat(os.path.join(packed, "train.rec")).st_mtime_ns == first_mtime  # reused
+    assert os.stat(os.path.join(packed, "train-00000.rec")).st_mtime_ns == first_mtime  # reused
     (root / "person_00" / "extra.jpg").write_bytes(_jpeg(999))
     ensure_packed(str(root), str(tmp_path / "cache"), progress=None)
     index = prepare_image_index(packed)
@@ -206,7 +221,7 @@ def _train_each(rank: int, world: int, layouts: dict[str, str], output: str, cac
 
 def test_every_layout_and_an_image_folder_train_with_counts_from_the_data(layouts, tmp_path):
     per_rank = run_distributed(_train_each, 2, layouts, str(tmp_path / "out"), str(tmp_path / "cache"))
-    for name in (*LAYOUTS, "images"):
+    for name in (*LAYOUTS, "images", "shards"):
         result = per_rank[0][name]
         assert result["summary"]["steps"] == 2, name
         assert result["summary"]["num_classes"] == IDENTITIES, name
@@ -215,4 +230,4 @@ def test_every_layout_and_an_image_folder_train_with_counts_from_the_data(layout
         assert result["head_moved"]
         assert result["backbone_moved"] == (name != "images"), name  # train.freeze_backbone_steps=2 there
     packed = [name for name in os.listdir(tmp_path / "cache") if name.startswith("images-")]
-    assert len(packed) == 1 and os.path.isfile(tmp_path / "cache" / packed[0] / "source.json")
+    assert len(packed) == 1 and os.path.isfile(tmp_path / "cache" / packed[0] / "manifest.json")

@@ -180,8 +180,8 @@ def test_dali_needs_the_filtered_index(sorted_rec):
 
     index = prepare_image_index(sorted_rec, num_classes=NUM_IDS)
     sizes = {}
-    for name, index_path in [("raw", os.path.join(sorted_rec, "train.idx")), ("filtered", index.dali_index_path)]:
-        pipe = build_pipeline(rec_path=index.rec_path, index_path=index_path, batch_size=2, num_threads=1,
+    for name, index_path in [("raw", os.path.join(sorted_rec, "train.idx")), ("filtered", index.dali_index())]:
+        pipe = build_pipeline(rec_paths=index.rec_paths, index_path=index_path, batch_size=2, num_threads=1,
                               device_id=None, seed=0, shard_id=0, num_shards=1, shuffle=False, initial_fill=1,
                               random_flip=False, pad_last_batch=False)
         sizes[name] = pipe.epoch_size("reader")
@@ -199,7 +199,7 @@ def test_index_cache_follows_the_idx_and_cache_dir(tmp_path):
     first = prepare_image_index(str(tmp_path / "data"), num_classes=1)
     os.utime(tmp_path / "data" / "train.idx", ns=(1, 1))  # a re-written index is scanned again
     second = prepare_image_index(str(tmp_path / "data"), num_classes=1)
-    assert first.dali_index_path != second.dali_index_path and os.path.exists(second.dali_index_path)
+    assert first.dali_index_path != second.dali_index_path and os.path.exists(second.dali_index())
     elsewhere = prepare_image_index(str(tmp_path / "data"), num_classes=1, cache_dir=str(tmp_path / "cache"))
     assert elsewhere.dali_index_path.startswith(str(tmp_path / "cache"))
 
@@ -207,15 +207,15 @@ def test_index_cache_follows_the_idx_and_cache_dir(tmp_path):
 def _prepare_recording_scans(folder: str, scans_log: str, start) -> None:
     import largefr.data.image_index as image_index
 
-    original = image_index._scan
+    original = image_index.scan_missing
 
-    def recording_scan(reader, on_bad_image):
+    def recording_scan(*args, **kwargs):
         with open(scans_log, "a") as log:
             log.write(f"{os.getpid()}\n")
         time.sleep(0.5)  # both ranks are surely waiting for the cache by now
-        return original(reader, on_bad_image)
+        return original(*args, **kwargs)
 
-    image_index._scan = recording_scan
+    image_index.scan_missing = recording_scan
     start.wait()
     prepare_image_index(folder, num_classes=1)
 

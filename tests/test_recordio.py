@@ -10,6 +10,7 @@ import pytest
 from largefr.data.image_index import prepare_image_index
 from largefr.data.recordio import (RECORDIO_MAGIC, IndexedRecordReader, RecordIOError, encode_record, pack_header,
                                    read_index, read_property, unpack_header, write_insightface_rec)
+from largefr.data.scan import scan_file
 
 NUM_CLASSES = 5
 
@@ -97,8 +98,10 @@ def test_payload_holding_the_magic_is_split_and_rejoined(tmp_path):
         cflags.append(lrec >> 29)
         position += 8 + (((lrec & (2**29 - 1)) + 3) & ~3)
     assert cflags == [1, 2, 3]
-    write_insightface_rec(str(tmp_path), [(0, image)], num_classes=1)
+    write_insightface_rec(str(tmp_path), [(0, image), (0, image[:4] + b"no magic")], num_classes=1)
     assert _reader(str(tmp_path)).read_sample(1) == (0.0, image)
+    found = scan_file(str(tmp_path / "train.rec"), str(tmp_path / "train.idx"))  # multi-part frames: read in full
+    assert found.keys.tolist() == [1, 2] and found.problems.tolist() == [0, 0] and found.header_layout
 
 
 def test_writer_refuses_bad_labels_and_leaves_no_output(tmp_path):
@@ -214,3 +217,15 @@ def test_bad_continuation_flag_names_key(rec_dir):
         f.write(struct.pack("<I", lrec | (2 << 29)))  # a "middle part" where a record must start
     with pytest.raises(RecordIOError, match=rf"train.rec key 2: continuation flag 2 at offset {offset}"):
         _reader(rec_dir).read(2)
+
+
+def test_index_lines_in_any_order_scan_to_file_order(rec_dir):
+    path_idx = os.path.join(rec_dir, "train.idx")
+    before = scan_file(os.path.join(rec_dir, "train.rec"), path_idx)
+    lines = open(path_idx).read().splitlines()
+    with open(path_idx, "w") as f:  # another writer's order, with a blank line: the same records, in file order
+        f.write("\n".join(lines[::-1][:3] + [""] + lines[::-1][3:]) + "\n")
+    after = scan_file(os.path.join(rec_dir, "train.rec"), path_idx)
+    for column in ("keys", "offsets", "labels", "problems"):
+        assert getattr(after, column).tolist() == getattr(before, column).tolist()
+    assert after.offsets.tolist() == sorted(after.offsets.tolist()) and after.header_layout

@@ -7,10 +7,12 @@ and supports `len()` (batches per epoch, equal on all ranks), `set_epoch(e)`, `s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from largefr.data.image_index import BAD_IMAGE_POLICIES, ImageIndex, prepare_image_index
-from largefr.data.recordio import BadImageError, RecordIOError, read_property
+from largefr.data.rec_set import resolve_rec_set
+from largefr.data.recordio import BadImageError, RecordIOError
 from largefr.data.sharding import EpochLoader
 
 if TYPE_CHECKING:  # torch is imported lazily: tools such as pack_rec.py start faster without it
@@ -30,16 +32,19 @@ def _default_device(local_rank: int) -> str:
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
-def _check_image_size(rec: str, image_size: int) -> None:
-    if not os.path.exists(os.path.join(rec, "property")):
+def _check_image_size(rec: str | Sequence[str], image_size: int) -> None:
+    rec_set = resolve_rec_set(rec)
+    prop = rec_set.property()
+    if prop is None:
         return
-    _, height, width = read_property(rec)
+    _, height, width, _ = prop
     if (height, width) != (image_size, image_size):
-        raise RecordIOError(f"{os.path.join(rec, 'property')}: images are {height}x{width} but the loader was asked "
+        where = os.path.join(rec_set.property_dirs[0], "property")
+        raise RecordIOError(f"{where}: images are {height}x{width} but the loader was asked "
                             f"for {image_size}x{image_size}; set data.image_size={height} or re-pack the data")
 
 
-def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, world_size: int, num_classes: int,
+def build_loader(kind: str, *, rec: str | Sequence[str] | None, batch_size: int, rank: int, world_size: int, num_classes: int,
                  local_rank: int = 0, seed: int = 0, image_size: int = 112, num_workers: int = 2,
                  shuffle: bool = True, random_flip: bool = True, shuffle_buffer: int = 10000,
                  on_bad_image: str = "error", drop_last: bool = True, num_images: int | None = None,
@@ -47,7 +52,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
                  augment: "AugmentConfig | None" = None) -> EpochLoader:
     """The loader of `kind` ('dali', 'torch' or 'synthetic') for this rank.
 
-    `rec` is the folder holding train.rec, train.idx and property. `num_workers` is the number of
+    `rec` is data.rec: a folder holding train.rec, train.idx and property, a folder of shards
+    (train-00000.rec ...), a .rec file, or a list of these (largefr/data/rec_set.py). `num_workers` is the number of
     DataLoader workers (torch) or DALI threads. `num_images` only sizes the synthetic loader's epoch
     (default 100 batches). `cache_dir` holds the scanned image index when `rec` is read-only
     (default: $LARGEFR_CACHE or ~/.cache/largefr). `device`: where the DALI and synthetic loaders put
@@ -67,7 +73,8 @@ def build_loader(kind: str, *, rec: str | None, batch_size: int, rank: int, worl
         return SyntheticLoader(batch_size=batch_size, num_classes=num_classes, rank=rank, num_batches=num_batches,
                                seed=seed, image_size=image_size, device=device or _default_device(local_rank))
     if not rec:
-        raise ValueError(f"data.loader={kind} needs data.rec, the folder holding train.rec, train.idx and property")
+        raise ValueError(f"data.loader={kind} needs data.rec, the folder holding train.rec, train.idx and property "
+                         "(or shards)")
     _check_image_size(rec, image_size)
     index = prepare_image_index(rec, num_classes=num_classes, on_bad_image=on_bad_image, cache_dir=cache_dir)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, image_size=image_size,

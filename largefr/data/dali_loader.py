@@ -5,7 +5,8 @@ GPU: `device_id=local_rank`, nvJPEG "mixed" decode. CPU-only machine: `device_id
 device chosen at run time.
 
 Each epoch builds a fresh pipeline: `fn.readers.mxnet` over the validated image-only index
-(image_index.py), `shard_id=(rank + epoch) % world`, `num_shards=world`, `stick_to_shard=True`
+(image_index.py) of one .rec or of every shard of a set (one index with global offsets, the form
+DALI 2.4.0 accepts for several files), `shard_id=(rank + epoch) % world`, `num_shards=world`, `stick_to_shard=True`
 (see sharding.py), seeded from (seed, epoch, rank). That gives exact epoch boundaries and an
 exact, cheap-to-reason resume point (`skip(k)` runs and discards k batches of the epoch's pipeline);
 data.augment's operators (augment_dali.py) are part of that pipeline, so a resume replays them too.
@@ -28,7 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,11 +58,15 @@ def import_dali():
     return dali, fn, types, feed_ndarray
 
 
-def build_pipeline(*, rec_path: str, index_path: str, batch_size: int, num_threads: int, device_id: int | None,
+def build_pipeline(*, rec_paths: Sequence[str], index_path: str, batch_size: int, num_threads: int, device_id: int | None,
                    seed: int, shard_id: int, num_shards: int, shuffle: bool, initial_fill: int,
                    random_flip: bool, pad_last_batch: bool, augment: AugmentConfig | None = None,
                    image_size: int = 112):
     """Built DALI pipeline with outputs (images 3xHxW float, label, source_info of each sample).
+
+    `rec_paths` are read as one set through the single index `index_path`, whose offsets are global
+    (positions in the files laid end to end): the form DALI 2.4.0's mxnet reader takes for several
+    files (it refuses more than one index file).
 
     `augment` (data.augment) inserts its operators between decode and normalize (augment_dali.py);
     the pipeline is then traced with DALI conditionals, so each operator runs only where its coin lands.
@@ -71,7 +76,7 @@ def build_pipeline(*, rec_path: str, index_path: str, batch_size: int, num_threa
 
     def graph():
         encoded, labels = fn.readers.mxnet(
-            path=[rec_path], index_path=[index_path], shard_id=shard_id, num_shards=num_shards,
+            path=list(rec_paths), index_path=[index_path], shard_id=shard_id, num_shards=num_shards,
             stick_to_shard=True, random_shuffle=shuffle, initial_fill=max(1, initial_fill),
             pad_last_batch=pad_last_batch, name="reader")
         images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
@@ -135,12 +140,12 @@ class DaliRecLoader(EpochLoader):
     def _pipeline(self, epoch: int):
         """(pipeline, positions it reads in file order) for this rank and epoch."""
         shard = self._shard(epoch)
-        index_path, num_shards = self.index.dali_index_path, self.world_size
+        index_path, num_shards = self.index.dali_index(), self.world_size
         shard_id = epoch_shard_id(self.rank, self.world_size, epoch)
         if self.bad_positions.intersection(shard.tolist()):
             shard = np.array([p for p in shard.tolist() if p not in self.bad_positions], dtype=np.int64)
             index_path, shard_id, num_shards = self._private_index(shard), 0, 1
-        pipe = build_pipeline(rec_path=self.index.rec_path, index_path=index_path, batch_size=self.batch_size,
+        pipe = build_pipeline(rec_paths=self.index.rec_paths, index_path=index_path, batch_size=self.batch_size,
                               num_threads=self.num_threads,
                               device_id=(self.device.index or 0) if self.device.type == "cuda" else None,
                               seed=_pipeline_seed(self.seed, epoch, self.rank), shard_id=shard_id,
@@ -153,17 +158,18 @@ class DaliRecLoader(EpochLoader):
         if self._private_dir is None:
             self._private_dir = tempfile.mkdtemp(prefix="largefr-dali-")
         path = os.path.join(self._private_dir, f"rank{self.rank}.idx")
-        with open(path, "w", encoding="ascii") as f:
-            f.writelines(f"{self.index.keys[p]}\t{self.index.offsets[p]}\n" for p in positions.tolist())
+        bases = np.concatenate([[0], np.cumsum([os.path.getsize(p) for p in self.index.rec_paths])])
+        with open(path, "w", encoding="ascii") as f:  # global offsets, as in the set's index
+            f.writelines(f"{self.index.keys[p]}\t{self.index.offsets[p] + bases[self.index.file_of(p)]}\n"
+                         for p in positions.tolist())
         return path
 
     # -- one batch --------------------------------------------------------------------------------
 
     def _positions(self, source_info) -> np.ndarray:
         """Positions in the image index of the samples of a batch, from DALI's source_info."""
-        offsets = np.array([int(bytes(np.asarray(source_info[i])).decode().rsplit(" at index ", 1)[1])
-                            for i in range(len(source_info))], dtype=np.int64)
-        return np.searchsorted(self.index.offsets, offsets)
+        named = [bytes(np.asarray(source_info[i])).decode().rsplit(" at index ", 1) for i in range(len(source_info))]
+        return np.array([self.index.position_of(path, int(offset)) for path, offset in named], dtype=np.int64)
 
     def _run(self, pipe) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         _, _, _, feed_ndarray = import_dali()
@@ -171,8 +177,8 @@ class DaliRecLoader(EpochLoader):
         positions = self._positions(info_tl)
         for i, shape in enumerate(images_tl.shape()):
             if tuple(shape) != (3, self.image_size, self.image_size):
-                key = int(self.index.keys[positions[i]])
-                raise RecordIOError(f"{self.index.rec_path} key {key}: image is {shape[2]}x{shape[1]}, expected "
+                path, key, _ = self.index.record(int(positions[i]))
+                raise RecordIOError(f"{path} key {key}: image is {shape[2]}x{shape[1]}, expected "
                                     f"{self.image_size}x{self.image_size} (data.image_size / property)")
         images = torch.empty((len(positions), 3, self.image_size, self.image_size), dtype=torch.float32,
                              device=self.device)
@@ -211,22 +217,28 @@ class DaliRecLoader(EpochLoader):
         """Find the undecodable records among those read but not returned; raise or remember them."""
         may_have_read = self.initial_fill + (produced + _PREFETCH_DEPTH + 1) * self.batch_size
         candidates = [p for p in shard.tolist()[:may_have_read] if p not in returned]
-        file = RecordFile(self.index.rec_path)
+        files = [RecordFile(path) for path in self.index.rec_paths]
         try:
-            bad = [p for p in candidates if not self._decodes(file, p)]
+            bad = [p for p in candidates if not self._decodes(files[self.index.file_of(p)], p)]
         finally:
-            file.close()
+            for file in files:
+                file.close()
         if not bad:
-            raise RuntimeError(f"{self.index.rec_path}: DALI failed in epoch {self.epoch} (shard keys "
-                               f"{int(self.index.keys[shard[0]])}..{int(self.index.keys[shard[-1]])}) and no "
+            raise RuntimeError(f"{self.index.rec_path}: DALI failed in epoch {self.epoch} (images "
+                               f"{self.index.where(int(shard[0]))} .. {self.index.where(int(shard[-1]))}) and no "
                                f"undecodable record was found: {err}") from err
-        described = ", ".join(f"key {int(self.index.keys[p])} (offset {int(self.index.offsets[p])})" for p in bad)
+        described = ", ".join(self._described(p) for p in bad)
         if self.on_bad_image != "skip":
             raise BadImageError(f"{self.index.rec_path}: undecodable image at {described}; set "
                                 "data.on_bad_image=skip to skip such records, or re-pack the data") from err
         logger.warning("%s: skipping undecodable image(s) at %s", self.index.rec_path, described)
         self.bad_positions.update(bad)
         self.skipped_images += len(bad)
+
+    def _described(self, position: int) -> str:
+        path, key, offset = self.index.record(position)
+        where = f"key {key} (offset {offset})"
+        return where if len(self.index.rec_paths) == 1 else f"{path} {where}"
 
     def _decodes(self, file: RecordFile, position: int) -> bool:
         try:

@@ -1,9 +1,11 @@
-"""Pack a folder of identity sub-folders into train.rec / train.idx / property (tools/pack_rec.py)."""
+"""Reading images for packing, the single-file pack (train.rec / train.idx / property), and data.images.
+
+The sharded, parallel, resumable pack is largefr/data/pack_shards.py; ensure_packed uses it.
+"""
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -11,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from largefr.data.image_index import cache_base
+from largefr.data.index_cache import cache_base
 from largefr.data.recordio import write_insightface_rec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,46 +91,31 @@ def pack_image_folder(images_dir: str, out_dir: str, *, shuffle: bool = False, s
     return num_images, len(identities)
 
 
-_SOURCE_FILE = "source.json"  # written last: its presence and fingerprint mark a complete, current pack
-
-
 def packed_folder_for(images_dir: str, cache_dir: str | None = None) -> str:
     """The folder where `images_dir` is packed for training (data.images): one per absolute path."""
     digest = hashlib.sha1(os.path.abspath(images_dir).encode()).hexdigest()[:16]
     return os.path.join(cache_base(cache_dir), f"images-{digest}")
 
 
-def folder_fingerprint(images_dir: str) -> str:
-    """A digest of every identity folder's image names, sizes and modification times."""
-    digest = hashlib.sha1()
-    for folder, files in list_identities(images_dir):
-        digest.update(os.path.basename(folder).encode() + b"\0")
-        for path in files:
-            stat = os.stat(path)
-            digest.update(f"{os.path.basename(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()
+def ensure_packed(images_dir: str, cache_dir: str | None = None, *, progress: TextIO | None = sys.stderr,
+                  workers: int | None = None, on_bad_image: str = "error") -> str:
+    """Pack `images_dir` into shards in its cache folder, or bring an earlier pack up to date; the folder.
 
-
-def ensure_packed(images_dir: str, cache_dir: str | None = None, *, progress: TextIO | None = sys.stderr) -> str:
-    """Pack `images_dir` into its cache folder unless a pack of the same files is already there; the folder.
-
-    One process at a time per folder (the trainer runs it on rank 0 while the others wait).
+    Shards whose input files are unchanged are kept (largefr/data/pack_shards.py): an unchanged
+    folder costs one listing and one stat per file, a stopped pack resumes. One process at a time per
+    folder (the trainer runs it on rank 0 while the others wait).
     """
+    from largefr.data.pack_shards import DEFAULT_SHARD_BYTES, PackSettings, pack_shards
+    from largefr.data.shard_writer import read_manifest
+
     out_dir = packed_folder_for(images_dir, cache_dir)
-    fingerprint = folder_fingerprint(images_dir)
-    source_path = os.path.join(out_dir, _SOURCE_FILE)
-    if os.path.isfile(source_path):
-        with open(source_path, encoding="utf-8") as f:
-            if json.load(f).get("fingerprint") == fingerprint:
-                return out_dir
-    if os.path.isdir(out_dir):  # a stale or interrupted pack: start over (old scans are tied to old files)
-        shutil.rmtree(out_dir)
-    if progress is not None:
-        print(f"packing {images_dir} into {out_dir} (once; packed again when its files change)", file=progress)
-    num_images, num_classes = pack_image_folder(images_dir, out_dir, progress=progress)
-    tmp = f"{source_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"images": os.path.abspath(images_dir), "fingerprint": fingerprint, "num_images": num_images,
-                   "num_classes": num_classes}, f)
-    os.replace(tmp, source_path)
+    settings = PackSettings(shard_bytes=DEFAULT_SHARD_BYTES, on_bad_image=on_bad_image)
+    if os.path.isdir(out_dir):
+        manifest = read_manifest(out_dir)
+        if manifest is None or manifest.get("settings") != settings.as_dict():  # an older or other pack
+            shutil.rmtree(out_dir)
+    if progress is not None and not os.path.isdir(out_dir):
+        print(f"packing {images_dir} into {out_dir} (once; shards of changed files are packed again)", file=progress)
+    workers = workers if workers is not None else max(1, min(8, (os.cpu_count() or 1)))
+    pack_shards(images_dir, out_dir, settings=settings, workers=workers, progress=progress)
     return out_dir

@@ -93,11 +93,12 @@ def encode_record(payload: bytes) -> bytes:
     if len(payload) > _LENGTH_MASK:
         raise ValueError(f"record of {len(payload)} bytes exceeds the RecordIO limit of 2^29 - 1")
     view = memoryview(payload)
-    parts, start = [], 0
-    for pos in range(0, len(payload) - 3, 4):
-        if view[pos:pos + 4] == _MAGIC_BYTES:
+    parts, start, pos = [], 0, payload.find(_MAGIC_BYTES)
+    while pos >= 0:  # bytes.find, then keep only 4-aligned magic words (dmlc-core splits at those)
+        if pos % 4 == 0:
             parts.append(_part(1 if start == 0 else 2, view[start:pos]))
             start = pos + 4
+        pos = payload.find(_MAGIC_BYTES, start if pos % 4 == 0 else pos + 1)
     parts.append(_part(0 if start == 0 else 3, view[start:]))
     return b"".join(parts)
 

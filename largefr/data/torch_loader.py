@@ -1,6 +1,7 @@
 """Plain torch DataLoader over insightface .rec files: the fallback where DALI is not installed.
 
-Reads the same validated image index as the DALI loader and shards it the same way
+Reads one .rec or a set of shards (one global image order, largefr/data/rec_set.py) through the same
+validated image index as the DALI loader and shards it the same way
 (largefr.data.sharding), decodes with PIL (libjpeg-turbo, like DALI's CPU decoder: pixels are
 identical) and normalizes as DALI's crop_mirror_normalize does, so with shuffle and flip off both
 loaders yield the same batches. data.augment runs per image between decode and normalize
@@ -59,21 +60,24 @@ class RecordImageDataset(Dataset):
         self.augment = augment if augment is not None and augment.enabled else None
         self.image_size = image_size
         self.on_bad_image = on_bad_image
-        self.file = RecordFile(index.rec_path)
+        self.files = [RecordFile(path) for path in index.rec_paths]
+        """One lazily opened reader per .rec of the set (each DataLoader worker opens its own descriptors)."""
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _load(self, position: int) -> tuple[np.ndarray, int]:
+        number = self.index.file_of(position)
         key, offset = int(self.index.keys[position]), int(self.index.offsets[position])
-        _, data = self.file.read_sample_at(offset, key)
+        _, data = self.files[number].read_sample_at(offset, key)
+        path = self.index.rec_paths[number]
         try:
             image = decode_rgb(data)
         except Exception as err:
-            raise BadImageError(f"{self.index.rec_path} key {key} (offset {offset}): undecodable image "
+            raise BadImageError(f"{path} key {key} (offset {offset}): undecodable image "
                                 f"({type(err).__name__}: {err}); set data.on_bad_image=skip to skip it") from None
         if image.shape[:2] != (self.image_size, self.image_size):
-            raise RecordIOError(f"{self.index.rec_path} key {key}: image is {image.shape[1]}x{image.shape[0]}, "
+            raise RecordIOError(f"{path} key {key}: image is {image.shape[1]}x{image.shape[0]}, "
                                 f"expected {self.image_size}x{self.image_size} (data.image_size / property)")
         return image, int(self.index.labels[position])
 
@@ -98,6 +102,36 @@ def _collate(samples: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor
     return images, labels, sum(s[2] for s in samples)
 
 
+class EpochBatches:
+    """The batches of SampleRequests of one rank's epoch, made one batch at a time from numpy arrays (an
+    epoch of a 42M-image set is millions of requests: never held as Python objects at once).
+
+    Iterating yields the non-empty batches from batch `first` on (a DataLoader batch_sampler)."""
+
+    def __init__(self, positions: np.ndarray, flips: np.ndarray, seeds: np.ndarray, start: int, end: int,
+                 batch_size: int, num_batches: int) -> None:
+        self.positions, self.flips, self.seeds = positions, flips, seeds
+        self.start, self.end, self.batch_size, self.num_batches = start, end, batch_size, num_batches
+        self.first = 0
+
+    def batch(self, number: int) -> list[SampleRequest]:
+        part = slice(number * self.batch_size, (number + 1) * self.batch_size)
+        return [(int(p), bool(f), self.start, self.end, int(s))
+                for p, f, s in zip(self.positions[part], self.flips[part], self.seeds[part])]
+
+    @property
+    def has_empty_last(self) -> bool:
+        """drop_last=False can leave this rank's last batch empty (sharding.py)."""
+        return self.num_batches > self.first and (self.num_batches - 1) * self.batch_size >= len(self.positions)
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.first - int(self.has_empty_last))
+
+    def __iter__(self) -> Iterator[list[SampleRequest]]:
+        for number in range(self.first, self.num_batches - int(self.has_empty_last)):
+            yield self.batch(number)
+
+
 class TorchRecLoader(EpochLoader):
     """Per-rank batches `(images float32 Bx3xHxW, labels int64 B)` from a DataLoader."""
 
@@ -116,8 +150,8 @@ class TorchRecLoader(EpochLoader):
         self.skipped_images = 0
         """Images replaced because they could not be decoded (on_bad_image='skip'), all epochs."""
 
-    def epoch_batches(self, epoch: int) -> list[list[SampleRequest]]:
-        """The sample requests of every batch this rank yields in `epoch`."""
+    def epoch_batches(self, epoch: int) -> "EpochBatches":
+        """The sample requests of every batch this rank yields in `epoch` (built batch by batch)."""
         positions = shard_positions(len(self.index), self.world_size, self.rank, epoch,
                                     shuffle=self.shuffle, seed=self.seed)
         start, end = shard_range(len(self.index), self.world_size, (self.rank + epoch) % self.world_size)
@@ -125,19 +159,15 @@ class TorchRecLoader(EpochLoader):
         if self.random_flip:
             flips = np.random.default_rng([self.seed, epoch, self.rank, 1]).random(len(positions)) < 0.5
         seeds = np.random.SeedSequence([self.seed, epoch, self.rank, 2]).generate_state(len(positions), np.uint64)
-        size = self.batch_size
-        return [[(int(p), bool(f), start, end, int(s)) for p, f, s in zip(positions[b * size:(b + 1) * size],
-                                                                            flips[b * size:(b + 1) * size],
-                                                                            seeds[b * size:(b + 1) * size])]
-                for b in range(self.num_batches)]
+        return EpochBatches(positions, flips, seeds, start, end, self.batch_size, self.num_batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.epoch_batches(self.epoch)[self._take_skip():]
-        full = [batch for batch in batches if batch]
-        loader = DataLoader(self.dataset, batch_sampler=full, num_workers=self.num_workers, collate_fn=_collate,
+        batches = self.epoch_batches(self.epoch)
+        batches.first = self._take_skip()
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.pin_memory)
         for images, labels, skipped in loader:
             self.skipped_images += skipped
             yield images, labels
-        if len(full) < len(batches):  # drop_last=False: this rank's last batch is empty (see sharding)
+        if batches.has_empty_last:  # drop_last=False: this rank's last batch is empty (see sharding)
             yield torch.empty(0, 3, self.image_size, self.image_size), torch.empty(0, dtype=torch.int64)

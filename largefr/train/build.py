@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from largefr.config import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
+from largefr.data.rec_set import data_folder
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -122,16 +123,18 @@ def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
     if data.images is not None:
         from largefr.data.pack import ensure_packed
 
-        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir),
+        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir, on_bad_image=data.on_bad_image),
                           f"packing data.images={data.images} into {folder}", device=env.device)
     elif data.rec is None and data.synthetic is not None:
         def generate() -> None:
             ensure_synthetic_data(config, progress=env.is_main)
 
         run_on_first_rank(generate, f"generating the synthetic data set in {folder}", device=env.device)
-    if not os.path.isdir(folder):
-        raise DataSetupError(f"data folder {folder} (data.rec) does not exist: point data.rec at the folder holding "
-                             "train.rec, train.idx and property")
+    missing = [entry for entry in ([folder] if isinstance(folder, str) else folder) if not os.path.exists(entry)]
+    if missing:
+        raise DataSetupError(f"data folder {missing[0]} (data.rec) does not exist: point data.rec at the folder holding "
+                             "train.rec, train.idx and property (or shards train-00000.rec ..., a .rec file, or "
+                             "a list of them)")
     return folder
 
 
@@ -161,7 +164,7 @@ def _verification_candidates(target: str, config: Config, folder: str | None) ->
     working directory; a bare name as <name>.bin in the data folder, beside data.images, then here."""
     if target.endswith(".bin") or os.sep in target:
         return [target] if target.endswith(".bin") else [target, f"{target}.bin"]
-    folders = [folder, config.data.images, os.getcwd()]
+    folders = [data_folder(folder), config.data.images, os.getcwd()]
     return list(dict.fromkeys(os.path.join(f, f"{target}.bin") for f in folders if f))
 
 
