@@ -180,11 +180,12 @@ def counts_from_data(rec: str | Sequence[str], index: ImageIndex, *, num_classes
               else f"{index.rec_path} (largest label + 1; no property file)")
     if num_classes is not None and num_classes != found_classes:
         raise RecordIOError(f"{source}: says {found_classes} classes but the config has data.num_classes="
-                            f"{num_classes}; set data.num_classes={found_classes} or leave it out to read it")
+                            f"{num_classes}; set data.num_classes={found_classes}, or data.num_classes=null to read "
+                            "it from the data")
     index.check_labels(found_classes)
     skipped = f" ({len(index.bad_keys)} records that are not images left out)" if index.bad_keys else ""
     if num_images is not None and num_images != len(index):
         raise RecordIOError(f"{index.rec_path}: holds {len(index)} usable images{skipped} but the config has "
-                            f"data.num_images={num_images}; set data.num_images={len(index)} or leave it out to "
-                            "count them")
+                            f"data.num_images={num_images}; set data.num_images={len(index)}, or "
+                            "data.num_images=null to count them")
     return found_classes, len(index)
