@@ -35,8 +35,11 @@ def test_preview_writes_pairs_of_original_and_augmented_rows(tiny_config, tmp_pa
     tool = load_tool("preview_augment")
     assert tool.main(["--config", tiny_config, "--out", out, "--rows", "2", "--columns", "3", "--zoom", "2",
                       "--loader", loader, "--set", "data.augment.grayscale_prob=1.0", "data.random_flip=false"]) == 0
-    grid = np.asarray(Image.open(out).convert("RGB"))
+    labelled = np.asarray(Image.open(out).convert("RGB"))
     cell, gap = 32 * 2, 2
+    margin = labelled.shape[1] - (3 * (cell + gap) + gap)
+    assert margin > 0 and (labelled[:, :margin] < 128).any()  # the rows are named in a left margin
+    grid = labelled[:, margin:]
     assert grid.shape == (4 * (cell + gap) + gap, 3 * (cell + gap) + gap, 3)
     rows = [[grid[gap + r * (cell + gap):][:cell, gap + c * (cell + gap):][:, :cell] for c in range(3)]
             for r in range(4)]

@@ -20,7 +20,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from largefr.config import RECORD_LOADER_KINDS, load_config  # noqa: E402
-from largefr.data.preview import augment_of, grid_image, prepare_config_data, preview_rows  # noqa: E402
+from largefr.data.preview import (augment_of, grid_image, prepare_config_data, preview_rows,  # noqa: E402
+                                  with_row_labels)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     loader = args.loader or ("torch" if config.data.loader == "synthetic" else config.data.loader)
     rows = preview_rows(config, folder, augment=augment, rows=args.rows, columns=args.columns, kind=loader)
     zoom = args.zoom or max(1, -(-96 // config.data.image_size))
-    Image.fromarray(grid_image(rows, zoom=zoom)).save(args.out)
+    labels = [label for shard in range(args.rows) for label in (f"{shard}: stored", f"{shard}: trained")]
+    grid = with_row_labels(grid_image(rows, zoom=zoom), labels, row_height=config.data.image_size * zoom)
+    Image.fromarray(grid).save(args.out)
     on = [name for name, value in vars(augment).items() if name.endswith("_prob") and value > 0]
-    print(f"{args.out}: {args.rows} x 2 rows of {args.columns} images ({config.data.image_size} px, zoom {zoom}) from "
+    print(f"{args.out}: {args.rows} x 2 rows (labelled: as stored, as trained) of {args.columns} images ({config.data.image_size} px, zoom {zoom}) from "
           f"{folder} through the {loader} loader; augmentation on: {', '.join(on) or 'none'}")
     return 0
 

@@ -111,7 +111,7 @@ def plot(points: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(13, 4))
     for classes in sorted({p["classes"] for p in points}):
         series = sorted((p for p in points if p["classes"] == classes), key=lambda p: p["world"])
         worlds = [p["world"] for p in series]
@@ -119,12 +119,17 @@ def plot(points: list[dict], path: str) -> None:
         memory_axis.plot(worlds, [p["planned_mb"] for p in series], "x--", color=line.get_color(),
                          label=f"{classes} planned")
         time_axis.plot(worlds, [p["step_ms"] for p in series], "o-", label=f"{classes} classes")
+    worlds = sorted({p["world"] for p in points})
     for axis, label in ((memory_axis, "peak head memory per rank (MiB)"), (time_axis, "head step time (ms)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(worlds, [str(world) for world in worlds])  # plain 1, 2, 4: not 2^0, 2^1, 2^2
+        axis.minorticks_off()
         axis.set_yscale("log")
-        axis.set_xlabel("world size")
+        axis.set_xlabel("world size (ranks)")
         axis.set_ylabel(label)
-        axis.legend(fontsize=7)
+    # legends beside the plots, not over their points
+    memory_axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    time_axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

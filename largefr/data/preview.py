@@ -73,6 +73,22 @@ def grid_image(rows: list[np.ndarray], *, zoom: int = 1, gap: int = 2) -> np.nda
     return canvas
 
 
+ROW_LABEL_WIDTH = 64
+"""Pixels of the left margin that names each row of the preview."""
+
+
+def with_row_labels(canvas: np.ndarray, labels: list[str], *, row_height: int, gap: int = 2) -> np.ndarray:
+    """`canvas` with a white left margin naming each row (labels[r] beside row r), in PIL's default font."""
+    from PIL import Image, ImageDraw
+
+    margin = np.full((canvas.shape[0], ROW_LABEL_WIDTH, 3), 255, np.uint8)
+    picture = Image.fromarray(np.concatenate([margin, canvas], axis=1))
+    draw = ImageDraw.Draw(picture)
+    for r, label in enumerate(labels):
+        draw.text((4, gap + r * (row_height + gap) + row_height // 2 - 5), label, fill=(0, 0, 0))
+    return np.asarray(picture)
+
+
 def augment_of(config: Config, preset: str) -> AugmentConfig:
     """'config': data.augment; 'arcface_torch': augment.ARCFACE_TORCH_LIKE (the config's other fields kept)."""
     from largefr.data.augment import ARCFACE_TORCH_LIKE
