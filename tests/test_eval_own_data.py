@@ -179,6 +179,7 @@ def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):
     assert np.array_equal(both, np.stack([images.read(int(i), 112) for i in pair_list.pairs.reshape(-1)]))
     assert sets[1][1].issame == pair_list.issame.tolist()
     raw["data"]["val_targets"] = [str(tmp_path / "missing_folder")]
-    with pytest.raises(DataSetupError, match="missing_folder .* does not exist: put the .bin file"):
+    with pytest.raises(DataSetupError, match=r"missing_folder' \(data.val_targets\) not found; looked for .*"
+                                             r"missing_folder.*Give a .bin path \(or an identity folder\)"):
         load_verification_sets(Config.from_dict(raw, world_size=1), synthetic_data(), DistributedEnv(
             rank=0, world_size=1, local_rank=0, launcher="single", backend="gloo", device=torch.device("cpu")))

@@ -48,7 +48,7 @@ def folder_images(folder: str) -> LabelledImages:
         raise ImageFolderError(f"{os.path.join(folder, loose)}: images must sit in identity sub-folders "
                                f"({folder}/<identity>/<image>); move the loose images into one")
     return LabelledImages(source=folder, names=names, labels=labels, identities=identities,
-                          read=lambda i, size: read_aligned(os.path.join(folder, names[i]), size))
+                          read=lambda i, size: read_aligned(os.path.join(folder, names[i]), size)[0])
 
 
 def rec_images(path: str, cache_dir: str | None = None) -> LabelledImages:
