@@ -5,6 +5,7 @@ MobileFaceNet at 32x32 with a 16-d embedding, all cluster terms on.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -176,8 +177,12 @@ def launcher_command(launcher: str) -> list[str]:
 def test_launch_train_py_runs_under_each_launcher(tiny_data, tmp_path, launcher):
     config = tiny_config(tiny_data, str(tmp_path / "out"), train={"max_steps": 2}, eval={"every": 0},
                          data={"val_targets": []})
-    result = _launch([*launcher_command(launcher), "launch/train.py", "--config", _write(tmp_path, config)])
+    command = launcher_command(launcher)
+    result = _launch([*command, "launch/train.py", "--config", _write(tmp_path, config)])
     assert result.returncode == 0, result.stderr[-3000:]
+    if launcher == "deepspeed":  # its CPU comm op's shared-memory buffers are not left in /dev/shm
+        port = command[command.index("--master_port") + 1]
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == (1 if launcher == "python" else 2)
     assert summary["launcher"] == ("single" if launcher == "python" else launcher)

@@ -297,3 +297,31 @@ def shutdown_distributed(*, wait_for_peers: bool = False) -> None:
         if wait_for_peers and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    release_shm_segment()
+
+
+SHM_SEGMENT_DIR = "/dev/shm"
+
+
+def shm_segment_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """This rank's shared-memory all-reduce buffer of DeepSpeed's CPU comm op, or None when it makes none.
+
+    DeepSpeed 0.19.8 (csrc/cpu/comm/shm.cpp) creates one 64 MiB segment per rank when every rank is on this
+    machine (LOCAL_SIZE = world size, as its launcher sets), named after the uid, MASTER_ADDR, MASTER_PORT
+    and the rank, and never unlinks it: each run would leave 64 MiB per rank of RAM-backed /dev/shm behind.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LOCAL_SIZE") is None or env.get("RANK") is None:
+        return None
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    return os.path.join(SHM_SEGMENT_DIR, f"{name}_{env['RANK']}")
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shared-memory segment (its name only: a peer still mapping it keeps it)."""
+    path = shm_segment_path()
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
