@@ -88,3 +88,14 @@ def add_option(parser: argparse.ArgumentParser | Any, name: str, *, renamed_from
     action = parser.add_argument(name, *renamed_from, **kwargs)
     action.option_strings = [name]  # help and errors name the new spelling; parsing still knows the old ones
     return action
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of positive integers (`--classes 100000,1000000`, `--world 1,2`)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need at least one integer, all >= 1")
+    return values

@@ -22,20 +22,11 @@ import sys
 
 import torch
 
+from largefr.cli_flags import int_list
 from largefr.config import TORCH_DTYPE_NAMES
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 from largefr.perf.memory_plan import PlanInputs, plan_memory
 from largefr.perf.plan_options import add_head_options
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: need at least one integer, all >= 1")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from largefr.cli_flags import int_list
 from largefr.config import HEAD_OPTIMIZERS, load_config
 from largefr.perf.memory_plan import PlanInputs, phase_peaks
 from largefr.perf.scale_run import SCALE_OVERRIDES, run_scale_point
@@ -31,16 +32,6 @@ PHASE_OF = {"train": "training step", "resume": "resume", "reshard": "reshard"}
 """Measured phase -> its planner phase (largefr.perf.memory_plan.RUN_PHASES)."""
 PROCESS_KIND = {"train": "trainer", "resume": "trainer", "reshard": "reshard tool"}
 """Phases run by the same program share its own (non-head) memory, measured once at the smallest point."""
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: need at least one integer, all >= 1")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
