@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 if abs(planned / max(phase.peak_rss_bytes) - 1) > args.tolerance and classes != args.classes[0]:
                     failures.append(f"{classes}: {phase.phase} planned {planned / 2**30:.2f} GiB, measured "
                                     f"{max(phase.peak_rss_bytes) / 2**30:.2f}")
-            if not phase.ok or row.get("losses_equal") is False:
+            if not phase.ok or False in (row.get("losses_equal"), row.get("final_loss_equal")):
                 failures.append(f"{classes}: {phase.phase} {'failed' if not phase.ok else 'losses differ'}")
             rows.append(row)
     if not args.work:
