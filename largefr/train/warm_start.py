@@ -136,6 +136,10 @@ def class_embedding_sums(backbone: nn.Module, batches: Iterable[tuple[torch.Tens
     return sums, counts
 
 
+_NORMALIZE_EPS = 1e-12  # F.normalize's default
+_ROWS_PER_BLOCK = 65536  # rows written per block: temporaries of a block, not of the shard
+
+
 def class_means_and_phi(sums: torch.Tensor, counts: torch.Tensor, *, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalized mean, phi) of each class from its embedding sum and count (rows with count 0: zeros).
 
@@ -153,10 +157,6 @@ def class_means_and_phi(sums: torch.Tensor, counts: torch.Tensor, *, alpha: floa
     rms_distance = (2.0 * (1.0 - norm).clamp(min=0.0)).sqrt()
     phi = rms_distance / torch.log(counts + alpha)
     return centers, torch.where(counts > 0, phi, torch.zeros_like(phi))
-
-
-_NORMALIZE_EPS = 1e-12  # F.normalize's default
-_ROWS_PER_BLOCK = 65536  # rows written per block: temporaries of a block, not of the shard
 
 
 @torch.no_grad()
