@@ -21,6 +21,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from largefr.choices import (  # the *_TYPES and ELASTIC_FORMS: still imported from here by largefr/heads/
+    ADAPTIVE_MARGIN_TYPES,  # noqa: F401
+    AUGMENT_OPERATORS,
+    ELASTIC_FORMS,  # noqa: F401
+    MARGIN_TYPES,  # noqa: F401
+    AdaptiveMargin,
+    BadImagePolicy,
+    ContrastiveType,
+    ElasticForm,
+    FixedMargin,
+    HeadInit,
+    LoaderKind,
+    LogitsDtype,
+    NonFinitePolicy,
+    OptimizerName,
+    Precision,
+    ScheduleType,
+    ScheduleUnit,
+    TemperatureMode,
+)
 from largefr.config_loading import apply_overrides, build_section, convert_value, read_file, valid_keys
 from largefr.config_validation import (
     ConfigError,
@@ -36,66 +56,6 @@ __all__ = ["Config", "ConfigError", "load_config", "config_to_json", "field_docs
 def _raise_if_any(issues: list[Issue]) -> None:
     if issues:
         raise ConfigError(issues)
-
-
-# ---------------------------------------------------------------------------- choice lists
-# Each rule is declared once here; validation, the engine, the build step, the memory planner, the
-# tools' argparse choices and the tests import it. The Literal aliases type the config fields.
-
-LoaderKind = Literal["dali", "torch", "synthetic"]
-LOADER_KINDS: tuple[str, ...] = typing.get_args(LoaderKind)
-"""data.loader choices."""
-RECORD_LOADER_KINDS: tuple[str, ...] = tuple(kind for kind in LOADER_KINDS if kind != "synthetic")
-"""The loaders that read data.rec (the synthetic one makes random tensors)."""
-
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-"""train.precision choices; bf16/fp16 turn on DeepSpeed's section of that name."""
-LogitsDtype = Literal["fp32", "bf16"]
-LOGITS_DTYPES: tuple[str, ...] = typing.get_args(LogitsDtype)
-"""head.logits_dtype choices (the memory planner's logits precisions)."""
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""Precision name -> torch dtype attribute name (``getattr(torch, ...)``; torch is not imported here)."""
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-"""Precision name -> bytes per element."""
-
-FixedMargin = Literal["arcface", "cosface", "combined"]
-MARGIN_TYPES: tuple[str, ...] = typing.get_args(FixedMargin)
-"""head.type choices with a fixed margin (largefr/heads/margin.py)."""
-AdaptiveMargin = Literal["curricularface", "magface", "adaface", "elasticface"]
-ADAPTIVE_MARGIN_TYPES: tuple[str, ...] = typing.get_args(AdaptiveMargin)
-"""head.type choices whose margin comes each step from running statistics, feature norms or random draws
-(largefr/heads/adaptive_margins.py)."""
-ElasticForm = Literal["arc", "cos"]
-ELASTIC_FORMS: tuple[str, ...] = typing.get_args(ElasticForm)
-"""head.elastic_form choices."""
-
-ZERO_STAGES = (0, 1, 2)
-"""train.zero_stage choices: ZeRO-3 would partition the backbone's parameters, which the momentum encoder
-and checkpoint export need whole on every rank."""
-
-OptimizerName = Literal["adam", "adamw", "sgd"]
-OPTIMIZER_NAMES: tuple[str, ...] = typing.get_args(OptimizerName)
-"""optim.name choices (the backbone's torch optimizer)."""
-HEAD_OPTIMIZERS = {"sgd": "sgd", "adam": "adamw", "adamw": "adamw"}
-"""optim.name -> the head's row-sparse optimizer (RowSparseSGD, or RowSparseAdamW with decoupled weight decay
-for both Adams); the memory planner's optimizer choices."""
-
-DEEPSPEED_OWNED_KEYS = {
-    "train_batch_size": "train.batch_size (global = batch_size x accumulation x world size)",
-    "train_micro_batch_size_per_gpu": "train.batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "optimizer": "optim.name, optim.lr, optim.weight_decay, ... (largefr builds the optimizer)",
-    "scheduler": "schedule.type, schedule.epochs, schedule.warmup, ... (largefr sets the learning rates each step)",
-    "gradient_clipping": "optim.gradient_clipping",
-    "fp16.enabled": "train.precision",
-    "bf16.enabled": "train.precision",
-    "amp": "train.precision (apex amp is not used)",
-    "zero_optimization.stage": "train.zero_stage",
-}
-"""Dotted DeepSpeed keys largefr writes from its own keys (value: the largefr keys to set instead); the
-``deepspeed`` section may not set them, a second source would disagree. The rest of a named section
-(fp16.initial_scale_power, zero_optimization.overlap_comm) is the user's."""
 
 
 @functools.cache
@@ -214,12 +174,6 @@ class AugmentConfig(_Section):
         return any(getattr(self, f"{name}_prob") > 0 for name in AUGMENT_OPERATORS)
 
 
-AUGMENT_OPERATORS = ("crop", "downscale", "erase", "mask", "jitter", "grayscale", "blur", "jpeg")
-"""The augmentation operators in the order both loaders apply them (each has a <name>_prob field):
-geometry first, then occlusion (so lighting, blur and compression also affect the occluder), then
-photometric changes, compression last as in a re-saved photo."""
-
-
 @dataclass(kw_only=True)
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
@@ -258,24 +212,13 @@ class DataConfig(_Section):
     identities of an identity-sorted .rec."""
     random_flip: bool = True
     """Random horizontal flip of training images."""
-    on_bad_image: Literal["error", "skip"] = "error"
+    on_bad_image: BadImagePolicy = "error"
     """An undecodable image: 'error' stops and names the record key, 'skip' drops it."""
     synthetic: SyntheticDataConfig | None = None
     """Generated face-like data set (the quickstart); null to read data.rec only."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation (random resized crop, low resolution, occlusion, color jitter, grayscale,
     blur, JPEG), all off by default; see AugmentConfig and docs/AUGMENTATION.md."""
-
-    @property
-    def data_dir(self) -> str | list[str] | None:
-        """The training files: data.rec, the packed copy of data.images, else the synthetic cache folder."""
-        if self.rec is not None:
-            return self.rec
-        if self.images is not None:
-            from largefr.data.pack import packed_folder_for
-
-            return packed_folder_for(self.images, self.cache_dir)
-        return self.synthetic.cache_dir if self.synthetic is not None else None
 
 
 @dataclass(kw_only=True)
@@ -361,7 +304,7 @@ class HeadConfig(_Section):
     """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
     init_std: float = 0.01
     """Standard deviation of the normal initialization of classifier rows."""
-    init: Literal["random", "class_mean"] = "random"
+    init: HeadInit = "random"
     """Classifier start: 'random' (normal, head.init_std), or 'class_mean' (needs model.init_from): one pass
     of the loaded backbone over the training data sets each class's W row to its normalized mean embedding
     (weight imprinting, scaled to the norm of a random row) and its cluster-bank center and phi from the
@@ -377,7 +320,7 @@ class ClusterConfig(_Section):
     """[lo, hi]: lambda = lo + (hi - lo) * normalized concentration."""
     contrastive_weight: float = 1.0
     """l1, weight of the term chosen by cluster.contrastive_type (L_con of Eq. 6 by default); 0 turns it off."""
-    contrastive_type: Literal["cluster", "center", "triplet"] = "cluster"
+    contrastive_type: ContrastiveType = "cluster"
     """What the contrastive_weight term is (logged as loss_con whatever the type).
     'cluster': L_con of Eq. 6, the paper's supervised cluster contrastive loss.
     'center': Center loss (Wen et al. 2016), the paper's Table 3 baseline: 1/(2N) sum_i ||f_i - C_{y_i}||^2,
@@ -408,7 +351,7 @@ class ClusterConfig(_Section):
     """M: classes sampled over all ranks for L_con and L_ali (capped at data.num_classes)."""
     alpha: float = 10.0
     """Smoothing constant in phi's log(|Q_k| + alpha) (Eq. 1)."""
-    temperature_mode: Literal["pcl", "raw", "learnable"] = "pcl"
+    temperature_mode: TemperatureMode = "pcl"
     """Temperature of L_con (used only by contrastive_type 'cluster'; the other types ignore it).
     'pcl': temperature = pcl_tau0 * phi / mean(phi), phi clipped to percentiles;
     'raw': the temperature is phi itself (the paper's form);
@@ -468,9 +411,9 @@ class OptimConfig(_Section):
 @dataclass(kw_only=True)
 class ScheduleConfig(_Section):
     section: ClassVar[str] = "schedule"
-    type: Literal["step", "poly"] = "poly"
+    type: ScheduleType = "poly"
     """'step': lr * gamma^(milestones passed); 'poly': lr * (1 - progress)^power after warmup."""
-    unit: Literal["epoch", "step"] = "epoch"
+    unit: ScheduleUnit = "epoch"
     """Unit of schedule.warmup and schedule.milestones."""
     epochs: float = 20.0
     """Length of training in epochs (train.max_steps may end it earlier)."""
@@ -502,7 +445,7 @@ class TrainConfig(_Section):
     """Backbone precision; mapped by the trainer to DeepSpeed's bf16/fp16 sections."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: one of ZERO_STAGES (0, 1 or 2; ZeRO-3 is refused with the reason)."""
-    on_nonfinite: Literal["skip", "abort"] = "skip"
+    on_nonfinite: NonFinitePolicy = "skip"
     """A non-finite loss: 'skip' the step, or 'abort' the run."""
     max_consecutive_nonfinite: int = 10
     """Abort after this many consecutive skipped non-finite steps."""

@@ -2,13 +2,16 @@
 
 Each section's rules return (key, problem) pairs instead of raising, so that one ``ConfigError``
 can list every problem of a config (the litgpt ``validate_args`` way). Sections are known by duck
-typing (their ``section`` name), so ``largefr.config`` can import this module.
+typing (their ``section`` name), so ``largefr.config`` can import this module; the choice lists and rule
+tables both use come from ``largefr.choices``.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from largefr.choices import AUGMENT_OPERATORS, DEEPSPEED_OWNED_KEYS, ZERO_STAGES
 
 Issue = tuple[str, str]
 """(dotted key path, what is wrong and what to do)."""
@@ -145,8 +148,6 @@ def _color(values: Sequence[int]) -> str | None:
 
 
 def _augment_checks(a: Any) -> list[Check]:
-    from largefr.config import AUGMENT_OPERATORS
-
     checks = [(f"{name}_prob", _probability(getattr(a, f"{name}_prob"))) for name in AUGMENT_OPERATORS]
     unchanged = [a.brightness, a.contrast, a.saturation] == [[1.0, 1.0]] * 3 and list(a.hue) == [0.0, 0.0]
     if a.jitter_prob > 0 and unchanged:
@@ -279,8 +280,6 @@ def _schedule_checks(s: Any) -> list[Check]:
 
 
 def _zero_stage_problem(stage: int) -> str | None:
-    from largefr.config import ZERO_STAGES
-
     stages = ", ".join(map(str, ZERO_STAGES))
     if stage == 3:
         return ("ZeRO-3 is not supported yet: it partitions the backbone's parameters across ranks, but the "
@@ -323,8 +322,6 @@ def section_issues(section: Any) -> list[Issue]:
 
 def _owned_deepspeed_keys(deepspeed: Mapping[str, Any]) -> Iterator[str]:
     """The keys of DEEPSPEED_OWNED_KEYS that the user's deepspeed section sets."""
-    from largefr.config import DEEPSPEED_OWNED_KEYS
-
     for dotted in DEEPSPEED_OWNED_KEYS:
         node: Any = deepspeed
         for part in dotted.split("."):
@@ -335,8 +332,6 @@ def _owned_deepspeed_keys(deepspeed: Mapping[str, Any]) -> Iterator[str]:
 
 def config_issues(config: Any) -> list[Issue]:
     """Problems that involve more than one section (world size unknown)."""
-    from largefr.config import DEEPSPEED_OWNED_KEYS
-
     issues = [(f"deepspeed.{key}", "set by the trainer; remove it and set "
                f"{DEEPSPEED_OWNED_KEYS[key]} instead")
               for key in _owned_deepspeed_keys(config.deepspeed)]

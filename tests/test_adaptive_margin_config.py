@@ -11,7 +11,8 @@ import torch
 
 from largefr.checkpoint.save_load import CheckpointError
 from largefr.checkpoint.train_state import TrainingCheckpointer
-from largefr.config import ADAPTIVE_MARGIN_TYPES, ConfigError, HeadConfig, load_config
+from largefr.choices import ADAPTIVE_MARGIN_TYPES
+from largefr.config import ConfigError, HeadConfig, load_config
 from largefr.experiments.grids import load_grid
 from largefr.experiments.runner import plan_runs
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings

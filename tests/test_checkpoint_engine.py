@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from largefr.checkpoint.files import file_digest
-from largefr.checkpoint.reshard import export_backbone
+from largefr.checkpoint.backbone import export_backbone
 from largefr.checkpoint.save_load import CheckpointError, load_checkpoint, save_checkpoint
 from largefr.distributed.partition import ClassPartition
 from tests.distributed_helpers import run_distributed

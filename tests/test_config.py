@@ -217,13 +217,15 @@ def test_rec_is_required_unless_data_is_synthetic():
 
 
 def test_synthetic_data_set_must_agree_with_data_sizes():
+    from largefr.data.prepare import training_folder
+
     data = minimal()
     del data["data"]["rec"]
     data["data"]["synthetic"] = {"identities": 50, "images_per_identity": 10, "cache_dir": "c"}
     with pytest.raises(ConfigError, match=r"data\.num_classes: must equal data\.synthetic\.ide"):
         Config.from_dict(data)
     data["data"].update(num_classes=50, num_images=500)
-    assert Config.from_dict(data).data.data_dir == "c"
+    assert training_folder(Config.from_dict(data).data) == "c"
 
 
 def test_python_construction_is_validated_too():

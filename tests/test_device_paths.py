@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largefr.config import ZERO_STAGES
+from largefr.choices import ZERO_STAGES
 from tests.distributed_helpers import run_distributed
 from tests.test_trainer import tiny_data  # noqa: F401  (fixture: the generated data set)
 
@@ -43,7 +43,7 @@ class NcclLikeCollectives:
 
 
 def test_first_rank_flag_is_reduced_on_the_configured_device(monkeypatch):
-    from largefr.train.build import run_on_first_rank
+    from largefr.data.prepare import run_on_first_rank
 
     NcclLikeCollectives(monkeypatch, GPU_STAND_IN)
     ran = []

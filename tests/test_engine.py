@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 
-from largefr.config import DEEPSPEED_OWNED_KEYS, OPTIMIZER_NAMES, Config, ConfigError
+from largefr.choices import DEEPSPEED_OWNED_KEYS, OPTIMIZER_NAMES
+from largefr.config import Config, ConfigError
 from largefr.train.engine import EngineConfigError, build_deepspeed_config, build_optimizer
 from tests.distributed_helpers import run_distributed
 from tests.train_helpers import ShardedArcFace, dense_reference, full_weight, rank_batch, tiny_backbone
@@ -55,7 +56,7 @@ def _checked_config(**sections) -> Config:
                              "output": "/tmp/run", **sections})
 
 
-# The deepspeed section is checked once, by the config (largefr.config.DEEPSPEED_OWNED_KEYS); the
+# The deepspeed section is checked once, by the config (largefr.choices.DEEPSPEED_OWNED_KEYS); the
 # engine builds its DeepSpeed config from a checked Config and does not check again.
 @pytest.mark.parametrize("key,source", [("train_micro_batch_size_per_gpu", "train.batch_size"),
                                         ("gradient_clipping", "optim.gradient_clipping"),

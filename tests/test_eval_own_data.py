@@ -161,7 +161,8 @@ def test_folder_and_rec_shares_are_the_pair_images_in_order(tmp_path):
 
 def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):
     from largefr.config import Config
-    from largefr.train.build import DataSetupError, load_verification_sets
+    from largefr.data.prepare import DataSetupError, PreparedData
+    from largefr.train.build import load_verification_sets
     from largefr.train.distributed_env import DistributedEnv
     from tests.eval_fixtures import quickstart_config
 
@@ -169,9 +170,11 @@ def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):
     raw = quickstart_config(synthetic_data(), str(tmp_path / "run"))
     raw["data"]["val_targets"] = ["synth_val", folder]
     config = Config.from_dict(raw, world_size=2)
-    sets = [load_verification_sets(config, synthetic_data(), DistributedEnv(
-        rank=rank, world_size=2, local_rank=rank, launcher="env", backend="gloo", device=torch.device("cpu")))
-        for rank in range(2)]
+    sets = [load_verification_sets(PreparedData(config=config, folder=synthetic_data(), records_left_out=0,
+                                                env=DistributedEnv(rank=rank, world_size=2, local_rank=rank,
+                                                                   launcher="env", backend="gloo",
+                                                                   device=torch.device("cpu"))))
+            for rank in range(2)]
     assert [s.name for s in sets[0]] == ["synth_val", "team_faces"]
     images = load_labelled_images(folder)
     pair_list = make_pairs(images.labels)
@@ -181,5 +184,6 @@ def test_trainer_loads_an_identity_folder_as_a_validation_target(tmp_path):
     raw["data"]["val_targets"] = [str(tmp_path / "missing_folder")]
     with pytest.raises(DataSetupError, match=r"missing_folder' \(data.val_targets\) not found; looked for .*"
                                              r"missing_folder.*Give a .bin path \(or an identity folder\)"):
-        load_verification_sets(Config.from_dict(raw, world_size=1), synthetic_data(), DistributedEnv(
-            rank=0, world_size=1, local_rank=0, launcher="single", backend="gloo", device=torch.device("cpu")))
+        load_verification_sets(PreparedData(config=Config.from_dict(raw, world_size=1), folder=synthetic_data(),
+                                            records_left_out=0, env=DistributedEnv(
+            rank=0, world_size=1, local_rank=0, launcher="single", backend="gloo", device=torch.device("cpu"))))

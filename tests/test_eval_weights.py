@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from largefr.eval.weights import WeightsError, build_backbone, infer_network, load_backbone, read_state_dict
+from largefr.checkpoint.backbone import read_weights_file
+from largefr.eval.weights import WeightsError, build_backbone, infer_network, load_backbone
 from largefr.models import get_model
 from tests.eval_fixtures import EMBEDDING_SIZE, NETWORK, quickstart_checkpoint
 
@@ -39,7 +40,7 @@ def test_plain_state_dict_loads_with_inferred_network(tmp_path):
 
 
 def test_checkpoint_directory_and_root_load_the_engine_weights(tmp_path):
-    from largefr.checkpoint.reshard import export_backbone
+    from largefr.checkpoint.backbone import export_backbone
 
     checkpoint = quickstart_checkpoint()
     expected = export_backbone(checkpoint.step_dir, str(tmp_path / "exported.pt"))
@@ -72,18 +73,18 @@ def test_unknown_weights_refused_naming_the_networks(tmp_path):
 
 def test_bad_files_rejected(tmp_path):
     with pytest.raises(WeightsError, match="missing.pt: no such file"):
-        read_state_dict(str(tmp_path / "missing.pt"))
+        read_weights_file(str(tmp_path / "missing.pt"))
     with pytest.raises(WeightsError, match="is a directory; pass a checkpoint directory with --checkpoint"):
-        read_state_dict(str(tmp_path))
+        read_weights_file(str(tmp_path))
     listing = str(tmp_path / "list.pt")
     torch.save([torch.zeros(2)], listing)
     with pytest.raises(WeightsError, match="expected a state_dict"):
-        read_state_dict(listing)
+        read_weights_file(listing)
     hostile = str(tmp_path / "hostile.pt")
     with open(hostile, "wb") as handle:
         pickle.dump({"weight": os.system}, handle, protocol=2)  # would name a callable on load
     with pytest.raises(WeightsError, match="refused to load"):
-        read_state_dict(hostile)
+        read_weights_file(hostile)
     with pytest.raises(WeightsError, match=r"holds no checkpoint \(found: hostile.pt, list.pt\); name a run folder"):
         load_backbone(checkpoint=str(tmp_path))
     with pytest.raises(WeightsError, match="exactly one of --weights FILE or --checkpoint DIR"):

@@ -332,13 +332,13 @@ def test_small_cnn_learns_what_an_untrained_one_cannot(tmp_path):
 
 def test_config_synthetic_section_generates_the_heldout_folder(tmp_path):
     from largefr.config import Config, ConfigError
-    from largefr.train.build import ensure_synthetic_data
+    from largefr.data.prepare import ensure_synthetic_data
 
     synthetic = {"identities": 3, "images_per_identity": 2, "val_pairs": 4, "seed": 2, "cache_dir": str(tmp_path / "c"),
                  "heldout_identities": 2, "heldout_images_per_identity": 3}
     config = Config.from_dict({"data": {"num_classes": 3, "num_images": 6, "image_size": 32, "synthetic": synthetic},
                                "train": {"batch_size": 2}, "output": str(tmp_path / "out")})
-    ensure_synthetic_data(config, progress=False)
+    ensure_synthetic_data(config.data, progress=False)
     meta = read_meta(tmp_path / "c")
     assert (meta["heldout_identities"], meta["heldout_images_per_identity"], meta["image_size"]) == (2, 3, 32)
     assert len(_heldout_files(tmp_path / "c")) == 6

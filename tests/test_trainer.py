@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from largefr.config import ZERO_STAGES
+from largefr.choices import ZERO_STAGES
 from tests.distributed_helpers import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from largefr.cli_flags import add_option
-from largefr.config import PRECISIONS, TORCH_DTYPE_NAMES
+from largefr.choices import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
 from largefr.train.compile import EagerFallback, use_channels_last

@@ -19,18 +19,15 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
+from largefr.choices import RECORD_LOADER_KINDS
 from largefr.cli_flags import add_option
-from largefr.config import RECORD_LOADER_KINDS, AugmentConfig, load_config  # noqa: E402
-from largefr.data.preview import augment_of, config_loader, prepare_config_data  # noqa: E402
+from largefr.config import AugmentConfig, load_config
+from largefr.data.prepare import LOCAL_CPU_PROCESS, PreparedData, prepare_data
+from largefr.data.preview import augment_of, config_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,12 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def images_per_second(config, folder, *, kind: str, augment: AugmentConfig | None, batches: int, warmup: int,
-                      epoch: int) -> float:
+def images_per_second(prepared: PreparedData, *, kind: str, augment: AugmentConfig | None, batches: int,
+                      warmup: int, epoch: int) -> float:
     """Images/s of `batches` batches of the training loader, after `warmup` untimed ones."""
-    loader = config_loader(config, folder, augment=augment, kind=kind)
+    loader = config_loader(prepared, augment=augment, kind=kind)
     if len(loader) < warmup + batches:
-        raise SystemExit(f"{folder}: an epoch has {len(loader)} batches, fewer than --warmup + --batches "
+        raise SystemExit(f"{prepared.folder}: an epoch has {len(loader)} batches, fewer than --warmup + --batches "
                          f"({warmup + batches}); lower them or --batch-size")
     loader.set_epoch(epoch)
     iterator = iter(loader)
@@ -83,18 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     from largefr.perf.head_bench import machine_description
 
     args = parse_args(argv)
-    config, folder = prepare_config_data(load_config(args.config, args.set))
+    prepared = prepare_data(load_config(args.config, args.set), LOCAL_CPU_PROCESS)
+    config = prepared.config
     data = dataclasses.replace(config.data, num_workers=args.workers if args.workers is not None
                                else config.data.num_workers)
     config = dataclasses.replace(config, data=data,
                                  train=dataclasses.replace(config.train, batch_size=args.batch_size
                                                            or config.train.batch_size))
+    prepared = dataclasses.replace(prepared, config=config)
     augment = augment_of(config, args.augment)
     runs: dict[str, dict[str, list[float]]] = {kind: {"off": [], "on": []} for kind in args.loaders}
     for round_index in range(args.rounds):
         for kind in args.loaders:
             for setting, chosen in (("off", None), ("on", augment)):
-                rate = images_per_second(config, folder, kind=kind, augment=chosen, batches=args.batches,
+                rate = images_per_second(prepared, kind=kind, augment=chosen, batches=args.batches,
                                          warmup=args.warmup, epoch=round_index)
                 runs[kind][setting].append(rate)
                 print(f"round {round_index + 1}/{args.rounds} {kind:5s} augment {setting:3s}: {rate:8.1f} images/s",

@@ -15,7 +15,7 @@ import torch
 
 from largefr.checkpoint.files import CheckpointError
 from largefr.cli_flags import PRECISION_NAMES, add_option
-from largefr.checkpoint.reshard import export_backbone
+from largefr.checkpoint.backbone import export_backbone
 from largefr.checkpoint.save_load import locate_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "keep": None}

@@ -12,16 +12,12 @@ below it the same images as the training loader yields them (data.augment, data.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from largefr.config import RECORD_LOADER_KINDS, load_config  # noqa: E402
-from largefr.data.preview import (augment_of, grid_image, prepare_config_data, preview_rows,  # noqa: E402
-                                  with_row_labels)
+from largefr.choices import RECORD_LOADER_KINDS
+from largefr.config import load_config
+from largefr.data.prepare import LOCAL_CPU_PROCESS, prepare_data
+from largefr.data.preview import augment_of, grid_image, preview_rows, with_row_labels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     args = parse_args(argv)
-    config, folder = prepare_config_data(load_config(args.config, args.set))
+    prepared = prepare_data(load_config(args.config, args.set), LOCAL_CPU_PROCESS)
+    config, folder = prepared.config, prepared.folder
     augment = augment_of(config, args.augment)
     if not augment.enabled:
         print(f"{args.config}: data.augment is all off: the augmented rows only show data.random_flip; pass "
               "--augment arcface_torch or --set data.augment.<name>_prob=...", file=sys.stderr)
     loader = args.loader or ("torch" if config.data.loader == "synthetic" else config.data.loader)
-    rows = preview_rows(config, folder, augment=augment, rows=args.rows, columns=args.columns, kind=loader)
+    rows = preview_rows(prepared, augment=augment, rows=args.rows, columns=args.columns, kind=loader)
     zoom = args.zoom or max(1, -(-96 // config.data.image_size))
     labels = [label for shard in range(args.rows) for label in (f"{shard}: stored", f"{shard}: trained")]
     grid = with_row_labels(grid_image(rows, zoom=zoom), labels, row_height=config.data.image_size * zoom)

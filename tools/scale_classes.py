@@ -23,7 +23,7 @@ import sys
 import torch
 
 from largefr.cli_flags import int_list
-from largefr.config import TORCH_DTYPE_NAMES
+from largefr.choices import TORCH_DTYPE_NAMES
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 from largefr.perf.memory_plan import PlanInputs, plan_memory
 from largefr.perf.plan_options import add_head_options

@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 from largefr.cli_flags import int_list
-from largefr.config import HEAD_OPTIMIZERS, load_config
+from largefr.choices import HEAD_OPTIMIZERS
+from largefr.config import load_config
 from largefr.perf.memory_plan import PlanInputs, phase_peaks
 from largefr.perf.scale_run import SCALE_OVERRIDES, run_scale_point
 

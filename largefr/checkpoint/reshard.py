@@ -1,4 +1,4 @@
-"""Head rows by class id across world sizes; offline re-split of a checkpoint; backbone export.
+"""Head rows by class id across world sizes; offline re-split of a checkpoint (backbone export: backbone.py).
 
 A checkpoint written by W ranks holds one head file per rank with the rows of its class range
 (`ClassPartition(num_classes, W, r)`). A run on M ranks reads, for its own range, only the old
@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from largefr.checkpoint.files import (ENGINE_TAG, REPLICATED_NAME, CheckpointError, check_digest, file_digest,
-                                      fsync_dir, head_file_name, list_files, make_manifest, safe_load, save_file,
+                                      fsync_dir, head_file_name, list_files, make_manifest, safe_load,
                                       scan_engine_files, validate_checkpoint, verify_digests, write_manifest)
 from largefr.checkpoint.rows import (ROW_BLOCK_BYTES, FileSink, Piece, RowSpan, TensorSink, byte_view, load_meta,
                                      read_small, row_span, stream_file, write_placeholder)
@@ -279,40 +279,3 @@ def _placeholder_head_file(tmp: str, manifest: Mapping[str, Any], part: ClassPar
               for name, entry in manifest["rows"].items()}
     return write_placeholder(header, os.path.join(tmp, head_file_name(part.rank, part.world_size)), shapes,
                              f"head rows of rank {part.rank}")
-
-
-def export_backbone(checkpoint: str, out_path: str, *, prefix: str = "",
-                    dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """Write the engine's module weights as a plain state_dict loadable with weights_only=True.
-
-    Keys: a leading 'module.' is stripped; with `prefix` only keys under it are kept, prefix
-    removed (e.g. 'backbone.' when the engine wraps more than the backbone). Floating tensors are
-    cast to `dtype` (None keeps the training dtype; under bf16 these are the bf16 weights).
-    """
-    validate_checkpoint(checkpoint)
-    model_file = os.path.join(checkpoint, ENGINE_TAG, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(model_file):
-        raise CheckpointError(f"checkpoint {checkpoint} has no engine module file {model_file}")
-    state = safe_load(model_file, deepspeed_file=True)
-    module = state.get("module") if isinstance(state, dict) else None
-    if not module:
-        raise CheckpointError(f"{model_file}: no 'module' weights (key 'module')")
-    weights = _select_keys(module, prefix, model_file)
-    if dtype is not None:
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    save_file(weights, tmp, "backbone state_dict")
-    os.replace(tmp, out_path)
-    return weights
-
-
-def _select_keys(module: Mapping[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
-    weights = {k.removeprefix("module."): v for k, v in module.items()}
-    if not prefix:
-        return weights
-    selected = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    if not selected:
-        sample = sorted(weights)[:5]
-        raise CheckpointError(f"{source}: no weight key starts with '{prefix}' (keys start like {sample})")
-    return selected

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from largefr.config import AUGMENT_OPERATORS, AugmentConfig
+from largefr.choices import AUGMENT_OPERATORS
+from largefr.config import AugmentConfig
 
 __all__ = ["AUGMENT_OPERATORS", "ARCFACE_TORCH_LIKE", "AugmentConfig", "CONTRAST_CENTER", "CROP_ATTEMPTS",
            "GRAY_WEIGHTS", "NUMPY_MATH", "blur_window", "erase_box", "hsv_matrix", "log_uniform", "mask_box",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from largefr.choices import BAD_IMAGE_POLICIES
 from largefr.data.index_cache import (DALI_INDEX_SUFFIX, LOCK_NAME, cache_base, cache_dir_for, cache_path,
                                       exclusive, scan_missing, set_tag, write_dali_index)
 from largefr.data.rec_set import RecSet, resolve_rec_set
@@ -26,11 +27,10 @@ from largefr.data.recordio import BadImageError, RecordIOError
 
 logger = logging.getLogger(__name__)
 
-BAD_IMAGE_POLICIES = ("error", "skip")
 SCAN_PROGRESS_EVERY = 10.0
 """Seconds between the progress lines of a long scan."""
 
-__all__ = ["BAD_IMAGE_POLICIES", "ImageIndex", "cache_base", "counts_from_data", "prepare_image_index"]
+__all__ = ["ImageIndex", "cache_base", "counts_from_data", "prepare_image_index"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from largefr.choices import BAD_IMAGE_POLICIES
 from largefr.data.pack import IMAGE_EXTENSIONS, PackError, encode_for_rec
 from largefr.data.rec_set import SHARD_PATTERN
 from largefr.data.recordio import encode_record, pack_header
 from largefr.data.shard_writer import (MANIFEST_VERSION, ShardWriter, read_manifest, write_manifest,
                                        write_property)
 
-BAD_FILE_POLICIES = ("error", "skip")
 DEFAULT_SHARD_BYTES = 1 << 30
 """Shard size when neither a count nor a size is given: 1 GiB (a few hundred thousand 112 px faces)."""
 _FOLDERS_PER_TASK = 8
@@ -249,8 +249,8 @@ def pack_shards(images_dir: str, out_dir: str, *, settings: PackSettings = PackS
 
     `on_shard(entry)` is called after each shard is recorded in the manifest.
     """
-    if settings.on_bad_image not in BAD_FILE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_FILE_POLICIES}, got {settings.on_bad_image!r}")
+    if settings.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {settings.on_bad_image!r}")
     folders = identity_folders(images_dir)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "train.rec")):

@@ -1,9 +1,9 @@
 """A config's training data outside a training run: its loader in one process, and a preview grid.
 
 Used by tools/preview_augment.py (look at data.augment before training) and tools/bench_loader.py
-(loader throughput with augmentation on and off). The data folder is prepared as training does
-(the synthetic quickstart set generated, data.images packed) and the loader is the one training
-builds (largefr.train.build.build_train_loader's arguments), on the CPU.
+(loader throughput with augmentation on and off). Both prepare the data as training does
+(`largefr.data.prepare.prepare_data` in one CPU process: the synthetic quickstart set generated,
+data.images packed) and open the loader training opens (`PreparedData.open_loader`), on the CPU.
 """
 from __future__ import annotations
 
@@ -13,31 +13,19 @@ import numpy as np
 import torch
 
 from largefr.config import AugmentConfig, Config
-from largefr.data import EpochLoader, build_loader
+from largefr.data.prepare import PreparedData
+from largefr.data.sharding import EpochLoader
 
 
-def prepare_config_data(config: Config) -> tuple[Config, str | None]:
-    """(config with data.num_classes / num_images filled from the data, data folder), single process."""
-    from largefr.train.build import prepare_data_dir, with_data_counts
-    from largefr.train.distributed_env import DistributedEnv
-
-    env = DistributedEnv(rank=0, world_size=1, local_rank=0, launcher="single", backend="gloo",
-                         device=torch.device("cpu"))
-    folder = prepare_data_dir(config, env)
-    return with_data_counts(config, folder, env), folder
-
-
-def config_loader(config: Config, folder: str | None, *, augment: AugmentConfig | None, kind: str | None = None,
+def config_loader(prepared: PreparedData, *, augment: AugmentConfig | None, kind: str | None = None,
                   batch_size: int | None = None, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                   random_flip: bool | None = None) -> EpochLoader:
-    """The training loader of `config` on the CPU, with `augment` instead of data.augment."""
-    data = config.data
-    return build_loader(kind or data.loader, rec=folder, batch_size=batch_size or config.train.batch_size, rank=rank,
-                        world_size=world_size, num_classes=data.num_classes, seed=config.train.seed,
-                        image_size=data.image_size, num_workers=data.num_workers, shuffle=shuffle,
-                        random_flip=data.random_flip if random_flip is None else random_flip,
-                        shuffle_buffer=data.shuffle_buffer, on_bad_image=data.on_bad_image, drop_last=True,
-                        num_images=data.num_images, cache_dir=data.cache_dir, device="cpu", augment=augment)
+    """The training loader of the prepared data on the CPU, with `augment` instead of data.augment."""
+    data = prepared.config.data
+    return prepared.open_loader(kind=kind or data.loader, batch_size=batch_size or prepared.config.train.batch_size,
+                                rank=rank, world_size=world_size, local_rank=0, shuffle=shuffle,
+                                random_flip=data.random_flip if random_flip is None else random_flip,
+                                device="cpu", augment=augment)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -45,7 +33,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return torch.round(images * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def preview_rows(config: Config, folder: str | None, *, augment: AugmentConfig, rows: int, columns: int,
+def preview_rows(prepared: PreparedData, *, augment: AugmentConfig, rows: int, columns: int,
                  kind: str | None = None) -> list[np.ndarray]:
     """2 * `rows` rows of `columns` images: the first images of `rows` spread-out shards of the data,
     each as stored (no flip) and then as training sees it with `augment` (file order, so they pair up)."""
@@ -53,7 +41,7 @@ def preview_rows(config: Config, folder: str | None, *, augment: AugmentConfig, 
     for shard in range(rows):
         pair = []
         for row_augment, flip in ((None, False), (augment, None)):
-            loader = config_loader(config, folder, augment=row_augment, kind=kind, batch_size=columns, rank=shard,
+            loader = config_loader(prepared, augment=row_augment, kind=kind, batch_size=columns, rank=shard,
                                    world_size=rows, shuffle=False, random_flip=flip)
             images, _ = next(iter(loader))
             pair.append(to_uint8(images))

@@ -5,28 +5,23 @@ write it (a DeepSpeed `mp_rank_00_model_states.pt` works too: its 'module' entry
 `--checkpoint DIR`: a checkpoint directory, or a run's checkpoint root (its latest complete step).
 The network name and embedding size are inferred from the tensor names and shapes when not given;
 a given network that does not fit the weights is refused, naming the mismatching keys.
-Files are read with `torch.load(weights_only=True)`: nothing stored in them runs.
+Files are read with `torch.load(weights_only=True)`: nothing stored in them runs. Reading the weights is
+the checkpoint room's (largefr/checkpoint/backbone.py); this module fits them to a network.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from largefr.checkpoint.backbone import WeightsError, checkpoint_weights, read_weights_file
 from largefr.models import NETWORK_NAMES, get_model
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DeepSpeed, torch.compile
 _SHOWN_KEYS = 6
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be read or do not fit the requested network."""
 
 
 @dataclass(kw_only=True)
@@ -61,58 +56,6 @@ class StateDictMismatch:
             shown = ", ".join(f"{k}: file {list(a)} vs network {list(b)}" for k, a, b in self.wrong_shape[:_SHOWN_KEYS])
             parts.append(f"{len(self.wrong_shape)} keys of another shape ({shown})")
         return "; ".join(parts)
-
-
-def _unwrap(loaded: object, source: str) -> dict[str, torch.Tensor]:
-    """The tensor dict inside what torch.load returned, wrapper prefixes removed."""
-    if isinstance(loaded, Mapping):
-        for container in ("module", "state_dict"):
-            if isinstance(loaded.get(container), Mapping):
-                loaded = loaded[container]
-                break
-    if not isinstance(loaded, Mapping) or not loaded:
-        raise WeightsError(f"{source}: expected a state_dict (a dict of tensors), got {type(loaded).__name__}")
-    not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise WeightsError(f"{source}: not a state_dict: entries {not_tensors[:_SHOWN_KEYS]} are not tensors")
-    state = {str(k): v for k, v in loaded.items()}
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The backbone state_dict in file `path` (weights_only load)."""
-    from largefr.checkpoint.files import CheckpointError, safe_load
-
-    if os.path.isdir(path):
-        raise WeightsError(f"--weights {path} is a directory; pass a checkpoint directory with --checkpoint")
-    if not os.path.isfile(path):
-        raise WeightsError(f"--weights {path}: no such file")
-    try:
-        loaded = safe_load(path)
-    except CheckpointError:
-        try:  # a DeepSpeed model-states file; allowing its classes imports deepspeed (seconds), so only now
-            loaded = safe_load(path, deepspeed_file=True)
-        except CheckpointError as error:
-            raise WeightsError(str(error)) from None
-    return _unwrap(loaded, path)
-
-
-def checkpoint_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(backbone weights, checkpoint directory) of a run folder, its checkpoints/ folder or one step_<N> folder."""
-    from largefr.checkpoint.reshard import export_backbone
-    from largefr.checkpoint.save_load import CheckpointError, locate_checkpoint
-
-    try:
-        resolved = locate_checkpoint(path)
-        # export_backbone writes the file `tools/export_backbone.py` ships; here it is only read back
-        with tempfile.TemporaryDirectory(prefix="largefr-backbone-") as scratch:
-            weights = export_backbone(resolved, os.path.join(scratch, "backbone.pt"))
-    except CheckpointError as error:
-        raise WeightsError(str(error)) from None
-    return _unwrap(weights, resolved), resolved
 
 
 def embedding_size_of(state: Mapping[str, torch.Tensor]) -> int:
@@ -219,9 +162,9 @@ def load_backbone(*, weights: str | None = None, checkpoint: str | None = None, 
     if (weights is None) == (checkpoint is None):
         raise WeightsError("give exactly one of --weights FILE or --checkpoint DIR")
     if weights is not None:
-        state, source = read_state_dict(weights), weights
+        state, source = read_weights_file(weights), weights
     else:
-        state, source = checkpoint_state_dict(checkpoint)
+        state, source = checkpoint_weights(checkpoint)
     return build_backbone(state, source=source, network=network, embedding_size=embedding_size, device=device)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from largefr.cli_flags import add_option
+from largefr.data.prepare import ensure_synthetic_data, training_folder
 from largefr.experiments.grids import BUILTIN_GRIDS, load_grid
 from largefr.experiments.measure import DBSCAN_MIN_SAMPLES, DEFAULT_DBSCAN_EPS, MeasureOptions, heldout_identity_count
 from largefr.experiments.runner import (LAUNCHERS, RUN_DEFAULTS, TOOL_KEYS, PlanError, RunSpec, check_finished_runs,
@@ -77,15 +78,13 @@ def _seeds(text: str) -> list[int]:
 
 def _prepare_data(runs: list[RunSpec]) -> None:
     """Generate each synthetic data set the runs read, once, here (not concurrently inside the runs)."""
-    from largefr.train.build import ensure_synthetic_data
-
     done = set()
     for run in runs:
         data = run.config.data
         if data.rec is None and data.synthetic is not None and data.loader != "synthetic":
-            key = (data.data_dir, repr(data.synthetic), data.image_size)
+            key = (training_folder(data), repr(data.synthetic), data.image_size)
             if key not in done:
-                ensure_synthetic_data(run.config)
+                ensure_synthetic_data(data)
                 done.add(key)
 
 
@@ -95,7 +94,7 @@ def _heldout_dir(args: argparse.Namespace, runs: list[RunSpec]) -> str | None:
 
     folder = args.heldout
     if folder is None:
-        data_dir = runs[0].config.data.data_dir
+        data_dir = training_folder(runs[0].config.data)
         default = os.path.join(data_dir, HELDOUT_DIR) if data_dir else None
         folder = default if default and os.path.isdir(default) else None
     if folder is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from largefr.config import Config
+from largefr.data.prepare import training_folder, verification_paths
 from largefr.eval.clustering import DBSCAN_EPS, DBSCAN_MIN_SAMPLES
 
 __all__ = ["MeasureOptions", "measured_with", "DEFAULT_DBSCAN_EPS", "DBSCAN_MIN_SAMPLES", "FAR_TARGET", "measure_run",
@@ -54,10 +55,9 @@ def heldout_identity_count(folder: str) -> int:
 def _verification(config: Config, model, device: str) -> dict[str, dict[str, Any]]:
     from largefr.eval.pairs import embed_bin, image_size_of, score_pairs
     from largefr.eval.plots import similarity_stats
-    from largefr.train.build import verification_paths
-
     results = {}
-    for name, path in verification_paths(config, config.data.data_dir):
+    data = config.data
+    for name, path in verification_paths(data, training_folder(data)):
         pairs = embed_bin(model, path, batch_size=config.eval.batch_size, device=device, image_size=image_size_of(model))
         scores = score_pairs(pairs, name=name, path=path, far_target=FAR_TARGET).as_dict()
         results[name] = {**scores, **similarity_stats(pairs.cosines(), pairs.issame).as_dict()}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from largefr.config import Config, ConfigError, load_config
+from largefr.data.prepare import DataSetupError
 from largefr.experiments.grids import Grid, Setting
 from largefr.distributed.spawn import free_port
 from largefr.train.local_launch import LAUNCH_SCRIPT, deepspeed_local_prefix
@@ -176,8 +177,6 @@ def _finish(run: RunSpec, code: int, wall: float, measure: Callable[[RunSpec], d
     summary = json.loads(summary_path.read_text())
     if summary.get("interrupted"):  # stopped by a signal: its checkpoint is not the end of the run
         return {**failure, "reason": "interrupted before its last step", "log_tail": _log_tail(run.folder / LOG_FILE)}
-    from largefr.train.build import DataSetupError
-
     try:
         measured = measure(run)
     except (ValueError, OSError, ImportError, DataSetupError) as error:  # no checkpoint, a .bin gone, a missing extra

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 from largefr.checkpoint.rows import ROW_BLOCK_BYTES
-from largefr.config import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
+from largefr.choices import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
 
 LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}

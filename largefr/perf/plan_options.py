@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from largefr.cli_flags import add_option
-from largefr.config import LOGITS_DTYPES
+from largefr.choices import LOGITS_DTYPES
 from largefr.perf.memory_plan import OPTIMIZERS, PlanInputs
 
 

@@ -1,20 +1,21 @@
-"""Per-phase step timing for `tools/profile_step.py`: `PhaseTimer`, the no-op `NULL_TIMER`, `profile_steps`.
+"""Per-phase step timing for `tools/profile_step.py`: `PhaseTimer` and `profile_steps`.
 
-The step code marks its phases with `with runner.phase_timer.phase("backbone_forward"):`. By
-default `phase_timer` is `NULL_TIMER`, whose `phase()` returns one shared `nullcontext`: no clock
-read, no device synchronisation. A `PhaseTimer` synchronises the device at every phase boundary
-(so GPU work is charged to the phase that launched it) and keeps *exclusive* time: while a nested
-phase runs, its parent's clock is paused, so the phases of a step add up to the step.
+`PhaseTimer` implements the step's phase-timer contract (`largefr.train.phases.PhaseTiming`; the
+step holds the no-op `NULL_TIMER` unless profiled). It synchronises the device at every phase
+boundary (so GPU work is charged to the phase that launched it) and keeps *exclusive* time: while a
+nested phase runs, its parent's clock is paused, so the phases of a step add up to the step.
 
-Backward passes cannot be wrapped in `with` blocks from the outside; `instrument_head` puts
-identity autograd nodes on each loss's output and on the feature gather, whose backward calls
-`switch()`: from then on the running phase is charged to that loss (or the gather, or the backbone).
-Autograd runs the most recently created nodes first, so the losses' backward sub-graphs run one after
-the other (L_ali, L_con, L_cg), then the gather's reduce-scatter, then the backbone; the split is
-exact up to the few element-wise nodes that join the terms.
+Backward passes cannot be wrapped in `with` blocks from the outside; `mark_backward` puts an
+identity autograd node on a tensor whose backward calls `switch()`: from then on the running phase
+is charged to that loss (or the gather, or the backbone). The head marks each loss's output and the
+feature gather. Autograd runs the most recently created nodes first, so the losses' backward
+sub-graphs run one after the other (L_ali, L_con, L_cg), then the gather's reduce-scatter, then the
+backbone; the split is exact up to the few element-wise nodes that join the terms.
 
 `profile_steps(trainer, timer, ...)` runs real steps of a built `Trainer` through the trainer's own
-data iterator (`Trainer.step_batches`) and `Trainer.run_step`, timing the data wait as a phase.
+data iterator (`Trainer.step_batches`) and `Trainer.run_step`, timing the data wait as a phase. It
+hands the timer to the step and to the head through their declared hooks (`StepRunner.phase_timer`,
+the head's `set_phase_timer`) and changes no module's attributes.
 """
 from __future__ import annotations
 
@@ -23,29 +24,12 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # largefr.train.step imports this module
-    from largefr.train.trainer import Trainer
-
-_NULL_CONTEXT = contextlib.nullcontext()
-
-
-class NullPhaseTimer:
-    """Profiling off: every call is a no-op."""
-
-    enabled = False
-
-    def phase(self, name: str) -> contextlib.AbstractContextManager:
-        return _NULL_CONTEXT
-
-    def switch(self, name: str) -> None:
-        return None
-
-
-NULL_TIMER = NullPhaseTimer()
+from largefr.train.phases import NULL_TIMER
+from largefr.train.trainer import Trainer
 
 
 class PhaseTimer:
@@ -89,6 +73,10 @@ class PhaseTimer:
             return
         self._charge()
         self._stack[-1] = name
+
+    def mark_backward(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """`tensor` unchanged; when backward reaches it, this timer switches to phase `name`."""
+        return mark_backward(tensor, self, name)
 
     def reset(self) -> None:
         self.totals = {}
@@ -145,14 +133,31 @@ def _timed_gather(fn: Callable[..., torch.Tensor], timer: PhaseTimer) -> Callabl
 
 
 @contextlib.contextmanager
-def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
-    """Charge a `ClusterGuidedHead`'s work to phases while the context is open.
+def timed_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
+    """The head's parts charged to phases while the context is open, through the head's own hook.
 
     Phases: 'head_other' (queue/bank update, sampling, joining the terms), 'feature_gather',
     'loss_cg' (margin head), 'loss_con' (L_con, or the Center / triplet loss that
-    cluster.contrastive_type puts in its place), 'loss_ali' (forward and backward each). The joint
-    head calls the gather and the cluster losses through names imported into `largefr.heads.joint`,
-    so those names are replaced for the duration (profiling tool only; restored on exit).
+    cluster.contrastive_type puts in its place), 'loss_ali' (forward and backward each). The head
+    takes the timer with `set_phase_timer(timer)` and forgets it with `set_phase_timer(None)`.
+    """
+    set_phase_timer = getattr(head, "set_phase_timer", None)
+    if set_phase_timer is None:  # TEMPORARY (issue 26): until largefr/heads/joint.py offers set_phase_timer
+        with instrument_head(head, timer):
+            yield
+        return
+    set_phase_timer(timer)
+    try:
+        yield
+    finally:
+        set_phase_timer(None)
+
+
+@contextlib.contextmanager
+def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
+    """TEMPORARY (issue 26; delete with tests/test_profile.py::test_instrument_head_restores_what_it_replaced
+    once ClusterGuidedHead.set_phase_timer exists): the head's phases by replacing, for the duration, the
+    names `largefr.heads.joint` calls and two bound methods of the head; restored on exit.
     """
     from largefr.heads import joint
 
@@ -193,7 +198,7 @@ def profile_steps(trainer: Trainer, timer: PhaseTimer, *, steps: int, warmup: in
     source = trainer.step_batches()
     trainer.runner.phase_timer = timer
     try:
-        with instrument_head(trainer.runner.head, timer):
+        with timed_head(trainer.runner.head, timer):
             for _ in range(warmup):
                 _profiled_step(trainer, timer, source)
             _synchronize(trainer.runner.device)

@@ -1,21 +1,21 @@
 """Assemble a `Trainer` from a `Config`: data, backbone engine, head, optimizers, schedule, logs, checkpoints."""
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from largefr.config import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES, Config, ModelConfig, config_to_json
-from largefr.data.rec_set import data_folder
+from largefr.choices import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES
+from largefr.config import Config, ModelConfig, config_to_json
+from largefr.data import open_loader
+from largefr.data.prepare import DataSetupError, PreparedData, prepare_data
+from largefr.eval.own_data import load_own_data_share
+from largefr.eval.verification import load_verification_share
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
@@ -32,10 +32,6 @@ from largefr.train.step import StepRunner
 from largefr.checkpoint.train_state import TrainingCheckpointer
 from largefr.train.warm_start import class_mean_warm_start, load_init_weights
 from largefr.train.trainer import LoopPlan, Trainer, VerificationSet
-
-
-class DataSetupError(RuntimeError):
-    """Training or verification data that is missing or unusable; the message names the path and key."""
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -65,147 +61,15 @@ def set_determinism(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
-def run_on_first_rank(action, what: str, *, device: torch.device) -> None:
-    """Run `action` on rank 0 while the others wait; every rank raises if it failed (no hang).
-
-    `device` is where the process group's collectives run (NCCL refuses CPU tensors).
-    """
-    error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            action()
-        except Exception as exc:  # reported on every rank below
-            error = f"{what} failed on rank 0: {type(exc).__name__}: {exc}"
-            if not dist.is_initialized():
-                raise DataSetupError(error) from exc
-    if dist.is_initialized():
-        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-        dist.all_reduce(flag)  # the wait is bounded by the process group's timeout
-        if flag.item() > 0:
-            raise DataSetupError(error or f"{what} failed on rank 0 (see its error above)")
-
-
-def ensure_synthetic_data(config: Config, *, progress: bool = True) -> None:
-    """Generate data.synthetic into its cache folder unless it already holds it (a stale one is replaced).
-
-    One process only (two generations into one folder race): rank 0 here, or tools/ablate.py before its runs.
-    """
-    from largefr.data.synthetic import META_FILE, ensure_dataset
-
-    data, synthetic = config.data, config.data.synthetic
-    first_time = progress and not os.path.isfile(os.path.join(data.data_dir, META_FILE))
-    if first_time:  # the generator's own progress lines carry no time; these two frame them
-        _stamped(f"generating the synthetic data set into {data.data_dir} (once; later runs reuse it)")
-    started = time.perf_counter()
-    ensure_dataset(data.data_dir, identities=synthetic.identities, images_per_identity=synthetic.images_per_identity,
-                   pairs=synthetic.val_pairs, image_size=data.image_size, seed=synthetic.seed,
-                   heldout_identities=synthetic.heldout_identities,
-                   heldout_images_per_identity=synthetic.heldout_images_per_identity,
-                   workers=max(1, min(4, os.cpu_count() or 1)), progress=progress, replace_stale=True)
-    if first_time:
-        _stamped(f"synthetic data set ready in {time.perf_counter() - started:.0f} s")
-
-
-def _stamped(message: str) -> None:
-    """A timestamped largefr line on stdout, as the run's log lines look (before the run's logger exists)."""
-    print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] largefr: {message}", flush=True)
-
-
-def prepare_data_dir(config: Config, env: DistributedEnv) -> str | None:
-    """The folder of train.rec/idx/property (generated first for the synthetic quickstart)."""
-    data = config.data
-    if data.loader == "synthetic" and not data.val_targets:
-        return data.data_dir
-    folder = data.data_dir
-    if folder is None:
-        raise DataSetupError("data.rec is not set: give the folder holding train.rec, train.idx and property "
-                             "(or data.synthetic.cache_dir for a generated data set)")
-    if data.images is not None:
-        from largefr.data.pack import ensure_packed
-
-        run_on_first_rank(lambda: ensure_packed(data.images, data.cache_dir, on_bad_image=data.on_bad_image),
-                          f"packing data.images={data.images} into {folder}", device=env.device)
-    elif data.rec is None and data.synthetic is not None:
-        def generate() -> None:
-            ensure_synthetic_data(config, progress=env.is_main)
-
-        run_on_first_rank(generate, f"generating the synthetic data set in {folder}", device=env.device)
-    missing = [entry for entry in ([folder] if isinstance(folder, str) else folder) if not os.path.exists(entry)]
-    if missing:
-        raise DataSetupError(f"data folder {missing[0]} (data.rec) does not exist: point data.rec at the folder holding "
-                             "train.rec, train.idx and property (or shards train-00000.rec ..., a .rec file, or "
-                             "a list of them)")
-    return folder
-
-
-def with_data_counts(config: Config, folder: str | None, env: DistributedEnv) -> Config:
-    """`config` with data.num_classes / num_images read from the data where not given (checked where given)."""
-    from largefr.config_validation import world_size_issues
-    from largefr.data import prepare_image_index
-    from largefr.data.image_index import counts_from_data
-
-    data = config.data
-    if data.loader == "synthetic":
-        return config  # nothing to count: the config check required both
-    index = prepare_image_index(folder, on_bad_image=data.on_bad_image, cache_dir=data.cache_dir)
-    num_classes, num_images = counts_from_data(folder, index, num_classes=data.num_classes,
-                                               num_images=data.num_images)
-    resolved = dataclasses.replace(config, data=dataclasses.replace(data, num_classes=num_classes,
-                                                                    num_images=num_images))
-    issues = world_size_issues(resolved, env.world_size)
-    if issues:
-        raise DataSetupError("; ".join(f"{key}: {problem}" for key, problem in issues)
-                             + f" (counts read from the data in {folder})")
-    return resolved
-
-
-def _verification_candidates(target: str, config: Config, folder: str | None) -> list[str]:
-    """Where a data.val_targets entry may be: a path (with '.bin' or a folder part) as given, relative to the
-    working directory; a bare name as <name>.bin in the data folder, beside data.images, then here."""
-    if target.endswith(".bin") or os.sep in target:
-        return [target] if target.endswith(".bin") else [target, f"{target}.bin"]
-    folders = [data_folder(folder), config.data.images, os.getcwd()]
-    return list(dict.fromkeys(os.path.join(f, f"{target}.bin") for f in folders if f))
-
-
-def verification_paths(config: Config, folder: str | None) -> list[tuple[str, str]]:
-    """(name, path) of every data.val_targets entry (see _verification_candidates for where it is looked for); a
-    path may also be a folder of identity sub-folders or of train.rec (pairs drawn as tools/eval_folder.py draws
-    them)."""
-    out = []
-    for target in config.data.val_targets:
-        candidates = _verification_candidates(target, config, folder)
-        path = next((c for c in candidates if os.path.isfile(c) or os.path.isdir(c)), None)
-        if path is None:
-            raise DataSetupError(f"verification set {target!r} (data.val_targets) not found; looked for "
-                                 f"{', '.join(candidates)}. Give a .bin path (or an identity folder) relative to the "
-                                 f"working directory ({os.getcwd()}) or an absolute one, or remove the entry")
-        out.append((Path(path).name if os.path.isdir(path) else Path(path).stem, path))
-    return out
-
-
-def load_verification_sets(config: Config, folder: str | None, env: DistributedEnv) -> list[VerificationSet]:
-    from largefr.eval.own_data import load_own_data_share
-    from largefr.eval.verification import load_verification_share
-
-    sets = []
-    for name, path in verification_paths(config, folder):
+def load_verification_sets(prepared: PreparedData) -> list[VerificationSet]:
+    """This rank's share of every data.val_targets set (a .bin file, or pairs drawn from an identity folder)."""
+    sets, env = [], prepared.env
+    for name, path in prepared.verification_paths():
         load = load_own_data_share if os.path.isdir(path) else load_verification_share
-        images, issame, _ = load(path, image_size=config.data.image_size, rank=env.rank, world_size=env.world_size)
+        images, issame, _ = load(path, image_size=prepared.config.data.image_size, rank=env.rank,
+                                 world_size=env.world_size)
         sets.append(VerificationSet(name=name, local_images=images, issame=issame))
     return sets
-
-
-def build_train_loader(config: Config, folder: str | None, env: DistributedEnv):
-    from largefr.data import build_loader
-
-    data = config.data
-    return build_loader(data.loader, rec=folder, batch_size=config.train.batch_size, rank=env.rank,
-                        world_size=env.world_size, num_classes=data.num_classes, local_rank=env.local_rank,
-                        seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
-                        shuffle=True, random_flip=data.random_flip, shuffle_buffer=data.shuffle_buffer,
-                        on_bad_image=data.on_bad_image, drop_last=True, num_images=data.num_images,
-                        cache_dir=data.cache_dir, device=env.device, augment=data.augment)
 
 
 @dataclass(kw_only=True)
@@ -288,16 +152,16 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     """Everything a run needs, on every rank; `resume` overrides checkpoint.resume ('auto' or a path)."""
     seed_everything(config.train.seed, env.rank)
     set_determinism(config.train.deterministic)
-    folder = prepare_data_dir(config, env)
-    config = with_data_counts(config, folder, env)
-    verification_sets = load_verification_sets(config, folder, env)
-    loader = build_train_loader(config, folder, env)
+    prepared = prepare_data(config, env)
+    config = prepared.config  # data.num_classes and data.num_images read from the data
+    verification_sets = load_verification_sets(prepared)
+    loader = open_loader(prepared.loader_settings())
     requested = resume if resume is not None else config.checkpoint.resume
     resume_path = _resolve_resume(requested, config)
     engine, encoder = build_engine(config, env, load_init=resume_path is None)
     parts = build_head(config, env)
     if config.head.init == "class_mean" and resume_path is None:
-        warm_start_head(config, folder, env, parts.head, encoder.encoder if encoder is not None else engine.module)
+        warm_start_head(prepared, parts.head, encoder.encoder if encoder is not None else engine.module)
     runner = StepRunner(engine=engine, head=parts.head, head_step=parts.step, momentum_encoder=encoder,
                         encoder_momentum=config.cluster.encoder_momentum, group=parts.head.group,
                         on_nonfinite=config.train.on_nonfinite, device=env.device)
@@ -331,7 +195,7 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                       summary_fields=_summary_fields(config, env, global_batch),
                       summary_path=os.path.join(config.output, "summary.json"),
                       stats_fn=_stats_fn(parts.head), rank=env.rank,
-                      records_left_out=0 if config.data.loader == "synthetic" else len(loader.index.bad_keys))
+                      records_left_out=prepared.records_left_out)
     _announce(config, env, trainer, world_note(config, env.world_size),
               resume_note(requested, resume_path, str(config.checkpoint_dir)))
     if resume_path is not None:
@@ -339,17 +203,11 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     return trainer
 
 
-def warm_start_head(config: Config, folder: str | None, env: DistributedEnv, head: ClusterGuidedHead,
-                    backbone: torch.nn.Module) -> None:
+def warm_start_head(prepared: PreparedData, head: ClusterGuidedHead, backbone: torch.nn.Module) -> None:
     """head.init='class_mean': the loaded backbone's class means into W and the cluster bank (one data pass)."""
-    from largefr.data import build_loader
-
-    data = config.data
-    loader = build_loader(data.loader, rec=folder, batch_size=config.eval.batch_size, rank=env.rank,
-                          world_size=env.world_size, num_classes=data.num_classes, local_rank=env.local_rank,
-                          seed=config.train.seed, image_size=data.image_size, num_workers=data.num_workers,
-                          shuffle=False, random_flip=False, on_bad_image=data.on_bad_image, drop_last=False,
-                          num_images=data.num_images, cache_dir=data.cache_dir, device=env.device)
+    config, env = prepared.config, prepared.env
+    loader = prepared.open_loader(batch_size=config.eval.batch_size, shuffle=False, random_flip=False, drop_last=False,
+                                  augment=None)
     done = class_mean_warm_start(head, backbone, loader, alpha=config.cluster.alpha, init_std=config.head.init_std,
                                  device=env.device, batch_size=config.eval.batch_size, progress=env.is_main)
     if env.is_main:

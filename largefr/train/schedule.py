@@ -21,12 +21,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-ScheduleType = Literal["step", "poly"]
-ScheduleUnit = Literal["epoch", "step"]
+from largefr.choices import SCHEDULE_TYPES, SCHEDULE_UNITS, ScheduleType, ScheduleUnit
+
 
 
 def steps_per_epoch(num_images: int, global_batch: int) -> int:
@@ -87,6 +87,10 @@ def _to_steps(value: float, unit: ScheduleUnit, per_epoch: int, name: str) -> in
     return int(value)
 
 
+def _either(choices: Sequence[str]) -> str:
+    return " or ".join(repr(choice) for choice in choices)
+
+
 def build_lr_schedule(*, type: ScheduleType, unit: ScheduleUnit, base_lr: float, epochs: float,
                       steps_per_epoch: int, warmup: float = 0, milestones: Sequence[float] = (),
                       gamma: float = 0.1, power: float = 2.0) -> LRSchedule:
@@ -95,10 +99,10 @@ def build_lr_schedule(*, type: ScheduleType, unit: ScheduleUnit, base_lr: float,
     The schedule lasts `round(epochs * steps_per_epoch)` steps (a `train.max_steps` stop does not
     change it: the lr curve is the full run's).
     """
-    if type not in ("step", "poly"):
-        raise ValueError(f"schedule type must be 'step' or 'poly', got {type!r}")
-    if unit not in ("epoch", "step"):
-        raise ValueError(f"schedule unit must be 'epoch' or 'step', got {unit!r}")
+    if type not in SCHEDULE_TYPES:
+        raise ValueError(f"schedule type must be {_either(SCHEDULE_TYPES)}, got {type!r}")
+    if unit not in SCHEDULE_UNITS:
+        raise ValueError(f"schedule unit must be {_either(SCHEDULE_UNITS)}, got {unit!r}")
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     if not (base_lr > 0 and math.isfinite(base_lr)):

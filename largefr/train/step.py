@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, group_size
 from largefr.heads.joint import HeadLoss
-from largefr.perf.profiling import NULL_TIMER
+from largefr.train.phases import NULL_TIMER
 from largefr.train.engine import engine_dtype, engine_loss_scale
 from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, scale_feature_gradient
 from largefr.train.schedule import set_learning_rate

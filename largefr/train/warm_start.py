@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largefr.checkpoint.backbone import WeightsError, backbone_weights
 from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_
 from largefr.distributed.partition import ClassPartition
+from largefr.eval.weights import compare_state_dict, embedding_size_of, infer_network
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +43,11 @@ class InitFromError(RuntimeError):
 
 def read_init_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """(backbone state_dict, the file or checkpoint folder it came from) of model.init_from."""
-    from largefr.eval.weights import WeightsError, checkpoint_state_dict, read_state_dict
-
     where = f"model.init_from={path}"
     if not os.path.exists(path):
         raise InitFromError(f"{where}: no such file or folder; give {INIT_FROM_KINDS}")
     try:
-        if os.path.isdir(path):
-            return checkpoint_state_dict(path)
-        return read_state_dict(path), path
+        return backbone_weights(path)
     except WeightsError as error:
         raise InitFromError(f"{where}: {error}") from None
 
@@ -57,8 +55,6 @@ def read_init_weights(path: str) -> tuple[dict[str, torch.Tensor], str]:
 def fit_problem(backbone: nn.Module, state: dict[str, torch.Tensor], *, network: str, embedding_size: int,
                 source: str) -> str | None:
     """Why `state` cannot be loaded into `backbone` as it is (keys named), or None."""
-    from largefr.eval.weights import compare_state_dict, embedding_size_of, infer_network
-
     mismatch = compare_state_dict(backbone, state)
     if mismatch.ok:
         return None

@@ -42,7 +42,7 @@ def _syncs(fn) -> int:
 
 
 def test_first_rank_setup_under_nccl(nccl_group):
-    from largefr.train.build import DataSetupError, run_on_first_rank
+    from largefr.data.prepare import DataSetupError, run_on_first_rank
 
     ran = []
     run_on_first_rank(lambda: ran.append(True), "setup", device=DEVICE)
