@@ -330,3 +330,32 @@ def test_round_trip_keeps_every_non_default_value():
     assert Config.from_dict(config.to_dict()) == config
     assert config.to_dict()["head"]["combined_margins"] == [1.0, 0.3, 0.2]
     assert config.checkpoint_dir == Path("/tmp/run/checkpoints")
+
+
+# ---------------------------------------------------------------------------- choices declared once
+
+_STILL_DECLARED_TWICE = {"largefr/heads/cluster_losses.py": "PHI_TEMPERATURE_MODES"}
+"""Files outside this change (issue 26: heads/ is being reworked) that still repeat a choice list."""
+
+
+def test_choice_lists_are_declared_once_in_largefr_choices():
+    """No module of the package writes out a choice list of largefr/choices.py again (as a tuple, list or set)."""
+    import ast
+
+    import largefr.choices as choices
+
+    declared = {frozenset(value): name for name, value in vars(choices).items()
+                if isinstance(value, (tuple, dict)) and len(value) >= 2 and all(isinstance(v, str) for v in value)}
+    package = Path(__file__).resolve().parent.parent / "largefr"
+    repeated = []
+    for path in sorted(package.rglob("*.py")):
+        relative = f"largefr/{path.relative_to(package).as_posix()}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            values = [e.value for e in getattr(node, "elts", []) if isinstance(e, ast.Constant)]
+            if (isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(values) == len(node.elts) >= 2
+                    and all(isinstance(v, str) for v in values) and frozenset(values) in declared
+                    and path.name != "choices.py"):
+                name = declared[frozenset(values)]
+                if _STILL_DECLARED_TWICE.get(relative) != name:
+                    repeated.append(f"{relative}:{node.lineno}: {values} is largefr.choices.{name}")
+    assert repeated == []

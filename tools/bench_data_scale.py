@@ -31,8 +31,6 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 _DISTINCT_JPEGS = 4096
 """Distinct tiny JPEGs, identity i uses number i % 4096 (encoding 500k of them would dominate)."""

@@ -21,11 +21,7 @@ from typing import Any
 
 import torch
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(TOOLS) not in sys.path:  # run from a checkout
-    sys.path.insert(0, os.path.dirname(TOOLS))
-sys.path.insert(0, TOOLS)
-from profile_step import config_step_flops, load_profile_config  # noqa: E402  (a sibling tool)
+from largefr.perf.profiling import config_step_flops, load_profile_config, peak_tflops
 
 MFU_DEFINITION = (
     "model FLOPs of one step (backbone forward + backward = 3 x its forward FLOPs x local batch, plus the "
@@ -74,7 +70,6 @@ def _synchronize(device: torch.device) -> None:
 def mfu_numbers(config, trainer, step_seconds: float) -> dict[str, Any]:
     """MFU per MFU_DEFINITION, and the momentum encoder's fp32 forward as a share of the step at the fp32 peak."""
     from largefr.models import model_flops
-    from largefr.perf.profiling import peak_tflops
 
     device = trainer.runner.device
     if device.type != "cuda":

@@ -21,12 +21,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from largefr.data.pack import PackError, pack_image_folder  # noqa: E402
-from largefr.data.pack_shards import DEFAULT_SHARD_BYTES, PackSettings, pack_shards  # noqa: E402
-from largefr.data.recordio import RecordIOError  # noqa: E402
-from largefr.data.shard_writer import parse_size  # noqa: E402
+from largefr.data.pack import PackError, pack_image_folder
+from largefr.data.pack_shards import DEFAULT_SHARD_BYTES, PackSettings, pack_shards
+from largefr.data.recordio import RecordIOError
+from largefr.data.shard_writer import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:

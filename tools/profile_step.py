@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # run from a checkout
-    sys.path.insert(0, REPO_ROOT)
+from largefr.perf.profiling import PhaseTimer, config_step_flops, load_profile_config, peak_tflops, profile_steps
 
 PHASES = ("data_wait", "momentum_forward", "backbone_forward", "feature_gather", "loss_cg", "loss_con", "loss_ali",
           "head_other", "backbone_backward", "optimizer_engine", "optimizer_head", "ema_update", "other")
@@ -48,15 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_profile_config(path: str, overrides: list[str], world_size: int):
-    """The training config with output moved to <output>/profile and periodic work off."""
-    from largefr.config import load_config
-
-    config = load_config(path, overrides, world_size=world_size)
-    extra = [f"output={os.path.join(str(config.output), 'profile')}", "eval.every=0", "checkpoint.every=0"]
-    return load_config(path, [*overrides, *extra], world_size=world_size)
-
-
 def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[str, Any]:
     from largefr.train.metrics import peak_memory_bytes
 
@@ -68,23 +57,8 @@ def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[s
             "peak_memory_bytes": peak_memory_bytes(trainer.runner.device)}
 
 
-def config_step_flops(config, *, world_size: int, momentum_encoder: bool, sampled_classes: int) -> int:
-    """Model FLOPs of one optimizer step per rank: every micro-batch of the backbone and of the head."""
-    from largefr.models import model_flops
-    from largefr.perf.profiling import step_flops
-
-    gas = config.train.gradient_accumulation_steps
-    return step_flops(backbone_forward_flops=model_flops(config.model.network, config.data.image_size,
-                                                         embedding_size=config.model.embedding_size),
-                      local_batch=config.train.batch_size * gas, momentum_encoder=momentum_encoder,
-                      global_batch=config.train.batch_size * world_size, embedding_size=config.model.embedding_size,
-                      sampled_classes=sampled_classes, gradient_accumulation_steps=gas)
-
-
 def mfu_report(config, trainer, step_seconds: float, world_size: int) -> dict[str, Any] | None:
     """Model FLOPs utilisation on a GPU of the peak-rate table; None on CPU."""
-    from largefr.perf.profiling import peak_tflops
-
     device = trainer.runner.device
     if device.type != "cuda":
         return None
@@ -164,7 +138,6 @@ def profile(args: argparse.Namespace) -> dict | None:
     """Build, run, gather every rank's numbers on rank 0; returns the report there (None elsewhere)."""
     import torch.distributed as dist
 
-    from largefr.perf.profiling import PhaseTimer, profile_steps
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed
     from largefr.train.run import limit_cpu_threads

@@ -20,10 +20,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from largefr.data.recordio import RecordIOError  # noqa: E402
-from largefr.data.shard_writer import parse_size  # noqa: E402
+from largefr.data.recordio import RecordIOError
+from largefr.data.shard_writer import parse_size
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from largefr.choices import ADAPTIVE_MARGIN_TYPES
 from largefr.config import ConfigError
 from largefr.config_loading import read_file
 
@@ -73,7 +74,7 @@ BUILTIN_GRIDS: dict[str, Grid] = {
     "margins": _grid("margins", {
         "arcface": [_NO_CG, _NO_CON, _NO_ALI],
         **{kind: [_NO_CG, _NO_CON, _NO_ALI, f"head.type={kind}"]
-           for kind in ("curricularface", "magface", "adaface", "elasticface")},
+           for kind in ADAPTIVE_MARGIN_TYPES},
     }),
 }
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from largefr.config import Config, load_config
+from largefr.models import model_flops
 from largefr.train.phases import NULL_TIMER
 from largefr.train.trainer import Trainer
 
@@ -284,3 +286,21 @@ def step_flops(*, backbone_forward_flops: int, local_batch: int, momentum_encode
     backbone = (3 + (1 if momentum_encoder else 0)) * backbone_forward_flops * local_batch
     head = 3 * 2 * global_batch * embedding_size * sampled_classes * gradient_accumulation_steps
     return int(backbone + head)
+
+
+def config_step_flops(config: Config, *, world_size: int, momentum_encoder: bool, sampled_classes: int) -> int:
+    """Model FLOPs of one optimizer step per rank of a config: every micro-batch of the backbone and of the head."""
+    gas = config.train.gradient_accumulation_steps
+    return step_flops(backbone_forward_flops=model_flops(config.model.network, config.data.image_size,
+                                                         embedding_size=config.model.embedding_size),
+                      local_batch=config.train.batch_size * gas, momentum_encoder=momentum_encoder,
+                      global_batch=config.train.batch_size * world_size, embedding_size=config.model.embedding_size,
+                      sampled_classes=sampled_classes, gradient_accumulation_steps=gas)
+
+
+def load_profile_config(path: str, overrides: list[str], world_size: int) -> Config:
+    """The training config of a profiled run: output moved to <output>/profile, periodic work off
+    (tools/profile_step.py, tools/gpu_throughput.py)."""
+    config = load_config(path, overrides, world_size=world_size)
+    extra = [f"output={os.path.join(str(config.output), 'profile')}", "eval.every=0", "checkpoint.every=0"]
+    return load_config(path, [*overrides, *extra], world_size=world_size)

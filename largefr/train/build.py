@@ -12,7 +12,6 @@ import torch
 
 from largefr.choices import HEAD_OPTIMIZERS, TORCH_DTYPE_NAMES
 from largefr.config import Config, ModelConfig, config_to_json
-from largefr.data import open_loader
 from largefr.data.prepare import DataSetupError, PreparedData, prepare_data
 from largefr.eval.own_data import load_own_data_share
 from largefr.eval.verification import load_verification_share
@@ -155,7 +154,7 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     prepared = prepare_data(config, env)
     config = prepared.config  # data.num_classes and data.num_images read from the data
     verification_sets = load_verification_sets(prepared)
-    loader = open_loader(prepared.loader_settings())
+    loader = prepared.open_loader()
     requested = resume if resume is not None else config.checkpoint.resume
     resume_path = _resolve_resume(requested, config)
     engine, encoder = build_engine(config, env, load_init=resume_path is None)
