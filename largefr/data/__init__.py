@@ -2,7 +2,9 @@
 
 Every loader yields per rank `(images float32 Bx3xHxW, RGB, (x - 127.5) / 127.5; labels int64 B)`
 and supports `len()` (batches per epoch, equal on all ranks), `set_epoch(e)`, `skip(k)` /
-`iter_from(k)` (resume at batch k of the epoch) and `skipped_images`.
+`iter_from(k)` (resume at batch k of the epoch) and `skipped_images`. `open_loader(LoaderSettings)`
+opens one (`build_loader(kind, **settings)` is the same with keywords); a run's loader settings come
+from `largefr.data.prepare.PreparedData.loader_settings`.
 """
 from __future__ import annotations
 
