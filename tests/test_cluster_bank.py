@@ -90,6 +90,8 @@ def _lambda_cases(rank, world):
     load_phi(bank, phi, has_phi)
     out["default"] = bank.lambda_from_phi()
     out["range"] = bank.lambda_from_phi(0.25, 1.5)
+    rows = torch.arange(bank.partition.num_local - 1, -1, -2)  # some rows, in any order: what a step reads
+    out["ramped_rows"] = (rows, bank.class_lambda(0.25, 1.5, ramp=0.3)[rows])
     load_phi(bank, torch.full_like(phi, 0.7), has_phi)
     out["flat"] = bank.lambda_from_phi(0.25, 1.5)
     return out
@@ -155,6 +157,9 @@ def check_lambda(lambdas, part, world):
     torch.testing.assert_close(lambdas["default"], reference_lambda(phi, has_phi, 0.0, 1.0)[local], atol=1e-12, rtol=0)
     torch.testing.assert_close(lambdas["range"], reference_lambda(phi, has_phi, 0.25, 1.5)[local], atol=1e-12, rtol=0)
     torch.testing.assert_close(lambdas["flat"], torch.ones(part.num_local, dtype=torch.float64))
+    rows, ramped = lambdas["ramped_rows"]  # warm-up: 1 + ramp * (lambda - 1), at the rows asked for only
+    expected = 1.0 + 0.3 * (reference_lambda(phi, has_phi, 0.25, 1.5)[local][rows] - 1.0)
+    torch.testing.assert_close(ramped, expected, atol=1e-12, rtol=0)
 
 
 def check_stats(stats, world):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
+from largefr.heads import optim as optim_module
 
 CLASSES, DIM, BATCH, STEPS, BASE_LR = 200, 8, 8, 3, 0.1
 
@@ -154,8 +155,13 @@ def gathered_reference_step(name: str, weight: torch.Tensor, grad: torch.Tensor,
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("rate", [1.0, 0.3])
-def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate):
-    """In place at rate 1.0 (every row), gathered below it: the same bits as gather-update-scatter, float32."""
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, block_rows, monkeypatch):
+    """In place at rate 1.0 (every row), gathered below it: the same bits as gather-update-scatter, float32;
+    also when the update goes block by block (7 rows per block: blocks of consecutive rows updated in place,
+    others gathered)."""
+    if block_rows is not None:
+        monkeypatch.setattr(optim_module, "_BLOCK_ELEMENTS_CPU", block_rows * DIM)
     head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=rate,
                              generator=torch.Generator().manual_seed(0))
     optimizer = OPTIMIZERS[name][0]([head.weight])

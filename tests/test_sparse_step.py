@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from largefr.config import load_config
+from largefr.heads.cluster_losses import sample_centers
 from largefr.heads.row_gradient import gather_rows
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
@@ -59,6 +60,21 @@ def test_sampled_step_allocates_nothing_the_size_of_the_shard(optimizer, chunk_s
     largest = largest_allocation(lambda: one_step(parts, seed=1))
     assert largest < W_BYTES / 4, (largest, W_BYTES)
     assert parts.head.margin_head.weight.grad is None  # the step zeroed it (set_to_none)
+
+
+def test_sampling_and_target_lambda_make_nothing_per_class():
+    """The margin head's negatives, L_con's sampled centers and the target classes' lambda follow the sample: no
+    vector of a float per class (a score or a lambda for each of the rank's classes) is made. Scoring every
+    class and taking the top k, or computing every class's lambda, fails this."""
+    parts = quickstart_head("head.sample_rate=0.01")
+    one_step(parts, seed=0)  # the bank gets centers and phi
+    head = parts.head
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(3))
+    class_lambda = head.bank.class_lambda(0.0, 1.0, ramp=0.5)  # (its phi range is one pass, made once a step)
+    largest = largest_allocation(lambda: (head.margin_head.sample_classes(labels),
+                                          sample_centers(head.bank, labels, 128, generator=head.sample_generator),
+                                          class_lambda[labels]))
+    assert largest < CLASSES * 4 / 2, (largest, CLASSES * 4)
 
 
 def test_full_rate_step_still_uses_a_dense_gradient():

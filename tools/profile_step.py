@@ -21,7 +21,11 @@ import sys
 import time
 from typing import Any
 
-import torch
+from largefr.train.huge_pages import use_huge_pages
+
+use_huge_pages()  # before torch allocates: the step is timed as launch/train.py runs it
+
+import torch  # noqa: E402
 
 from largefr.perf.profiling import PhaseTimer, config_step_flops, load_profile_config, peak_tflops, profile_steps
 

@@ -116,13 +116,16 @@ class ClusterBank(nn.Module):
         """This rank's (num_local,) margin factor lo + (hi-lo)*(phi-phi_min)/(phi_max-phi_min).
 
         lambda = 1 (plain ArcFace) where phi is missing, and everywhere when phi_max == phi_min
-        or no class has a phi. Collective: call on every rank of the group.
+        or no class has a phi. Collective: call on every rank of the group. A step needs only its target
+        classes' lambda: `class_lambda` gives those without a pass over every class.
         """
+        return self.class_lambda(lo, hi)[...]
+
+    def class_lambda(self, lo: float = 0.0, hi: float = 1.0, *, ramp: float = 1.0) -> "ClassLambda":
+        """lambda_from_phi(lo, hi), moved towards 1 by the warm-up `ramp`, computed for the rows indexed.
+        Collective (the global phi range): call on every rank of the group."""
         phi_min, phi_max = self.global_phi_range()
-        span = phi_max - phi_min
-        scaled = lo + (hi - lo) * (self.phi - phi_min) / span
-        usable = self.has_phi & torch.isfinite(span) & (span > 0)
-        return torch.where(usable, scaled, torch.ones_like(self.phi))
+        return ClassLambda(self.phi, self.has_phi, phi_min, phi_max, lo=lo, hi=hi, ramp=ramp)
 
     # ---- logging ------------------------------------------------------------------------
     @torch.no_grad()
@@ -176,3 +179,31 @@ class ClusterBank(nn.Module):
                 f"[{mine['class_start']}, {mine['class_end']}) of {mine['num_classes']}: re-split the "
                 "checkpoint by class range for this world size before loading"
             )
+
+
+class ClassLambda:
+    """lambda of a bank's classes, evaluated only where indexed: `class_lambda[local_rows]` -> (len(rows),).
+
+    A step reads the lambda of its target classes, a few hundred among millions: computing the rest would be
+    a pass over every class. The value is that of `ClusterBank.lambda_from_phi`, element for element:
+    lo + (hi-lo)*(phi-phi_min)/(phi_max-phi_min), 1 where phi is missing or the span is empty, then
+    1 + ramp*(lambda-1) while the cluster terms warm up (ramp < 1).
+    """
+
+    def __init__(self, phi: torch.Tensor, has_phi: torch.Tensor, phi_min: torch.Tensor, phi_max: torch.Tensor, *,
+                 lo: float, hi: float, ramp: float = 1.0):
+        self.phi, self.has_phi = phi, has_phi
+        self.phi_min, self.span = phi_min, phi_max - phi_min
+        self.lo, self.hi, self.ramp = lo, hi, ramp
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.phi.shape
+
+    @torch.no_grad()
+    def __getitem__(self, rows) -> torch.Tensor:
+        phi = self.phi[rows]
+        scaled = self.lo + (self.hi - self.lo) * (phi - self.phi_min) / self.span
+        usable = self.has_phi[rows] & torch.isfinite(self.span) & (self.span > 0)
+        lam = torch.where(usable, scaled, torch.ones_like(phi))
+        return lam if self.ramp >= 1.0 else 1.0 + self.ramp * (lam - 1.0)

@@ -40,6 +40,7 @@ from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.row_gradient import gather_rows
+from largefr.heads.sampling import uniform_subset
 
 TEMPERATURE_MODES = ("pcl", "raw")
 
@@ -83,6 +84,16 @@ def sampling_shares(available: list[int], positives: list[int], num_samples: int
     return [p + e for p, e in zip(positives, extra)]
 
 
+def _positives_and_uniform_negatives(seen: torch.Tensor, positive: torch.Tensor, count: int,
+                                     generator: torch.Generator | None) -> torch.Tensor:
+    """Sorted local indices: every positive, then `count` in all with uniform negatives among the seen classes."""
+    positives = torch.nonzero(positive).squeeze(1)
+    candidates = torch.nonzero(seen & ~positive).squeeze(1)
+    picks = uniform_subset(candidates.numel(), max(0, count - positives.numel()), generator=generator,
+                           device=candidates.device)
+    return torch.cat([positives, candidates[picks]]).sort().values
+
+
 def _gather_known_rows(tensor: torch.Tensor, counts: list[int], group: ProcessGroup | None) -> torch.Tensor:
     """All-gather rows when every rank already knows every rank's row count (one collective)."""
     if group_size(group) == 1:
@@ -110,14 +121,11 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
     positive = torch.zeros_like(bank.seen)
     positive[labels[inside] - part.start] = True
     positive &= bank.seen
-    local_counts = torch.stack([bank.seen.sum(), positive.sum()]).unsqueeze(0)
+    local_counts = torch.stack([torch.count_nonzero(bank.seen), torch.count_nonzero(positive)]).unsqueeze(0)
     all_counts = all_gather_rows(local_counts, group).tolist()
     shares = sampling_shares([c[0] for c in all_counts], [c[1] for c in all_counts], num_samples)
 
-    score = torch.rand(part.num_local, generator=generator, device=bank.seen.device)
-    score = torch.where(positive, torch.full_like(score, 2.0), score)
-    score = torch.where(bank.seen, score, torch.full_like(score, -1.0))
-    local_indices = torch.topk(score, shares[part.rank], sorted=False).indices.sort().values
+    local_indices = _positives_and_uniform_negatives(bank.seen, positive, shares[part.rank], generator)
 
     if max(shares) == 0:
         gathered = torch.zeros(0, bank.centers.shape[1] + 2, dtype=bank.centers.dtype, device=bank.centers.device)

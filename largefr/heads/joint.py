@@ -4,7 +4,8 @@ One forward (docs/DESIGN.md section 5, "Order within a step"):
 1. gather the global batch's labels, and its embeddings ONCE with autograd (shared by L_cg and L_con);
 2. enqueue the global batch's momentum features, update this rank's bank shard and phi
    (every class of the batch then has a center);
-3. lambda(phi) with global phi_min/phi_max, fed to the margin head as `class_lambda`;
+3. lambda(phi) with global phi_min/phi_max, fed to the margin head as `class_lambda` (computed for the
+   batch's target classes only);
 4. L_cg on the margin head; sample M centers (positives first) when a term uses them; L_con
    (or the baseline that cluster.contrastive_type puts in its place) and L_ali;
 5. L = L_cg + l1*L_con + l2*L_ali (during cluster.warmup_steps the margin scale goes from 1 to
@@ -147,9 +148,8 @@ class ClusterGuidedHead(nn.Module):
         if self.config.enabled:
             self._update_clusters(local_momentum_features, labels)
             if self.config.cg_margin:
-                class_lambda = self.bank.lambda_from_phi(*self.config.lambda_range)
-                if self.ramp < 1.0:  # warm-up: from ArcFace's margin (lambda 1) to the cluster-guided one
-                    class_lambda = 1.0 + self.ramp * (class_lambda - 1.0)
+                # during the warm-up the ramp moves lambda from ArcFace's (1) to the cluster-guided one
+                class_lambda = self.bank.class_lambda(*self.config.lambda_range, ramp=self.ramp)
         loss = self.margin_head.loss_from_gathered(features, labels, class_lambda)
         terms = {"loss_cg": loss.detach()}
         touched = [self.margin_head.last_sampled]

@@ -119,7 +119,13 @@ class RowSparseSGD(RowSparseOptimizer):
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
                      state: dict) -> None:
-        selected = _SelectedRows(rows, param)
+        for block in row_blocks(rows, param):
+            self._update_block(param, _SelectedRows(rows[block], param), grad[block], group, state)
+        _SelectedRows(rows, param).count_step(state["step"])
+
+    @staticmethod
+    def _update_block(param: torch.Tensor, selected: "_SelectedRows", grad: torch.Tensor, group: dict,
+                      state: dict) -> None:
         weight = selected.read(param)
         if group["weight_decay"] != 0:
             grad = grad.add_(weight, alpha=group["weight_decay"])  # in place: the step consumes the gradient
@@ -136,7 +142,6 @@ class RowSparseSGD(RowSparseOptimizer):
             grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
         weight.add_(grad, alpha=-group["lr"])
         selected.write(param, weight)
-        selected.count_step(state["step"])
 
 
 class RowSparseAdamW(RowSparseOptimizer):
@@ -158,13 +163,18 @@ class RowSparseAdamW(RowSparseOptimizer):
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
                      state: dict) -> None:
+        _SelectedRows(rows, param).count_step(state["step"])
+        for block in row_blocks(rows, param):
+            self._update_block(param, _SelectedRows(rows[block], param), grad[block], group, state)
+
+    @staticmethod
+    def _update_block(param: torch.Tensor, selected: "_SelectedRows", grad: torch.Tensor, group: dict,
+                      state: dict) -> None:
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        selected = _SelectedRows(rows, param)
         weight = selected.read(param)
         weight.mul_(1 - lr * group["weight_decay"])
         exp_avg = selected.read(state["exp_avg"]).lerp_(grad, 1 - beta1)
         exp_avg_sq = selected.read(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        selected.count_step(state["step"])
         step = selected.read(state["step"]).to(torch.float64)
         # bias corrections per row, in float64 like torch's Python-float arithmetic
         step_size = (lr / (1 - torch.pow(beta1, step))).to(param.dtype).unsqueeze(1)
@@ -176,26 +186,54 @@ class RowSparseAdamW(RowSparseOptimizer):
         selected.write(state["exp_avg_sq"], exp_avg_sq)
 
 
+_BLOCK_ELEMENTS_CPU = 1 << 18
+"""Elements per tensor of one block on CPU (1 MiB of float32): the block's rows of the weight, its state and its
+gradient stay in cache between the gather, the update's passes and the write-back."""
+
+
+def row_blocks(rows: torch.Tensor, param: torch.Tensor) -> list[slice]:
+    """Consecutive slices of `rows` to update one after the other: cache-sized on CPU, all at once on a GPU
+    (where kernel launches, not cache, cost). Element for element the arithmetic is the same either way."""
+    count = rows.numel()
+    if param.device.type != "cpu" or count == 0:
+        return [slice(0, count)]
+    per_block = max(1, _BLOCK_ELEMENTS_CPU // max(1, param[0].numel()))
+    return [slice(start, min(start + per_block, count)) for start in range(0, count, per_block)]
+
+
 class _SelectedRows:
     """The stepped rows of tensors aligned with a parameter's rows (the parameter, its state).
 
-    All rows (sample rate 1.0): the tensors themselves, updated in place, no copies. Some rows: gathered
-    copies, written back by index. The arithmetic is the same either way, so both give the same bits.
+    Consecutive rows (sample rate 1.0, where every row is stepped, or a block of such rows): views of the
+    tensors, updated in place, no copies. Other rows: gathered copies, written back by index. The arithmetic is
+    the same either way, so both give the same bits.
     """
 
     def __init__(self, rows: torch.Tensor, param: torch.Tensor):
         self.rows = rows
-        self.all_rows = rows.numel() == param.shape[0]  # sorted, unique and inside: then 0..n-1 in order
+        self.span = _consecutive_span(rows, param)
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.all_rows else tensor.index_select(0, self.rows)
+        return tensor[self.span] if self.span is not None else tensor.index_select(0, self.rows)
 
     def write(self, tensor: torch.Tensor, rows_value: torch.Tensor) -> None:
-        if not self.all_rows:
+        if self.span is None:
             tensor.index_copy_(0, self.rows, rows_value)
 
     def count_step(self, step: torch.Tensor) -> None:
-        if self.all_rows:
-            step.add_(1)
+        if self.span is not None:
+            step[self.span].add_(1)
         else:
             step.index_add_(0, self.rows, torch.ones_like(self.rows))
+
+
+def _consecutive_span(rows: torch.Tensor, param: torch.Tensor) -> slice | None:
+    """rows (sorted, unique, inside) as a slice when they are consecutive: all of the parameter's rows, or on CPU
+    any run (last - first = count - 1; reading two values there costs no device synchronisation)."""
+    count = rows.numel()
+    if count == param.shape[0]:
+        return slice(0, count)
+    if count == 0 or rows.device.type != "cpu":
+        return None
+    first = int(rows[0])
+    return slice(first, first + count) if int(rows[-1]) - first == count - 1 else None

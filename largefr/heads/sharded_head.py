@@ -28,6 +28,7 @@ from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import MarginConfig, target_logit
 from largefr.heads.row_gradient import gather_rows
+from largefr.heads.sampling import uniform_complement_subset
 
 ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
@@ -263,7 +264,8 @@ class ShardedMarginHead(nn.Module):
 
         local_embeddings: (B, d) this rank's rows, not normalised; every rank passes the same B.
         local_labels: (B,) global class ids, -1 marks a row to ignore.
-        class_lambda: (num_local,) lambda of this rank's classes, or None (= 1, plain margin).
+        class_lambda: (num_local,) lambda of this rank's classes, or None (= 1, plain margin): a tensor or
+            anything indexed like one (`largefr.heads.cluster.ClassLambda` computes only the rows a step reads).
         """
         if local_embeddings.dim() != 2 or local_labels.shape != local_embeddings.shape[:1]:
             raise ValueError(f"expected embeddings (B, d) and labels (B,), got {tuple(local_embeddings.shape)} "
@@ -342,7 +344,8 @@ class ShardedMarginHead(nn.Module):
         """(sorted local row indices used this step, local target column per row or -1).
 
         The positives of `labels` in this rank's range are always kept; uniform random negatives
-        (from `sample_generator`) fill up to num_sample; more positives than that are all kept.
+        (from `sample_generator`) fill up to num_sample; more positives than that are all kept. The cost
+        follows the sample, not the rank's classes (`largefr.heads.sampling`).
         """
         start, num_local = self.partition.start, self.partition.num_local
         local = (labels >= start) & (labels < self.partition.end)
@@ -351,11 +354,9 @@ class ShardedMarginHead(nn.Module):
             sampled = torch.arange(num_local, device=labels.device)
             return sampled, torch.where(local, local_labels, torch.full_like(labels, -1))
         positives = torch.unique(local_labels[local])
-        score = torch.rand(num_local, generator=self.sample_generator, device=self.sample_generator.device)
-        score = score.to(labels.device)
-        score[positives] = 2.0  # above any uniform draw: positives come first in topk
-        count = max(self.num_sample, positives.numel())
-        sampled = torch.topk(score, count, sorted=False).indices.sort().values
+        negatives = uniform_complement_subset(num_local, positives, max(0, self.num_sample - positives.numel()),
+                                              generator=self.sample_generator)
+        sampled = torch.cat([positives, negatives]).sort().values
         local_target = torch.searchsorted(sampled, local_labels)
         return sampled, torch.where(local, local_target, torch.full_like(labels, -1))
 

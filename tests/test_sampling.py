@@ -1,0 +1,70 @@
+"""Partial FC's negatives: uniform k-subsets drawn at a cost that follows k (largefr.heads.sampling)."""
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from largefr.heads.sampling import uniform_complement_subset, uniform_subset
+
+DRAWS = 12_000
+
+
+def chi_square(counts: Counter, outcomes: list, draws: int) -> float:
+    expected = draws / len(outcomes)
+    return sum((counts[o] - expected) ** 2 / expected for o in outcomes)
+
+
+def chi_square_bound(outcomes: int) -> float:
+    """Mean + 6 standard deviations of a chi-square with outcomes - 1 degrees of freedom (p far below 1e-6)."""
+    dof = outcomes - 1
+    return dof + 6 * math.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("n,k", [(13, 2), (9, 4)])  # k/n 0.15: draw and de-duplicate; 0.44: a permutation
+def test_every_subset_is_equally_likely(n, k):
+    generator = torch.Generator().manual_seed(0)
+    counts = Counter(tuple(uniform_subset(n, k, generator=generator, device="cpu").tolist()) for _ in range(DRAWS))
+    subsets = list(itertools.combinations(range(n), k))
+    assert set(counts) <= set(subsets)  # sorted, distinct, inside [0, n)
+    assert chi_square(counts, subsets, DRAWS) < chi_square_bound(len(subsets))
+
+
+def test_a_biased_draw_fails_the_uniformity_check():
+    """The check above can fail: the k smallest of k+1 uniform draws (a plausible shortcut) favours small values."""
+    generator = torch.Generator().manual_seed(0)
+    counts = Counter(tuple(torch.unique(torch.randint(13, (3,), generator=generator))[:2].tolist())
+                     for _ in range(DRAWS))
+    subsets = list(itertools.combinations(range(13), 2))
+    assert chi_square(counts, subsets, DRAWS) > chi_square_bound(len(subsets))
+
+
+def test_complement_avoids_the_excluded_and_is_uniform_over_the_rest():
+    n, k = 40, 3
+    excluded = torch.tensor([0, 1, 7, 8, 9, 20, 39])
+    rest = sorted(set(range(n)) - set(excluded.tolist()))
+    generator = torch.Generator().manual_seed(1)
+    hits = Counter()
+    for _ in range(DRAWS):
+        picks = uniform_complement_subset(n, excluded, k, generator=generator)
+        assert picks.numel() == k and bool((picks[1:] > picks[:-1]).all())
+        hits.update(picks.tolist())
+    assert set(hits) <= set(rest)
+    # each of the 33 allowed values is in a subset with probability k / 33: its count is binomial
+    expected = DRAWS * k / len(rest)
+    sigma = math.sqrt(DRAWS * k / len(rest) * (1 - k / len(rest)))
+    assert all(abs(hits[v] - expected) < 6 * sigma for v in rest), hits
+
+
+def test_edges_and_large_sets():
+    generator = torch.Generator().manual_seed(2)
+    assert uniform_subset(5, 0, generator=generator, device="cpu").numel() == 0
+    assert torch.equal(uniform_subset(5, 5, generator=generator, device="cpu"), torch.arange(5))
+    assert torch.equal(uniform_complement_subset(6, torch.tensor([1, 4]), 4, generator=generator),
+                       torch.tensor([0, 2, 3, 5]))
+    big = uniform_complement_subset(10_000_000, torch.tensor([3, 5_000_000]), 50_000, generator=generator)
+    assert big.numel() == 50_000 and bool((big[1:] > big[:-1]).all())
+    assert not bool(torch.isin(big, torch.tensor([3, 5_000_000])).any())
+    with pytest.raises(ValueError, match="cannot draw 6 distinct values out of 5"):
+        uniform_subset(5, 6, generator=generator, device="cpu")
