@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from largefr.choices import (  # the *_TYPES and ELASTIC_FORMS: still imported from here by largefr/heads/
-    ADAPTIVE_MARGIN_TYPES,  # noqa: F401
+from largefr.choices import (
     AUGMENT_OPERATORS,
-    ELASTIC_FORMS,  # noqa: F401
-    MARGIN_TYPES,  # noqa: F401
     AdaptiveMargin,
     BadImagePolicy,
     ContrastiveType,

@@ -55,7 +55,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import sum_partials_across_ranks
-from largefr.config import ADAPTIVE_MARGIN_TYPES
+from largefr.choices import ADAPTIVE_MARGIN_TYPES
 from largefr.heads.margin import MarginConfig
 
 _SIN_FLOOR = 1e-12  # same floor of 1 - c^2 as largefr.heads.margin

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from largefr.choices import PHI_TEMPERATURE_MODES
 from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_, group_size
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
@@ -42,7 +43,6 @@ from largefr.heads.cluster import ClusterBank
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_subset
 
-TEMPERATURE_MODES = ("pcl", "raw")
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,8 @@ def cluster_temperature(phi: torch.Tensor, has_phi: torch.Tensor, *, mode: str =
     so the temperatures average tau0 whatever the scale of phi. Classes without a phi take the
     largest phi; when no class has one, every temperature is tau0 (pcl) or 1 (raw).
     """
-    if mode not in TEMPERATURE_MODES:
-        raise ValueError(f"temperature mode must be one of {TEMPERATURE_MODES}, got {mode!r}")
+    if mode not in PHI_TEMPERATURE_MODES:
+        raise ValueError(f"temperature mode must be one of {PHI_TEMPERATURE_MODES}, got {mode!r}")
     if phi.numel() == 0 or not bool(has_phi.any()):
         return torch.full_like(phi, tau0 if mode == "pcl" else 1.0)
     filled = torch.where(has_phi, phi, phi[has_phi].max())

@@ -21,6 +21,7 @@ The momentum encoder is not part of this module: the trainer runs it and passes 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,19 @@ def _log_temperature(initial: float, dtype: torch.dtype, device: torch.device) -
     return nn.Parameter(torch.tensor(math.log(initial), dtype=dtype, device=device))
 
 
+class _Untimed:
+    """The head's parts untimed: what `set_phase_timer(None)` leaves (the step's NULL_TIMER, which heads/ cannot import)."""
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def mark_backward(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
+
+_UNTIMED = _Untimed()
+
+
 def warmup_ramp(step: int, warmup_steps: int) -> float:
     """r = min(step / warmup_steps, 1) of cluster.warmup_steps (1 when there is no warm-up)."""
     return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)
@@ -109,6 +123,13 @@ class ClusterGuidedHead(nn.Module):
         self._undo: dict[str, Any] | None = None
         self.ramp = warmup_ramp(0, config.warmup_steps)
         """The cluster terms' strength in [0, 1] (cluster.warmup_steps); the loop sets it with set_step."""
+        self._timer: Any = _UNTIMED
+
+    def set_phase_timer(self, timer: Any | None) -> None:
+        """Charge this head's parts to phases of `timer` (the step's phase-timer contract, largefr/train/phases.py:
+        `phase(name)`, `mark_backward(tensor, name)`): 'head_other', 'feature_gather', 'loss_cg', 'loss_con',
+        'loss_ali', forward and backward each; None: untimed (the default)."""
+        self._timer = _UNTIMED if timer is None else timer
 
     def set_step(self, step: int) -> None:
         """Tell the head which optimizer step comes next (0 for the first): sets the warm-up ramp."""
@@ -141,16 +162,26 @@ class ClusterGuidedHead(nn.Module):
     def training_loss(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                       local_momentum_features: torch.Tensor | None = None) -> HeadLoss:
         """The loss, its terms and the rows of W that get a gradient (see `HeadLoss`)."""
+        with self._timer.phase("head_other"):
+            return self._training_loss(local_embeddings, local_labels, local_momentum_features)
+
+    def _training_loss(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                       local_momentum_features: torch.Tensor | None) -> HeadLoss:
+        timer = self._timer
         device = self.margin_head.weight.device
         labels = all_gather_rows(local_labels.to(device=device, dtype=torch.long), self.group)
-        features = all_gather_with_grad(local_embeddings, self.group)
+        local_embeddings = timer.mark_backward(local_embeddings, "backbone_backward")
+        with timer.phase("feature_gather"):
+            features = all_gather_with_grad(local_embeddings, self.group)
+        features = timer.mark_backward(features, "feature_gather")
         class_lambda = None
         if self.config.enabled:
             self._update_clusters(local_momentum_features, labels)
             if self.config.cg_margin:
                 # during the warm-up the ramp moves lambda from ArcFace's (1) to the cluster-guided one
                 class_lambda = self.bank.class_lambda(*self.config.lambda_range, ramp=self.ramp)
-        loss = self.margin_head.loss_from_gathered(features, labels, class_lambda)
+        with timer.phase("loss_cg"):
+            loss = timer.mark_backward(self.margin_head.loss_from_gathered(features, labels, class_lambda), "loss_cg")
         terms = {"loss_cg": loss.detach()}
         touched = [self.margin_head.last_sampled]
         if self.config.contrastive_weight > 0 or self.config.aligning_weight > 0:
@@ -215,11 +246,14 @@ class ClusterGuidedHead(nn.Module):
         cfg = self.config
         if cfg.contrastive_weight > 0:
             normalized = F.normalize(features.to(self.margin_head.weight.dtype), dim=1)
-            loss_con = self._contrastive_term(normalized, labels, sampled)
+            with self._timer.phase("loss_con"):
+                loss_con = self._timer.mark_backward(self._contrastive_term(normalized, labels, sampled), "loss_con")
             terms["loss_con"] = loss_con.detach()
             loss = loss + self.ramp * cfg.contrastive_weight * loss_con
         if cfg.aligning_weight > 0:
-            loss_ali = cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group)
+            with self._timer.phase("loss_ali"):
+                loss_ali = self._timer.mark_backward(
+                    cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group), "loss_ali")
             terms["loss_ali"] = loss_ali.detach()
             loss = loss + self.ramp * cfg.aligning_weight * loss_ali
         return loss

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from largefr.config import ADAPTIVE_MARGIN_TYPES, ELASTIC_FORMS, MARGIN_TYPES, HeadConfig
+from largefr.choices import ADAPTIVE_MARGIN_TYPES, ELASTIC_FORMS, MARGIN_TYPES
+from largefr.config import HeadConfig
 from largefr.config_validation import margin_checks
 
 _SIN_FLOOR = 1e-12  # floor of 1 - c^2 so d sqrt / dc stays finite at |c| = 1

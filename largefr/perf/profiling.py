@@ -20,11 +20,9 @@ the head's `set_phase_timer`) and changes no module's attributes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -108,32 +106,6 @@ def mark_backward(tensor: torch.Tensor, timer: PhaseTimer, name: str) -> torch.T
     return _SwitchOnBackward.apply(tensor, timer, name)
 
 
-def _timed_loss(fn: Callable[..., torch.Tensor], timer: PhaseTimer, name: str) -> Callable[..., torch.Tensor]:
-    """`fn` with its forward in phase `name` and its output's backward switching to `name`."""
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with timer.phase(name):
-            loss = fn(*args, **kwargs)
-        return mark_backward(loss, timer, name)
-
-    return wrapped
-
-
-def _timed_gather(fn: Callable[..., torch.Tensor], timer: PhaseTimer) -> Callable[..., torch.Tensor]:
-    """The feature all-gather: forward and backward (reduce-scatter) in 'feature_gather'; the
-    gradient leaving it starts the backbone backward."""
-
-    @functools.wraps(fn)
-    def wrapped(local: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        local = mark_backward(local, timer, "backbone_backward")
-        with timer.phase("feature_gather"):
-            gathered = fn(local, *args, **kwargs)
-        return mark_backward(gathered, timer, "feature_gather")
-
-    return wrapped
-
-
 @contextlib.contextmanager
 def timed_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     """The head's parts charged to phases while the context is open, through the head's own hook.
@@ -143,51 +115,11 @@ def timed_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     cluster.contrastive_type puts in its place), 'loss_ali' (forward and backward each). The head
     takes the timer with `set_phase_timer(timer)` and forgets it with `set_phase_timer(None)`.
     """
-    set_phase_timer = getattr(head, "set_phase_timer", None)
-    if set_phase_timer is None:  # TEMPORARY (issue 26): until largefr/heads/joint.py offers set_phase_timer
-        with instrument_head(head, timer):
-            yield
-        return
-    set_phase_timer(timer)
+    head.set_phase_timer(timer)
     try:
         yield
     finally:
-        set_phase_timer(None)
-
-
-@contextlib.contextmanager
-def instrument_head(head: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
-    """TEMPORARY (issue 26; delete with tests/test_profile.py::test_instrument_head_restores_what_it_replaced
-    once ClusterGuidedHead.set_phase_timer exists): the head's phases by replacing, for the duration, the
-    names `largefr.heads.joint` calls and two bound methods of the head; restored on exit.
-    """
-    from largefr.heads import joint
-
-    contrastive = ("cluster_contrastive_loss", "center_loss", "triplet_loss")  # cluster.contrastive_type's terms
-    saved = {name: getattr(joint, name) for name in ("all_gather_with_grad", *contrastive, "cluster_aligning_loss")}
-    joint.all_gather_with_grad = _timed_gather(saved["all_gather_with_grad"], timer)
-    for name in contrastive:
-        setattr(joint, name, _timed_loss(saved[name], timer, "loss_con"))
-    joint.cluster_aligning_loss = _timed_loss(saved["cluster_aligning_loss"], timer, "loss_ali")
-    margin_head = head.margin_head
-    margin_head.loss_from_gathered = _timed_loss(margin_head.loss_from_gathered, timer, "loss_cg")
-    head.training_loss = _in_phase(head.training_loss, timer, "head_other")
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(joint, name, fn)
-        del margin_head.loss_from_gathered  # back to the class's method
-        del head.training_loss  # back to the class's method
-
-
-def _in_phase(fn: Callable[..., Any], timer: PhaseTimer, name: str) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with timer.phase(name):
-            return fn(*args, **kwargs)
-
-    return wrapped
+        head.set_phase_timer(None)
 
 
 # ---- the profiled loop ----------------------------------------------------------------------------
