@@ -328,3 +328,14 @@ def test_round_trip_keeps_every_non_default_value():
     assert Config.from_dict(config.to_dict()) == config
     assert config.to_dict()["head"]["combined_margins"] == [1.0, 0.3, 0.2]
     assert config.checkpoint_dir == Path("/tmp/run/checkpoints")
+
+
+def test_a_per_rank_batch_of_one_is_refused_for_a_batchnorm_backbone():
+    from largefr.config_validation import BATCHNORM_MIN_BATCH
+
+    for network in ("mbf", "r18", "vit_t"):
+        with pytest.raises(ConfigError, match=rf"train\.batch_size: 1 image per rank cannot train "
+                                              rf"model\.network={network}: its BatchNorm .* train\.batch_size >= "
+                                              rf"{BATCHNORM_MIN_BATCH}"):
+            Config.from_dict(minimal(train={"batch_size": 1}, model={"network": network}))
+    assert Config.from_dict(minimal(train={"batch_size": BATCHNORM_MIN_BATCH})).train.batch_size == 2
