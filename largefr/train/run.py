@@ -81,9 +81,9 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         meet_after_config_error()
         return EXIT_CONFIG
     try:
-        claim_output_folder(config.output, str(config.checkpoint_dir), overwrite=overwrite,
-                            resume=resume if resume is not None else config.checkpoint.resume,
-                            rank=int(os.environ.get("RANK", "0")))
+        job_lock = claim_output_folder(config.output, str(config.checkpoint_dir), overwrite=overwrite,
+                                       resume=resume if resume is not None else config.checkpoint.resume,
+                                       rank=int(os.environ.get("RANK", "0")))
     except OutputFolderError as error:
         report(str(error))
         meet_after_config_error()
@@ -121,4 +121,6 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         return EXIT_ERROR
     finally:
         shutdown_distributed(wait_for_peers=finished)
+        if job_lock is not None:
+            job_lock.release()
     return EXIT_OK
