@@ -301,6 +301,7 @@ def _train_checks(t: Any) -> list[Check]:
         ("seed", _min(t.seed, 0)),
         ("zero_stage", _zero_stage_problem(t.zero_stage)),
         ("max_consecutive_nonfinite", _min(t.max_consecutive_nonfinite, 1)),
+        ("hang_timeout_s", _min(t.hang_timeout_s, 0.0)),
         ("compile_backend", _nonempty(t.compile_backend)),
     ]
 

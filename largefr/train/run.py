@@ -90,18 +90,25 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         return EXIT_CONFIG
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed, meet_failed_ranks, shutdown_distributed
+    from largefr.train.distributed_env import detect_launcher
+    from largefr.train.launcher_watch import watch_launcher
+    from largefr.train.watchdog import start_watchdog
 
     expected = _expected_errors()
     finished = False
     env = None
     try:
+        watch_launcher(detect_launcher())  # a launcher that ends (a scheduler's SIGTERM) stops this rank cleanly
         env = init_distributed(timeout_s=config.train.collective_timeout_s)
         if env.device.type == "cpu":
             limit_cpu_threads()
         trainer = build_trainer(config, env, resume=resume)
+        watchdog = start_watchdog(trainer.heartbeat, rank=env.rank, world_size=env.world_size,
+                                  timeout_s=config.train.hang_timeout_s, report=report, exit_code=EXIT_ERROR)
         try:
             trainer.train()
         finally:
+            watchdog.stop()
             trainer.metrics.close()
         finished = True
     except (*expected, ValueError) as error:
