@@ -89,8 +89,8 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         meet_after_config_error()
         return EXIT_CONFIG
     from largefr.train.build import build_trainer
-    from largefr.train.distributed_env import init_distributed, meet_failed_ranks, shutdown_distributed
-    from largefr.train.distributed_env import detect_launcher
+    from largefr.train.distributed_env import (detect_launcher, init_distributed, meet_failed_ranks,
+                                               shutdown_distributed)
     from largefr.train.launcher_watch import watch_launcher
     from largefr.train.watchdog import start_watchdog
 

@@ -37,7 +37,8 @@ STEP_TIME_FACTOR = 10.0
 """A stall is called after max(train.hang_timeout_s, STEP_TIME_FACTOR x the median recent step time)."""
 SILENT_POLLS = 5
 """A peer whose heartbeat missed this many polls is named as not answering in a hang report."""
-KEY_PREFIX = "largefr/heartbeat/"
+KEY_PREFIX = "heartbeat_of_rank_"
+"""Store key of each rank's heartbeat (+ the rank); DeepSpeed's and torch's keys never start so."""
 
 
 class Heartbeat:
@@ -160,9 +161,12 @@ class HangWatchdog:
             self._store = None
             return
         for rank, value in values.items():
-            beat = json.loads(value)
-            if beat.get("seq") != self._peers[rank][0].get("seq"):
-                self._peers[rank] = (beat, time.monotonic())
+            self.record(rank, json.loads(value), time.monotonic())
+
+    def record(self, rank: int, beat: dict, at: float) -> None:
+        """Peer `rank` published `beat`, read at monotonic time `at` (a new one only if its seq changed)."""
+        if beat.get("seq") != self._peers[rank][0].get("seq"):
+            self._peers[rank] = (beat, at)
 
     # ---- the decision ---------------------------------------------------------------------------
     def verdict(self, now: float) -> str | None:
