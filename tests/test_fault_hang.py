@@ -160,7 +160,7 @@ def test_a_silent_peer_is_named_after_the_timeout_and_not_before():
     watchdog.record(1, _beat(1, 5, "step"), at=100.0)
     watchdog.record(2, _beat(1, 5, "checkpoint"), at=100.0)
     watchdog.record(1, _beat(2, 5, "step"), at=109.0)  # rank 1 still publishes, rank 2 went silent at 100
-    watchdog._last_store_answer = 109.5
+    watchdog.store_answered(109.5)
     assert watchdog.verdict(109.9) is None
     verdict = watchdog.verdict(110.5)
     assert verdict.startswith("hang: rank 2 stopped answering: no heartbeat for 10 s (train.hang_timeout_s=10)")
@@ -171,7 +171,7 @@ def test_a_rank_stuck_alive_is_named_as_behind_by_every_rank():
     heartbeat, watchdog = _watchdog(rank=1)
     watchdog.record(0, _beat(7, 5, "step"), at=119.0)  # alive (fresh heartbeats) but stuck in step 6's compute
     watchdog.record(2, _beat(7, 5, "data"), at=119.0)  # stuck reading data: behind the others
-    watchdog._last_store_answer = 119.0
+    watchdog.store_answered(119.0)
     _at(heartbeat, 5, "step", since=100.0)
     assert watchdog.verdict(109.0) is None
     assert "no progress for 20 s in phase 'step' with 5 steps done (limit 10 s, train.hang_timeout_s=10): " \
@@ -183,7 +183,7 @@ def test_a_rank_stuck_alive_is_named_as_behind_by_every_rank():
 def test_first_step_checkpoints_and_evaluation_are_not_timed_and_slow_steps_stretch_the_limit():
     heartbeat, watchdog = _watchdog(world=2)
     watchdog.record(1, _beat(1, 0, "step"), at=1000.0)
-    watchdog._last_store_answer = 1000.0
+    watchdog.store_answered(1000.0)
     for phase, step in (("step", 0), ("checkpoint", 5), ("evaluate", 5)):  # compile/warm-up; saves; verification
         _at(heartbeat, step, phase, since=900.0)
         assert watchdog.verdict(1000.5) is None, phase
@@ -198,10 +198,10 @@ def test_a_silent_store_names_rank_0_and_finished_peers_are_not_waited_for():
     heartbeat, watchdog = _watchdog(rank=1, world=2)
     _at(heartbeat, 5, "step", since=100.0, first_step=None)
     watchdog.record(0, _beat(3, 5, "step"), at=100.0)
-    watchdog._last_store_answer = 100.0
+    watchdog.store_answered(100.0)
     assert "the rendezvous store at 127.0.0.1:1 (in rank 0's process) has not answered for 11 s " \
            "(train.hang_timeout_s=10): rank 0 is stopped" in watchdog.verdict(111.0)
     watchdog.record(0, _beat(4, 9, "done"), at=100.0)  # rank 0 finished; its silence is not a hang
-    watchdog._last_store_answer = 110.0
+    watchdog.store_answered(110.0)
     _at(heartbeat, 9, "checkpoint", since=100.0)  # this rank's last save, after which it finishes too
     assert watchdog.verdict(111.0) is None

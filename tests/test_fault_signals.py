@@ -105,3 +105,37 @@ def test_sigterm_to_the_launcher_leaves_no_rank_and_a_checkpoint_that_resumes(ti
         resumed, _ = _start("world", str(config), log, "--resume", "auto", "--set", f"train.max_steps={stop_step + 1}")
         assert resumed.wait(timeout=240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert json.loads((output / "summary.json").read_text())["steps"] == stop_step + 1
+
+
+# ---------------------------------------------------------------------------- the parts, fast
+
+
+@pytest.mark.parametrize("words, launcher", [
+    (["/venv/bin/python", "/venv/bin/deepspeed", "--num_gpus", "2", "launch/train.py"], True),
+    (["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", "launch/train.py"], True),
+    (["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "launch/train.py"], True),
+    (["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "launch/train.py"], True),
+    (["python", "launch/train.py", "--config", "c.json", "--world", "2"], True),  # our --world launcher
+    (["python", "-u", "/src/launch/train.py", "--local_rank=0", "--config", "c.json", "--world", "2"], False),  # a rank
+    (["bash", "/home/me/deepspeed_jobs/run.sh"], False),  # a word deep in a path is not a launcher
+    (["python", "-m", "pytest", "tests", "--config", "deepspeed.json"], False),
+])
+def test_launchers_are_known_by_their_program(words, launcher):
+    from largefr.train.launcher_watch import is_launcher
+
+    assert is_launcher(words) is launcher
+
+
+def test_a_launcher_that_ended_is_seen_even_before_it_is_reaped():
+    from largefr.train.launcher_watch import first_ended, process_stat
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    watched = [(child.pid, process_stat(child.pid), "python -c sleep")]
+    assert first_ended(watched) is None
+    child.kill()
+    deadline = time.monotonic() + 10
+    while first_ended(watched) is None and time.monotonic() < deadline:  # a zombie until wait() below
+        time.sleep(0.05)
+    assert first_ended(watched) == (child.pid, "python -c sleep")
+    child.wait()
+    assert first_ended(watched) == (child.pid, "python -c sleep")

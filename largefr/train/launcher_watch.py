@@ -31,7 +31,7 @@ PROGRAM_ARGS = 4
 POLL_S = 1.0
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
+def process_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time in clock ticks) of `pid`, or None when it is gone or has ended (a zombie)."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -67,9 +67,9 @@ Ancestor = tuple[int, tuple[int, int], str]
 def launcher_ancestors(pid: int | None = None) -> list[Ancestor]:
     """Each launcher process above `pid` (this process), nearest first, from Linux /proc."""
     found: list[Ancestor] = []
-    parent = (_stat(os.getpid() if pid is None else pid) or (0, 0))[0]
+    parent = (process_stat(os.getpid() if pid is None else pid) or (0, 0))[0]
     while parent > 1:
-        stat, words = _stat(parent), argv(parent)
+        stat, words = process_stat(parent), argv(parent)
         if stat is None or not is_launcher(words):
             break
         found.append((parent, stat, " ".join(words)))
@@ -77,10 +77,10 @@ def launcher_ancestors(pid: int | None = None) -> list[Ancestor]:
     return found
 
 
-def _ended(ancestors: Iterable[Ancestor]) -> tuple[int, str] | None:
+def first_ended(ancestors: Iterable[Ancestor]) -> tuple[int, str] | None:
     """The first launcher above that ended: gone, a zombie, its pid reused, or its own parent gone (reparented)."""
     for pid, stat, command in ancestors:
-        if _stat(pid) != stat:
+        if process_stat(pid) != stat:
             return pid, command
     return None
 
@@ -92,7 +92,7 @@ def watch_launcher(launcher: str) -> threading.Thread | None:
         return None
 
     def watch() -> None:
-        while (ended := _ended(ancestors)) is None:
+        while (ended := first_ended(ancestors)) is None:
             time.sleep(POLL_S)
         pid, command = ended
         print(f"[rank {os.environ.get('RANK', '0')}] largefr: the launcher process {pid} ({command[:120]}) ended: "
@@ -108,7 +108,7 @@ def descendants(pid: int) -> dict[int, int]:
     """Every process below `pid` (children, their children, ...) with its parent, from one scan of /proc."""
     children: dict[int, list[int]] = {}
     for name in filter(str.isdigit, os.listdir("/proc")):
-        stat = _stat(int(name))
+        stat = process_stat(int(name))
         if stat is not None:
             children.setdefault(stat[0], []).append(int(name))
     found, todo = {}, [pid]

@@ -54,7 +54,7 @@ class Heartbeat:
         self.step_seconds: deque[float] = deque(maxlen=20)
 
     def beat(self, step: int, phase: str) -> None:
-        previous_step, previous_phase, since = self.now
+        _, previous_phase, since = self.now
         moment = time.monotonic()
         if previous_phase == "step":
             self.step_seconds.append(moment - since)
@@ -68,9 +68,9 @@ class Heartbeat:
 
 
 def _describe(rank: int, beat: dict, now: float, seen: float) -> str:
-    phase_s = beat.get("phase_s", 0.0) + (now - seen)
     if not beat:
         return f"rank {rank}: no heartbeat yet"
+    phase_s = beat.get("phase_s", 0.0) + (now - seen)
     return (f"rank {rank}: {beat.get('step', '?')} steps done, phase '{beat.get('phase', '?')}' for {phase_s:.0f} s "
             f"(host {beat.get('host', '?')} pid {beat.get('pid', '?')}), heartbeat {now - seen:.0f} s old")
 
@@ -156,12 +156,16 @@ class HangWatchdog:
                 values = dict(zip(self._peers, store.multi_get(keys)))
             else:  # start-up: some peers have not published yet
                 values = {rank: store.get(key) for rank, key in zip(self._peers, keys) if store.check([key])}
-            self._last_store_answer = time.monotonic()
+            self.store_answered(time.monotonic())
         except Exception:  # noqa: BLE001
             self._store = None
             return
         for rank, value in values.items():
             self.record(rank, json.loads(value), time.monotonic())
+
+    def store_answered(self, at: float) -> None:
+        """The store replied at monotonic time `at`."""
+        self._last_store_answer = at
 
     def record(self, rank: int, beat: dict, at: float) -> None:
         """Peer `rank` published `beat`, read at monotonic time `at` (a new one only if its seq changed)."""
