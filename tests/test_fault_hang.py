@@ -187,6 +187,8 @@ def test_first_step_checkpoints_and_evaluation_are_not_timed_and_slow_steps_stre
     for phase, step in (("step", 0), ("checkpoint", 5), ("evaluate", 5)):  # compile/warm-up; saves; verification
         _at(heartbeat, step, phase, since=900.0)
         assert watchdog.verdict(1000.5) is None, phase
+    _at(heartbeat, 3, "data", since=900.0, first_step=None)  # a resume reading its way to batch 3, before any step
+    assert watchdog.verdict(1000.5) is None
     heartbeat.step_seconds.extend([3.0, 3.0, 4.0])  # 10 x the median step time: 30 s
     _at(heartbeat, 5, "step", since=1000.0 - 25)
     assert watchdog.verdict(1000.5) is None

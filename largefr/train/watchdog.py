@@ -10,8 +10,9 @@ read from a stopped store host never returns), judges. It ends the job when
   frozen or swapping machine, a lost node); its thread would publish even if its main thread were stuck;
 * the store itself has not answered for that long (rank 0's process, which hosts it, is not running);
 * this rank's main thread has not left a 'data' or 'step' phase for `train.hang_timeout_s` (or 10 times its
-  median step time, when longer): a rank stuck but alive, or a collective that never completes; the first
-  step of a process (compilation, warm-up) and evaluation or checkpoint phases are not timed this way.
+  median step time, when longer): a rank stuck but alive, or a collective that never completes; a process's
+  first step and the data before it (compilation, warm-up, a resume's skip to its batch) and evaluation or
+  checkpoint phases are not timed this way.
 
 Then it prints which rank stopped, in which phase and step, and every rank's last heartbeat, dumps the
 stack of every thread of its own process (faulthandler) and exits with EXIT_ERROR, without waiting on
@@ -179,7 +180,8 @@ class HangWatchdog:
         silent = sorted(r for r, (_, seen) in live.items() if now - seen > self.timeout_s)
         store_silent = now - self._last_store_answer > self.timeout_s
         step, phase, since = self.heartbeat.now
-        stalled = (phase in STALL_PHASES and step != self.heartbeat.first_step
+        first = self.heartbeat.first_step  # until this process's first step is done, nothing is timed
+        stalled = (phase in STALL_PHASES and first is not None and step > first
                    and now - since > self.heartbeat.stall_limit_s(self.timeout_s))
         if not (silent or store_silent or stalled):
             return None
