@@ -9,8 +9,9 @@ to the end. Two parts close that gap:
   of them ends, the rank signals itself SIGTERM, so the loop checkpoints at the same step on every rank
   and exits 0 (largefr.train.trainer.StopSignal). It also covers a launcher killed with SIGKILL;
 * `python launch/train.py --world N` (largefr.train.local_launch) starts DeepSpeed's launcher in a session of
-  its own and forwards SIGTERM/SIGINT straight to the ranks (`forward_signals`), so DeepSpeed's launch.py,
-  which would kill the ranks 30 s later and exit 1, never sees it; it then exits with the ranks' status.
+  its own and forwards SIGTERM/SIGINT straight to the ranks (`SignalForwarder`), so DeepSpeed's launch.py,
+  which would SIGKILL ranks still running 30 s later and exit 1, never sees it; it then exits with the
+  ranks' status.
 """
 from __future__ import annotations
 

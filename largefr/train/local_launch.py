@@ -32,7 +32,8 @@ def launch_local_ranks(world: int, train_args: Sequence[str]) -> int:
     print(f"largefr: starting {world} ranks on this machine with DeepSpeed's launcher, rendezvous on free port "
           f"127.0.0.1:{port}", file=sys.stderr, flush=True)
     # A session of its own: a terminal's Ctrl-C reaches this process only, which forwards it to the ranks
-    # themselves (DeepSpeed's launch.py would SIGKILL them 30 s later and exit 1; largefr/train/launcher_watch.py).
+    # themselves (DeepSpeed's launch.py would SIGKILL those still running 30 s later and exit 1; see
+    # largefr/train/launcher_watch.py).
     launcher = subprocess.Popen([*deepspeed_local_prefix(world, port), *launcher_quiet_options(),
                                  str(LAUNCH_SCRIPT), *train_args], env=launcher_environment(), start_new_session=True)
     forwarder = SignalForwarder(launcher.pid, str(LAUNCH_SCRIPT))
