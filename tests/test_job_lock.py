@@ -46,8 +46,9 @@ def _wait_for_holder(lock, proc: subprocess.Popen, timeout: float = 60) -> dict:
 def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_died(tiny_data, tmp_path, capsys):
     output = tmp_path / "out"
     config = tmp_path / "run.json"
-    config.write_text(json.dumps(tiny_config(tiny_data, str(output), train={"max_steps": 100000},
-                                             schedule={"epochs": 100000}, logging={"every": 1000, "tensorboard": False})))
+    endless = tiny_config(tiny_data, str(output), train={"max_steps": 100000}, schedule={"epochs": 100000},
+                          logging={"every": 1000, "tensorboard": False})
+    config.write_text(json.dumps(endless))
     first = _launch(config)
     try:
         holder = _wait_for_holder(output / LOCK_NAME, first)
