@@ -448,6 +448,11 @@ class TrainConfig(_Section):
     """Abort after this many consecutive skipped non-finite steps."""
     collective_timeout_s: float | None = None
     """Timeout of every collective: a dead rank makes the others fail after it (null = $LARGEFR_DIST_TIMEOUT_S or 1800)."""
+    hang_timeout_s: float = 300.0
+    """Hang watchdog (largefr/train/watchdog.py): a rank whose process stops answering for this long, or that
+    stays this long in one step's data or compute phase (or 10 x its median step time, when longer), ends
+    every rank naming it; 0 turns it off. Keep it above the longest pause of a healthy process and below
+    train.collective_timeout_s; see docs/RELIABILITY.md for scaling it to the step time."""
     debug_inject_nan_steps: list[int] = field(default_factory=list)
     """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank."""
     debug_inject_nan_rank: int = 0

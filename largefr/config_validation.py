@@ -16,6 +16,10 @@ from largefr.choices import AUGMENT_OPERATORS, DEEPSPEED_OWNED_KEYS, ZERO_STAGES
 Issue = tuple[str, str]
 """(dotted key path, what is wrong and what to do)."""
 
+BATCHNORM_MIN_BATCH = 2
+"""Smallest per-rank batch a BatchNorm layer can train on: it normalises with the batch's own statistics,
+and one image has none (every largefr backbone ends in a BatchNorm1d embedding layer)."""
+
 
 class ConfigError(ValueError):
     """Every problem of a config, one per line, each naming its source file and key path."""
@@ -296,6 +300,7 @@ def _train_checks(t: Any) -> list[Check]:
         ("seed", _min(t.seed, 0)),
         ("zero_stage", _zero_stage_problem(t.zero_stage)),
         ("max_consecutive_nonfinite", _min(t.max_consecutive_nonfinite, 1)),
+        ("hang_timeout_s", _min(t.hang_timeout_s, 0.0)),
         ("compile_backend", _nonempty(t.compile_backend)),
     ]
 
@@ -340,6 +345,11 @@ def config_issues(config: Any) -> list[Issue]:
     if config.head.init == "class_mean" and config.model.init_from is None:
         issues.append(("head.init", "'class_mean' needs model.init_from (class means of a random backbone say "
                        "nothing); set model.init_from or head.init=random"))
+    if config.train.batch_size == 1:
+        issues.append(("train.batch_size", f"1 image per rank cannot train model.network={config.model.network}: "
+                       "its BatchNorm layers normalise with the statistics of the rank's own batch, which one "
+                       f"image does not have; use train.batch_size >= {BATCHNORM_MIN_BATCH} (raise "
+                       "train.gradient_accumulation_steps instead to keep a small memory footprint)"))
     if config.train.freeze_backbone_steps < 0:
         issues.append(("train.freeze_backbone_steps", f"must be >= 0, got {config.train.freeze_backbone_steps}"))
     return issues + world_size_issues(config, 1)

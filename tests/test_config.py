@@ -359,3 +359,14 @@ def test_choice_lists_are_declared_once_in_largefr_choices():
                 if _STILL_DECLARED_TWICE.get(relative) != name:
                     repeated.append(f"{relative}:{node.lineno}: {values} is largefr.choices.{name}")
     assert repeated == []
+
+
+def test_a_per_rank_batch_of_one_is_refused_for_a_batchnorm_backbone():
+    from largefr.config_validation import BATCHNORM_MIN_BATCH
+
+    for network in ("mbf", "r18", "vit_t"):
+        with pytest.raises(ConfigError, match=rf"train\.batch_size: 1 image per rank cannot train "
+                                              rf"model\.network={network}: its BatchNorm .* train\.batch_size >= "
+                                              rf"{BATCHNORM_MIN_BATCH}"):
+            Config.from_dict(minimal(train={"batch_size": 1}, model={"network": network}))
+    assert Config.from_dict(minimal(train={"batch_size": BATCHNORM_MIN_BATCH})).train.batch_size == 2

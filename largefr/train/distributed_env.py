@@ -219,10 +219,25 @@ def _meet(backend: str, timeout_s: float, device: torch.device, launcher: str) -
             "nothing was trained yet") from error
 
 
+def set_default_group_timeout(timeout_s: float) -> None:
+    """Make `timeout_s` the timeout of every process group created later without one.
+
+    DeepSpeed 0.19.8 builds its groups (the data-parallel clone of the world group that reduces the
+    gradients, ZeRO's, ...) with `dist.new_group(ranks)` and no timeout, so torch gives them its module
+    default (30 min gloo, 10 min NCCL) whatever the default group has: a hung peer held the gradient
+    all-reduce for that long. torch reads the default from these two module attributes at each new_group.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+
+
 def init_distributed(*, timeout_s: float | None = None, backend: str | None = None) -> DistributedEnv:
     """Create (or adopt) the default process group and DeepSpeed's comm backend; return who we are.
 
-    timeout_s bounds every collective, so a rank that died makes the others fail instead of hang.
+    timeout_s bounds every collective, on every group (DeepSpeed's included: `set_default_group_timeout`), so a
+    rank that died makes the others fail instead of hang.
     A stale JIT build lock of DeepSpeed's CPU comm op is removed (one log line) instead of a silent wait; a
     rendezvous that fails raises RendezvousError saying what failed (a busy port names the flag to change).
     """
@@ -241,6 +256,7 @@ def init_distributed(*, timeout_s: float | None = None, backend: str | None = No
     if not dist.is_initialized():
         check_rendezvous_port(launcher)
         _meet(backend, timeout_s, device, launcher)
+    set_default_group_timeout(timeout_s)
     with quiet_stdout():  # its comm-op build prints one line per rank at every start
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False,
                                    timeout=timedelta(seconds=timeout_s))

@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 from largefr.distributed.spawn import free_port
 from largefr.quiet import verbose
+from largefr.train.launcher_watch import SignalForwarder
 
 LAUNCH_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
+FORWARD_POLL_S = 0.5
 
 
 def deepspeed_local_prefix(world: int, port: int | None = None) -> list[str]:
@@ -28,8 +31,17 @@ def launch_local_ranks(world: int, train_args: Sequence[str]) -> int:
     port = free_port()
     print(f"largefr: starting {world} ranks on this machine with DeepSpeed's launcher, rendezvous on free port "
           f"127.0.0.1:{port}", file=sys.stderr, flush=True)
-    return subprocess.call([*deepspeed_local_prefix(world, port), *launcher_quiet_options(),
-                            str(LAUNCH_SCRIPT), *train_args], env=launcher_environment())
+    # A session of its own: a terminal's Ctrl-C reaches this process only, which forwards it to the ranks
+    # themselves (DeepSpeed's launch.py would SIGKILL those still running 30 s later and exit 1; see
+    # largefr/train/launcher_watch.py).
+    launcher = subprocess.Popen([*deepspeed_local_prefix(world, port), *launcher_quiet_options(),
+                                 str(LAUNCH_SCRIPT), *train_args], env=launcher_environment(), start_new_session=True)
+    forwarder = SignalForwarder(launcher.pid, str(LAUNCH_SCRIPT))
+    forwarder.install()
+    while launcher.poll() is None:
+        forwarder.forward()  # ranks that started after the signal get it too
+        time.sleep(FORWARD_POLL_S)
+    return launcher.returncode
 
 
 def launcher_quiet_options() -> list[str]:

@@ -1,7 +1,9 @@
 """The run's output folder: a folder holding an earlier run is refused unless the launch says what to do with it.
 
-One place decides whether a run may write into `output` (issue 32's per-folder job lock hooks in here):
+One place decides whether a run may write into `output`:
 
+* a folder another running job holds (its `job.lock`, largefr/train/job_lock.py) is refused first, naming
+  that job's host and pid, whatever the launch says; a lock left by a job that died is taken over;
 * an empty or new folder: the run starts;
 * `--resume auto|PATH`: the run continues the one there (it appends to train.log and TensorBoard);
 * `--overwrite`: the earlier run's files (RUN_FILES and the checkpoint folder) are deleted first, by rank 0;
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+from largefr.train.job_lock import JobLock, JobLockError, check_job_lock, take_job_lock
 
 RUN_FILES = ("config.json", "summary.json", "train.log", "tensorboard")
 """What a run writes into its output folder besides checkpoints (which may live elsewhere: checkpoint.dir)."""
@@ -66,12 +70,27 @@ def remove_earlier_run(output: Path, checkpoint_dir: Path) -> None:
 
 
 def claim_output_folder(output: str, checkpoint_dir: str, *, resume: str | None, overwrite: bool,
-                        rank: int) -> None:
+                        rank: int) -> JobLock | None:
     """Decide whether this run may write into `output` (see the module docstring); every rank calls it.
 
-    Called before the ranks meet and before any rank writes, so every rank sees the same folder.
+    Called before the ranks meet and before any rank writes, so every rank sees the same folder. Rank 0
+    returns the job lock it now holds: release it when the run ends (a refusal here releases it).
     """
-    out, ckpt = Path(output), Path(checkpoint_dir)
+    try:
+        lock = take_job_lock(output) if rank == 0 else check_job_lock(output)
+    except JobLockError as error:
+        raise OutputFolderError(str(error)) from None
+    try:
+        _check_earlier_run(Path(output), Path(checkpoint_dir), resume=resume, overwrite=overwrite, rank=rank)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _check_earlier_run(out: Path, ckpt: Path, *, resume: str | None, overwrite: bool, rank: int) -> None:
+    output = str(out)
     if resume is not None:
         if overwrite:
             raise OutputFolderError("--resume continues the run in the output folder and --overwrite deletes it: "

@@ -37,7 +37,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from largefr.checkpoint.save_load import CheckpointError
     from largefr.data.recordio import RecordIOError
     from largefr.data.verification_bin import VerificationBinError
-    from largefr.train.build import DataSetupError
+    from largefr.data.prepare import DataSetupError
     from largefr.train.distributed_env import RendezvousError
     from largefr.train.engine import EngineConfigError
     from largefr.train.step import NonFiniteLossError
@@ -81,27 +81,34 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         meet_after_config_error()
         return EXIT_CONFIG
     try:
-        claim_output_folder(config.output, str(config.checkpoint_dir), overwrite=overwrite,
-                            resume=resume if resume is not None else config.checkpoint.resume,
-                            rank=int(os.environ.get("RANK", "0")))
+        job_lock = claim_output_folder(config.output, str(config.checkpoint_dir), overwrite=overwrite,
+                                       resume=resume if resume is not None else config.checkpoint.resume,
+                                       rank=int(os.environ.get("RANK", "0")))
     except OutputFolderError as error:
         report(str(error))
         meet_after_config_error()
         return EXIT_CONFIG
     from largefr.train.build import build_trainer
-    from largefr.train.distributed_env import init_distributed, meet_failed_ranks, shutdown_distributed
+    from largefr.train.distributed_env import (detect_launcher, init_distributed, meet_failed_ranks,
+                                               shutdown_distributed)
+    from largefr.train.launcher_watch import watch_launcher
+    from largefr.train.watchdog import start_watchdog
 
     expected = _expected_errors()
     finished = False
     env = None
     try:
+        watch_launcher(detect_launcher())  # a launcher that ends (a scheduler's SIGTERM) stops this rank cleanly
         env = init_distributed(timeout_s=config.train.collective_timeout_s)
         if env.device.type == "cpu":
             limit_cpu_threads()
         trainer = build_trainer(config, env, resume=resume)
+        watchdog = start_watchdog(trainer.heartbeat, rank=env.rank, world_size=env.world_size,
+                                  timeout_s=config.train.hang_timeout_s, report=report, exit_code=EXIT_ERROR)
         try:
             trainer.train()
         finally:
+            watchdog.stop()
             trainer.metrics.close()
         finished = True
     except (*expected, ValueError) as error:
@@ -121,4 +128,6 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
         return EXIT_ERROR
     finally:
         shutdown_distributed(wait_for_peers=finished)
+        if job_lock is not None:
+            job_lock.release()
     return EXIT_OK

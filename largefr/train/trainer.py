@@ -20,6 +20,7 @@ from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
 from largefr.train.schedule import LRSchedule
 from largefr.train.step import NonFiniteLossError, StepResult, StepRunner
+from largefr.train.watchdog import Heartbeat
 
 
 class Checkpointer(Protocol):
@@ -127,6 +128,8 @@ class Trainer:
         self.rank = rank
         self.records_left_out = records_left_out
         self.stop = StopSignal()
+        self.heartbeat = Heartbeat()
+        """Where the loop is (steps done, phase), for the hang watchdog (largefr/train/watchdog.py)."""
         self.loss_history: list[torch.Tensor] | None = None
         """Set to [] to record every step's loss (detached tensors; for tests and tools)."""
         self.skipped_images = 0
@@ -188,8 +191,10 @@ class Trainer:
         if self.state.step >= self.plan.total_steps:
             return False
         timer = StepTimer()
+        self.heartbeat.beat(self.state.step, "data")
         for micro_batches in self.step_batches():
             timer.data_ready()
+            self.heartbeat.beat(self.state.step, "step")
             result = self.run_step(micro_batches)
             self._after_step(result, timer)
             if result.stop_requested:
@@ -200,6 +205,7 @@ class Trainer:
                 return False
             if self._periodic():
                 timer.restart()  # evaluation and checkpoint time is not step time
+            self.heartbeat.beat(self.state.step, "data")
         return False
 
     # ---- layer 1: one step ------------------------------------------------------------------------
@@ -261,6 +267,7 @@ class Trainer:
         return ran
 
     def _checkpoint(self) -> None:
+        self.heartbeat.beat(self.state.step, "checkpoint")
         if self.checkpointer is not None:
             self.checkpointer.save(self)
 
@@ -272,6 +279,7 @@ class Trainer:
         buffers), and a checkpoint keeps rank 0's: every rank takes rank 0's first, so the accuracy is
         that of the model the checkpoint holds, whatever the number of ranks.
         """
+        self.heartbeat.beat(self.state.step, "evaluate")
         module = self.runner.engine.module
         broadcast_buffers_(module, self.runner.group)
         accuracies = {}
