@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from largefr.heads.sampling import uniform_complement_subset, uniform_subset
+from largefr.heads.sampling import uniform_complement_subset, uniform_subset, union_of_sorted
 
 DRAWS = 12_000
 
@@ -68,3 +68,12 @@ def test_edges_and_large_sets():
     assert not bool(torch.isin(big, torch.tensor([3, 5_000_000])).any())
     with pytest.raises(ValueError, match="cannot draw 6 distinct values out of 5"):
         uniform_subset(5, 6, generator=generator, device="cpu")
+
+
+def test_union_of_sorted_equals_unique_of_both():
+    generator = torch.Generator().manual_seed(3)
+    for size_a, size_b in ((0, 4), (5, 0), (50, 7), (7, 50), (200, 200)):
+        a = torch.randperm(300, generator=generator)[:size_a].sort().values
+        b = torch.randperm(300, generator=generator)[:size_b].sort().values
+        assert torch.equal(union_of_sorted(a, b), torch.unique(torch.cat([a, b])))
+    assert torch.equal(union_of_sorted(torch.tensor([1, 5, 9]), torch.tensor([5])), torch.tensor([1, 5, 9]))

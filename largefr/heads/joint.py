@@ -43,6 +43,7 @@ from largefr.heads.cluster_losses import (
     sample_centers,
 )
 from largefr.heads.queue import FeatureQueue
+from largefr.heads.sampling import union_of_sorted
 from largefr.heads.sharded_head import ShardedMarginHead
 
 
@@ -195,7 +196,7 @@ class ClusterGuidedHead(nn.Module):
                 touched.append(sampled.local_indices)
         self.last_terms = terms
         return HeadLoss(loss=loss, terms=terms,
-                        rows=torch.unique(torch.cat(touched)) if len(touched) > 1 else touched[0])
+                        rows=union_of_sorted(*touched) if len(touched) > 1 else touched[0])
 
     def _update_clusters(self, local_momentum_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         if local_momentum_features is None:

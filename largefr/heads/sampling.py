@@ -7,7 +7,8 @@ O(k log k) when k is small against n:
 
 - draw about k values in [0, n) with replacement, keep the distinct ones, and draw again until there are
   at least k; the set found is exchangeable (every value plays the same role), so
-- keeping k of them chosen uniformly gives every k-subset of [0, n) the same probability.
+- keeping k of them chosen uniformly (dropping the others, so the sorted order stays) gives every k-subset
+  of [0, n) the same probability.
 
 A subset larger than a quarter of the set is cheaper as a permutation of all of it (`randperm(n)[:k]`).
 """
@@ -38,8 +39,10 @@ def uniform_subset(n: int, k: int, *, generator: torch.Generator | None, device:
         draws = math.ceil(-n * math.log1p(-missing / n) * _DRAW_MARGIN) + 16
         drawn = torch.randint(n, (draws,), generator=generator, device=device)
         found = torch.unique(torch.cat([found, drawn]))
-    keep = torch.randperm(found.numel(), generator=generator, device=device)[:k]
-    return found[keep].sort().values
+    # drop a uniform random (found - k)-subset; `found` is sorted (unique's order), so what is kept stays sorted
+    keep = torch.ones(found.numel(), dtype=torch.bool, device=device)
+    keep[torch.randperm(found.numel(), generator=generator, device=device)[:found.numel() - k]] = False
+    return found[keep]
 
 
 def uniform_complement_subset(n: int, excluded: torch.Tensor, k: int, *, generator: torch.Generator) -> torch.Tensor:
@@ -53,3 +56,27 @@ def uniform_complement_subset(n: int, excluded: torch.Tensor, k: int, *, generat
         return picks
     gaps = excluded - torch.arange(excluded.numel(), device=excluded.device)
     return picks + torch.searchsorted(gaps, picks, right=True)
+
+
+def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sorted union of two sorted, unique 1-D tensors, in O(len(a) + len(b) log len(a)) without a sort: the
+    rows a step touches (Partial FC's sample and L_ali's few classes)."""
+    extra = b[~_contains_sorted(a, b)]
+    if extra.numel() == 0:
+        return a
+    # each value's place in the union: its own index plus how many of the other tensor's values come before it
+    union = torch.empty(a.numel() + extra.numel(), dtype=a.dtype, device=a.device)
+    extra_places = torch.searchsorted(a, extra) + torch.arange(extra.numel(), device=a.device)
+    from_a = torch.ones(union.numel(), dtype=torch.bool, device=a.device)
+    from_a[extra_places] = False
+    union[extra_places] = extra
+    union[from_a] = a
+    return union
+
+
+def _contains_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
+    """needles[i] in haystack (sorted), by binary search."""
+    if haystack.numel() == 0:
+        return torch.zeros_like(needles, dtype=torch.bool)
+    places = torch.searchsorted(haystack, needles).clamp_(max=haystack.numel() - 1)
+    return haystack[places] == needles
