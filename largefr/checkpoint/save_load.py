@@ -89,10 +89,12 @@ def _all_gather(value: Any, group) -> list[Any]:
 
 def _raise_together(error: str | None, group) -> None:
     """Every rank raises when any rank failed, so no rank waits in a later collective."""
-    failures = [(rank, e) for rank, e in enumerate(_all_gather(error, group)) if e is not None]
+    gathered = _all_gather(error, group)
+    failures = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
     if failures:
         rank, first = failures[0]
-        raise CheckpointError(first if len(failures) == 1 else f"rank {rank}: {first} (and {len(failures) - 1} more)")
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise CheckpointError(f"rank {rank}: {first}{more}" if len(gathered) > 1 else first)
 
 
 def _attempt(action: Callable[[], T]) -> tuple[T | None, str | None]:

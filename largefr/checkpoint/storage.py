@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 from typing import Any
 
@@ -93,6 +94,12 @@ def is_write_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "PytorchStreamWriter" in str(error))
 
 
+def _file_size_limit() -> int | None:
+    """This process's RLIMIT_FSIZE in bytes, None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def describe_write_failure(error: BaseException, path: str, what: str) -> str:
     """One sentence: `what` could not be written at `path`, why (errno or free space) and what to do."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -102,8 +109,10 @@ def describe_write_failure(error: BaseException, path: str, what: str) -> str:
         cause = WRITE_ERRNO_MEANING[number]
     elif free < NEARLY_FULL_BYTES:
         cause = "the disk is full"
+    elif _file_size_limit() is not None:
+        cause = f"a file probably reached the file-size limit of this process (ulimit -f: {_file_size_limit()} bytes)"
     else:
-        cause = "the write failed (a file-size limit, a quota or an I/O error; see dmesg)"
+        cause = "the write failed (a quota or an I/O error; see dmesg)"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return (f"could not write {what} in {folder}: {cause}; {format_bytes(free)} ({free} bytes) free there "
             f"({type(error).__name__}: {first_line})")
