@@ -58,7 +58,7 @@ RESUME_RULES: dict[str, Rule] = {
     "cluster.contrastive_weight": Rule.FREE, "cluster.contrastive_type": Rule.FREE,
     "cluster.triplet_margin": Rule.FREE, "cluster.aligning_weight": Rule.FREE, "cluster.encoder_momentum": Rule.FREE,
     "cluster.bank_momentum": Rule.FREE, "cluster.num_sampled_centers": Rule.FREE, "cluster.alpha": Rule.FREE,
-    "cluster.temperature_mode": Rule.FREE, "cluster.contrastive_tau_init": Rule.FREE,
+    "cluster.temperature_mode": Rule.FREE, "cluster.contrastive_tau_init": Rule.FREE, "cluster.pcl_tau0": Rule.FREE,
     "cluster.pcl_clip_percentiles": Rule.FREE, "cluster.align_tau_init": Rule.FREE, "cluster.warmup_steps": Rule.FREE,
     # optim
     "optim.name": Rule.OPTIMIZER, "optim.momentum": Rule.OPTIMIZER, "optim.lr": Rule.FREE,
