@@ -3,6 +3,7 @@ next batch naming the file (docs/RELIABILITY.md, 'Data changed under the job'). 
 reader died of SIGBUS ("Fatal Python error: Bus error", no file named) or a raw DALI traceback."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -41,3 +42,17 @@ def test_a_rec_changed_mid_run_under_dali_stops_every_rank_naming_it(tiny_data, 
         assert f"[rank {rank}] error: {data}/train.rec: {expected}" in output_text, output_text[-3000:]
         assert "Bus error" not in output_text and "Traceback" not in output_text
     assert not (output / "summary.json").exists()
+
+
+def test_bench_dali_reader_times_both_settings(tiny_data, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("nvidia.dali")
+    from tests.eval_fixtures import load_tool
+
+    report_path = tmp_path / "bench.json"
+    assert load_tool("bench_dali_reader").main(["--rec", tiny_data, "--batch-size", "8", "--batches", "3",
+                                                "--rounds", "1", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    for label in ("reader alone", "reader + CPU decode"):
+        assert report[label]["mmap"] > 0 and report[label]["plain_io"] > 0
+        assert report[label]["ratio_plain_io_to_mmap"] == pytest.approx(report[label]["plain_io"] / report[label]["mmap"])
+    assert "reader + CPU decode" in capsys.readouterr().out

@@ -5,11 +5,13 @@ Save (collective over the data-parallel `group`; every rank calls it)::
     path = save_checkpoint(root, step, engine=engine, partition=partition, head_rows={...},
                            head_extra={...}, replicated={...}, keep_last=3, group=group)
 
-writes ``<root>/step_<step>.tmp-<pid>/`` (DeepSpeed engine under ``engine/``, one head file per
+checks the free space against the last checkpoint's size (storage.py), writes
+``<root>/step_<step>.tmp-<host>-<pid>/`` (DeepSpeed engine under ``engine/``, one head file per
 rank, ``replicated.pt`` from rank 0, ``manifest.json`` last), then rank 0 renames it to
-``<root>/step_<step>`` and deletes complete checkpoints beyond the newest `keep_last`. A
-directory without a valid manifest, a ``.tmp-`` directory or a file of the wrong size is never
-resumed. Resume (collective)::
+``<root>/step_<step>`` and deletes complete checkpoints beyond the newest `keep_last` (folders.py:
+it touches only temporary folders it owns). A failed write ends every rank naming the folder and
+its free space, and removes the temporary folder. A directory without a valid manifest, a
+``.tmp-`` directory or a file of the wrong size is never resumed. Resume (collective)::
 
     path = resolve_checkpoint(config_resume, root)           # 'auto', a path, or None
     loaded = load_checkpoint(path, engine=engine, partition=partition, group=group,
