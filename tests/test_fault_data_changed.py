@@ -54,5 +54,6 @@ def test_bench_dali_reader_times_both_settings(tiny_data, tmp_path, capsys):  # 
     report = json.loads(report_path.read_text())
     for label in ("reader alone", "reader + CPU decode"):
         assert report[label]["mmap"] > 0 and report[label]["plain_io"] > 0
-        assert report[label]["ratio_plain_io_to_mmap"] == pytest.approx(report[label]["plain_io"] / report[label]["mmap"])
+        rates = report[label]
+        assert rates["ratio_plain_io_to_mmap"] == pytest.approx(rates["plain_io"] / rates["mmap"])
     assert "reader + CPU decode" in capsys.readouterr().out

@@ -168,7 +168,8 @@ def locate_checkpoint(path: str) -> str:
     checkpoints/ folder or of a run folder; the error says what was found there."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such folder; name {CHECKPOINT_NAMING}")
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)) or STEP_DIR_PATTERN.match(os.path.basename(os.path.normpath(path))):
+    named_step = STEP_DIR_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)) or named_step:
         validate_checkpoint(path)  # one named checkpoint: say exactly what is wrong with it
         return path
     root = path

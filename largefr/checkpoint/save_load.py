@@ -59,7 +59,8 @@ from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
-           "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
+           "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows",
+           "capture_rng_state", "restore_rng_state",
            "capture_generator_state", "restore_generator_state", "reseed_value"]
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,8 @@ class TrainingCheckpointer:
     def restore(self, trainer, path: str) -> LoadedCheckpoint:
         fresh_optimizer = self.check_resume_config(trainer, path)
         destinations = self.row_destinations(path, fresh_optimizer)
-        skipped = [name for name in validate_checkpoint(path)["rows"] if fresh_optimizer and name.startswith(OPTIM_PREFIX)]
+        skipped = [name for name in validate_checkpoint(path)["rows"]
+                   if fresh_optimizer and name.startswith(OPTIM_PREFIX)]
         loaded = load_checkpoint(path, engine=trainer.runner.engine, partition=self.head.partition,
                                  group=self.head.group, rows=destinations, skip_rows=skipped,
                                  fresh_optimizer=fresh_optimizer)
@@ -181,7 +182,8 @@ class TrainingCheckpointer:
         if state:
             self.weight_optimizer.state[self.weight] = state
 
-    def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer, fresh_optimizer: bool) -> None:
+    def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer,
+                            fresh_optimizer: bool = False) -> None:
         loop = replicated["loop"]
         trainer.state.step = loop["step"]
         trainer.state.consecutive_nonfinite = loop["consecutive_nonfinite"]
