@@ -57,8 +57,7 @@ CHANGES = {  # change -> the rule its message must give
 @pytest.mark.parametrize("case", list(CHANGES))
 def test_a_change_that_cannot_be_resumed_is_named(case):
     change, message = CHANGES[case]
-    with pytest.raises(CheckpointError, match=rf"checkpoint {PATH} was written with a config this run cannot resume: "
-                                              rf".*{message}"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {PATH} was written with .*{message}"):
         check_resume_config(PATH, _config(), _config(**change), reset_optimizer=False)
 
 

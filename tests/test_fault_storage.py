@@ -74,6 +74,15 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, small_disk):
     assert load_head_rows(os.path.join(root, "step_1"), ClassPartition(NUM_CLASSES, 1, 0))["weight"].eq(1).all()
 
 
+def test_a_first_save_is_checked_against_the_estimate_of_its_tensors(small_disk):
+    _mount_tmpfs(small_disk, 256 << 10)  # the rows alone are 37 x 4096 x 4 = 592 KiB
+    root = str(small_disk)
+    with pytest.raises(CheckpointError, match=rf"checkpoint step_1 needs about 592.0 KiB \(estimated from the tensors "
+                                              rf"to be saved\) but {re.escape(root)} has .* free \(\d+ of 606208 bytes\)"):
+        save_checkpoint(root, 1, **_args(1))
+    assert os.listdir(root) == []
+
+
 def test_a_disk_that_fills_during_a_save_is_named_and_the_half_written_folder_removed(small_disk):
     _mount_tmpfs(small_disk, 2 << 20)
     root = str(small_disk)

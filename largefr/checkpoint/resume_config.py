@@ -162,7 +162,6 @@ def check_resume_config(path: str, saved: Mapping[str, Any], current: Mapping[st
         problems.append(f"{'; '.join(map(str, optimizer))} ({Rule.OPTIMIZER.value}: resume with the values it was "
                         "written with, or add --set checkpoint.reset_optimizer=true to keep the weights and start "
                         "the optimizer state afresh)")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} was written with a config this run cannot resume: "
-                              + " and ".join(problems))
+    if problems:  # "was written with KEY=OLD, this run has NEW": one phrase for every difference
+        raise CheckpointError(f"checkpoint {path} was written with {' and with '.join(problems)}")
     return [d for d in found if d.rule is not Rule.FIXED]

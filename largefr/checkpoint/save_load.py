@@ -212,8 +212,8 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
     """
     _check_group(partition, group)
     rank, world = partition.rank, partition.world_size
-    estimate = (tensor_bytes(dict(head_rows)) + tensor_bytes(replicated or {}) if rank == 0 else 0) \
-        + engine_share_bytes(engine, rank)
+    estimate = tensor_bytes(dict(head_rows)) + engine_share_bytes(engine, rank) \
+        + (tensor_bytes(replicated or {}) if rank == 0 else 0)
     tmp = _make_tmp_dir(ckpt_root, step, estimate, group)
     try:
         return _write_and_promote(ckpt_root, tmp, step, engine=engine, partition=partition, head_rows=head_rows,
