@@ -78,10 +78,10 @@ def clear_leftovers(root: str, notify: Notify) -> None:
                    "run; two jobs write to this checkpoint folder? (give each run its own output folder)")
 
 
-def rename_into_place(tmp: str, final: str) -> None:
+def rename_into_place(tmp: str, final: str, step: int) -> None:
     """A checkpoint of the same step (saved again after a resume) is replaced, never merged."""
     if os.path.exists(final):
-        aside = os.path.join(os.path.dirname(final), temporary_name(int(os.path.basename(final)[5:]), "old"))
+        aside = os.path.join(os.path.dirname(final), temporary_name(step, "old"))
         os.rename(final, aside)
         os.rename(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
@@ -124,8 +124,8 @@ def last_checkpoint_bytes(root: str) -> tuple[int, str] | None:
     if latest is None:
         return None
     files = validate_checkpoint(latest)["files"]
-    return sum(entry["size"] for entry in files.values()) + os.path.getsize(os.path.join(latest, MANIFEST_NAME)), \
-        os.path.basename(latest)
+    size = sum(entry["size"] for entry in files.values()) + os.path.getsize(os.path.join(latest, MANIFEST_NAME))
+    return size, os.path.basename(latest)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def _finish(root: str, step: int, tmp: str, world: int, num_classes: int, gather
     try:
         write_manifest(tmp, make_manifest(step=step, world_size=world, num_classes=num_classes,
                                           row_schema=schemas[0], engine=_engine_entry(engine, world), files=files))
-        rename_into_place(tmp, final)
+        rename_into_place(tmp, final, step)
     except OSError as error:
         return {"error": describe_write_failure(error, tmp, f"checkpoint {step_dir_name(step)} (its manifest)"),
                 "path": None}

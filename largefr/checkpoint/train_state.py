@@ -143,6 +143,9 @@ class TrainingCheckpointer:
             trainer.metrics.info(f"checkpoint step {step}: {', '.join(reseeded)} saved on another device type than "
                                  f"{self.device.type}; re-seeded from train.seed, the rank and the step")
 
+    SHAPED_BY = {"queue": "cluster.queue_size or model.embedding_size", "momentum_encoder": "model.network"}
+    """What sets the shapes of the replicated state dicts (named when a saved shape does not fit)."""
+
     def check_resume_config(self, trainer, path: str) -> bool:
         """Compare the checkpoint's config with this run's before anything is loaded (resume_config.py);
         every rank reads the same file, so every rank refuses alike. True: start the optimizers afresh."""
@@ -197,7 +200,8 @@ class TrainingCheckpointer:
                                       "cluster section")
             if target is not None:
                 check_shapes(os.path.join(path, REPLICATED_NAME), name, replicated[name], target.state_dict(),
-                             "resume with the cluster settings it was written with (cluster.queue_size)")
+                             f"it was written with another {self.SHAPED_BY[name]} or modified; resume with the config "
+                             "it was written with or from an earlier checkpoint")
                 target.load_state_dict(replicated[name])
         parameters = self.head.replicated_parameters()
         saved = [name for name in self.head.REPLICATED_PARAMETER_NAMES if name in replicated]
