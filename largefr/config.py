@@ -501,6 +501,10 @@ class CheckpointConfig(_Section):
     """null: start fresh; 'auto': latest complete checkpoint in checkpoint.dir if any; or a path."""
     dir: str | None = None
     """Checkpoint folder; null = <output>/checkpoints."""
+    reset_optimizer: bool = False
+    """On resume, load the weights and start every optimizer state afresh (backbone, head rows, temperatures):
+    what a resume with another optim.name (or SGD momentum to or from 0) needs; without it such a resume is
+    refused (largefr/checkpoint/resume_config.py lists the keys that may change on resume)."""
 
 
 @dataclass(kw_only=True)

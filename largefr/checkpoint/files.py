@@ -78,6 +78,23 @@ def check_plain(value: Any, where: str) -> None:
     )
 
 
+def check_shapes(file: str, prefix: str, saved: Any, live: Mapping[str, Any], fix: str) -> None:
+    """Raise naming `file` and the key when a saved state dict's tensors do not match the live one's by name
+    or shape (before `load_state_dict`, whose own error names no file); `fix` says what to do."""
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{file}: '{prefix}' is a {type(saved).__name__}, not a state dict; {fix}")
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: '{prefix}' lacks keys {missing[:5]} and holds unexpected keys "
+                              f"{unexpected[:5]}; {fix}")
+    for key, tensor in live.items():
+        value = saved[key]
+        if isinstance(tensor, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.shape != tensor.shape):
+            shown = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{file}: key '{prefix}.{key}' has shape {shown}, this run's is "
+                                  f"{list(tensor.shape)}; {fix}")
+
+
 def _deepspeed_safe_globals() -> list[Any]:
     """DeepSpeed 0.19 classes found in its own checkpoint files; constructing them runs no user code."""
     try:

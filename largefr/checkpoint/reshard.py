@@ -11,7 +11,7 @@ import argparse
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
@@ -113,9 +113,9 @@ def allocate_rows(manifest: Mapping[str, Any], partition: ClassPartition) -> dic
 
 
 def check_destinations(path: str, manifest: Mapping[str, Any], partition: ClassPartition,
-                       destinations: Mapping[str, torch.Tensor]) -> None:
-    """Refuse destination tensors that do not match the saved rows by name, shape or dtype."""
-    saved = manifest["rows"]
+                       destinations: Mapping[str, torch.Tensor], skipped: Collection[str] = ()) -> None:
+    """Refuse destination tensors that do not match the saved rows (less `skipped`) by name, shape or dtype."""
+    saved = {name: entry for name, entry in manifest["rows"].items() if name not in skipped}
     if set(saved) != set(destinations):
         raise CheckpointError(f"checkpoint {path} holds head rows {sorted(saved)} but this run restores "
                               f"{sorted(destinations)}; resume with the settings it was written with")
@@ -132,14 +132,14 @@ def check_destinations(path: str, manifest: Mapping[str, Any], partition: ClassP
 
 def restore_head_rows(path: str, manifest: Mapping[str, Any], partition: ClassPartition,
                       destinations: Mapping[str, torch.Tensor], *, verify: bool = False,
-                      block_bytes: int = ROW_BLOCK_BYTES) -> dict[str, Any] | None:
+                      block_bytes: int = ROW_BLOCK_BYTES, skipped: Collection[str] = ()) -> dict[str, Any] | None:
     """Fill `destinations` (name -> this rank's rows) from the overlapping old head files, block by block.
 
     Returns this rank's old per-rank `extra` when the world size is unchanged (None otherwise: per-rank
     extras do not map). With `verify`, the head files `head_file_hashers` gives this rank are read whole
-    in the same pass and their sha256 compared with the manifest.
+    in the same pass and their sha256 compared with the manifest. Saved rows named in `skipped` are not read.
     """
-    check_destinations(path, manifest, partition, destinations)
+    check_destinations(path, manifest, partition, destinations, skipped)
     old_world, num_classes = manifest["world_size"], manifest["num_classes"]
     hashers = head_file_hashers(num_classes, old_world, partition.world_size) if verify else {}
     own_extra = None

@@ -5,11 +5,13 @@ Save (collective over the data-parallel `group`; every rank calls it)::
     path = save_checkpoint(root, step, engine=engine, partition=partition, head_rows={...},
                            head_extra={...}, replicated={...}, keep_last=3, group=group)
 
-writes ``<root>/step_<step>.tmp-<pid>/`` (DeepSpeed engine under ``engine/``, one head file per
+checks the free space against the last checkpoint's size (storage.py), writes
+``<root>/step_<step>.tmp-<host>-<pid>/`` (DeepSpeed engine under ``engine/``, one head file per
 rank, ``replicated.pt`` from rank 0, ``manifest.json`` last), then rank 0 renames it to
-``<root>/step_<step>`` and deletes complete checkpoints beyond the newest `keep_last`. A
-directory without a valid manifest, a ``.tmp-`` directory or a file of the wrong size is never
-resumed. Resume (collective)::
+``<root>/step_<step>`` and deletes complete checkpoints beyond the newest `keep_last` (folders.py:
+it touches only temporary folders it owns). A failed write ends every rank naming the folder and
+its free space, and removes the temporary folder. A directory without a valid manifest, a
+``.tmp-`` directory or a file of the wrong size is never resumed. Resume (collective)::
 
     path = resolve_checkpoint(config_resume, root)           # 'auto', a path, or None
     loaded = load_checkpoint(path, engine=engine, partition=partition, group=group,
@@ -36,24 +38,29 @@ import random
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Collection, Mapping, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, MANIFEST_NAME, REPLICATED_NAME,
-                                      STEP_DIR_PATTERN, CheckpointError, file_digest,
-                                      fsync_dir, head_file_name, list_files, list_step_dirs, make_manifest,
+from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, REPLICATED_NAME, CheckpointError, check_shapes,
+                                      file_digest,
+                                      head_file_name, list_files, make_manifest,
                                       safe_load, save_file, scan_engine_files, step_dir_name,
                                       validate_checkpoint, verify_digests, write_manifest)
+from largefr.checkpoint.folders import (CHECKPOINT_NAMING, Notify, find_latest_checkpoint, last_checkpoint_bytes,
+                                        locate_checkpoint, prune, rename_into_place, resolve_checkpoint, temporary_name)
 from largefr.checkpoint.reshard import (allocate_rows, check_compatible, load_head_rows, restore_head_rows,
                                         row_schema)
+from largefr.checkpoint.storage import (check_free_space, describe_write_failure, is_write_failure,
+                                        tensor_bytes)
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
-           "resolve_checkpoint", "locate_checkpoint", "validate_checkpoint", "load_head_rows", "capture_rng_state", "restore_rng_state",
+           "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows",
+           "capture_rng_state", "restore_rng_state",
            "capture_generator_state", "restore_generator_state", "reseed_value"]
 
 log = logging.getLogger(__name__)
@@ -85,10 +92,12 @@ def _all_gather(value: Any, group) -> list[Any]:
 
 def _raise_together(error: str | None, group) -> None:
     """Every rank raises when any rank failed, so no rank waits in a later collective."""
-    failures = [(rank, e) for rank, e in enumerate(_all_gather(error, group)) if e is not None]
+    gathered = _all_gather(error, group)
+    failures = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
     if failures:
         rank, first = failures[0]
-        raise CheckpointError(first if len(failures) == 1 else f"rank {rank}: {first} (and {len(failures) - 1} more)")
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise CheckpointError(f"rank {rank}: {first}{more}" if len(gathered) > 1 else first)
 
 
 def _attempt(action: Callable[[], T]) -> tuple[T | None, str | None]:
@@ -108,19 +117,31 @@ def _check_group(partition: ClassPartition, group) -> None:
                          f"has this process as rank {rank} of {world}")
 
 
-def _make_tmp_dir(root: str, step: int, group) -> str:
-    """Rank 0 names and creates the temporary directory (its pid) and tells the others."""
+def _needed_bytes(root: str, estimates: list[int]) -> tuple[int, str]:
+    """What the next save needs: the size of the last complete checkpoint, else the ranks' estimates."""
+    last = last_checkpoint_bytes(root)
+    if last is not None:
+        return last[0], f"the size of the last checkpoint, {last[1]}"
+    return sum(estimates), "estimated from the tensors to be saved"
+
+
+def _make_tmp_dir(root: str, step: int, estimate_bytes: int, group) -> str:
+    """Rank 0 checks the free space, names and creates the temporary directory and tells the others."""
+    estimates = _all_gather(estimate_bytes, group)
     outcome: tuple[str | None, str | None] = (None, None)
     if group_rank(group) == 0:
         def create() -> str:
-            tmp = os.path.join(root, f"{step_dir_name(step)}.tmp-{os.getpid()}")
+            tmp = os.path.join(root, temporary_name(step))
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed writer that had the same pid
-            os.makedirs(tmp)  # creates the root too
+            os.makedirs(root, exist_ok=True)
+            needed, basis = _needed_bytes(root, estimates)
+            check_free_space(root, needed, f"checkpoint {step_dir_name(step)}", basis)
+            os.makedirs(tmp)
             return tmp
         outcome = _attempt(create)
     tmp, error = _broadcast_from_first(outcome, group)
     if error is not None:
-        raise CheckpointError(f"cannot create a checkpoint directory under {root}: {error}")
+        raise CheckpointError(f"cannot write a checkpoint under {root}: {error}")
     return tmp
 
 
@@ -157,9 +178,23 @@ def _engine_entry(engine, world: int) -> dict[str, Any] | None:
     return {"tag": ENGINE_TAG, "format": "native", "world_size": world, "zero_stage": _zero_stage(engine)}
 
 
+def engine_share_bytes(engine, rank: int) -> int:
+    """About the bytes this rank writes of DeepSpeed's checkpoint, counted from the live state: the module
+    (data-parallel rank 0) and the optimizer's state and master partitions (ZeRO: every rank its own)."""
+    if engine is None:
+        return 0
+    module = tensor_bytes(dict(engine.module.state_dict())) if rank == 0 else 0
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    if optimizer is None or (_zero_stage(engine) == 0 and rank != 0):
+        return module
+    masters = [p for g in optimizer.param_groups for p in g["params"]] if _zero_stage(engine) > 0 else []
+    return module + tensor_bytes(list(optimizer.state.values())) + tensor_bytes(masters)
+
+
 def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartition,
                     head_rows: Mapping[str, torch.Tensor], head_extra: Mapping[str, Any] | None = None,
-                    replicated: Mapping[str, Any] | None = None, keep_last: int = 0, group=None) -> str:
+                    replicated: Mapping[str, Any] | None = None, keep_last: int = 0, group=None,
+                    notify: Notify | None = None) -> str:
     """Write the checkpoint of `step` atomically; collective over `group`; returns its directory.
 
     engine: the DeepSpeed engine (its `save_checkpoint` is called with tag 'engine'); None writes
@@ -167,29 +202,82 @@ def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartit
       rows, phi, has_phi, head optimizer per-row state). head_extra: this rank's non-row values
       (RNG states, ...); dropped when resumed at another world size. replicated: state identical
       on all ranks, written by rank 0 (others may pass None). keep_last: complete checkpoints to
-      keep (0 = all). Only plain data is accepted (see `files.check_plain`).
+      keep (0 = all). Only plain data is accepted (see `files.check_plain`). notify: where rank 0
+      names what pruning did to folders it did not write (default: a logging warning).
+
+    Before writing, rank 0 compares the free space with the last checkpoint's size (or, for the first,
+    an estimate from the tensors) and refuses, naming both. A write that fails (full disk, quota, I/O
+    error) ends every rank with a `CheckpointError` naming the folder and the free space, and the
+    temporary folder is removed at once; the previous checkpoint stays the latest complete one.
     """
     _check_group(partition, group)
     rank, world = partition.rank, partition.world_size
-    tmp = _make_tmp_dir(ckpt_root, step, group)
-    if engine is not None:
-        engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
-    written, error = _attempt(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra, replicated))
-    _raise_together(error, group)
+    estimate = tensor_bytes(dict(head_rows)) + engine_share_bytes(engine, rank) \
+        + (tensor_bytes(replicated or {}) if rank == 0 else 0)
+    tmp = _make_tmp_dir(ckpt_root, step, estimate, group)
+    try:
+        return _write_and_promote(ckpt_root, tmp, step, engine=engine, partition=partition, head_rows=head_rows,
+                                  head_extra=head_extra, replicated=replicated, keep_last=keep_last, group=group,
+                                  notify=notify or log.warning)
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # every rank has stopped writing: all raise at the same point
+        raise
+
+
+def _write_and_promote(root: str, tmp: str, step: int, *, engine, partition: ClassPartition,
+                       head_rows: Mapping[str, torch.Tensor], head_extra: Mapping[str, Any] | None,
+                       replicated: Mapping[str, Any] | None, keep_last: int, group, notify: Notify) -> str:
+    rank, world = partition.rank, partition.world_size
+    what = f"checkpoint {step_dir_name(step)}"
+    error = _save_engine(engine, tmp, what) if engine is not None else None
+    written, own_error = _attempt_write(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra,
+                                                                 replicated), tmp, what)
+    _raise_together(error or own_error, group)
     _debug_die_mid_save(step, rank)
     names = _broadcast_from_first(list_files(tmp), group)
-    digests, error = _attempt(lambda: {**written, **_digest_share(tmp, names, rank, world)})
+    digests, error = _attempt_write(lambda: {**written, **_digest_share(tmp, names, rank, world)}, tmp, what)
     gathered = _all_gather((digests, error, row_schema(head_rows)), group)
     failure = next((e for _, e, _ in gathered if e), None)
     if failure is not None:  # every rank holds the same gathered list: all raise alike
         raise CheckpointError(failure)
     outcome = None
     if rank == 0:
-        outcome = _finish(ckpt_root, step, tmp, world, partition.num_classes, gathered, engine, keep_last)
+        outcome = _finish(root, step, tmp, world, partition.num_classes, gathered, engine, keep_last, notify)
     outcome = _broadcast_from_first(outcome, group)
     if outcome["error"]:
         raise CheckpointError(outcome["error"])
     return outcome["path"]
+
+
+def _attempt_write(action: Callable[[], T], path: str, what: str) -> tuple[T | None, str | None]:
+    """As `_attempt`, and a failed write (full disk, I/O error, torch.save's 'unexpected pos') named."""
+    try:
+        return action(), None
+    except CheckpointError as error:
+        return None, str(error)
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not is_write_failure(error):
+            raise
+        return None, describe_write_failure(error, path, what)
+
+
+def _save_engine(engine, tmp: str, what: str) -> str | None:
+    """DeepSpeed's part of the checkpoint; the named write failure, or None.
+
+    A rank whose write fails (DeepSpeed 0.19.8, ZeRO 0-2: in `torch.save`, between the collectives) skips
+    the barrier that ends DeepSpeed's `save_checkpoint`, in which the other ranks wait: it takes that
+    barrier here, so that every rank reaches the error exchange that follows together.
+    """
+    try:
+        engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
+        return None
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not is_write_failure(error):
+            raise
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return describe_write_failure(error, os.path.join(tmp, ENGINE_TAG), f"{what} (DeepSpeed's engine files)")
 
 
 def _debug_die_mid_save(step: int, rank: int) -> None:
@@ -202,7 +290,7 @@ def _debug_die_mid_save(step: int, rank: int) -> None:
 
 
 def _finish(root: str, step: int, tmp: str, world: int, num_classes: int, gathered: list, engine,
-            keep_last: int) -> dict[str, Any]:
+            keep_last: int, notify: Notify) -> dict[str, Any]:
     """Rank 0: manifest (last file), rename into place, prune. Returns the outcome for all ranks."""
     schemas = [schema for _, _, schema in gathered]
     if any(schema != schemas[0] for schema in schemas):
@@ -212,116 +300,19 @@ def _finish(root: str, step: int, tmp: str, world: int, num_classes: int, gather
     try:
         write_manifest(tmp, make_manifest(step=step, world_size=world, num_classes=num_classes,
                                           row_schema=schemas[0], engine=_engine_entry(engine, world), files=files))
-        _rename_into_place(tmp, final)
+        rename_into_place(tmp, final, step)
     except OSError as error:
-        return {"error": f"could not finish checkpoint {final}: {error}", "path": None}
+        return {"error": describe_write_failure(error, tmp, f"checkpoint {step_dir_name(step)} (its manifest)"),
+                "path": None}
     try:
-        _prune(root, step, final, keep_last)
+        prune(root, step, final, keep_last, notify)
     except OSError as error:  # the new checkpoint is complete: a failed clean-up must not fail the run
-        log.warning("could not delete old checkpoints under %s: %s", root, error)
+        notify(f"could not delete old checkpoints under {root}: {error}")
     return {"error": None, "path": final}
 
 
-def _rename_into_place(tmp: str, final: str) -> None:
-    """A checkpoint of the same step (saved again after a resume) is replaced, never merged."""
-    if os.path.exists(final):
-        aside = f"{final}.old-{os.getpid()}"
-        os.rename(final, aside)
-        os.rename(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_dir(os.path.dirname(final))
-
-
-def _prune(root: str, step: int, final: str, keep_last: int) -> None:
-    """Delete old complete checkpoints beyond `keep_last`, leftovers of interrupted writes, and set
-    aside checkpoints of later steps (an abandoned timeline) so that 'auto' resumes this one.
-
-    Assumes one training run writes to `root` at a time.
-    """
-    for other_step, path in list_step_dirs(root):
-        if other_step > step:
-            log.warning("checkpoint %s is from a later step than the one just written (%s); renaming it to "
-                        "%s.superseded so that resume picks the new one", path, final, path)
-            os.rename(path, f"{path}.superseded")
-    for name in os.listdir(root):
-        if ".tmp-" in name or ".old-" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    if keep_last <= 0:
-        return
-    complete = [path for _, path in list_step_dirs(root) if _is_complete(path)]
-    for path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_complete(path: str) -> bool:
-    try:
-        validate_checkpoint(path)
-        return True
-    except CheckpointError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
-# Find and load
-
-def find_latest_checkpoint(ckpt_root: str) -> str | None:
-    """The complete checkpoint of the highest step under `ckpt_root` (None if there is none).
-
-    Half-written ones (no manifest, `.tmp-` names, missing or truncated files) are skipped.
-    """
-    for _, path in reversed(list_step_dirs(ckpt_root)):
-        if _is_complete(path):
-            return path
-        log.warning("skipping incomplete checkpoint %s", path)
-    return None
-
-
-def resolve_checkpoint(resume: str | None, ckpt_root: str) -> str | None:
-    """`checkpoint.resume` to a directory: None -> None; 'auto' -> latest complete under `ckpt_root`
-    or None; a path -> as `locate_checkpoint`."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return find_latest_checkpoint(ckpt_root)
-    return locate_checkpoint(resume)
-
-
-CHECKPOINT_NAMING = "a run folder, its checkpoints/ folder or one step_<N> folder"
-"""What every tool's --checkpoint (and checkpoint.resume, model.init_from) accepts."""
-
-
-def locate_checkpoint(path: str) -> str:
-    """The checkpoint `path` names: a step_<N> folder (must be complete), or the latest complete one of a
-    checkpoints/ folder or of a run folder; the error says what was found there."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such folder; name {CHECKPOINT_NAMING}")
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)) or STEP_DIR_PATTERN.match(os.path.basename(os.path.normpath(path))):
-        validate_checkpoint(path)  # one named checkpoint: say exactly what is wrong with it
-        return path
-    root = path
-    if not list_step_dirs(root) and os.path.isdir(os.path.join(path, "checkpoints")):
-        root = os.path.join(path, "checkpoints")  # a run folder
-    steps = list_step_dirs(root)
-    if not steps:
-        entries = sorted(os.listdir(root))
-        shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") if entries else "nothing"
-        raise CheckpointError(f"{root}: holds no checkpoint (found: {shown}); name {CHECKPOINT_NAMING}")
-    latest = find_latest_checkpoint(root)
-    if latest is None:
-        reasons = "; ".join(f"{os.path.basename(step_dir)}: {_why_incomplete(step_dir)}" for _, step_dir in steps)
-        raise CheckpointError(f"{root}: holds {len(steps)} step_<N> folder(s), none complete ({reasons})")
-    return latest
-
-
-def _why_incomplete(path: str) -> str:
-    try:
-        validate_checkpoint(path)
-    except CheckpointError as error:
-        return str(error).replace(f"checkpoint {path} ", "").replace(f"checkpoint {path}: ", "")
-    return "complete"
-
+# Load
 
 @dataclass(kw_only=True)
 class LoadedCheckpoint:
@@ -341,7 +332,7 @@ class LoadedCheckpoint:
 
 
 def _read_local(path: str, manifest: Mapping[str, Any], partition: ClassPartition, rows: Mapping[str, torch.Tensor],
-                verify: bool) -> tuple[dict | None, dict]:
+                verify: bool, skip_rows: Collection[str]) -> tuple[dict | None, dict]:
     """Verify hashes (this rank's share), scan engine files, fill the head rows, read the replicated state.
 
     Head files are hashed while their rows are read (`restore_head_rows`); the other files are
@@ -353,33 +344,54 @@ def _read_local(path: str, manifest: Mapping[str, Any], partition: ClassPartitio
         verify_digests(path, manifest, [n for i, n in enumerate(others) if i % world == rank])
     if manifest["engine"] is not None:
         scan_engine_files(os.path.join(path, ENGINE_TAG))
-    extra = restore_head_rows(path, manifest, partition, rows, verify=verify)
+    extra = restore_head_rows(path, manifest, partition, rows, verify=verify, skipped=skip_rows)
     return extra, safe_load(os.path.join(path, REPLICATED_NAME))
 
 
 def load_checkpoint(path: str, *, engine, partition: ClassPartition, group=None,
                     expected_rows: Mapping[str, Any] | None = None, verify: bool = True,
-                    rows: Mapping[str, torch.Tensor] | None = None) -> LoadedCheckpoint:
+                    rows: Mapping[str, torch.Tensor] | None = None, skip_rows: Collection[str] = (),
+                    fresh_optimizer: bool = False) -> LoadedCheckpoint:
     """Restore the engine in place, fill the head rows and return them with the extras and replicated
     state; collective.
 
     expected_rows: name -> row width (shape after dim 0) this run uses; a checkpoint with other
     names or widths is refused. verify: compare sha256 digests (each rank hashes a share). rows:
     name -> destination tensor of this rank's class range (the live classifier, optimizer and bank
-    tensors), filled in place block by block; None allocates new CPU tensors. On an error the
-    destinations may be partly overwritten (every rank raises).
+    tensors), filled in place block by block; None allocates new CPU tensors. skip_rows: saved rows
+    not to read (a head optimizer state started afresh). fresh_optimizer: load the engine's module
+    weights only. On an error the destinations may be partly overwritten (every rank raises).
     """
     _check_group(partition, group)
     manifest = validate_checkpoint(path)  # same files on every rank: all ranks raise alike
     check_compatible(path, manifest, partition.num_classes, expected_rows)
     destinations = dict(rows) if rows is not None else allocate_rows(manifest, partition)
-    result, error = _attempt(lambda: _read_local(path, manifest, partition, destinations, verify))
+    result, error = _attempt(lambda: _read_local(path, manifest, partition, destinations, verify, skip_rows))
     _raise_together(error, group)
     extra, replicated = result
-    restored = _load_engine(engine, path, manifest, partition.world_size) if engine is not None else False
+    restored = False
+    if engine is not None:
+        _raise_together(_attempt(lambda: _check_engine_module(path, manifest, engine))[1], group)
+        restored = _load_engine(engine, path, manifest, partition.world_size, fresh_optimizer)
     return LoadedCheckpoint(path=path, step=manifest["step"], head_rows=destinations, head_extra=extra,
                             replicated=replicated, saved_world_size=manifest["world_size"],
                             engine_optimizer_restored=restored)
+
+
+ENGINE_MODULE_FILE = "mp_rank_00_model_states.pt"
+"""DeepSpeed's file of the module weights (native format; key 'module')."""
+
+
+def _check_engine_module(path: str, manifest: Mapping[str, Any], engine) -> None:
+    """The saved module weights against the live module's names and shapes, before DeepSpeed loads them
+    (its own error is a raw state_dict size mismatch naming no file)."""
+    file = os.path.join(path, ENGINE_TAG, ENGINE_MODULE_FILE)
+    if manifest["engine"]["format"] != "native" or not os.path.isfile(file):
+        return
+    saved = safe_load(file, deepspeed_file=True, mmap=True)
+    check_shapes(file, "module", saved.get("module") if isinstance(saved, dict) else None,
+                 engine.module.state_dict(), "the file was written for another model or was modified; resume with "
+                 "the model it was written with or an earlier checkpoint")
 
 
 def _zero_stage(engine) -> int:
@@ -399,13 +411,14 @@ def _engine_mismatch(saved: Mapping[str, Any], stage: int, world: int) -> str | 
     return None
 
 
-def _load_engine(engine, path: str, manifest: Mapping[str, Any], world: int) -> bool:
+def _load_engine(engine, path: str, manifest: Mapping[str, Any], world: int, fresh_optimizer: bool) -> bool:
     """Load DeepSpeed's state; True when its optimizer state was restored as well as the weights."""
     saved = manifest["engine"]
     if saved is None:
         raise CheckpointError(f"checkpoint {path} holds no engine state (saved with engine=None)")
-    mismatch = _engine_mismatch(saved, _zero_stage(engine), world)
-    if mismatch is not None:
+    mismatch = "the optimizer state is started afresh" if fresh_optimizer else \
+        _engine_mismatch(saved, _zero_stage(engine), world)
+    if mismatch is not None and not fresh_optimizer:
         warnings.warn(f"checkpoint {path}: engine optimizer state (e.g. Adam moments) re-initialised, module "
                       f"weights restored: {mismatch}", stacklevel=3)
     universal = saved["format"] == "universal" and mismatch is None

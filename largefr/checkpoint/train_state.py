@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from largefr.checkpoint.files import validate_checkpoint
+from largefr.checkpoint.files import REPLICATED_NAME, check_shapes, safe_load, validate_checkpoint
+from largefr.checkpoint.resume_config import Rule, check_resume_config
 from largefr.checkpoint.save_load import (CheckpointError, LoadedCheckpoint, capture_generator_state, capture_rng_state,
                                           load_checkpoint, restore_generator_state, restore_rng_state, save_checkpoint)
 from largefr.distributed.collectives import all_gather_rows
@@ -102,25 +103,29 @@ class TrainingCheckpointer:
         self.last_path = save_checkpoint(
             self.root, trainer.state.step, engine=trainer.runner.engine, partition=self.head.partition,
             head_rows=self.head_rows(), head_extra=self.head_extra(), replicated=self.replicated(trainer),
-            keep_last=self.keep_last, group=self.head.group)
+            keep_last=self.keep_last, group=self.head.group, notify=trainer.metrics.info)
         trainer.metrics.info(f"checkpoint written: {self.last_path}")
         return self.last_path
 
     # ---- restore ------------------------------------------------------------------------------
     def restore(self, trainer, path: str) -> LoadedCheckpoint:
-        self.check_same_model(path)
-        destinations = self.row_destinations(path)
+        fresh_optimizer = self.check_resume_config(trainer, path)
+        destinations = self.row_destinations(path, fresh_optimizer)
+        skipped = [name for name in validate_checkpoint(path)["rows"]
+                   if fresh_optimizer and name.startswith(OPTIM_PREFIX)]
         loaded = load_checkpoint(path, engine=trainer.runner.engine, partition=self.head.partition,
-                                 group=self.head.group, rows=destinations)
+                                 group=self.head.group, rows=destinations, skip_rows=skipped,
+                                 fresh_optimizer=fresh_optimizer)
         self._adopt_optimizer_rows(destinations)
         if loaded.head_extra is not None:
             self._restore_samplers(trainer, loaded.head_extra, loaded.step)
             restore_rng_state(loaded.head_extra["rng"], self.device)
-        self._restore_replicated(path, loaded.replicated, trainer)
+        self._restore_replicated(path, loaded.replicated, trainer, fresh_optimizer)
         peaks = ", ".join(f"{peak / 2**30:.2f}" for peak in self._peak_resident_bytes_per_rank())
+        optimizer_note = ("; every optimizer state started afresh (checkpoint.reset_optimizer)" if fresh_optimizer
+                          else "" if loaded.engine_optimizer_restored else "; engine optimizer re-initialised")
         trainer.metrics.info(f"resumed from {path} (step {loaded.step}, saved by {loaded.saved_world_size} ranks"
-                             f"{'' if loaded.engine_optimizer_restored else '; engine optimizer re-initialised'}); "
-                             f"peak resident memory per rank so far: {peaks} GiB")
+                             f"{optimizer_note}); peak resident memory per rank so far: {peaks} GiB")
         return loaded
 
     def _peak_resident_bytes_per_rank(self) -> list[float]:
@@ -138,29 +143,29 @@ class TrainingCheckpointer:
             trainer.metrics.info(f"checkpoint step {step}: {', '.join(reseeded)} saved on another device type than "
                                  f"{self.device.type}; re-seeded from train.seed, the rank and the step")
 
-    MODEL_KEYS = (("model", "network"), ("model", "embedding_size"), ("data", "num_classes"))
+    SHAPED_BY = {"queue": "cluster.queue_size or model.embedding_size", "momentum_encoder": "model.network"}
+    """What sets the shapes of the replicated state dicts (named when a saved shape does not fit)."""
 
-    def check_same_model(self, path: str) -> None:
-        """Refuse a checkpoint of another network, embedding size or class count before DeepSpeed reads it
-        (its own error would be a raw state_dict size mismatch). Every rank checks the same file."""
-        from largefr.checkpoint.files import REPLICATED_NAME, safe_load
+    def check_resume_config(self, trainer, path: str) -> bool:
+        """Compare the checkpoint's config with this run's before anything is loaded (resume_config.py);
+        every rank reads the same file, so every rank refuses alike. True: start the optimizers afresh."""
+        saved = safe_load(os.path.join(path, REPLICATED_NAME), mmap=True).get("config") or {}  # no tensor read
+        reset = bool(self.config.get("checkpoint", {}).get("reset_optimizer", False))
+        changed = check_resume_config(path, saved, self.config, reset_optimizer=reset)
+        if changed:
+            trainer.metrics.info(f"resuming {path} with changed settings: {', '.join(d.change() for d in changed)}")
+        return any(difference.rule is Rule.OPTIMIZER for difference in changed)
 
-        saved = safe_load(os.path.join(path, REPLICATED_NAME), mmap=True).get("config") or {}  # no encoder read
-        for section, key in self.MODEL_KEYS:
-            theirs, ours = saved.get(section, {}).get(key), self.config.get(section, {}).get(key)
-            if theirs is not None and theirs != ours:
-                raise CheckpointError(f"checkpoint {path} was written with {section}.{key}={theirs!r}, this run has "
-                                      f"{ours!r}: resume with the same {section}.{key} or use a new output folder")
-
-    def row_destinations(self, path: str) -> dict[str, torch.Tensor]:
+    def row_destinations(self, path: str, fresh_optimizer: bool = False) -> dict[str, torch.Tensor]:
         """The live tensors the saved head rows are read into, block by block: W, the row-sparse optimizer's
-        per-row state (created empty where the optimizer has not stepped yet: it is training memory) and
-        the bank's buffers. Names, shapes and dtypes are checked against the checkpoint by the loader."""
+        per-row state (created empty where the optimizer has not stepped yet: it is training memory; left out
+        with `fresh_optimizer`) and the bank's buffers. Names, shapes and dtypes are checked against the
+        checkpoint by the loader."""
         saved = validate_checkpoint(path)["rows"]
         destinations = {"weight": self.weight.detach()}
         state = self.weight_optimizer.state.get(self.weight, {})
         for name, entry in saved.items():
-            if name.startswith(OPTIM_PREFIX):
+            if name.startswith(OPTIM_PREFIX) and not fresh_optimizer:
                 shape, dtype = (self.weight.shape[0], *entry["shape"]), getattr(torch, entry["dtype"])
                 current = state.get(name[len(OPTIM_PREFIX):])
                 fits = torch.is_tensor(current) and current.shape == shape and current.dtype == dtype
@@ -180,7 +185,8 @@ class TrainingCheckpointer:
         if state:
             self.weight_optimizer.state[self.weight] = state
 
-    def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer) -> None:
+    def _restore_replicated(self, path: str, replicated: dict[str, Any], trainer,
+                            fresh_optimizer: bool = False) -> None:
         loop = replicated["loop"]
         trainer.state.step = loop["step"]
         trainer.state.consecutive_nonfinite = loop["consecutive_nonfinite"]
@@ -193,6 +199,9 @@ class TrainingCheckpointer:
                                       " but this run's cluster settings need the opposite; resume with the same "
                                       "cluster section")
             if target is not None:
+                check_shapes(os.path.join(path, REPLICATED_NAME), name, replicated[name], target.state_dict(),
+                             f"it was written with another {self.SHAPED_BY[name]} or modified; resume with the config "
+                             "it was written with or from an earlier checkpoint")
                 target.load_state_dict(replicated[name])
         parameters = self.head.replicated_parameters()
         saved = [name for name in self.head.REPLICATED_PARAMETER_NAMES if name in replicated]
@@ -203,7 +212,7 @@ class TrainingCheckpointer:
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(replicated[name])
-        if parameters:
+        if parameters and not fresh_optimizer:
             self.tau_optimizer.load_state_dict(replicated["tau_optimizer"])
         adaptive = self.head.margin_head.adaptive
         if (adaptive is None) != ("margin_state" not in replicated):

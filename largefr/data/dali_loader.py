@@ -16,6 +16,14 @@ buffer of 8*B*P samples gave >= 0.84*B distinct identities in every one of 300 s
 (P 5-68, B 16-128; 4*B*P fell to 0.78), so initial_fill = max(shuffle_buffer, 8 * B * P), capped
 at the shard size (MS1M, B=128: ~70k samples, memory-mapped, not copied).
 
+A .rec changed under the job: DALI's reader trusts the index, and memory-mapped it died of SIGBUS
+("Fatal Python error: Bus error", no file named) when a .rec was truncated mid-run. It reads with
+plain file I/O instead (`dont_use_mmap`: a failed read is an exception), and the size and
+modification time of every .rec are compared with those of its scan at start-up, at every epoch's
+pipeline, before every batch and after any pipeline error (`ImageIndex.check_unchanged`: one
+`os.stat` per file), so each rank stops at its next batch naming the file that was truncated,
+rewritten or deleted.
+
 Undecodable images: DALI's decoder fails the whole pipeline without naming the sample, so the
 loader then decodes (with PIL) the records this pipeline may have read but not yet returned, names
 the bad key(s) and either raises (on_bad_image='error') or rebuilds the pipeline of this rank
@@ -78,7 +86,7 @@ def build_pipeline(*, rec_paths: Sequence[str], index_path: str, batch_size: int
         encoded, labels = fn.readers.mxnet(
             path=list(rec_paths), index_path=[index_path], shard_id=shard_id, num_shards=num_shards,
             stick_to_shard=True, random_shuffle=shuffle, initial_fill=max(1, initial_fill),
-            pad_last_batch=pad_last_batch, name="reader")
+            pad_last_batch=pad_last_batch, dont_use_mmap=True, name="reader")
         images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
         if augmenting:
             from largefr.data.augment_dali import augment_images
@@ -111,6 +119,7 @@ class DaliRecLoader(EpochLoader):
                  augment: AugmentConfig | None = None) -> None:
         self._private_dir: str | None = None
         import_dali()  # fail at construction, not at the first batch
+        index.check_unchanged()
         super().__init__()
         self.index, self.batch_size, self.rank, self.world_size = index, batch_size, rank, world_size
         self.seed, self.image_size, self.num_threads = seed, image_size, num_threads
@@ -139,6 +148,7 @@ class DaliRecLoader(EpochLoader):
 
     def _pipeline(self, epoch: int):
         """(pipeline, positions it reads in file order) for this rank and epoch."""
+        self.index.check_unchanged()
         shard = self._shard(epoch)
         index_path, num_shards = self.index.dali_index(), self.world_size
         shard_id = epoch_shard_id(self.rank, self.world_size, epoch)
@@ -194,10 +204,12 @@ class DaliRecLoader(EpochLoader):
         pipe, shard = self._pipeline(epoch)
         produced, returned = 0, set()
         while next_batch < self.num_batches:
+            self.index.check_unchanged()
             try:
                 images, labels, positions = self._run(pipe)
             except RuntimeError as err:  # DALI's pipeline is unusable after an operator error
                 del pipe
+                self.index.check_unchanged()  # a file changed under the reader: named, not searched for bad images
                 self._handle_decode_failure(err, shard, returned, produced)
                 pipe, shard = self._pipeline(epoch)
                 produced, returned = 0, set()

@@ -53,6 +53,8 @@ class ImageIndex:
     """Keys skipped because their bytes are not an image (on_bad_image='skip')."""
     source: str = ""
     """data.rec as given, for messages."""
+    rec_stats: tuple[tuple[int, int], ...] = ()
+    """(size, mtime in ns) of each .rec when it was scanned (the index cache's tag): `check_unchanged`."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -85,6 +87,21 @@ class ImageIndex:
             write_dali_index(self.dali_index_path, self.keys, self.offsets, self.file_starts, self.rec_paths)
         return self.dali_index_path
 
+    def check_unchanged(self) -> None:
+        """Raise naming the first .rec deleted, truncated or rewritten since its scan (a reader that trusts the
+        index would read past its end: DALI's memory-mapped reader dies of SIGBUS)."""
+        for path, (size, mtime_ns) in zip(self.rec_paths, self.rec_stats):
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                raise RecordIOError(f"{path}: deleted or moved during the run (it held {size} bytes at start-up); "
+                                    "put it back and rerun with --resume auto") from None
+            if (now.st_size, now.st_mtime_ns) != (size, mtime_ns):
+                how = "truncated" if now.st_size < size else "rewritten"
+                raise RecordIOError(f"{path}: {how} during the run ({size} bytes at start-up, {now.st_size} now; "
+                                    "modified since): the index of its records no longer holds. Restore the file, "
+                                    "or rerun with --resume auto to scan it again")
+
     def check_labels(self, num_classes: int) -> None:
         """Error naming the first record whose label is negative or >= num_classes."""
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
@@ -96,7 +113,8 @@ class ImageIndex:
                                 "file is corrupt")
 
 
-def _load(paths: Sequence[str], rec_set: RecSet, dali_path: str) -> tuple[ImageIndex, list[tuple[str, int, int]]]:
+def _load(paths: Sequence[str], rec_set: RecSet, dali_path: str,
+          rec_stats: tuple[tuple[int, int], ...]) -> tuple[ImageIndex, list[tuple[str, int, int]]]:
     """The index assembled from the per-file caches, and the (file, key, offset) of not-image records.
 
     Column by column, file by file: the memory is the assembled arrays plus one file's column.
@@ -114,7 +132,7 @@ def _load(paths: Sequence[str], rec_set: RecSet, dali_path: str) -> tuple[ImageI
                 out[file_starts[number]:file_starts[number + 1]] = cached[name]
     index = ImageIndex(rec_paths=tuple(f.rec for f in rec_set.files), file_starts=file_starts,
                        dali_index_path=dali_path, bad_keys=tuple(k for _, k, _ in bad), source=rec_set.source,
-                       **columns)
+                       rec_stats=rec_stats, **columns)
     return index, bad
 
 
@@ -149,6 +167,7 @@ def prepare_image_index(rec: str | Sequence[str], *, num_classes: int | None = N
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     rec_set = resolve_rec_set(rec)
     _check_property_classes(rec_set, num_classes)
+    rec_stats = tuple((stat.st_size, stat.st_mtime_ns) for stat in (os.stat(file.rec) for file in rec_set.files))
     paths = [cache_path(file, cache_dir) for file in rec_set.files]
     folder = cache_dir_for(os.path.dirname(os.path.abspath(rec_set.files[0].rec)), cache_dir)
     stem = os.path.splitext(os.path.basename(rec_set.files[0].rec))[0]
@@ -158,7 +177,7 @@ def prepare_image_index(rec: str | Sequence[str], *, num_classes: int | None = N
             if not all(os.path.exists(path) for path in paths):  # another rank may have scanned while this one waited
                 workers = workers if workers is not None else min(8, os.cpu_count() or 1)
                 scan_missing(rec_set.files, paths, workers=workers, progress_every=progress_every)
-    index, bad = _load(paths, rec_set, dali_path)
+    index, bad = _load(paths, rec_set, dali_path, rec_stats)
     _apply_policy(bad, on_bad_image)
     if len(index) == 0:
         raise RecordIOError(f"{index.rec_path}: holds no usable image records")

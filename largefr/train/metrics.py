@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
+from largefr.checkpoint.storage import StorageError, describe_write_failure
+
 Number = float | int | torch.Tensor
 
 
@@ -121,8 +123,15 @@ class MetricsLogger:
         line = f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}"
         print(line, file=sys.stdout, flush=True)
         if self._log is not None:
-            self._log.write(line + "\n")
+            self._write_log(line + "\n")
+
+    def _write_log(self, text: str) -> None:
+        """Append to train.log; a full disk or an I/O error stops the run naming the file and the free space."""
+        try:
+            self._log.write(text)
             self._log.flush()
+        except OSError as error:
+            raise StorageError(describe_write_failure(error, self._log.name, "train.log")) from error
 
     def log_step(self, step: int, timing: StepTiming, *, losses: Mapping[str, Number], lr: float,
                  scalars: Mapping[str, Number] | None = None) -> dict[str, float] | None:
@@ -219,8 +228,11 @@ class MetricsLogger:
             self._writer.close()
             self._writer = None
         if self._log is not None:
-            self._log.close()
-            self._log = None
+            log, self._log = self._log, None
+            try:
+                log.close()
+            except OSError:  # what a full disk left in the buffer; the failed write was already reported
+                pass
 
 
 def _json_ready(value: Any) -> Any:
@@ -250,6 +262,8 @@ def write_summary(path: str, summary: Mapping[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as error:
+        raise StorageError(describe_write_failure(error, path, os.path.basename(path))) from error
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

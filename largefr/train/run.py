@@ -35,6 +35,7 @@ def report(message: str) -> None:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: reported without a traceback."""
     from largefr.checkpoint.save_load import CheckpointError
+    from largefr.checkpoint.storage import StorageError
     from largefr.data.recordio import RecordIOError
     from largefr.data.verification_bin import VerificationBinError
     from largefr.data.prepare import DataSetupError
@@ -44,7 +45,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from largefr.train.warm_start import InitFromError
 
     return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
-            NonFiniteLossError, InitFromError, RendezvousError, FileNotFoundError, FileExistsError)
+            NonFiniteLossError, InitFromError, RendezvousError, StorageError, FileNotFoundError, FileExistsError)
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
