@@ -56,9 +56,8 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import sum_partials_across_ranks
 from largefr.choices import ADAPTIVE_MARGIN_TYPES
-from largefr.heads.margin import MarginConfig
+from largefr.heads.margin import SIN_FLOOR, MarginConfig
 
-_SIN_FLOOR = 1e-12  # same floor of 1 - c^2 as largefr.heads.margin
 ADAFACE_EPS = 1e-3  # the authors' self.eps: cosine clamp, angle clip and std offset
 ADAFACE_NORM_CLIP = (0.001, 100.0)  # the authors' safe_norms clip
 
@@ -78,7 +77,7 @@ class AdaptiveStep(NamedTuple):
 
 def arc_psi(cos: torch.Tensor, angular: torch.Tensor, fallback: str) -> torch.Tensor:
     """cos(theta + m) per element, differentiable in cos and m; fallback 'th_mm', 'easy' or 'none' past pi."""
-    sin = torch.sqrt((1.0 - cos * cos).clamp(min=_SIN_FLOOR))
+    sin = torch.sqrt((1.0 - cos * cos).clamp(min=SIN_FLOOR))
     shifted = cos * torch.cos(angular) - sin * torch.sin(angular)
     if fallback == "none":
         return shifted

@@ -29,10 +29,9 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
 from largefr.heads.adaptive_margins import modulate_hard_negatives_
-from largefr.heads.margin import MarginConfig, target_logit
+from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
 from largefr.heads.row_gradient import sparse_row_gradient
 
-_NORM_EPS = 1e-12  # same clamp as ShardedMarginHead's normalisation
 
 
 def _softmax_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -76,7 +75,7 @@ class _Blocks:
     def normalized_rows(self, start: int, end: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_b / ||W_b|| written into out, 1 / ||W_b||)."""
         rows = self.raw_rows(start, end)
-        inv_norm = torch.linalg.vector_norm(rows, dim=1).clamp_(min=_NORM_EPS).reciprocal_()
+        inv_norm = torch.linalg.vector_norm(rows, dim=1).clamp_(min=NORM_EPS).reciprocal_()
         torch.mul(rows, inv_norm.unsqueeze(1), out=out)
         return out, inv_norm
 
@@ -97,7 +96,7 @@ def _target_cosines(features: torch.Tensor, blocks: _Blocks, scale: float) -> to
     """cos(theta) of each row with its positive on this rank (one dot product per row)."""
     column = blocks.target_cols if blocks.sampled is None else blocks.sampled[blocks.target_cols]
     rows = blocks.weight.index_select(0, column).to(features.dtype)
-    norms = torch.linalg.vector_norm(rows, dim=1).clamp_(min=_NORM_EPS)
+    norms = torch.linalg.vector_norm(rows, dim=1).clamp_(min=NORM_EPS)
     return torch.linalg.vecdot(features[blocks.target_rows], rows) / norms / scale
 
 

@@ -39,7 +39,10 @@ from largefr.choices import ADAPTIVE_MARGIN_TYPES, ELASTIC_FORMS, MARGIN_TYPES
 from largefr.config import HeadConfig
 from largefr.config_validation import margin_checks
 
-_SIN_FLOOR = 1e-12  # floor of 1 - c^2 so d sqrt / dc stays finite at |c| = 1
+SIN_FLOOR = 1e-12
+"""Floor of 1 - c^2, so d sqrt / dc stays finite at |c| = 1 (every margin that takes sin(theta))."""
+NORM_EPS = 1e-12
+"""Clamp of a norm before dividing by it (F.normalize's default): the same in every head and in the warm start."""
 _ACOS_CLAMP = 1e-7  # keep acos away from +-1 where its derivative is infinite
 
 
@@ -138,7 +141,7 @@ def adaptive_margin_settings(source: object) -> dict:
 def _shifted_cosine(cos: torch.Tensor, m1: float, m2: torch.Tensor) -> torch.Tensor:
     """cos(m1*theta + m2), differentiable in cos."""
     if m1 == 1.0:
-        sin = torch.sqrt((1.0 - cos * cos).clamp(min=_SIN_FLOOR))
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=SIN_FLOOR))
         return cos * torch.cos(m2) - sin * torch.sin(m2)
     theta = torch.acos(cos.clamp(-1.0 + _ACOS_CLAMP, 1.0 - _ACOS_CLAMP))
     return torch.cos(m1 * theta + m2)

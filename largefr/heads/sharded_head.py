@@ -26,13 +26,12 @@ from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_negatives_
 from largefr.heads.chunked import chunked_margin_loss
-from largefr.heads.margin import MarginConfig, target_logit
+from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset
 
 ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
-_NORM_EPS = 1e-12
 _SAMPLE_STREAM = 0x5A3D_17C4_9E21_0B6F  # separates the sampling seed from the init seeds
 _MARGIN_STREAM = 0x2C6E_B9A1_04F7_D853  # ElasticFace's margin draws: same seed on every rank
 
@@ -76,7 +75,7 @@ class _CosineLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scaled_features: torch.Tensor, weight_rows: torch.Tensor, logits_dtype: torch.dtype):
-        inv_norm = torch.linalg.vector_norm(weight_rows, dim=1).clamp_(min=_NORM_EPS).reciprocal_()
+        inv_norm = torch.linalg.vector_norm(weight_rows, dim=1).clamp_(min=NORM_EPS).reciprocal_()
         ctx.save_for_backward(scaled_features, weight_rows, inv_norm)
         ctx.logits_dtype = logits_dtype
         if logits_dtype == weight_rows.dtype:
@@ -282,7 +281,7 @@ class ShardedMarginHead(nn.Module):
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
-        scaled = F.normalize(features.to(self.weight.dtype), dim=1, eps=_NORM_EPS) * self.margin.scale
+        scaled = F.normalize(features.to(self.weight.dtype), dim=1, eps=NORM_EPS) * self.margin.scale
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         row_lambda = None if class_lambda is None else class_lambda[sampled[cols]].detach()
@@ -331,7 +330,7 @@ class ShardedMarginHead(nn.Module):
         """(B_g,) target cosine and lambda of every gathered row, from the rank owning its class (one all-reduce);
         0 and 1 where the row is ignored."""
         weight_rows = self.weight.index_select(0, sampled[cols])
-        norms = torch.linalg.vector_norm(weight_rows, dim=1).clamp(min=_NORM_EPS)
+        norms = torch.linalg.vector_norm(weight_rows, dim=1).clamp(min=NORM_EPS)
         facts = torch.zeros((2, labels.shape[0]), dtype=scaled.dtype, device=scaled.device)
         facts[0, rows] = torch.linalg.vecdot(scaled[rows], weight_rows.to(scaled.dtype)) / norms / self.margin.scale
         facts[1, rows] = 1.0 if row_lambda is None else row_lambda.to(scaled.dtype)

@@ -30,7 +30,8 @@ from largefr.train.schedule import build_lr_schedule, steps_per_epoch
 from largefr.train.step import StepRunner
 from largefr.checkpoint.train_state import TrainingCheckpointer
 from largefr.train.warm_start import class_mean_warm_start, load_init_weights
-from largefr.train.trainer import LoopPlan, Trainer, VerificationSet
+from largefr.train.trainer import LoopPlan, Trainer
+from largefr.train.verifier import VerificationSet, Verifier
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -178,8 +179,7 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                     max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
                     debug_nan_steps=(frozenset(config.train.debug_inject_nan_steps)
                                      if env.rank == config.train.debug_inject_nan_rank else frozenset()),
-                    freeze_backbone_steps=config.train.freeze_backbone_steps, eval_batch_size=config.eval.batch_size, eval_folds=config.eval.nfolds, eval_flip=config.eval.flip,
-                    embedding_size=config.model.embedding_size)
+                    freeze_backbone_steps=config.train.freeze_backbone_steps)
     checkpointer = TrainingCheckpointer(str(config.checkpoint_dir), head=parts.head,
                                         weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,
                                         momentum_encoder=encoder, keep_last=config.checkpoint.keep_last,
@@ -190,7 +190,11 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
                             log_file=config.logging.log_file, device=env.device)
     trainer = Trainer(runner=runner, loader=loader, schedule=schedule,
                       head_lr_factor=config.optim.effective_head_lr / config.optim.lr, plan=plan, metrics=metrics,
-                      checkpointer=checkpointer, verification_sets=verification_sets,
+                      checkpointer=checkpointer,
+                      verifier=Verifier(sets=verification_sets, batch_size=config.eval.batch_size,
+                                        folds=config.eval.nfolds, flip=config.eval.flip,
+                                        embedding_size=config.model.embedding_size, device=env.device,
+                                        group=parts.head.group),
                       summary_fields=_summary_fields(config, env, global_batch),
                       summary_path=os.path.join(config.output, "summary.json"),
                       stats_fn=_stats_fn(parts.head), rank=env.rank,

@@ -14,12 +14,12 @@ from typing import Any, Callable, Generator, Iterator, Protocol
 
 import torch
 
-from largefr.distributed.collectives import all_reduce_sum_, broadcast_buffers_
-from largefr.eval.verification import embed_images_distributed, verification_accuracy
+from largefr.distributed.collectives import all_reduce_sum_
 from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
 from largefr.train.schedule import LRSchedule
 from largefr.train.step import NonFiniteLossError, StepResult, StepRunner
+from largefr.train.verifier import Verifier
 from largefr.train.watchdog import Heartbeat
 
 
@@ -43,14 +43,6 @@ class TrainLoader(Protocol):
 
 
 @dataclass(kw_only=True)
-class VerificationSet:
-    name: str
-    local_images: torch.Tensor
-    """This rank's share (`share_range`) of the 2N images, uint8 N x 3 x H x W; pairs are rows 2i, 2i+1."""
-    issame: list[bool]
-
-
-@dataclass(kw_only=True)
 class LoopPlan:
     """How long the run is, in optimizer steps."""
 
@@ -65,10 +57,6 @@ class LoopPlan:
     """Steps (from step 0) whose backbone learning rate is 0 (train.freeze_backbone_steps)."""
     debug_nan_steps: frozenset[int] = frozenset()
     """FAULT INJECTION (train.debug_inject_nan_steps; tests only): 1-based steps whose loss this rank makes NaN."""
-    eval_batch_size: int = 64
-    eval_folds: int = 10
-    eval_flip: bool = True
-    embedding_size: int = 512
 
 
 @dataclass(kw_only=True)
@@ -109,7 +97,7 @@ class StopSignal:
 class Trainer:
     def __init__(self, *, runner: StepRunner, loader: TrainLoader, schedule: LRSchedule, head_lr_factor: float,
                  plan: LoopPlan, metrics: MetricsLogger, checkpointer: Checkpointer | None = None,
-                 verification_sets: list[VerificationSet] | None = None, state: LoopState | None = None,
+                 verifier: Verifier | None = None, state: LoopState | None = None,
                  summary_fields: dict[str, Any] | None = None, summary_path: str | None = None,
                  stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0, records_left_out: int = 0):
         """records_left_out: records of the data set the index scan found not to be images (reported once)."""
@@ -120,7 +108,8 @@ class Trainer:
         self.plan = plan
         self.metrics = metrics
         self.checkpointer = checkpointer
-        self.verification_sets = verification_sets or []
+        self.verifier = verifier if verifier is not None and verifier.sets else None
+        """Scores the model on the verification sets (None: no data.val_targets)."""
         self.state = state or LoopState()
         self.summary_fields = dict(summary_fields or {})
         self.summary_path = summary_path
@@ -176,10 +165,10 @@ class Trainer:
             self.metrics.info(f"data: {self.records_left_out} records that are not images are left out "
                               "(data.on_bad_image=skip)")
         try:
-            if self.state.step == 0 and self.verification_sets:
+            if self.state.step == 0 and self.verifier is not None:
                 self.summary_fields["verification_at_start"] = self.evaluate()
             interrupted = self._loop()
-            if not interrupted and self.verification_sets:
+            if not interrupted and self.verifier is not None:
                 self._record_verification(self.evaluate())
             self._checkpoint()
         finally:
@@ -258,7 +247,7 @@ class Trainer:
     def _periodic(self) -> bool:
         """Verification and checkpoints due after this step; True when something ran (time excluded)."""
         ran = False
-        if self.plan.eval_every > 0 and self.state.step % self.plan.eval_every == 0 and self.verification_sets:
+        if self.plan.eval_every > 0 and self.state.step % self.plan.eval_every == 0 and self.verifier is not None:
             self._record_verification(self.evaluate())
             ran = True
         if self.plan.checkpoint_every > 0 and self.state.step % self.plan.checkpoint_every == 0:
@@ -273,24 +262,9 @@ class Trainer:
 
     # ---- verification -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Accuracy of every verification set (all ranks embed a share; identical result everywhere).
-
-        Each rank's BatchNorm running statistics follow its own batches (the engine does not sync
-        buffers), and a checkpoint keeps rank 0's: every rank takes rank 0's first, so the accuracy is
-        that of the model the checkpoint holds, whatever the number of ranks.
-        """
+        """Accuracy of every verification set for the model as it is now (`Verifier`; collective)."""
         self.heartbeat.beat(self.state.step, "evaluate")
-        module = self.runner.engine.module
-        broadcast_buffers_(module, self.runner.group)
-        accuracies = {}
-        for target in self.verification_sets:
-            embeddings = embed_images_distributed(
-                module, target.local_images, batch_size=self.plan.eval_batch_size, flip=self.plan.eval_flip,
-                embedding_size=self.plan.embedding_size, device=self.runner.device,
-                dtype=engine_dtype(self.runner.engine), group=self.runner.group)
-            accuracies[target.name] = verification_accuracy(embeddings, target.issame,
-                                                            num_folds=self.plan.eval_folds).accuracy
-        return accuracies
+        return self.verifier(self.runner.engine.module, engine_dtype(self.runner.engine))
 
     def _record_verification(self, accuracies: dict[str, float]) -> None:
         self.state.last_verification = dict(accuracies)

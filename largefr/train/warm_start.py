@@ -31,6 +31,7 @@ from largefr.checkpoint.backbone import WeightsError, backbone_weights
 from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_
 from largefr.distributed.partition import ClassPartition
 from largefr.eval.weights import compare_state_dict, embedding_size_of, infer_network
+from largefr.heads.margin import NORM_EPS
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,6 @@ def class_embedding_sums(backbone: nn.Module, batches: Iterable[tuple[torch.Tens
     return sums, counts
 
 
-_NORMALIZE_EPS = 1e-12  # F.normalize's default
 _ROWS_PER_BLOCK = 65536  # rows written per block: temporaries of a block, not of the shard
 
 
@@ -149,7 +149,7 @@ def class_means_and_phi(sums: torch.Tensor, counts: torch.Tensor, *, alpha: floa
     """
     centers = sums.div_(counts.clamp(min=1).unsqueeze(1))  # the mean, in place
     norm = centers.norm(dim=1)
-    centers.div_(norm.clamp(min=_NORMALIZE_EPS).unsqueeze(1))  # F.normalize's arithmetic, in place
+    centers.div_(norm.clamp(min=NORM_EPS).unsqueeze(1))  # F.normalize's arithmetic, in place
     rms_distance = (2.0 * (1.0 - norm).clamp(min=0.0)).sqrt()
     phi = rms_distance / torch.log(counts + alpha)
     return centers, torch.where(counts > 0, phi, torch.zeros_like(phi))
