@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from largefr.choices import AUGMENT_OPERATORS, DEEPSPEED_OWNED_KEYS, ZERO_STAGES
+from largefr.errors import UserError
 
 Issue = tuple[str, str]
 """(dotted key path, what is wrong and what to do)."""
@@ -21,7 +22,7 @@ BATCHNORM_MIN_BATCH = 2
 and one image has none (every largefr backbone ends in a BatchNorm1d embedding layer)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Every problem of a config, one per line, each naming its source file and key path."""
 
     def __init__(self, issues: Iterable[Issue], source: str = "<python>",

@@ -47,7 +47,7 @@ def images_per_second(index, *, plain_io: bool, decode: bool, batch_size: int, w
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rec", required=True, help="a .rec file or folder of shards (insightface layout)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch of the one pipeline")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch, per process (the one pipeline)")
     parser.add_argument("--workers", type=int, default=1, help="DALI threads of the pipeline (default 1)")
     parser.add_argument("--batches", type=int, default=60, help="timed batches per measurement (default 60)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of both settings back to back (default 3)")

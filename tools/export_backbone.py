@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from largefr.checkpoint.files import CheckpointError
 from largefr.cli_flags import PRECISION_NAMES, add_option
 from largefr.checkpoint.backbone import export_backbone
 from largefr.checkpoint.save_load import locate_checkpoint
+from largefr.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "keep": None}
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weights = export_backbone(locate_checkpoint(args.checkpoint), args.out, prefix=args.prefix,
                                   dtype=DTYPES[args.precision])
-    except (CheckpointError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"export_backbone: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values())} values")

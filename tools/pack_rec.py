@@ -21,10 +21,10 @@ import argparse
 import os
 import sys
 
-from largefr.data.pack import PackError, pack_image_folder
+from largefr.data.pack import pack_image_folder
 from largefr.data.pack_shards import DEFAULT_SHARD_BYTES, PackSettings, pack_shards
-from largefr.data.recordio import RecordIOError
 from largefr.data.shard_writer import parse_size
+from largefr.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                 on_bad_image="skip" if args.skip_bad else "error")
         result = pack_shards(args.images, args.out, settings=settings, workers=args.workers,
                              progress=sys.stderr, progress_every=args.progress_every)
-    except (PackError, RecordIOError, OSError, ValueError) as err:
+    except (UserError, OSError, ValueError) as err:
         print(f"pack_rec: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
-from largefr.data.recordio import RecordIOError
 from largefr.data.shard_writer import parse_size
+from largefr.errors import UserError
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written, classes = merge(args.rec, args.out, keep_labels=args.keep_labels, **limits)
             print(f"wrote {written:,} images of {classes:,} classes to {args.out}")
-    except (RecordIOError, OSError, ValueError) as err:
+    except (UserError, OSError, ValueError) as err:
         print(f"rec: error: {err}", file=sys.stderr)
         return 1
     return 0

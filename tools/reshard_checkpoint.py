@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from largefr.checkpoint.files import CheckpointError
 from largefr.checkpoint.reshard import reshard_checkpoint
 from largefr.checkpoint.save_load import locate_checkpoint
+from largefr.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--world must be >= 1, got {args.world}")
         out = reshard_checkpoint(locate_checkpoint(args.checkpoint), args.out, args.world,
                                  log=lambda line: print(line, flush=True))
-    except (CheckpointError, ValueError, OSError) as error:
+    except (UserError, ValueError, OSError) as error:
         print(f"reshard_checkpoint: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out} for {args.world} ranks")

@@ -23,13 +23,14 @@ import torch
 
 from largefr.checkpoint.files import ENGINE_TAG, CheckpointError, safe_load, save_file, validate_checkpoint
 from largefr.checkpoint.save_load import locate_checkpoint
+from largefr.errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes of wrapped modules: DataParallel/DeepSpeed's 'module.', torch.compile's '_orig_mod.'."""
 _SHOWN_KEYS = 6
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be read or do not fit the requested network."""
 
 

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from largefr.errors import UserError
+
 FORMAT_NAME = "largefr-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -31,7 +33,7 @@ ENGINE_TAG = "engine"
 STEP_DIR_PATTERN = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is incomplete, corrupted, unsafe or incompatible with this run."""
 
 

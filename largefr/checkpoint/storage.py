@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from largefr.errors import UserError
+
 WRITE_ERRNO_MEANING = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -30,7 +32,7 @@ NEARLY_FULL_BYTES = 64 << 20
 """Free space under which a write failure without an errno is put down to a full disk."""
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A file of the run could not be written: no space, a quota or size limit, an I/O error."""
 
 

@@ -15,12 +15,13 @@ from typing import TextIO
 
 from largefr.data.index_cache import cache_base
 from largefr.data.recordio import write_insightface_rec
+from largefr.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 JPEG_QUALITY = 95
 
 
-class PackError(Exception):
+class PackError(UserError):
     """The input folder cannot be packed; the message names the folder or file."""
 
 

@@ -35,13 +35,14 @@ from largefr.data.image_index import counts_from_data, prepare_image_index
 from largefr.data.pack import ensure_packed, packed_folder_for
 from largefr.data.rec_set import data_folder
 from largefr.data.sharding import EpochLoader
+from largefr.errors import UserError
 
 __all__ = ["DataSetupError", "LOCAL_CPU_PROCESS", "LocalProcess", "PreparedData", "RankEnv", "ensure_synthetic_data",
            "prepare_data", "prepare_data_dir", "run_on_first_rank", "training_folder", "verification_paths",
            "with_data_counts"]
 
 
-class DataSetupError(RuntimeError):
+class DataSetupError(UserError, RuntimeError):
     """Training or verification data that is missing or unusable; the message names the path and key."""
 
 

@@ -25,6 +25,8 @@ import struct
 import tempfile
 from collections.abc import Iterable, Sequence
 
+from largefr.errors import UserError
+
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
 _LENGTH_BITS = 29
@@ -35,7 +37,7 @@ IR_HEADER_SIZE = struct.calcsize(_IR_FORMAT)  # 24 bytes
 Label = float | tuple[float, ...]
 
 
-class RecordIOError(Exception):
+class RecordIOError(UserError):
     """A RecordIO/idx/property file is malformed; the message names the file and key or offset."""
 
 

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from largefr.errors import UserError
 
-class VerificationBinError(Exception):
+
+class VerificationBinError(UserError):
     """A .bin file is unreadable or holds something other than (images, issame)."""
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from largefr.errors import UserError
+
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 """Landmark positions in an aligned 112 x 112 face (insightface's `arcface_dst`)."""
 
 
-class AlignmentError(ValueError):
+class AlignmentError(UserError, ValueError):
     """Landmarks from which no similarity transform can be fitted."""
 
 

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from largefr.errors import UserError
 from largefr.eval.image_size import RESIZE_FLAG, check_crop_size, say_resized
 from largefr.eval.verification import embed_images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(UserError, ValueError):
     """A folder without images, or an image that is unreadable or not an aligned crop."""
 
 

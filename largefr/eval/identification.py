@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from largefr.errors import UserError
+
 NO_IDENTITY = -1
 """Identity label of a distractor: matches no probe."""
 CMC_RANKS = (1, 5, 10)
@@ -42,7 +44,7 @@ FPIR_CURVE = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0)
 _RATE_SLACK = 1e-9  # floor(0.29 * 100) is 28 in binary floating point; rates are counts / totals
 
 
-class IdentificationError(ValueError):
+class IdentificationError(UserError, ValueError):
     """Probe or gallery sets that a measure cannot be computed on."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from largefr.errors import UserError
 from largefr.eval.align import AlignmentError, align_face
 from largefr.eval.image_size import DEFAULT_IMAGE_SIZE as ARCFACE_SIZE, image_size_of
 from largefr.eval.roc import IJB_FAR_TARGETS, roc_auc, roc_curve, tar_at_far
@@ -36,7 +37,7 @@ from largefr.eval.verification import embed_images
 IJB_TARGETS = ("IJBB", "IJBC")
 
 
-class IJBError(ValueError):
+class IJBError(UserError, ValueError):
     """IJB meta files or crops that are missing or malformed."""
 
 

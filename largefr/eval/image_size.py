@@ -18,12 +18,14 @@ from typing import Sequence
 
 from torch import nn
 
+from largefr.errors import UserError
+
 RESIZE_FLAG = "--resize"
 DEFAULT_IMAGE_SIZE = 112
 """insightface's aligned crop side, assumed for a model that does not say its own."""
 
 
-class ImageSizeError(ValueError):
+class ImageSizeError(UserError, ValueError):
     """Images of another size than the model takes, where the tool does not resize without being asked."""
 
 

@@ -27,6 +27,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_gather_rows, all_gather_variable_rows, all_reduce_sum_, group_rank, \
     group_size
+from largefr.errors import UserError
 from largefr.eval.identification import (CMC_RANKS, FPIR_TARGETS, NO_IDENTITY, SEARCH_FAR_TARGETS, IdentificationResult,
                                          allowed_count, format_identification_table, identify, tar_at_far)
 from largefr.eval.verification import share_range
@@ -37,7 +38,7 @@ MAX_KEPT_IMPOSTORS = 1 << 24
 """Impostor scores a rank may keep for TAR at FAR (64 MiB of float32)."""
 
 
-class SearchError(ValueError):
+class SearchError(UserError, ValueError):
     """Probes, gallery or settings that the search cannot work with."""
 
 

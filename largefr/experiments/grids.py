@@ -12,6 +12,7 @@ from pathlib import Path
 from largefr.choices import ADAPTIVE_MARGIN_TYPES
 from largefr.config import ConfigError
 from largefr.config_loading import read_file
+from largefr.errors import UserError
 
 __all__ = ["Setting", "Grid", "GridError", "BUILTIN_GRIDS", "load_grid"]
 
@@ -20,7 +21,7 @@ _NO_CON, _NO_ALI = "cluster.contrastive_weight=0", "cluster.aligning_weight=0"
 _CG, _NO_CG = "cluster.cg_margin=true", "cluster.cg_margin=false"
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     """A grid that cannot be run: unknown name, unreadable file, or a badly formed setting."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from largefr.config import Config, ConfigError, load_config
 from largefr.data.prepare import DataSetupError
+from largefr.errors import UserError
 from largefr.experiments.grids import Grid, Setting
 from largefr.distributed.spawn import free_port
 from largefr.train.local_launch import LAUNCH_SCRIPT, deepspeed_local_prefix
@@ -39,7 +40,7 @@ LAUNCHERS = ("auto", "deepspeed", "torchrun", "python")
 LOG_TAIL_LINES = 20
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A grid that must not start: a setting's config is invalid, or a --set names a key the tool sets."""
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from largefr.distributed.spawn import free_port
+from largefr.errors import UserError
 from largefr.quiet import quiet_stdout
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -93,11 +94,11 @@ LOCK_RECHECK_S = 0.5
 """Pause before a lock held by no one is called stale (it must still be there, the same file, after it)."""
 
 
-class StaleBuildLockError(FileExistsError):
+class StaleBuildLockError(UserError, FileExistsError):
     """A JIT build's `lock` file left by a killed build that could not be removed: every start would wait on it."""
 
 
-class RendezvousError(RuntimeError):
+class RendezvousError(UserError, RuntimeError):
     """The ranks could not meet (a busy port, an unreachable master, a missing peer); the message says which."""
 
 

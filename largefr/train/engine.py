@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
+from largefr.errors import UserError
+
 BF16_GRADIENT_REDUCTION = "fp32"
 """DeepSpeed `communication_data_type` written for train.precision=bf16 (the user's deepspeed section may
 override it). DeepSpeed's default follows bf16: the data-parallel sum of the backbone gradients (which carry
@@ -19,7 +21,7 @@ the head's x world feature-gradient factor) would be rounded to 8 mantissa bits 
 summed exactly and rounded to bf16 once, for twice the all-reduce bytes (docs/PERFORMANCE.md)."""
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(UserError, ValueError):
     """The DeepSpeed settings asked for cannot work; the message says which key to change."""
 
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from largefr.errors import UserError
+
 LOCK_NAME = "job.lock"
 """The lock file in the output folder (not a run file: neither a reason to refuse a folder nor deleted)."""
 CONTENDED_WAIT_S = 3.0
@@ -27,7 +29,7 @@ rank's probe (microseconds) and this job's rank 0, which writes its name into th
 RETRY_S = 0.05
 
 
-class JobLockError(FileExistsError):
+class JobLockError(UserError, FileExistsError):
     """The output folder is held by another running job."""
 
 

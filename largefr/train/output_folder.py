@@ -17,13 +17,14 @@ import json
 import shutil
 from pathlib import Path
 
+from largefr.errors import UserError
 from largefr.train.job_lock import JobLock, JobLockError, check_job_lock, take_job_lock
 
 RUN_FILES = ("config.json", "summary.json", "train.log", "tensorboard")
 """What a run writes into its output folder besides checkpoints (which may live elsewhere: checkpoint.dir)."""
 
 
-class OutputFolderError(FileExistsError):
+class OutputFolderError(UserError, FileExistsError):
     """The output folder holds an earlier run and the launch said neither --resume nor --overwrite."""
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from largefr.config import ConfigError, load_config
+from largefr.errors import UserError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -32,20 +33,8 @@ def report(message: str) -> None:
     sys.stderr.flush()
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says what to fix: reported without a traceback."""
-    from largefr.checkpoint.save_load import CheckpointError
-    from largefr.checkpoint.storage import StorageError
-    from largefr.data.recordio import RecordIOError
-    from largefr.data.verification_bin import VerificationBinError
-    from largefr.data.prepare import DataSetupError
-    from largefr.train.distributed_env import RendezvousError
-    from largefr.train.engine import EngineConfigError
-    from largefr.train.step import NonFiniteLossError
-    from largefr.train.warm_start import InitFromError
-
-    return (DataSetupError, EngineConfigError, CheckpointError, RecordIOError, VerificationBinError,
-            NonFiniteLossError, InitFromError, RendezvousError, StorageError, FileNotFoundError, FileExistsError)
+EXPECTED_ERRORS = (UserError, FileNotFoundError, FileExistsError)
+"""Errors whose message says what to fix: reported on one line without a traceback (`largefr.errors`)."""
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
@@ -95,7 +84,6 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
     from largefr.train.launcher_watch import watch_launcher
     from largefr.train.watchdog import start_watchdog
 
-    expected = _expected_errors()
     finished = False
     env = None
     try:
@@ -112,10 +100,10 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
             watchdog.stop()
             trainer.metrics.close()
         finished = True
-    except (*expected, ValueError) as error:
+    except (*EXPECTED_ERRORS, ValueError) as error:  # (plain ValueErrors: schedule checks not yet a UserError)
         if os.environ.get("LARGEFR_DEBUG"):
             raise
-        report(f"{error}" if isinstance(error, expected) else f"{type(error).__name__}: {error}")
+        report(f"{error}" if isinstance(error, EXPECTED_ERRORS) else f"{type(error).__name__}: {error}")
         if env is not None:
             meet_failed_ranks(env.meeting_group)  # every rank prints its error before the launcher kills the rest
         return EXIT_ERROR

@@ -20,6 +20,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, group_size
+from largefr.errors import UserError
 from largefr.heads.joint import HeadLoss
 from largefr.train.phases import NULL_TIMER
 from largefr.train.engine import engine_dtype, engine_loss_scale
@@ -27,7 +28,7 @@ from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, 
 from largefr.train.schedule import set_learning_rate
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A non-finite loss under train.on_nonfinite=abort (raised on every rank)."""
 
 

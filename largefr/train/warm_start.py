@@ -30,6 +30,7 @@ from torch import nn
 from largefr.checkpoint.backbone import WeightsError, backbone_weights
 from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_
 from largefr.distributed.partition import ClassPartition
+from largefr.errors import UserError
 from largefr.eval.weights import compare_state_dict, embedding_size_of, infer_network
 from largefr.heads.margin import NORM_EPS
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 INIT_FROM_KINDS = "an insightface backbone.pth, a largefr model.pt (tools/export_backbone.py) or a largefr checkpoint"
 
 
-class InitFromError(RuntimeError):
+class InitFromError(UserError, RuntimeError):
     """model.init_from cannot be read or does not fit model.network; the message names the file and keys."""
 
 
