@@ -161,7 +161,7 @@ def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, blo
     also when the update goes block by block (7 rows per block: blocks of consecutive rows updated in place,
     others gathered)."""
     if block_rows is not None:
-        monkeypatch.setattr(optim_module, "_BLOCK_ELEMENTS_CPU", block_rows * DIM)
+        monkeypatch.setattr(optim_module, "BLOCK_ELEMENTS_CPU", block_rows * DIM)
     head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=rate,
                              generator=torch.Generator().manual_seed(0))
     optimizer = OPTIMIZERS[name][0]([head.weight])

@@ -68,7 +68,7 @@ def test_optimizer_step_phase_matches_measured(name):
         measured = tensor_bytes([head.weight.grad]) + profiled_peak_increment(
             lambda rows=head.last_sampled: optimizer.step(rows=rows))
     plan = plan_memory(PlanInputs(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=0.3,
-                                  optimizer=name, bank=False))
+                                  optimizer=name, bank=False, device="cpu"))
     planned = sum(plan.phases["optimizer step"].values())
     assert abs(planned / measured - 1) < TOLERANCE, (name, planned, measured)
 

@@ -186,19 +186,25 @@ class RowSparseAdamW(RowSparseOptimizer):
         selected.write(state["exp_avg_sq"], exp_avg_sq)
 
 
-_BLOCK_ELEMENTS_CPU = 1 << 18
+BLOCK_ELEMENTS_CPU = 1 << 18
 """Elements per tensor of one block on CPU (1 MiB of float32): the block's rows of the weight, its state and its
 gradient stay in cache between the gather, the update's passes and the write-back."""
+BLOCK_ELEMENTS_GPU = 1 << 24
+"""On a GPU kernel launches, not cache, cost: blocks of 64 MiB of float32 (a few launches per 10^5 rows of 512),
+which bound the gathered copies of a step at ten million classes to a few blocks instead of the whole sample."""
+
+
+def block_elements(device: torch.device) -> int:
+    """Elements per tensor of one block of a row update on `device` (`row_blocks`)."""
+    return BLOCK_ELEMENTS_CPU if device.type == "cpu" else BLOCK_ELEMENTS_GPU
 
 
 def row_blocks(rows: torch.Tensor, param: torch.Tensor) -> list[slice]:
-    """Consecutive slices of `rows` to update one after the other: cache-sized on CPU, all at once on a GPU
-    (where kernel launches, not cache, cost). Element for element the arithmetic is the same either way."""
+    """Consecutive slices of `rows` to update one after the other, `block_elements` each. Element for element the
+    arithmetic is the same whatever the blocks."""
     count = rows.numel()
-    if param.device.type != "cpu" or count == 0:
-        return [slice(0, count)]
-    per_block = max(1, _BLOCK_ELEMENTS_CPU // max(1, param[0].numel()))
-    return [slice(start, min(start + per_block, count)) for start in range(0, count, per_block)]
+    per_block = max(1, block_elements(param.device) // max(1, param[0].numel()))
+    return [slice(start, min(start + per_block, count)) for start in range(0, count, per_block)] or [slice(0, 0)]
 
 
 class _SelectedRows:

@@ -22,18 +22,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from largefr.checkpoint.rows import ROW_BLOCK_BYTES
 from largefr.choices import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
+from largefr.heads.optim import block_elements
 
 LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
 OPTIMIZER_ROW_COPIES = {"sgd": 2, "adamw": 4, "none": 0}
-"""(sampled rows x d) float32 temporaries alive at once while W's gradient exists, with sampling (rate < 1):
-RowSparseSGD (momentum, weight decay added into the gradient in place) the gathered weight and momentum
-buffer; RowSparseAdamW the gathered weight, exp_avg and exp_avg_sq, and one denominator buffer."""
+"""Float32 temporaries of one block of rows (`largefr.heads.optim.row_blocks`) alive at once while W's gradient
+exists, with sampling (rate < 1): RowSparseSGD (momentum, weight decay added into the gradient in place) the
+gathered weight and momentum buffer; RowSparseAdamW the gathered weight, exp_avg and exp_avg_sq, and one
+denominator buffer."""
 OPTIMIZER_FULL_COPIES = {"sgd": 0, "adamw": 1, "none": 0}
 """The same at rate 1.0, where the rows are updated in place: none for SGD; AdamW's denominator buffer."""
 PARAM_BYTES = 4  # float32 W, bank, optimizer state
@@ -65,6 +69,9 @@ class PlanInputs:
     """Cluster bank and feature queue present (any cluster term on)."""
     queue_size: int = 8192
     """Feature queue rows (cluster.queue_size), replicated on every rank."""
+    device: str = "cuda"
+    """Where the step runs, 'cuda' or 'cpu': it sets the row-sparse optimizer's blocks
+    (`largefr.heads.optim.block_elements`), cache-sized on CPU."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +87,8 @@ class PlanInputs:
             problems.append(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
         if self.chunk_size < 0:
             problems.append(f"chunk_size={self.chunk_size} must be >= 0 (0 = default head)")
+        if self.device not in ("cpu", "cuda"):
+            problems.append(f"device={self.device!r} must be 'cpu' or 'cuda'")
         if self.bank and self.queue_size < 1:
             problems.append(f"queue_size={self.queue_size} must be >= 1 while the bank is on")
         if problems:
@@ -237,7 +246,8 @@ def plan_rank(inputs: PlanInputs, rank: int) -> RankPlan:
     if inputs.optimizer != "none":
         copies = (OPTIMIZER_FULL_COPIES if num_sampled >= part.num_local else OPTIMIZER_ROW_COPIES)[inputs.optimizer]
         phases[OPTIMIZER_PHASE] = {"W grad": w_grad_bytes(inputs, num_sampled, part.num_local),
-                                   "sampled-row copies": copies * num_sampled * inputs.dim * PARAM_BYTES}
+                                   "sampled-row copies": copies * PARAM_BYTES
+                                   * min(num_sampled * inputs.dim, block_elements(torch.device(inputs.device)))}
     return RankPlan(rank=rank, class_start=part.start, class_end=part.end, num_local=part.num_local,
                     num_sampled=num_sampled, resident=resident_bytes(inputs, part.num_local), phases=phases)
 

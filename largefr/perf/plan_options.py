@@ -41,10 +41,13 @@ def add_plan_options(parser: argparse.ArgumentParser, *, classes: int | None = N
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer (state per row)")
     parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")
     parser.add_argument("--queue-size", type=int, default=8192, help="feature queue rows (cluster.queue_size)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the step runs (sets the head optimizer's row blocks; default a GPU)")
 
 
 def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     """The `PlanInputs` of options added by `add_plan_options` (ValueError naming each bad value)."""
     return PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
                       sample_rate=args.sample_rate, precision=args.precision, optimizer=args.optimizer,
-                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size)
+                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size,
+                      device=args.device)
