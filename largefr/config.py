@@ -527,6 +527,11 @@ class TrainConfig(_Section):
     channels_last: bool = False
     """Feed the backbone NHWC images (channels-last memory layout), which the fastest GPU convolution
     kernels use; no effect on what is computed."""
+    overlap_reduction: bool = True
+    """Reduce the backbone's gradients while backward runs: at ZeRO 0 (fp32, more than one rank) through
+    torch DDP's reducer under the engine, at ZeRO 1 and 2 with DeepSpeed's overlap_comm and 25 MiB buckets
+    (largefr.train.engine.OVERLAP_DEFAULTS; docs/DESIGN.md section 6). false: DeepSpeed's reduction after
+    backward (one flat all-reduce at ZeRO 0). Same gradients either way; measured in docs/PERFORMANCE.md."""
     freeze_backbone_steps: int = 0
     """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
     first; BatchNorm statistics still move); the schedule is not shifted."""

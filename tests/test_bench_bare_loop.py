@@ -12,10 +12,10 @@ TINY = ["--set", "model.network=mbf", "--image-size", "32", "--classes", "30", "
         "--batch-size", "3", "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile-steps", "1"]
 
 
-@pytest.mark.parametrize("sample_rate", ["1.0", "0.3"])
-def test_tool_reports_both_sides_from_the_same_start(tmp_path, capsys, sample_rate):
+@pytest.mark.parametrize("sample_rate,variant", [("1.0", []), ("0.3", ["--variant", "train.overlap_reduction=false"])])
+def test_tool_reports_both_sides_from_the_same_start(tmp_path, capsys, sample_rate, variant):
     path = tmp_path / "report.json"
-    assert load_tool("bench_bare_loop").main([*TINY, "--sample-rate", sample_rate, "--json", str(path)]) == 0
+    assert load_tool("bench_bare_loop").main([*TINY, "--sample-rate", sample_rate, *variant, "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     setup = report["setup"]
     assert (setup["network"], setup["world"], setup["global_batch"], setup["classes"]) == ("mbf", 2, 6, 30)
@@ -32,6 +32,12 @@ def test_tool_reports_both_sides_from_the_same_start(tmp_path, capsys, sample_ra
     assert trainer[0] == pytest.approx(bare[0], rel=1e-6)
     assert trainer[1] != trainer[0]  # the update happened
     assert trainer[1] == pytest.approx(bare[1], rel=1e-4)
+    reduction = setup["gradient_reduction"]
+    assert reduction["trainer"].startswith("torch DDP reducer under the DeepSpeed engine")  # ZeRO 0 fp32, 2 ranks
+    if variant:  # the A/B side: DeepSpeed's own reduction, timed in the same rounds
+        assert report["variant"] == ["train.overlap_reduction=false"]
+        assert reduction["variant"] == "DeepSpeed ZeRO 0, reduced after backward"
+        assert len(report["variant_vs_trainer_round_ratios"]) == 2 and report["variant_images_per_sec"] > 0
     printed = capsys.readouterr().out
     assert "ratio" in printed and "channels_last trainer=" in printed and "| backbone_backward |" in printed
 

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each side first")
     parser.add_argument("--profile-steps", type=int, default=5, help="steps of each side for the phase table (0: none)")
+    parser.add_argument("--variant", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="also time a second trainer with these config overrides in the same rounds (an A/B of "
+                             "a trainer setting, e.g. train.overlap_reduction=false)")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.profile_steps < 0 or args.world < 1:
@@ -70,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                         profile_steps=args.profile_steps)
     print(f"bench_bare_loop: {args.world} ranks, {args.repeats} rounds x {args.steps} steps per side "
           f"(+{args.warmup} warm-up, {args.profile_steps} profiled)", flush=True)
-    report = bench_bare_loop(config, args.world, plan)
+    variant_config = None
+    if args.variant:
+        variant_config = load_config(args.config, [*overrides(args), *args.variant], world_size=args.world)
+    report = bench_bare_loop(config, args.world, plan, variant_config=variant_config, variant=args.variant)
     print(format_report(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -18,6 +18,7 @@ Both sides start from the same weights and data: their losses on step 1 must be 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -194,40 +195,72 @@ def _phases(trainer, bare: BareLoop, steps: int, device) -> dict[str, dict[str, 
                    "bare_ms": bare_timer.totals.get(name, 0.0) / steps * 1e3} for name in PHASES}
 
 
-def rank_bench(rank: int, world: int, config, plan: BareLoopPlan) -> dict[str, Any]:
-    """One rank of the benchmark (run on spawned gloo ranks): both sides built, checked, timed, profiled."""
+def _built_trainer(config, env, output: str):
+    """`build_trainer` as a run builds it, in `output`, without the loop's checkpoint and summary at the end."""
     from largefr.train.build import build_trainer
+
+    trainer = build_trainer(dataclasses.replace(config, output=output), env)
+    trainer.checkpointer, trainer.summary_path = None, None
+    return trainer
+
+
+def _rounds(sides: dict[str, Any], plan: BareLoopPlan) -> list[dict[str, float]]:
+    """`plan.repeats` rounds of `plan.steps` steps of every side; the order rotates from round to round."""
+    names, rounds = list(sides), []
+    for index in range(plan.repeats):
+        shift = index % len(names)
+        rounds.append({name: _timed(lambda: sides[name](plan.steps)) for name in names[shift:] + names[:shift]})
+    return rounds
+
+
+def rank_bench(rank: int, world: int, config, plan: BareLoopPlan, variant_config=None) -> dict[str, Any]:
+    """One rank of the benchmark (run on spawned gloo ranks): the sides built, checked, timed, profiled.
+
+    `variant_config`: a second trainer (the config with other settings) timed in the same rounds.
+    """
     from largefr.train.distributed_env import init_distributed
 
     env = init_distributed()
     with tempfile.TemporaryDirectory() as output:
-        config = dataclasses.replace(config, output=output)
-        trainer = build_trainer(config, env)
-        trainer.checkpointer, trainer.summary_path = None, None
-        bare = BareLoop(config, env, trainer.schedule, trainer.head_lr_factor)
+        trainer = _built_trainer(config, env, os.path.join(output, "trainer"))
+        bare = BareLoop(dataclasses.replace(config, output=output), env, trainer.schedule, trainer.head_lr_factor)
+        variant = None if variant_config is None else _built_trainer(variant_config, env, os.path.join(output, "v"))
+        trainers = [t for t in (trainer, variant) if t is not None]
         try:
             losses = _like_for_like(trainer, bare)
-            run_trainer_steps(trainer, plan.warmup)
-            for _ in range(plan.warmup):
-                bare.step()
-            rounds = []
-            for index in range(plan.repeats):
-                sides = {"trainer": lambda: run_trainer_steps(trainer, plan.steps),
-                         "bare": lambda: [bare.step() for _ in range(plan.steps)]}
-                order = list(sides) if index % 2 == 0 else list(sides)[::-1]
-                rounds.append({name: _timed(sides[name]) for name in order})
+            sides = {"trainer": lambda steps: run_trainer_steps(trainer, steps),
+                     "bare": lambda steps: [bare.step() for _ in range(steps)]}
+            if variant is not None:
+                sides["variant"] = lambda steps: run_trainer_steps(variant, steps)
+            for run in sides.values():
+                run(plan.warmup)
+            rounds = _rounds(sides, plan)
             phases = _phases(trainer, bare, plan.profile_steps, env.device) if plan.profile_steps else {}
         finally:
-            trainer.metrics.close()
-    return {"rank": rank, "losses": losses, "rounds": rounds, "phases": phases}
+            for built in trainers:
+                built.metrics.close()
+    return {"rank": rank, "losses": losses, "rounds": rounds, "phases": phases,
+            "reduction": {"trainer": reduction_path(trainer.runner),
+                          "variant": reduction_path(variant.runner) if variant is not None else None}}
+
+
+def reduction_path(runner) -> str:
+    """How the trainer's step reduces backbone gradients (stated in the report beside the bare loop's)."""
+    if runner.backbone is not runner.engine:
+        return "torch DDP reducer under the DeepSpeed engine (overlapped)"
+    zero = runner.engine.zero_optimization_stage()
+    if zero == 2 or (zero == 1 and runner.engine.zero_overlap_comm()):
+        return f"DeepSpeed ZeRO {zero}, buckets reduced from the gradient hooks (overlapped)"
+    return f"DeepSpeed ZeRO {zero}, reduced after backward"
 
 
 # ---- the report ---------------------------------------------------------------------------------
-def summarize(per_rank: list[dict], config, plan: BareLoopPlan, world: int) -> dict[str, Any]:
+def summarize(per_rank: list[dict], config, plan: BareLoopPlan, world: int,
+              variant: list[str] | None = None) -> dict[str, Any]:
     """Images/s of each side (slowest rank per round, median over rounds), their ratio, phases, the check."""
     global_batch = config.train.batch_size * world * config.train.gradient_accumulation_steps
     seconds = {side: [max(r["rounds"][i][side] for r in per_rank) for i in range(plan.repeats)]
-               for side in ("trainer", "bare")}
+               for side in per_rank[0]["rounds"][0]}
     ips = {side: [global_batch * plan.steps / s for s in values] for side, values in seconds.items()}
     round_ratios = [t / b for t, b in zip(ips["trainer"], ips["bare"])]
     phases = {name: {key: statistics.fmean(r["phases"][name][key] for r in per_rank)
@@ -242,6 +275,7 @@ def summarize(per_rank: list[dict], config, plan: BareLoopPlan, world: int) -> d
                   "optimizer": config.optim.name, "gradient_clipping": config.optim.gradient_clipping,
                   "channels_last": {"trainer": config.train.channels_last, "bare": config.train.channels_last},
                   "compile": {"trainer": config.train.compile, "bare": config.train.compile},
+                  "gradient_reduction": {**per_rank[0]["reduction"], "bare": "torch DDP reducer, default buckets"},
                   "torch": torch.__version__, "threads_per_rank": THREADS_PER_RANK},
         "steps": plan.steps, "repeats": plan.repeats, "warmup": plan.warmup, "profile_steps": plan.profile_steps,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -253,18 +287,32 @@ def summarize(per_rank: list[dict], config, plan: BareLoopPlan, world: int) -> d
         "losses": losses,
         "step1_loss_difference": abs(losses["trainer"][0] - losses["bare"][0]),
         "step2_loss_relative_difference": abs(losses["trainer"][1] - losses["bare"][1]) / abs(losses["bare"][1]),
+        **(_variant_summary(ips, variant) if variant else {}),
     }
 
 
-def bench_bare_loop(config, world: int, plan: BareLoopPlan) -> dict[str, Any]:
-    """Run the benchmark on `world` spawned gloo ranks (1 torch thread each); the summarized report."""
+def _variant_summary(ips: dict[str, list[float]], variant: list[str]) -> dict[str, Any]:
+    """The variant trainer's images/s, its ratio to the bare loop and to the trainer (per round, then median)."""
+    per_round = [v / t for v, t in zip(ips["variant"], ips["trainer"])]
+    return {"variant": variant, "variant_images_per_sec": statistics.median(ips["variant"]),
+            "variant_ratio": statistics.median(ips["variant"]) / statistics.median(ips["bare"]),
+            "variant_vs_trainer_round_ratios": per_round,
+            "variant_vs_trainer": statistics.median(per_round)}
+
+
+def bench_bare_loop(config, world: int, plan: BareLoopPlan, *, variant_config=None,
+                    variant: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark on `world` spawned gloo ranks (1 torch thread each); the summarized report.
+
+    `variant_config` (built from the config with the overrides `variant`): a second trainer in the same rounds.
+    """
     from largefr.distributed.spawn import run_ranks
 
     if config.cluster.enabled:
         raise ValueError("the bare loop has no cluster terms: keep cluster.cg_margin=false, "
                          "cluster.contrastive_weight=0 and cluster.aligning_weight=0")
-    per_rank = run_ranks(rank_bench, world, config, plan, threads=THREADS_PER_RANK)
-    return summarize(per_rank, config, plan, world)
+    per_rank = run_ranks(rank_bench, world, config, plan, variant_config, threads=THREADS_PER_RANK)
+    return summarize(per_rank, config, plan, world, variant)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -275,9 +323,14 @@ def format_report(report: dict[str, Any]) -> str:
              f"ZeRO {s['zero_stage']}, {s['optimizer']} clip {s['gradient_clipping']}",
              f"layout: channels_last trainer={s['channels_last']['trainer']} bare={s['channels_last']['bare']}; "
              f"compile trainer={s['compile']['trainer']} bare={s['compile']['bare']}",
+             f"gradient reduction: trainer {s['gradient_reduction']['trainer']}; bare {s['gradient_reduction']['bare']}",
              f"trainer {report['trainer_images_per_sec']:.2f} img/s, bare loop {report['bare_images_per_sec']:.2f} "
              f"img/s, ratio {report['ratio']:.3f} (median of {report['repeats']} alternating rounds of "
              f"{report['steps']} steps; per round " + ", ".join(f"{r:.3f}" for r in report["round_ratios"]) + ")",
+             *([f"variant ({' '.join(report['variant'])}): {report['variant_images_per_sec']:.2f} img/s, "
+                f"ratio to bare {report['variant_ratio']:.3f}, to the trainer {report['variant_vs_trainer']:.3f} "
+                f"(median per round; gradient reduction: {s['gradient_reduction']['variant']})"]
+               if "variant" in report else []),
              f"like for like: step-1 loss trainer {report['losses']['trainer'][0]:.6f} bare "
              f"{report['losses']['bare'][0]:.6f}; step-2 relative difference "
              f"{report['step2_loss_relative_difference']:.1e}"]

@@ -71,11 +71,13 @@ class StepRunner:
     def __init__(self, *, engine, head: StepHead, head_step: ExternalHeadStep,
                  momentum_encoder: torch.nn.Module | None = None, encoder_momentum: float = 0.999,
                  group: ProcessGroup | None = None, on_nonfinite: str = "skip",
-                 device: torch.device | str = "cpu", loss_same_on_every_rank: bool = False):
+                 device: torch.device | str = "cpu", loss_same_on_every_rank: bool = False,
+                 overlap_reduction: bool = True):
         """loss_same_on_every_rank: the head's loss is computed from all-reduced values (ClusterGuidedHead),
-        so its finiteness needs no all-reduce of its own."""
+        so its finiteness needs no all-reduce of its own. overlap_reduction (train.overlap_reduction): at
+        ZeRO 0 run the backbone under torch DDP's reducer (`overlapped_backbone`)."""
         self.engine = engine
-        self.backbone = overlapped_backbone(engine)  # ZeRO 0: torch DDP's reducer under the engine
+        self.backbone = overlapped_backbone(engine) if overlap_reduction else engine
         self.loss_same_on_every_rank = loss_same_on_every_rank
         self.head = head
         self.head_step = head_step
