@@ -282,7 +282,8 @@ def summarize(per_rank: list[dict], config, plan: BareLoopPlan, world: int,
         "trainer_images_per_sec": statistics.median(ips["trainer"]),
         "bare_images_per_sec": statistics.median(ips["bare"]),
         "ratio": statistics.median(ips["trainer"]) / statistics.median(ips["bare"]),
-        "round_ratios": round_ratios, "round_seconds": seconds,
+        "round_ratios": round_ratios, "round_ratio_median": statistics.median(round_ratios),
+        "round_seconds": seconds,
         "phases_ms": phases,
         "losses": losses,
         "step1_loss_difference": abs(losses["trainer"][0] - losses["bare"][0]),
@@ -326,7 +327,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"gradient reduction: trainer {s['gradient_reduction']['trainer']}; bare {s['gradient_reduction']['bare']}",
              f"trainer {report['trainer_images_per_sec']:.2f} img/s, bare loop {report['bare_images_per_sec']:.2f} "
              f"img/s, ratio {report['ratio']:.3f} (median of {report['repeats']} alternating rounds of "
-             f"{report['steps']} steps; per round " + ", ".join(f"{r:.3f}" for r in report["round_ratios"]) + ")",
+             f"{report['steps']} steps; per round " + ", ".join(f"{r:.3f}" for r in report["round_ratios"])
+             + f", their median {report['round_ratio_median']:.3f})",
              *([f"variant ({' '.join(report['variant'])}): {report['variant_images_per_sec']:.2f} img/s, "
                 f"ratio to bare {report['variant_ratio']:.3f}, to the trainer {report['variant_vs_trainer']:.3f} "
                 f"(median per round; gradient reduction: {s['gradient_reduction']['variant']})"]

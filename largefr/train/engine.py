@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -143,11 +144,12 @@ def engine_loss_scale(engine) -> float:
 def overlapped_backbone(engine) -> torch.nn.Module:
     """What the step runs the backbone through so that its gradient reduction overlaps backward.
 
-    ZeRO 1 and 2 reduce in DeepSpeed's own gradient hooks during backward (`zero_optimization.overlap_comm`,
-    which `build_deepspeed_config` turns on: OVERLAP_DEFAULTS). ZeRO 0 has no such path in DeepSpeed 0.19.8:
-    `allreduce_gradients` runs after backward, over one flat copy of every gradient. For ZeRO 0 with fp32
+    ZeRO 1 and 2 reduce in DeepSpeed's own gradient hooks during backward (`zero_optimization.overlap_comm`
+    and its bucket size, OVERLAP_DEFAULTS, written by `build_deepspeed_config(overlap_reduction=True)`).
+    ZeRO 0 has no such path in DeepSpeed 0.19.8: `allreduce_gradients` runs after backward, over one flat
+    copy of every gradient. For ZeRO 0 with fp32
     parameters and more than one rank, the engine is wrapped in torch's `DistributedDataParallel`, whose
-    reducer all-reduces (averages) 25 MB buckets asynchronously as their gradients become ready, and the
+    reducer all-reduces (averages) 25 MiB buckets asynchronously as their gradients become ready, and the
     engine's own all-reduce is turned off (`enable_backward_allreduce`). Forward goes through the wrapper
     (which calls the engine's forward); backward and step stay the engine's. Anything else: the engine.
     bf16 at ZeRO 0 keeps DeepSpeed's path (its BF16_Optimizer accumulates into fp32 copies after backward).
@@ -158,8 +160,10 @@ def overlapped_backbone(engine) -> torch.nn.Module:
     if (engine.zero_optimization_stage() != 0 or engine_dtype(engine) != torch.float32
             or not engine.enable_backward_allreduce or torch.distributed.get_world_size(group) < 2):
         return engine
-    wrapped = DistributedDataParallel(engine, process_group=group, broadcast_buffers=False,
-                                      device_ids=None if engine.device.type == "cpu" else [engine.device])
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; the device's torch 2.11 knows only it
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = DistributedDataParallel(engine, process_group=group, broadcast_buffers=False,
+                                          device_ids=None if engine.device.type == "cpu" else [engine.device])
     engine.enable_backward_allreduce = False  # the reducer above averages the gradients instead
     return wrapped
 
