@@ -324,7 +324,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"ZeRO {s['zero_stage']}, {s['optimizer']} clip {s['gradient_clipping']}",
              f"layout: channels_last trainer={s['channels_last']['trainer']} bare={s['channels_last']['bare']}; "
              f"compile trainer={s['compile']['trainer']} bare={s['compile']['bare']}",
-             f"gradient reduction: trainer {s['gradient_reduction']['trainer']}; bare {s['gradient_reduction']['bare']}",
+             f"gradient reduction: trainer {s['gradient_reduction']['trainer']}; "
+             f"bare {s['gradient_reduction']['bare']}",
              f"trainer {report['trainer_images_per_sec']:.2f} img/s, bare loop {report['bare_images_per_sec']:.2f} "
              f"img/s, ratio {report['ratio']:.3f} (median of {report['repeats']} alternating rounds of "
              f"{report['steps']} steps; per round " + ", ".join(f"{r:.3f}" for r in report["round_ratios"])
