@@ -45,3 +45,8 @@ def test_tool_reports_both_sides_from_the_same_start(tmp_path, capsys, sample_ra
 def test_cluster_terms_refused_with_the_keys_to_change():
     with pytest.raises(ValueError, match="the bare loop has no cluster terms: keep cluster.cg_margin=false"):
         load_tool("bench_bare_loop").main([*TINY, "--set", "model.network=mbf", "cluster.aligning_weight=0.1"])
+
+
+def test_other_precisions_refused_with_the_flag_to_change():
+    with pytest.raises(ValueError, match="the bare loop runs fp32 steps of one micro-batch; got train.precision=bf16"):
+        load_tool("bench_bare_loop").main([*TINY, "--precision", "bf16"])

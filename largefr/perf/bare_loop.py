@@ -312,6 +312,11 @@ def bench_bare_loop(config, world: int, plan: BareLoopPlan, *, variant_config=No
     if config.cluster.enabled:
         raise ValueError("the bare loop has no cluster terms: keep cluster.cg_margin=false, "
                          "cluster.contrastive_weight=0 and cluster.aligning_weight=0")
+    if config.train.precision != "fp32" or config.train.gradient_accumulation_steps != 1:
+        raise ValueError(f"the bare loop runs fp32 steps of one micro-batch; got train.precision="
+                         f"{config.train.precision}, train.gradient_accumulation_steps="
+                         f"{config.train.gradient_accumulation_steps}: use --precision fp32 and no accumulation "
+                         "(bf16 would need DeepSpeed's fp32 master weights on the bare side too)")
     per_rank = run_ranks(rank_bench, world, config, plan, variant_config, threads=THREADS_PER_RANK)
     return summarize(per_rank, config, plan, world, variant)
 
