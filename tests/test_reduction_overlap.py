@@ -49,3 +49,36 @@ def test_reduction_starts_before_backward_ends_with_the_trainers_settings():
     for result in per_rank:
         torch.testing.assert_close(result[(0, True)]["grads"], result[(0, False)]["grads"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(per_rank[0][(0, True)]["grads"], per_rank[1][(0, True)]["grads"])
+
+
+def _skip_and_stop_worker(rank: int, world: int) -> dict:
+    from largefr.train.distributed_env import init_distributed
+    from largefr.train.engine import build_deepspeed_config, build_optimizer, create_engine
+    from largefr.train.head_step import ExternalHeadStep
+    from largefr.train.step import StepRunner
+    from tests.train_helpers import PoisonedHead, ShardedArcFace, full_weight, rank_batch, tiny_backbone
+
+    init_distributed()
+    head = ShardedArcFace(full_weight(5))
+    backbone = tiny_backbone()
+    config = build_deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=1, world_size=world,
+                                    zero_stage=0, precision="fp32", gradient_clipping=0.0, overlap_reduction=True)
+    engine = create_engine(backbone, build_optimizer(backbone.parameters(), name="sgd", lr=0.5), config)
+    runner = StepRunner(engine=engine, head=PoisonedHead(head, lambda call: rank == 1 and call == 1),
+                        head_step=ExternalHeadStep(torch.optim.SGD(head.parameters(), lr=0.5), sharded=[head.weight],
+                                                   replicated=[], gradient_accumulation_steps=1))
+    steps = []
+    for index in range(3):  # step 1: NaN on rank 1 only; step 3: rank 0 asks to stop
+        result = runner.step([rank_batch(rank, 4, 5, seed=index)], lr=0.5, head_lr=0.5,
+                             stop_requested=rank == 0 and index == 2)
+        steps.append((result.applied, result.nonfinite_microbatches, result.stop_requested))
+    return {"steps": steps, "reducer": type(runner.backbone).__name__,
+            "weights": torch.cat([p.detach().flatten() for p in engine.module.parameters()])}
+
+
+def test_zero0_under_ddp_skips_a_nonfinite_step_everywhere_and_agrees_on_stop():
+    results = run_distributed(_skip_and_stop_worker, 2)
+    for result in results:
+        assert result["reducer"] == "DistributedDataParallel"
+        assert result["steps"] == [(False, 1, False), (True, 0, False), (True, 0, True)]
+    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)  # one replica

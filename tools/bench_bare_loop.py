@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=10000, help="number of classes (data.num_classes)")
     parser.add_argument("--embedding-size", type=int, default=512, help="embedding size (model.embedding_size)")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate (head.sample_rate)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="train.precision")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="train.precision (the bare loop runs fp32 only)")
     parser.add_argument("--seed", type=int, default=0, help="train.seed (both sides start from its weights)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each side per round")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median reported)")
