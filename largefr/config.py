@@ -509,9 +509,10 @@ class TrainConfig(_Section):
     collective_timeout_s: float | None = None
     """Timeout of every collective: a dead rank makes the others fail after it (null = $LARGEFR_DIST_TIMEOUT_S or 1800)."""
     debug_inject_nan_steps: list[int] = field(default_factory=list)
-    """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank."""
+    """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank
+    (through its embeddings, before the head's collectives, as a real fault would reach it)."""
     debug_inject_nan_rank: int = 0
-    """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
+    """FAULT INJECTION (tests only): the rank whose embeddings debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Deterministic torch kernels, so that two runs of one config give bit-identical weights (on the same
     machine, ranks and software): torch.use_deterministic_algorithms(True), cuDNN deterministic with its
