@@ -454,9 +454,10 @@ class TrainConfig(_Section):
     every rank naming it; 0 turns it off. Keep it above the longest pause of a healthy process and below
     train.collective_timeout_s; see docs/RELIABILITY.md for scaling it to the step time."""
     debug_inject_nan_steps: list[int] = field(default_factory=list)
-    """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank."""
+    """FAULT INJECTION (tests only): optimizer steps (1-based) whose loss is made NaN on rank debug_inject_nan_rank
+    (through its embeddings, before the head's collectives, as a real fault would reach it)."""
     debug_inject_nan_rank: int = 0
-    """FAULT INJECTION (tests only): the rank whose loss debug_inject_nan_steps poisons."""
+    """FAULT INJECTION (tests only): the rank whose embeddings debug_inject_nan_steps poisons."""
     deterministic: bool = False
     """Deterministic torch kernels, so that two runs of one config give bit-identical weights (on the same
     machine, ranks and software): torch.use_deterministic_algorithms(True), cuDNN deterministic with its
@@ -472,6 +473,11 @@ class TrainConfig(_Section):
     channels_last: bool = False
     """Feed the backbone NHWC images (channels-last memory layout), which the fastest GPU convolution
     kernels use; no effect on what is computed."""
+    overlap_reduction: bool = True
+    """Reduce the backbone's gradients while backward runs: at ZeRO 0 (fp32, more than one rank) through
+    torch DDP's reducer under the engine, at ZeRO 1 and 2 with DeepSpeed's overlap_comm and 25 MiB buckets
+    (largefr.train.engine.OVERLAP_DEFAULTS; docs/DESIGN.md section 6). false: DeepSpeed's reduction after
+    backward (one flat all-reduce at ZeRO 0). Same gradients either way; measured in docs/PERFORMANCE.md."""
     freeze_backbone_steps: int = 0
     """Backbone learning rate 0 for the first N optimizer steps (the head, warm-started or not, adapts
     first; BatchNorm statistics still move); the schedule is not shifted."""

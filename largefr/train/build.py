@@ -131,7 +131,8 @@ def build_engine(config: Config, env: DistributedEnv, *, load_init: bool = True)
         micro_batch_size=config.train.batch_size, gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         world_size=env.world_size, zero_stage=config.train.zero_stage, precision=config.train.precision,
         gradient_clipping=config.optim.gradient_clipping, user_section=config.deepspeed,
-        accelerator_name=accelerator, fp16_supported=fp16_supported)
+        accelerator_name=accelerator, fp16_supported=fp16_supported,
+        overlap_reduction=config.train.overlap_reduction)
     optimizer = build_optimizer(backbone.parameters(), name=config.optim.name, lr=config.optim.lr,
                                 momentum=config.optim.momentum, weight_decay=config.optim.weight_decay,
                                 betas=tuple(config.optim.betas))
@@ -164,7 +165,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
         warm_start_head(prepared, parts.head, encoder.encoder if encoder is not None else engine.module)
     runner = StepRunner(engine=engine, head=parts.head, head_step=parts.step, momentum_encoder=encoder,
                         encoder_momentum=config.cluster.encoder_momentum, group=parts.head.group,
-                        on_nonfinite=config.train.on_nonfinite, device=env.device)
+                        on_nonfinite=config.train.on_nonfinite, device=env.device, loss_same_on_every_rank=True,
+                        overlap_reduction=config.train.overlap_reduction)
     global_batch = config.global_batch_size(env.world_size)
     per_epoch = steps_per_epoch(config.data.num_images, global_batch)
     _check_loader_length(config, loader, per_epoch, env)

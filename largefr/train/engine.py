@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -19,6 +20,15 @@ BF16_GRADIENT_REDUCTION = "fp32"
 override it). DeepSpeed's default follows bf16: the data-parallel sum of the backbone gradients (which carry
 the head's x world feature-gradient factor) would be rounded to 8 mantissa bits at every hop; in fp32 it is
 summed exactly and rounded to bf16 once, for twice the all-reduce bytes (docs/PERFORMANCE.md)."""
+
+
+OVERLAP_DEFAULTS = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 6_553_600}
+"""`zero_optimization` keys written for ZeRO 1 and 2 (the user's deepspeed section may override them): gradients
+are reduced in buckets of 6.55M elements (25 MiB of fp32, torch DDP's default bucket) from DeepSpeed's gradient
+hooks while backward still runs, instead of all at once after it. DeepSpeed 0.19.8's default bucket is 5e8
+elements, larger than most backbones (IResNet-100: 65M), so without a smaller bucket the reduction waits for
+the end of backward even with overlap_comm. ZeRO 0 overlaps through `overlapped_backbone` (docs/DESIGN.md
+section 6)."""
 
 
 class EngineConfigError(UserError, ValueError):
@@ -45,13 +55,16 @@ def _check_precision(precision: str, zero_stage: int, accelerator_name: str,
 def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
                            zero_stage: int, precision: str, gradient_clipping: float,
                            user_section: Mapping[str, Any] | None = None,
-                           accelerator_name: str = "cpu", fp16_supported: bool = False) -> dict[str, Any]:
+                           accelerator_name: str = "cpu", fp16_supported: bool = False,
+                           overlap_reduction: bool = False) -> dict[str, Any]:
     """The dict passed to `deepspeed.initialize`, from largefr's keys plus the user's extra keys.
 
     The arguments come from a checked `Config`: `user_section` holds none of largefr.config's
     DEEPSPEED_OWNED_KEYS, `zero_stage` is one of ZERO_STAGES, `precision` one of PRECISIONS.
     `gradient_clipping` is always written (0.0 = off): DeepSpeed defaults it to 1.0 since 0.19.3.
     bf16 reduces gradients in BF16_GRADIENT_REDUCTION unless the user's section sets communication_data_type.
+    `overlap_reduction` (the trainer sets it): ZeRO 1 and 2 reduce gradients while backward runs (OVERLAP_DEFAULTS)
+    unless the user's section says otherwise.
     """
     user_section = dict(user_section or {})
     _check_precision(precision, zero_stage, accelerator_name, fp16_supported)
@@ -70,6 +83,8 @@ def build_deepspeed_config(*, micro_batch_size: int, gradient_accumulation_steps
     }
     if precision == "bf16":
         config["communication_data_type"] = BF16_GRADIENT_REDUCTION
+    if overlap_reduction and zero_stage in (1, 2):
+        config["zero_optimization"].update(OVERLAP_DEFAULTS)
     return _deep_merge(config, user_section)
 
 
@@ -126,6 +141,33 @@ def engine_loss_scale(engine) -> float:
         return float(engine.optimizer.cur_scale)
     raise EngineConfigError("fp16 without a ZeRO optimizer: DeepSpeed 0.19.8 does not scale the loss "
                             "(use train.zero_stage >= 1 with fp16)")
+
+
+def overlapped_backbone(engine) -> torch.nn.Module:
+    """What the step runs the backbone through so that its gradient reduction overlaps backward.
+
+    ZeRO 1 and 2 reduce in DeepSpeed's own gradient hooks during backward (`zero_optimization.overlap_comm`
+    and its bucket size, OVERLAP_DEFAULTS, written by `build_deepspeed_config(overlap_reduction=True)`).
+    ZeRO 0 has no such path in DeepSpeed 0.19.8: `allreduce_gradients` runs after backward, over one flat
+    copy of every gradient. For ZeRO 0 with fp32
+    parameters and more than one rank, the engine is wrapped in torch's `DistributedDataParallel`, whose
+    reducer all-reduces (averages) 25 MiB buckets asynchronously as their gradients become ready, and the
+    engine's own all-reduce is turned off (`enable_backward_allreduce`). Forward goes through the wrapper
+    (which calls the engine's forward); backward and step stay the engine's. Anything else: the engine.
+    bf16 at ZeRO 0 keeps DeepSpeed's path (its BF16_Optimizer accumulates into fp32 copies after backward).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    group = engine.data_parallel_group
+    if (engine.zero_optimization_stage() != 0 or engine_dtype(engine) != torch.float32
+            or not engine.enable_backward_allreduce or torch.distributed.get_world_size(group) < 2):
+        return engine
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; the device's torch 2.11 knows only it
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = DistributedDataParallel(engine, process_group=group, broadcast_buffers=False,
+                                          device_ids=None if engine.device.type == "cpu" else [engine.device])
+    engine.enable_backward_allreduce = False  # the reducer above averages the gradients instead
+    return wrapped
 
 
 def engine_dtype(engine) -> torch.dtype:

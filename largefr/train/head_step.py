@@ -137,12 +137,47 @@ def global_grad_norm(*, sharded: list[torch.nn.Parameter], replicated: list[torc
     return (sharded_sq + replicated_sq).sqrt().squeeze(0)
 
 
+@dataclass(kw_only=True, frozen=True)
+class AgreedFlags:
+    """What the head step's one all-reduce makes the ranks agree on."""
+
+    grads_finite: bool
+    """Every head gradient is finite on every rank (True when not checked)."""
+    sharded_norm_sq: float
+    """Squared L2 norm of the sharded gradients summed over ranks (0.0 when not asked for)."""
+    stop_requested: bool
+    """Some rank asked to stop (SIGTERM/SIGINT)."""
+
+
+def agree_head_flags(*, sharded: list[torch.nn.Parameter], replicated: list[torch.nn.Parameter],
+                     check_finite: bool, norm: bool, stop_requested: bool, group: ProcessGroup | None,
+                     device: torch.device) -> AgreedFlags:
+    """One all-reduce (sum) of [non-finite count, sharded squared norm, stop] and one read of it on the host.
+
+    Replaces one collective per question (finiteness, clipping norm, stop) with one per step; what each
+    part computes is what `grads_finite_everywhere` and `global_grad_norm` compute.
+    """
+    flags = torch.zeros(3, dtype=torch.float32, device=device)
+    grads = _grads(sharded + replicated) if check_finite or norm else []
+    if check_finite and grads:
+        flags[0] = torch.stack([~torch.isfinite(grad).all() for grad in grads]).sum()
+    if norm:
+        for grad in _grads(sharded):
+            flags[1] += grad.float().pow(2).sum()
+    flags[2] = float(stop_requested)
+    all_reduce_sum_(flags, group)
+    bad, norm_sq, stop = flags.tolist()
+    return AgreedFlags(grads_finite=bad == 0, sharded_norm_sq=norm_sq, stop_requested=stop > 0)
+
+
 @dataclass(kw_only=True)
 class HeadStepResult:
     applied: bool
     reason: str
     grad_norm: float | None
     """Head gradient norm before clipping (None when no clipping was configured or the step was skipped)."""
+    stop_requested: bool = False
+    """Some rank asked to stop (agreed by the step's all-reduce; identical on every rank)."""
 
 
 class ExternalHeadStep:
@@ -153,6 +188,7 @@ class ExternalHeadStep:
     has already made identical on every rank.
     A row-sparse optimizer (`RowSparseOptimizer`, Partial FC) steps the rows given to `step(rows=...)`:
     the union of the step's micro-batches' `HeadLoss.rows`.
+    Each step makes one all-reduce (`agree_head_flags`): finiteness, the clipping norm and the stop flag.
     """
 
     def __init__(self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *,
@@ -178,13 +214,19 @@ class ExternalHeadStep:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
 
-    def step(self, *, loss_scale: float, engine_step_applied: bool, rows: torch.Tensor | None = None) -> HeadStepResult:
-        """Call once per optimizer step, after the boundary `engine.step()`; `rows` go to row-sparse optimizers."""
+    def step(self, *, loss_scale: float, engine_step_applied: bool, rows: torch.Tensor | None = None,
+             stop_requested: bool = False) -> HeadStepResult:
+        """Call once per optimizer step, after the boundary `engine.step()`; `rows` go to row-sparse optimizers.
+
+        `stop_requested`: this rank's stop flag; the result says whether any rank's was set.
+        """
         has_gradients = bool(_grads(self.parameters))
         check = engine_step_applied and has_gradients
-        finite = grads_finite_everywhere(self.parameters, self.group) if check else True
+        flags = agree_head_flags(sharded=self.sharded, replicated=self.replicated, check_finite=check,
+                                 norm=check and self.clip_norm > 0, stop_requested=stop_requested,
+                                 group=self.group, device=self.parameters[0].device)
         decision = decide_head_step(loss_scale=loss_scale, engine_step_applied=engine_step_applied,
-                                    head_grads_finite=finite, head_has_gradients=has_gradients,
+                                    head_grads_finite=flags.grads_finite, head_has_gradients=has_gradients,
                                     gradient_accumulation_steps=self.gradient_accumulation_steps)
         grad_norm = None
         if decision.apply:
@@ -192,17 +234,21 @@ class ExternalHeadStep:
             if decision.grad_multiplier != 1.0 and grads:
                 torch._foreach_mul_(grads, decision.grad_multiplier)
             if self.clip_norm > 0:
-                grad_norm = self._clip()
+                grad_norm = self._clip(flags.sharded_norm_sq * decision.grad_multiplier ** 2)
             for optimizer in self.optimizers:
                 if isinstance(optimizer, RowSparseOptimizer):
                     optimizer.step(rows=rows)
                 else:
                     optimizer.step()
         self.zero_grad()
-        return HeadStepResult(applied=decision.apply, reason=decision.reason, grad_norm=grad_norm)
+        return HeadStepResult(applied=decision.apply, reason=decision.reason, grad_norm=grad_norm,
+                              stop_requested=flags.stop_requested)
 
-    def _clip(self) -> float:
-        norm = global_grad_norm(sharded=self.sharded, replicated=self.replicated, group=self.group)
+    def _clip(self, sharded_norm_sq: float) -> float:
+        """Scale every head gradient by min(1, clip / norm); the sharded part of the norm came with the flags."""
+        device = self.parameters[0].device
+        replicated_sq = sum((g.float().pow(2).sum() for g in _grads(self.replicated)), torch.zeros((), device=device))
+        norm = (replicated_sq + sharded_norm_sq).sqrt()
         coefficient = torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0)
         grads = _grads(self.parameters)
         if grads:

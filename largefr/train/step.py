@@ -3,8 +3,12 @@
 Kept free of config, data and logging so that tests drive it with real DeepSpeed engines and
 compare with a dense reference; `largefr.train.trainer.Trainer` runs it in the training loop.
 
-Non-finite losses are detected on all ranks together (one all-reduce per micro-batch, which also
-carries the "stop requested" flag of SIGTERM/SIGINT so every rank stops after the same step).
+Non-finite losses are detected on all ranks together. A head whose loss is the same on every rank
+(`loss_same_on_every_rank`, as `ClusterGuidedHead`'s: it is made from all-reduced values, so a NaN on one
+rank reaches all) needs no collective for it: each rank reads its own loss (the one host sync a micro-batch
+needs, since skipping happens before backward). Any other head's flag is all-reduced per micro-batch.
+The "stop requested" flag of SIGTERM/SIGINT rides on the head step's one all-reduce
+(`largefr.train.head_step.agree_head_flags`), so every rank stops after the same step.
 Policy 'skip': with gradient accumulation 1 the whole step is skipped (no backward, no engine or
 head step, no EMA update: weights and optimizer states stay as they were). With accumulation > 1
 the bad micro-batch contributes a zero gradient (a backward of 0 x sum(parameters) keeps
@@ -22,8 +26,8 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_max_, group_size
 from largefr.errors import UserError
 from largefr.heads.joint import HeadLoss
+from largefr.train.engine import engine_dtype, engine_loss_scale, overlapped_backbone
 from largefr.train.phases import NULL_TIMER
-from largefr.train.engine import engine_dtype, engine_loss_scale
 from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, scale_feature_gradient
 from largefr.train.schedule import set_learning_rate
 
@@ -63,13 +67,19 @@ class StepRunner:
     """Runs forward/backward of engine + head and the two optimizer steps, in the right order."""
 
     phase_timer = NULL_TIMER  # tools/profile_step.py sets a PhaseTimer (largefr/perf/profiling.py)
-    inject_nan = False  # FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's loss
+    inject_nan = False  # FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's embeddings
 
     def __init__(self, *, engine, head: StepHead, head_step: ExternalHeadStep,
                  momentum_encoder: torch.nn.Module | None = None, encoder_momentum: float = 0.999,
                  group: ProcessGroup | None = None, on_nonfinite: str = "skip",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", loss_same_on_every_rank: bool = False,
+                 overlap_reduction: bool = True):
+        """loss_same_on_every_rank: the head's loss is computed from all-reduced values (ClusterGuidedHead),
+        so its finiteness needs no all-reduce of its own. overlap_reduction (train.overlap_reduction): at
+        ZeRO 0 run the backbone under torch DDP's reducer (`overlapped_backbone`)."""
         self.engine = engine
+        self.backbone = overlapped_backbone(engine) if overlap_reduction else engine
+        self.loss_same_on_every_rank = loss_same_on_every_rank
         self.head = head
         self.head_step = head_step
         self.momentum_encoder = momentum_encoder
@@ -88,18 +98,19 @@ class StepRunner:
         set_learning_rate(self.engine.optimizer, lr)
         self.head_step.set_learning_rate(head_lr)
         finite_losses: list[HeadLoss] = []
-        nonfinite, stop_everywhere = 0, False
+        nonfinite = 0
         for index, (images, labels) in enumerate(micro_batches):
+            self._sync_gradients(index == len(micro_batches) - 1)
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             momentum_features = self._momentum_forward(images)
             with self.phase_timer.phase("backbone_forward"):
-                embeddings = self.engine(images.to(engine_dtype(self.engine))).float()
+                embeddings = self.backbone(images.to(engine_dtype(self.engine))).float()
+            if self.inject_nan:  # before the head: its collectives carry the NaN to every rank, as a real one would
+                embeddings = embeddings * float("nan")
             embeddings = scale_feature_gradient(embeddings, self.feature_grad_factor)
             head_loss = self.head.training_loss(embeddings, labels, momentum_features)
-            loss = head_loss.loss * float("nan") if self.inject_nan else head_loss.loss
-            finite, stop = self._agree(loss, stop_requested)
-            stop_everywhere |= stop
-            if finite:
+            loss = head_loss.loss
+            if self._finite(loss):
                 finite_losses.append(head_loss)
             else:  # the one place a non-finite micro-batch is handled
                 nonfinite += 1
@@ -109,7 +120,7 @@ class StepRunner:
                 if self.gradient_accumulation_steps == 1:  # skip the whole step: nothing moves
                     self.head_step.zero_grad()
                     return summarize(finite_losses, nonfinite, applied=False, reason="non-finite loss",
-                                     stop_requested=stop_everywhere)
+                                     stop_requested=self._agree_stop(stop_requested))
                 loss = self._zero_loss()  # contributes nothing, keeps DeepSpeed's accumulation bookkeeping
             with self.phase_timer.phase("backbone_backward"):
                 self.engine.backward(loss, scale_wrt_gas=False)  # largefr applies 1/gas itself (head_step.py)
@@ -120,12 +131,12 @@ class StepRunner:
         engine_applied = self.engine.was_step_applied()  # False after an fp16 overflow
         with self.phase_timer.phase("optimizer_head"):
             head = self.head_step.step(loss_scale=loss_scale, engine_step_applied=engine_applied,
-                                       rows=union_rows([h.rows for h in finite_losses]))
+                                       rows=union_rows([h.rows for h in finite_losses]), stop_requested=stop_requested)
         if engine_applied and self.momentum_encoder is not None:  # EMA after every backbone update
             with self.phase_timer.phase("ema_update"):
                 self.momentum_encoder.update(self.engine.module, self.encoder_momentum)
         return summarize(finite_losses, nonfinite, applied=engine_applied and head.applied,
-                         reason="" if head.applied else head.reason, stop_requested=stop_everywhere)
+                         reason="" if head.applied else head.reason, stop_requested=head.stop_requested)
 
     def _check_count(self, micro_batches: Sequence) -> None:
         if len(micro_batches) != self.gradient_accumulation_steps:
@@ -138,14 +149,24 @@ class StepRunner:
         with self.phase_timer.phase("momentum_forward"):
             return self.momentum_encoder(images)
 
-    def _agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-        """(finite on every rank, stop requested on some rank): built on the device, read once (one host sync)."""
-        flags = torch.zeros(2, dtype=torch.float32, device=loss.device)
-        flags[0] = (~torch.isfinite(loss.detach())).any()
-        flags[1] = float(stop_requested)
-        all_reduce_max_(flags, self.group)
-        nonfinite, stop = flags.tolist()
-        return nonfinite == 0, stop > 0
+    def _sync_gradients(self, boundary: bool) -> None:
+        """Under torch DDP's reducer, micro-batches before the accumulation boundary keep their gradients local
+        (what `DistributedDataParallel.no_sync` sets, for the forward and backward that follow)."""
+        if self.backbone is not self.engine:
+            self.backbone.require_backward_grad_sync = boundary
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: one host read, plus an all-reduce unless the loss is the
+        same on every rank anyway."""
+        flag = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if not self.loss_same_on_every_rank:
+            all_reduce_max_(flag, self.group)
+        return not bool(flag.item())
+
+    def _agree_stop(self, stop_requested: bool) -> bool:
+        """Whether some rank asked to stop, on a skipped step (whose head step, which carries it, did not run)."""
+        flag = torch.tensor([float(stop_requested)], device=self.device)
+        return bool(all_reduce_max_(flag, self.group).item())
 
     def _zero_loss(self) -> torch.Tensor:
         """0 x sum(parameters): a backward that reaches every parameter (ZeRO's gradient hooks) with zeros."""
