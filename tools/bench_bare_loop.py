@@ -19,12 +19,10 @@ import json
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # run from a checkout
-    sys.path.insert(0, REPO_ROOT)
+from largefr.choices import PRECISIONS
+from largefr.perf.bare_loop import BENCH_OVERRIDES, BareLoopPlan, bench_bare_loop, format_report
 
-from largefr.config import PRECISIONS  # noqa: E402
-from largefr.perf.bare_loop import BENCH_OVERRIDES, BareLoopPlan, bench_bare_loop, format_report  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

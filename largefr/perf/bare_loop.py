@@ -67,7 +67,8 @@ class BareLoop:
         from torch.nn.parallel import DistributedDataParallel
 
         from largefr.models import get_model
-        from largefr.train.build import backbone_options, build_head, build_train_loader, seed_everything
+        from largefr.data.prepare import prepare_data
+        from largefr.train.build import backbone_options, build_head, seed_everything
         from largefr.train.compile import EagerFallback, use_channels_last
         from largefr.train.engine import build_optimizer
 
@@ -85,7 +86,7 @@ class BareLoop:
         parts = build_head(config, env)
         self.head, self.head_optimizer = parts.head.margin_head, parts.weight_optimizer
         self.clip, self.world = o.gradient_clipping, env.world_size
-        self.loader = build_train_loader(config, None, env)
+        self.loader = prepare_data(config, env).open_loader()
         self.schedule, self.head_lr_factor = schedule, head_lr_factor
         self.step_index, self.device = 0, env.device
         self.timer: PhaseTimer = NULL_TIMER
