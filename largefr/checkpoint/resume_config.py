@@ -68,7 +68,8 @@ RESUME_RULES: dict[str, Rule] = {
     "train.precision": Rule.FIXED, "train.batch_size": Rule.FREE, "train.gradient_accumulation_steps": Rule.FREE,
     "train.max_steps": Rule.FREE, "train.seed": Rule.FREE, "train.world": Rule.FREE, "train.zero_stage": Rule.FREE,
     "train.on_nonfinite": Rule.FREE, "train.max_consecutive_nonfinite": Rule.FREE,
-    "train.collective_timeout_s": Rule.FREE, "train.debug_inject_nan_steps": Rule.FREE,
+    "train.collective_timeout_s": Rule.FREE, "train.hang_timeout_s": Rule.FREE, "train.overlap_reduction": Rule.FREE,
+    "train.debug_inject_nan_steps": Rule.FREE,
     "train.debug_inject_nan_rank": Rule.FREE, "train.deterministic": Rule.FREE, "train.compile": Rule.FREE,
     "train.compile_backend": Rule.FREE, "train.channels_last": Rule.FREE, "train.freeze_backbone_steps": Rule.FREE,
     # whole sections
