@@ -162,6 +162,7 @@ def _run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # trains at three class counts (13-17 s); the planner's own checks stay in the default run
 def test_scale_classes_tool_measures_beside_the_planner(tmp_path):
     out = tmp_path / "scale.json"
     result = _run_tool("scale_classes", "--classes", "3000,12000", "--world", "1,2", "--dim", "32", "--batch", "32",
