@@ -8,14 +8,12 @@ asks A / B <= 1.25 at 1M classes and at the largest count run.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from largefr.distributed.spawn import free_port
-from largefr.perf.scale_run import ROOT, run_processes
+from largefr.perf.scale_run import ROOT, rank_environments, run_processes
 
 SIDES = ("A", "B")
 
@@ -49,14 +47,9 @@ def profile_side(plan: SampledStepPlan, classes: int, rate: float, work: Path) -
                "--steps", str(plan.steps), "--warmup", str(plan.warmup), "--json", str(report),
                "--set", *COMMON, f"train.batch_size={plan.batch}", f"data.num_classes={classes}",
                f"data.num_images={classes}", f"head.sample_rate={rate}", f"output={work / 'run'}", *plan.overrides]
-    port = str(free_port())
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    envs = [dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(plan.world),
-                 LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(plan.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            for rank in range(plan.world)]
     work.mkdir(parents=True, exist_ok=True)
     logs = [work / f"rank{rank}.out" for rank in range(plan.world)]
-    results = run_processes([command] * plan.world, envs, logs)
+    results = run_processes([command] * plan.world, rank_environments(plan.world), logs)
     if any(r.returncode != 0 for r in results) or not report.exists():
         tail = logs[0].read_text()[-2000:]
         raise RuntimeError(f"profile_step.py failed at {classes} classes, rate {rate} (logs in {work}):\n{tail}")

@@ -79,16 +79,22 @@ def run_processes(commands: list[list[str]], envs: list[dict[str, str]], log_pat
 def train_ranks(config: str, overrides: list[str], world: int, log_dir: Path, *,
                 resume: str | None = None) -> list[ProcessResult]:
     """`launch/train.py` on `world` ranks of one gloo group (torch's env:// launcher variables)."""
-    port = str(free_port())
     command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", config, "--set", *overrides]
     if resume is not None:
         command += ["--resume", resume]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return run_processes([command] * world, rank_environments(world),
+                         [log_dir / f"rank{rank}.out" for rank in range(world)])
+
+
+def rank_environments(world: int) -> list[dict[str, str]]:
+    """The environment of each of `world` ranks of one gloo group on this machine (torch's env:// variables, a
+    free rendezvous port, one thread each, this checkout first on the path)."""
+    port = str(free_port())
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    envs = [dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world),
+    return [dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world),
                  LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             for rank in range(world)]
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return run_processes([command] * world, envs, [log_dir / f"rank{rank}.out" for rank in range(world)])
 
 
 def logged_losses(output: Path) -> dict[int, str]:
