@@ -14,7 +14,7 @@ backbone; the split is exact up to the few element-wise nodes that join the term
 
 `profile_steps(trainer, timer, ...)` runs real steps of a built `Trainer` through the trainer's own
 data iterator (`Trainer.step_batches`) and `Trainer.run_step`, timing the data wait as a phase. It
-hands the timer to the step and to the head through their declared hooks (`StepRunner.phase_timer`,
+hands the timer to the step and to the head through their declared hooks (`StepRunner.set_phase_timer`,
 the head's `set_phase_timer`) and changes no module's attributes.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 
 from largefr.config import Config, load_config
 from largefr.models import model_flops
-from largefr.train.phases import NULL_TIMER
 from largefr.train.trainer import Trainer
 
 
@@ -130,7 +129,7 @@ def profile_steps(trainer: Trainer, timer: PhaseTimer, *, steps: int, warmup: in
     `trace_dir`: a torch.profiler trace of the timed steps, `trace_rank<rank>.json`.
     """
     source = trainer.step_batches()
-    trainer.runner.phase_timer = timer
+    trainer.runner.set_phase_timer(timer)
     try:
         with timed_head(trainer.runner.head, timer):
             for _ in range(warmup):
@@ -144,7 +143,7 @@ def profile_steps(trainer: Trainer, timer: PhaseTimer, *, steps: int, warmup: in
                 _synchronize(trainer.runner.device)
                 return time.perf_counter() - started
     finally:
-        trainer.runner.phase_timer = NULL_TIMER
+        trainer.runner.set_phase_timer(None)
         source.close()
 
 

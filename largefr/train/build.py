@@ -177,10 +177,8 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     total = min(schedule.total_steps, config.train.max_steps or schedule.total_steps)
     plan = LoopPlan(steps_per_epoch=per_epoch, total_steps=total,
                     gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-                    eval_every=config.eval.every, checkpoint_every=config.checkpoint.every,
+                    checkpoint_every=config.checkpoint.every,
                     max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
-                    debug_nan_steps=(frozenset(config.train.debug_inject_nan_steps)
-                                     if env.rank == config.train.debug_inject_nan_rank else frozenset()),
                     freeze_backbone_steps=config.train.freeze_backbone_steps)
     checkpointer = TrainingCheckpointer(str(config.checkpoint_dir), head=parts.head,
                                         weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,
@@ -193,14 +191,16 @@ def build_trainer(config: Config, env: DistributedEnv, *, resume: str | None = N
     trainer = Trainer(runner=runner, loader=loader, schedule=schedule,
                       head_lr_factor=config.optim.effective_head_lr / config.optim.lr, plan=plan, metrics=metrics,
                       checkpointer=checkpointer,
-                      verifier=Verifier(sets=verification_sets, batch_size=config.eval.batch_size,
-                                        folds=config.eval.nfolds, flip=config.eval.flip,
+                      verifier=Verifier(sets=verification_sets, every=config.eval.every,
+                                        batch_size=config.eval.batch_size, folds=config.eval.nfolds, flip=config.eval.flip,
                                         embedding_size=config.model.embedding_size, device=env.device,
                                         group=parts.head.group),
                       summary_fields=_summary_fields(config, env, global_batch),
                       summary_path=os.path.join(config.output, "summary.json"),
                       stats_fn=_stats_fn(parts.head), rank=env.rank,
-                      records_left_out=prepared.records_left_out)
+                      records_left_out=prepared.records_left_out,
+                      nan_steps=(frozenset(config.train.debug_inject_nan_steps)
+                                 if env.rank == config.train.debug_inject_nan_rank else frozenset()))
     _announce(config, env, trainer, world_note(config, env.world_size),
               resume_note(requested, resume_path, str(config.checkpoint_dir)))
     if resume_path is not None:

@@ -100,10 +100,10 @@ def run_training(config_path: str, overrides: Sequence[str] = (), *, resume: str
             watchdog.stop()
             trainer.metrics.close()
         finished = True
-    except (*EXPECTED_ERRORS, ValueError) as error:  # (plain ValueErrors: schedule checks not yet a UserError)
+    except EXPECTED_ERRORS as error:
         if os.environ.get("LARGEFR_DEBUG"):
             raise
-        report(f"{error}" if isinstance(error, EXPECTED_ERRORS) else f"{type(error).__name__}: {error}")
+        report(str(error))
         if env is not None:
             meet_failed_ranks(env.meeting_group)  # every rank prints its error before the launcher kills the rest
         return EXIT_ERROR

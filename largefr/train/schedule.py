@@ -26,6 +26,11 @@ from typing import Sequence
 import torch
 
 from largefr.choices import SCHEDULE_TYPES, SCHEDULE_UNITS, ScheduleType, ScheduleUnit
+from largefr.errors import UserError
+
+
+class ScheduleError(UserError, ValueError):
+    """The schedule settings (section `schedule`) or the data set's size give no valid schedule."""
 
 
 
@@ -37,10 +42,10 @@ def steps_per_epoch(num_images: int, global_batch: int) -> int:
     accumulation steps.
     """
     if global_batch < 1:
-        raise ValueError(f"global batch must be >= 1, got {global_batch}")
+        raise ScheduleError(f"global batch must be >= 1, got {global_batch}")
     steps = num_images // global_batch
     if steps < 1:
-        raise ValueError(
+        raise ScheduleError(
             f"data set of {num_images} images is smaller than one global batch of {global_batch} images "
             "(train.batch_size x world size x train.gradient_accumulation_steps): use a smaller batch or fewer ranks"
         )
@@ -83,7 +88,7 @@ def _to_steps(value: float, unit: ScheduleUnit, per_epoch: int, name: str) -> in
     if unit == "epoch":
         return int(round(value * per_epoch))
     if value != int(value):
-        raise ValueError(f"{name} is in steps (unit 'step') and must be a whole number, got {value}")
+        raise ScheduleError(f"{name} is in steps (unit 'step') and must be a whole number, got {value}")
     return int(value)
 
 
@@ -100,16 +105,16 @@ def build_lr_schedule(*, type: ScheduleType, unit: ScheduleUnit, base_lr: float,
     change it: the lr curve is the full run's).
     """
     if type not in SCHEDULE_TYPES:
-        raise ValueError(f"schedule type must be {_either(SCHEDULE_TYPES)}, got {type!r}")
+        raise ScheduleError(f"schedule type must be {_either(SCHEDULE_TYPES)}, got {type!r}")
     if unit not in SCHEDULE_UNITS:
-        raise ValueError(f"schedule unit must be {_either(SCHEDULE_UNITS)}, got {unit!r}")
+        raise ScheduleError(f"schedule unit must be {_either(SCHEDULE_UNITS)}, got {unit!r}")
     if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        raise ScheduleError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     if not (base_lr > 0 and math.isfinite(base_lr)):
-        raise ValueError(f"base_lr must be a positive number, got {base_lr}")
+        raise ScheduleError(f"base_lr must be a positive number, got {base_lr}")
     total = int(round(epochs * steps_per_epoch))
     if total < 1:
-        raise ValueError(f"epochs ({epochs}) x steps_per_epoch ({steps_per_epoch}) gives no step to train")
+        raise ScheduleError(f"epochs ({epochs}) x steps_per_epoch ({steps_per_epoch}) gives no step to train")
     warmup_steps = _to_steps(warmup, unit, steps_per_epoch, "warmup")
     milestone_steps = tuple(_to_steps(m, unit, steps_per_epoch, "milestones") for m in milestones)
     _check(type, total, warmup_steps, milestone_steps, gamma, power)
@@ -120,17 +125,17 @@ def build_lr_schedule(*, type: ScheduleType, unit: ScheduleUnit, base_lr: float,
 def _check(type: ScheduleType, total: int, warmup_steps: int, milestone_steps: tuple[int, ...],
            gamma: float, power: float) -> None:
     if not 0 <= warmup_steps < total:
-        raise ValueError(f"warmup ({warmup_steps} steps) must be >= 0 and shorter than the schedule ({total} steps)")
+        raise ScheduleError(f"warmup ({warmup_steps} steps) must be >= 0 and shorter than the schedule ({total} steps)")
     if type == "poly" and not power > 0:
-        raise ValueError(f"power must be > 0, got {power}")
+        raise ScheduleError(f"power must be > 0, got {power}")
     if type == "step":
         if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+            raise ScheduleError(f"gamma must be in (0, 1], got {gamma}")
         if list(milestone_steps) != sorted(set(milestone_steps)):
-            raise ValueError(f"milestones must be strictly increasing, got steps {list(milestone_steps)}")
+            raise ScheduleError(f"milestones must be strictly increasing, got steps {list(milestone_steps)}")
         late = [m for m in milestone_steps if not 0 < m < total]
         if late:
-            raise ValueError(f"milestones at steps {late} would never apply: they must lie in (0, {total})")
+            raise ScheduleError(f"milestones at steps {late} would never apply: they must lie in (0, {total})")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

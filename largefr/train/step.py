@@ -27,7 +27,7 @@ from largefr.distributed.collectives import all_reduce_max_, group_size
 from largefr.errors import UserError
 from largefr.heads.joint import HeadLoss
 from largefr.train.engine import engine_dtype, engine_loss_scale, overlapped_backbone
-from largefr.train.phases import NULL_TIMER
+from largefr.train.phases import NULL_TIMER, PhaseTiming
 from largefr.train.head_step import ExternalHeadStep, backbone_gradient_factor, scale_feature_gradient
 from largefr.train.schedule import set_learning_rate
 
@@ -66,8 +66,6 @@ class StepResult:
 class StepRunner:
     """Runs forward/backward of engine + head and the two optimizer steps, in the right order."""
 
-    phase_timer = NULL_TIMER  # tools/profile_step.py sets a PhaseTimer (largefr/perf/profiling.py)
-    inject_nan = False  # FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's embeddings
 
     def __init__(self, *, engine, head: StepHead, head_step: ExternalHeadStep,
                  momentum_encoder: torch.nn.Module | None = None, encoder_momentum: float = 0.999,
@@ -77,6 +75,8 @@ class StepRunner:
         """loss_same_on_every_rank: the head's loss is computed from all-reduced values (ClusterGuidedHead),
         so its finiteness needs no all-reduce of its own. overlap_reduction (train.overlap_reduction): at
         ZeRO 0 run the backbone under torch DDP's reducer (`overlapped_backbone`)."""
+        self.phase_timer = NULL_TIMER
+        """Times the step's phases: `set_phase_timer` (tools/profile_step.py, largefr/perf/profiling.py)."""
         self.engine = engine
         self.backbone = overlapped_backbone(engine) if overlap_reduction else engine
         self.loss_same_on_every_rank = loss_same_on_every_rank
@@ -92,8 +92,9 @@ class StepRunner:
             world_size=group_size(group), gradient_accumulation_steps=self.gradient_accumulation_steps)
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float, head_lr: float, *,
-             stop_requested: bool = False) -> StepResult:
-        """`gradient_accumulation_steps` micro-batches of forward/backward, then the engine, head and EMA steps."""
+             stop_requested: bool = False, inject_nan: bool = False) -> StepResult:
+        """`gradient_accumulation_steps` micro-batches of forward/backward, then the engine, head and EMA steps.
+        inject_nan: FAULT INJECTION for tests (train.debug_inject_nan_steps): poison this rank's embeddings."""
         self._check_count(micro_batches)
         set_learning_rate(self.engine.optimizer, lr)
         self.head_step.set_learning_rate(head_lr)
@@ -105,7 +106,7 @@ class StepRunner:
             momentum_features = self._momentum_forward(images)
             with self.phase_timer.phase("backbone_forward"):
                 embeddings = self.backbone(images.to(engine_dtype(self.engine))).float()
-            if self.inject_nan:  # before the head: its collectives carry the NaN to every rank, as a real one would
+            if inject_nan:  # before the head: its collectives carry the NaN to every rank, as a real one would
                 embeddings = embeddings * float("nan")
             embeddings = scale_feature_gradient(embeddings, self.feature_grad_factor)
             head_loss = self.head.training_loss(embeddings, labels, momentum_features)
@@ -137,6 +138,10 @@ class StepRunner:
                 self.momentum_encoder.update(self.engine.module, self.encoder_momentum)
         return summarize(finite_losses, nonfinite, applied=engine_applied and head.applied,
                          reason="" if head.applied else head.reason, stop_requested=head.stop_requested)
+
+    def set_phase_timer(self, timer: PhaseTiming | None) -> None:
+        """Time the step's phases with `timer` (largefr/train/phases.py); None: untimed again."""
+        self.phase_timer = NULL_TIMER if timer is None else timer
 
     def _check_count(self, micro_batches: Sequence) -> None:
         if len(micro_batches) != self.gradient_accumulation_steps:

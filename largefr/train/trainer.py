@@ -44,19 +44,17 @@ class TrainLoader(Protocol):
 
 @dataclass(kw_only=True)
 class LoopPlan:
-    """How long the run is, in optimizer steps."""
+    """How long the run is, in optimizer steps, and what it does between steps besides verification
+    (the verifier keeps its own cadence, `Verifier.every`)."""
 
     steps_per_epoch: int
     total_steps: int
     """min(schedule length, train.max_steps)."""
     gradient_accumulation_steps: int
-    eval_every: int
     checkpoint_every: int
     max_consecutive_nonfinite: int
     freeze_backbone_steps: int = 0
     """Steps (from step 0) whose backbone learning rate is 0 (train.freeze_backbone_steps)."""
-    debug_nan_steps: frozenset[int] = frozenset()
-    """FAULT INJECTION (train.debug_inject_nan_steps; tests only): 1-based steps whose loss this rank makes NaN."""
 
 
 @dataclass(kw_only=True)
@@ -99,8 +97,11 @@ class Trainer:
                  plan: LoopPlan, metrics: MetricsLogger, checkpointer: Checkpointer | None = None,
                  verifier: Verifier | None = None, state: LoopState | None = None,
                  summary_fields: dict[str, Any] | None = None, summary_path: str | None = None,
-                 stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0, records_left_out: int = 0):
-        """records_left_out: records of the data set the index scan found not to be images (reported once)."""
+                 stats_fn: Callable[[], dict[str, Any]] | None = None, rank: int = 0, records_left_out: int = 0,
+                 nan_steps: frozenset[int] = frozenset()):
+        """records_left_out: records of the data set the index scan found not to be images (reported once).
+        nan_steps: FAULT INJECTION (train.debug_inject_nan_steps; tests only): 1-based steps whose loss this
+        rank makes NaN."""
         self.runner = runner
         self.loader = loader
         self.schedule = schedule
@@ -116,6 +117,7 @@ class Trainer:
         self.stats_fn = stats_fn
         self.rank = rank
         self.records_left_out = records_left_out
+        self.nan_steps = nan_steps
         self.stop = StopSignal()
         self.heartbeat = Heartbeat()
         """Where the loop is (steps done, phase), for the hang watchdog (largefr/train/watchdog.py)."""
@@ -202,10 +204,9 @@ class Trainer:
         """This step's learning rates from the schedule, then `StepRunner.step`."""
         lr = self.schedule.lr_at(self.state.step)
         backbone_lr = 0.0 if self.state.step < self.plan.freeze_backbone_steps else lr
-        self.runner.inject_nan = self.state.step + 1 in self.plan.debug_nan_steps
         self.runner.head.set_step(self.state.step)  # the cluster terms' warm-up ramp (cluster.warmup_steps)
         result = self.runner.step(micro_batches, backbone_lr, lr * self.head_lr_factor,
-                                  stop_requested=self.stop.requested)
+                                  stop_requested=self.stop.requested, inject_nan=self.state.step + 1 in self.nan_steps)
         if self.loss_history is not None:
             self.loss_history.append(result.loss)
         return result
@@ -247,7 +248,7 @@ class Trainer:
     def _periodic(self) -> bool:
         """Verification and checkpoints due after this step; True when something ran (time excluded)."""
         ran = False
-        if self.plan.eval_every > 0 and self.state.step % self.plan.eval_every == 0 and self.verifier is not None:
+        if self.verifier is not None and self.verifier.due(self.state.step):
             self._record_verification(self.evaluate())
             ran = True
         if self.plan.checkpoint_every > 0 and self.state.step % self.plan.checkpoint_every == 0:

@@ -29,6 +29,8 @@ class Verifier:
     """The verification sets and how to score them (the eval section of the config)."""
 
     sets: list[VerificationSet]
+    every: int = 0
+    """Verify after every `every` optimizer steps (eval.every; 0: never during the run)."""
     batch_size: int = 64
     """Images per forward, per rank (eval.batch_size)."""
     folds: int = 10
@@ -37,6 +39,10 @@ class Verifier:
     embedding_size: int = 512
     device: torch.device | None = None
     group: ProcessGroup | None = None
+
+    def due(self, steps_done: int) -> bool:
+        """Whether verification runs after `steps_done` optimizer steps."""
+        return self.every > 0 and steps_done % self.every == 0
 
     def __call__(self, module: nn.Module, dtype: torch.dtype) -> dict[str, float]:
         """Accuracy of every set for `module` (collective: every rank of the group calls it).
