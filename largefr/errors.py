@@ -11,3 +11,16 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem the user can fix; its message is the whole report."""
+
+
+class UsageError(UserError, ValueError):
+    """A tool's flags or arguments that cannot work together; the message names the flag."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
+"""What the training entry point and the tools report on one line, without a traceback: the user's errors and
+the operating system's refusals (a missing file, a full disk, a permission), whose message names the path."""

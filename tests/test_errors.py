@@ -42,3 +42,29 @@ def test_user_errors_keep_their_built_in_base():
     from largefr.config_validation import ConfigError
     from largefr.checkpoint.storage import StorageError
     assert issubclass(ConfigError, ValueError) and issubclass(StorageError, OSError)
+
+
+def test_a_tool_reports_a_users_error_on_one_line_and_lets_a_bug_raise(capsys, monkeypatch):
+    import pytest
+
+    from largefr.cli import run_tool
+    from largefr.errors import UsageError
+
+    monkeypatch.delenv("LARGEFR_DEBUG", raising=False)
+
+    def bad_flag():
+        raise UsageError("--world must be >= 1, got 0")
+
+    assert run_tool("reshard_checkpoint", bad_flag) == 2
+    assert capsys.readouterr().err == "reshard_checkpoint: error: --world must be >= 1, got 0\n"
+    assert run_tool("rec", lambda: open("/nonexistent/train.rec"), error_status=1) == 1
+    assert "rec: error: [Errno 2] No such file or directory: '/nonexistent/train.rec'" in capsys.readouterr().err
+
+    def bug():
+        raise ValueError("a programming error")
+
+    with pytest.raises(ValueError, match="a programming error"):  # keeps its traceback
+        run_tool("embed", bug)
+    monkeypatch.setenv("LARGEFR_DEBUG", "1")
+    with pytest.raises(UsageError):
+        run_tool("reshard_checkpoint", bad_flag)

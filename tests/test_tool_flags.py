@@ -1,5 +1,5 @@
 """One flag vocabulary for every tool: each tool's real argparse parser is collected and checked, and a renamed
-flag's old spelling still parses, with one warning (largefr/cli_flags.py)."""
+flag's old spelling still parses, with one warning (largefr/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from largefr.cli_flags import SYNONYMS, VOCABULARY, add_option
+from largefr.cli import SYNONYMS, VOCABULARY, add_option
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = sorted([*ROOT.glob("tools/*.py"), ROOT / "launch" / "train.py"])
@@ -56,7 +56,7 @@ def test_every_tool_speaks_the_vocabulary(path, monkeypatch):
                                 f"{SYNONYMS[spelling]}")
         elif spelling in SYNONYMS and (path.name, spelling) not in PENDING:
             problems.append(f"{spelling}: say {SYNONYMS[spelling]} ({VOCABULARY[SYNONYMS[spelling]]}); keep the old "
-                            "spelling with largefr.cli_flags.add_option(..., renamed_from=...)")
+                            "spelling with largefr.cli.add_option(..., renamed_from=...)")
         if spelling == "--batch-size" and not BATCH_SCOPE.search(action.help or ""):
             problems.append(f"--batch-size help {action.help!r} does not say its scope (per process / global)")
     assert not problems, f"{path.relative_to(ROOT)}:\n" + "\n".join(problems)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from largefr.cli_flags import add_option
+from largefr.cli import add_option
 from largefr.choices import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment

@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from largefr.cli_flags import PRECISION_NAMES, add_option
+from largefr.cli import PRECISION_NAMES, add_option
 from largefr.choices import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES, TORCH_DTYPE_NAMES
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 

@@ -24,7 +24,7 @@ import sys
 import time
 
 from largefr.choices import RECORD_LOADER_KINDS
-from largefr.cli_flags import add_option
+from largefr.cli import add_option
 from largefr.config import AugmentConfig, load_config
 from largefr.data.prepare import LOCAL_CPU_PROCESS, PreparedData, prepare_data
 from largefr.data.preview import augment_of, config_loader

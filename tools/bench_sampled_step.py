@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from largefr.cli_flags import int_list
+from largefr.cli import int_list
 from largefr.perf.sampled_step import SampledStepPlan, bench_sampled_step, format_report
 
 DEFAULT_SET = ["optim.name=sgd", "model.embedding_size=128"]

@@ -18,7 +18,8 @@ import sys
 
 import numpy as np
 
-from largefr.eval.cli import run_tool
+from largefr.cli import run_tool
+from largefr.errors import UsageError
 from largefr.eval.embed import embed_folder
 from largefr.eval.image_size import RESIZE_FLAG, image_size_of
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if not args.out.endswith(".npy"):
-            raise ValueError(f"--out {args.out}: use a .npy file name")
+            raise UsageError(f"--out {args.out}: use a .npy file name")
         if not os.path.isdir(args.images):
             raise FileNotFoundError(f"--images {args.images}: no such directory")
         loaded = load_backbone_from_args(args)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                               flip=args.flip, normalize=not args.no_normalize,
                               image_size=image_size_of(loaded.model), resize=args.resize)
         if args.labels_out and result.labels is None:
-            raise ValueError(f"--labels-out: some images are directly in {args.images}, not in identity subfolders")
+            raise UsageError(f"--labels-out: some images are directly in {args.images}, not in identity subfolders")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.save(args.out, result.embeddings)
         with open(names_path(args.out), "w", encoding="utf-8") as handle:

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-from largefr.eval.cli import run_tool, write_json
+from largefr.cli import run_tool, write_json
+from largefr.errors import UsageError
 from largefr.eval.clustering import (CLUSTERING_METHODS, DBSCAN_EPS, DBSCAN_MIN_SAMPLES, evaluate_clustering,
                                      format_clustering)
 
@@ -41,7 +42,7 @@ def load_array(path: str, what: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as error:
-        raise ValueError(f"--{what} {path}: not a plain .npy array ({error})") from None
+        raise UsageError(f"--{what} {path}: not a plain .npy array ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         embeddings, labels = load_array(args.embeddings, "embeddings"), load_array(args.labels, "labels")
         if embeddings.ndim != 2 or labels.reshape(-1).shape[0] != embeddings.shape[0]:
-            raise ValueError(f"--embeddings {args.embeddings} has shape {list(embeddings.shape)} but --labels "
+            raise UsageError(f"--embeddings {args.embeddings} has shape {list(embeddings.shape)} but --labels "
                              f"{args.labels} has {labels.size} labels; expected N x d and N")
         result = evaluate_clustering(embeddings, labels, args.method, num_clusters=args.k, eps=args.eps,
                                      min_samples=args.min_samples, seed=args.seed)

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from largefr.eval.cli import model_summary, run_tool, write_json
+from largefr.cli import run_tool, write_json
 from largefr.eval.embed import ImageFolderError
 from largefr.eval.labelled_images import load_labelled_images
 from largefr.eval.own_data import (DEFAULT_PAIRS, DEFAULT_SEED, NONMATED_FRACTION, evaluate_own_data,
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                    flip=not args.no_flip)
         print(format_own_data_report(report))
         if args.json:
-            write_json(args.json, {"model": model_summary(loaded), "pairs_file": pairs_path, "seed": args.seed,
+            write_json(args.json, {"model": loaded.summary(), "pairs_file": pairs_path, "seed": args.seed,
                                    "result": report.as_dict()})
         return 0
 

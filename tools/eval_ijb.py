@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from largefr.eval.cli import model_summary, run_tool, write_json
+from largefr.cli import run_tool, write_json
 from largefr.eval.identification import format_identification_table
 from largefr.eval.ijb import IJB_TARGETS, evaluate_ijb, find_ijb_root, format_ijb_table
 from largefr.eval.ijb_1n import evaluate_ijb_1n
@@ -55,7 +55,7 @@ def one_to_n(args: argparse.Namespace, loaded) -> int:
     plot_identification(results[:2] + results[3:], png, title=f"{args.target} 1:N")
     print(f"CMC / TPIR plot: {png}")
     if args.json:
-        write_json(args.json, {"model": model_summary(loaded), "protocol": "1:N", "seconds": seconds,
+        write_json(args.json, {"model": loaded.summary(), "protocol": "1:N", "seconds": seconds,
                                "results": [r.as_dict() for r in results], "png": png})
     return 0
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scores:
             np.save(args.scores, scores)
         if args.json:
-            write_json(args.json, {"model": model_summary(loaded), "result": result.as_dict(), "roc_png": roc_path})
+            write_json(args.json, {"model": loaded.summary(), "result": result.as_dict(), "roc_png": roc_path})
         return 0
 
     return run_tool("eval_ijb", body)

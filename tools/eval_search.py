@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from largefr.eval.cli import run_tool, write_json
+from largefr.cli import run_tool, write_json
+from largefr.errors import UsageError
 from largefr.eval.labelled_images import load_labelled_images
 from largefr.eval.own_data import NONMATED_FRACTION, embed_labelled_images, split_gallery
 from largefr.eval.pairs import image_size_of
@@ -91,12 +92,12 @@ def job_from_args(args: argparse.Namespace, embedded: dict[str, str] | None = No
         args = argparse.Namespace(**{**vars(args), **embedded})
     files = [args.probes, args.probe_labels, args.gallery, args.gallery_labels]
     if bool(args.synthetic_identities) == any(files) or not (args.synthetic_identities or all(files)):
-        raise ValueError("give --probes, --probe-labels, --gallery and --gallery-labels, or --synthetic-identities, "
+        raise UsageError("give --probes, --probe-labels, --gallery and --gallery-labels, or --synthetic-identities, "
                          "or a model (--weights/--checkpoint) with --images or --rec")
     for flag, value in (("--world", args.world), ("--block-rows", args.block_rows), ("--probe-rows", args.probe_rows),
                         ("--k", args.k)):
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     nonmated = args.synthetic_identities // 10 if args.synthetic_nonmated is None else args.synthetic_nonmated
     return SearchJob(probes=args.probes, probe_labels=args.probe_labels, gallery=args.gallery,
                      gallery_labels=args.gallery_labels, synthetic_identities=args.synthetic_identities,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if bool(args.weights or args.checkpoint) != bool(args.images or args.rec):
-            raise ValueError("--images/--rec and a model (--weights or --checkpoint) go together")
+            raise UsageError("--images/--rec and a model (--weights or --checkpoint) go together")
         with tempfile.TemporaryDirectory(prefix="eval_search-") as folder:
             embedded = embed_faces(args, folder) if args.images or args.rec else None
             return search(job_from_args(args, embedded))

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from largefr.eval.cli import model_summary, run_tool, write_json
+from largefr.cli import run_tool, write_json
 from largefr.eval.pairs import evaluate_bin, format_table
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                 far_target=args.far) for path in args.bins]
         print(format_table(results))
         if args.json:
-            write_json(args.json, {"model": model_summary(loaded), "results": [r.as_dict() for r in results]})
+            write_json(args.json, {"model": loaded.summary(), "results": [r.as_dict() for r in results]})
         return 0
 
     return run_tool("eval_verification", body)

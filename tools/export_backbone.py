@@ -13,10 +13,9 @@ import sys
 
 import torch
 
-from largefr.cli_flags import PRECISION_NAMES, add_option
 from largefr.checkpoint.backbone import export_backbone
 from largefr.checkpoint.save_load import locate_checkpoint
-from largefr.errors import UserError
+from largefr.cli import PRECISION_NAMES, add_option, run_tool
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "keep": None}
 
@@ -34,14 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         weights = export_backbone(locate_checkpoint(args.checkpoint), args.out, prefix=args.prefix,
                                   dtype=DTYPES[args.precision])
-    except (UserError, OSError) as error:
-        print(f"export_backbone: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values())} values")
-    return 0
+        print(f"wrote {args.out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values())} values")
+        return 0
+
+    return run_tool("export_backbone", body)
 
 
 if __name__ == "__main__":

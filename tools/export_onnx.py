@@ -17,8 +17,7 @@ import sys
 import torch
 
 from largefr.data.verification_bin import decode_pairs, load_bin
-from largefr.cli_flags import add_option
-from largefr.eval.cli import run_tool
+from largefr.cli import add_option, run_tool
 from largefr.eval.image_size import announce_bin_resize, image_size_of
 from largefr.eval.onnx_export import (DEFAULT_OPSET, NORMALIZATION, export_onnx, max_abs_difference,
                                       normalized_difference)

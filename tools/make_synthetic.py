@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from largefr.cli_flags import add_option
+from largefr.cli import add_option, run_tool
 from largefr.data.synthetic import generate_dataset, validate_arguments
 
 
@@ -45,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    try:
+
+    def body() -> int:
         validate_arguments(identities=args.identities, images_per_identity=args.images_per_identity,
                            pairs=args.pairs, image_size=args.image_size, seed=args.seed, workers=args.workers,
                            val_identities=args.val_identities, heldout_identities=args.heldout_identities,
@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                                    heldout_identities=args.heldout_identities,
                                    heldout_images_per_identity=args.heldout_images_per_identity,
                                    overwrite=args.overwrite)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"make_synthetic: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
+        print(json.dumps(summary, indent=1))
+        return 0
+
+    return run_tool("make_synthetic", body)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import argparse
 import os
 import sys
 
+from largefr.cli import run_tool
 from largefr.data.pack import pack_image_folder
 from largefr.data.pack_shards import DEFAULT_SHARD_BYTES, PackSettings, pack_shards
 from largefr.data.shard_writer import parse_size
-from largefr.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--shuffle needs --single-file (tools/rec.py shuffle shuffles a shard set)")
     if args.shard_images is not None and args.shard_images < 1:
         parser.error("--shard-images must be >= 1")
-    try:
+
+    def body() -> int:
         if args.single_file:
             num_images, num_classes = pack_image_folder(args.images, args.out, shuffle=args.shuffle, seed=args.seed)
             print(f"wrote {num_images} images of {num_classes} identities to {args.out}")
@@ -66,17 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                                 on_bad_image="skip" if args.skip_bad else "error")
         result = pack_shards(args.images, args.out, settings=settings, workers=args.workers,
                              progress=sys.stderr, progress_every=args.progress_every)
-    except (UserError, OSError, ValueError) as err:
-        print(f"pack_rec: error: {err}", file=sys.stderr)
-        return 1
+        reused = f", {result.reused_shards} shards kept from an earlier run" if result.reused_shards else ""
+        print(f"wrote {result.num_images} images of {result.num_classes} identities in {result.num_shards} shards "
+              f"to {args.out} ({result.skipped} unreadable files skipped{reused})")
+        return 0
+
+    try:
+        return run_tool("pack_rec", body, error_status=1)
     except KeyboardInterrupt:
         print(f"pack_rec: stopped; run the same command again to resume ({args.out}/manifest.json lists the "
               "finished shards)", file=sys.stderr)
         return 130
-    reused = f", {result.reused_shards} shards kept from an earlier run" if result.reused_shards else ""
-    print(f"wrote {result.num_images} images of {result.num_classes} identities in {result.num_shards} shards to "
-          f"{args.out} ({result.skipped} unreadable files skipped{reused})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ against measurements.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from largefr.cli import run_tool, write_json
 from largefr.perf.memory_plan import GIB, format_plan, max_classes_per_phase, plan_memory
 from largefr.perf.plan_options import add_plan_options, plan_inputs
 
@@ -38,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        inputs = plan_inputs(args)
-    except ValueError as error:
-        print(f"plan_memory: {error}", file=sys.stderr)
-        return 2
+    return run_tool("plan_memory", lambda: _plan(args))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    inputs = plan_inputs(args)
     plan = plan_memory(inputs)
     print(format_plan(plan, inputs))
     report = dict(inputs=vars(args), plan=plan.as_dict())
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(budget_gb=args.budget_gb, reserve_gb=args.reserve_gb, fits=fits, max_classes=largest,
                       max_classes_per_phase=per_phase, limited_by=limit)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -11,10 +11,9 @@ import argparse
 import os
 import sys
 
-from largefr.eval.cli import model_summary, run_tool, write_json
+from largefr.cli import add_option, run_tool, write_json
 from largefr.eval.pairs import embed_bin
 from largefr.eval.plots import plot_similarity
-from largefr.cli_flags import add_option
 from largefr.eval.collapse import collapse_warning, mean_pairwise_cosine
 from largefr.eval.weights import add_model_arguments, load_backbone_from_args
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             print(warning)
         if args.json:
-            write_json(args.json, {"model": model_summary(loaded), "bin": bin_path, **stats.as_dict()})
+            write_json(args.json, {"model": loaded.summary(), "bin": bin_path, **stats.as_dict()})
         return 0
 
     return run_tool("plot_similarity", body)

@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
+from largefr.cli import run_tool
 from largefr.data.shard_writer import parse_size
-from largefr.errors import UserError
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -98,7 +98,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.command == "verify":
             return _verify(args)
         if args.command == "stats":
@@ -112,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written, classes = merge(args.rec, args.out, keep_labels=args.keep_labels, **limits)
             print(f"wrote {written:,} images of {classes:,} classes to {args.out}")
-    except (UserError, OSError, ValueError) as err:
-        print(f"rec: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_tool("rec", body, error_status=1)
 
 
 if __name__ == "__main__":

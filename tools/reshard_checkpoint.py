@@ -18,7 +18,8 @@ import sys
 
 from largefr.checkpoint.reshard import reshard_checkpoint
 from largefr.checkpoint.save_load import locate_checkpoint
-from largefr.errors import UserError
+from largefr.cli import run_tool
+from largefr.errors import UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,16 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.world < 1:
-            raise ValueError(f"--world must be >= 1, got {args.world}")
+            raise UsageError(f"--world must be >= 1, got {args.world}")
         out = reshard_checkpoint(locate_checkpoint(args.checkpoint), args.out, args.world,
                                  log=lambda line: print(line, flush=True))
-    except (UserError, ValueError, OSError) as error:
-        print(f"reshard_checkpoint: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} for {args.world} ranks")
-    return 0
+        print(f"wrote {out} for {args.world} ranks")
+        return 0
+
+    return run_tool("reshard_checkpoint", body)
 
 
 if __name__ == "__main__":

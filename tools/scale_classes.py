@@ -22,8 +22,9 @@ import sys
 
 import torch
 
-from largefr.cli_flags import int_list
+from largefr.cli import int_list
 from largefr.choices import TORCH_DTYPE_NAMES
+from largefr.errors import MissingExtraError
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
 from largefr.perf.memory_plan import PlanInputs, plan_memory
 from largefr.perf.plan_options import add_head_options
@@ -98,7 +99,7 @@ def plot(points: list[dict], path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError('--png needs matplotlib: pip install "largefr[eval]" (or pip install matplotlib)') from None
+        raise MissingExtraError('--png needs matplotlib: pip install "largefr[eval]" (or pip install matplotlib)') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

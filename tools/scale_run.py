@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from largefr.cli_flags import int_list
+from largefr.cli import int_list
 from largefr.choices import HEAD_OPTIMIZERS
 from largefr.config import load_config
 from largefr.perf.memory_plan import PlanInputs, phase_peaks

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from largefr.cli_flags import add_option
+from largefr.cli import add_option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_LINE = re.compile(r"step (\d+)/\d+")

@@ -18,6 +18,7 @@ from largefr.data.image_index import ImageIndex, prepare_image_index
 from largefr.data.rec_set import resolve_rec_set
 from largefr.data.recordio import BadImageError, RecordIOError
 from largefr.data.sharding import EpochLoader
+from largefr.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported lazily: tools such as pack_rec.py start faster without it
     import torch
@@ -103,7 +104,7 @@ def open_loader(settings: LoaderSettings) -> EpochLoader:
         return SyntheticLoader(batch_size=s.batch_size, num_classes=s.num_classes, rank=s.rank, num_batches=num_batches,
                                seed=s.seed, image_size=s.image_size, device=s.device or _default_device(s.local_rank))
     if not rec:
-        raise ValueError(f"data.loader={kind} needs data.rec, the folder holding train.rec, train.idx and property "
+        raise UsageError(f"data.loader={kind} needs data.rec, the folder holding train.rec, train.idx and property "
                          "(or shards)")
     _check_image_size(rec, s.image_size)
     index = prepare_image_index(rec, num_classes=s.num_classes, on_bad_image=on_bad_image, cache_dir=s.cache_dir)

@@ -47,6 +47,7 @@ from largefr.data.image_index import ImageIndex
 from largefr.data.recordio import BadImageError, RecordFile, RecordIOError
 from largefr.data.sharding import EpochLoader, check_enough_samples, epoch_shard_id, shard_range
 from largefr.data.torch_loader import decode_rgb
+from largefr.errors import MissingExtraError
 
 logger = logging.getLogger(__name__)
 _PREFETCH_DEPTH = 2
@@ -60,7 +61,7 @@ def import_dali():
         import nvidia.dali.types as types
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError as err:
-        raise ImportError('data.loader=dali needs NVIDIA DALI: pip install "largefr[dali]" (nvidia-dali-cuda120, '
+        raise MissingExtraError('data.loader=dali needs NVIDIA DALI: pip install "largefr[dali]" (nvidia-dali-cuda120, '
                           "which also runs CPU-only; on CUDA 13 machines install nvidia-dali-cuda130), or set "
                           "data.loader=torch") from err
     return dali, fn, types, feed_ndarray

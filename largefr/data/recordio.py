@@ -25,7 +25,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Sequence
 
-from largefr.errors import UserError
+from largefr.errors import UsageError, UserError
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -93,7 +93,7 @@ def _part(cflag: int, data: bytes | memoryview) -> bytes:
 def encode_record(payload: bytes) -> bytes:
     """Frame `payload` as dmlc-core's RecordIOWriter does (split at 4-aligned magic words)."""
     if len(payload) > _LENGTH_MASK:
-        raise ValueError(f"record of {len(payload)} bytes exceeds the RecordIO limit of 2^29 - 1")
+        raise RecordIOError(f"record of {len(payload)} bytes exceeds the RecordIO limit of 2^29 - 1")
     view = memoryview(payload)
     parts, start, pos = [], 0, payload.find(_MAGIC_BYTES)
     while pos >= 0:  # bytes.find, then keep only 4-aligned magic words (dmlc-core splits at those)
@@ -320,7 +320,7 @@ def _checked_label(label: object, num_classes: int, index: int) -> int:
     except TypeError:
         value = -1
     if isinstance(label, bool) or not 0 <= value < num_classes:
-        raise ValueError(f"sample {index}: label {label!r} is not an integer in [0, {num_classes})")
+        raise UsageError(f"sample {index}: label {label!r} is not an integer in [0, {num_classes})")
     return value
 
 

@@ -16,6 +16,7 @@ from typing import BinaryIO, TextIO
 
 from largefr.data.rec_set import MANIFEST_FILE, SINGLE_REC, shard_name
 from largefr.data.recordio import encode_record
+from largefr.errors import UsageError
 
 MANIFEST_VERSION = 1
 _TMP = ".tmp"
@@ -30,9 +31,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * factor)
     except ValueError:
-        raise ValueError(f"{text!r} is not a size (e.g. 512M, 1G or a number of bytes)") from None
+        raise UsageError(f"{text!r} is not a size (e.g. 512M, 1G or a number of bytes)") from None
     if value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
+        raise UsageError(f"size must be positive, got {text!r}")
     return value
 
 

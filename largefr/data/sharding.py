@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from largefr.errors import UsageError
+
 
 def shard_range(num_samples: int, num_shards: int, shard_id: int) -> tuple[int, int]:
     """[start, end) of shard `shard_id`, as DALI's readers split `num_samples`."""
@@ -51,7 +53,7 @@ def check_enough_samples(num_samples: int, world_size: int, batch_size: int, dro
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     num_batches = batches_per_epoch(num_samples, world_size, batch_size, drop_last)
     if num_batches == 0:
-        raise ValueError(f"{source}: {num_samples} images give each of {world_size} ranks a shard of "
+        raise UsageError(f"{source}: {num_samples} images give each of {world_size} ranks a shard of "
                          f"{num_samples // world_size}, smaller than one batch of {batch_size}; use a smaller "
                          "batch size, fewer ranks or more data")
     return num_batches

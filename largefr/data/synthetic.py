@@ -33,6 +33,7 @@ from PIL import Image
 
 from largefr.data.recordio import write_insightface_rec
 from largefr.data.synthetic_faces import FaceIdentity, render_identity_image, sample_identity
+from largefr.errors import UsageError
 
 __all__ = ["FaceIdentity", "sample_identity", "render_identity_image", "generate_dataset",
            "ensure_dataset", "validate_arguments", "read_meta", "META_FILE", "VAL_FILE", "HELDOUT_DIR"]
@@ -81,7 +82,7 @@ def validate_arguments(*, identities: int, images_per_identity: int, pairs: int,
     if heldout_images_per_identity < 0:
         problems.append(f"held-out images per identity must be >= 0 (got {heldout_images_per_identity})")
     if problems:
-        raise ValueError("bad synthetic data set arguments: " + "; ".join(problems))
+        raise UsageError("bad synthetic data set arguments: " + "; ".join(problems))
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
@@ -321,6 +322,6 @@ def ensure_dataset(out_dir: str | os.PathLike, *, identities: int, images_per_id
         return read_meta(out)
     if differing:
         details = ", ".join(f"{k}: has {have}, wanted {want}" for k, (have, want) in differing.items())
-        raise ValueError(f"{out} holds a different synthetic data set ({details}): delete it or "
+        raise UsageError(f"{out} holds a different synthetic data set ({details}): delete it or "
                          "point the config at another folder")
     return meta

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from largefr.errors import MissingExtraError
+from largefr.eval import EvaluationError
+
 CLUSTERING_METHODS = ("kmeans", "dbscan")
 
 
@@ -28,9 +31,9 @@ def _contingency(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Counts n_ij of items in predicted cluster i with true label j."""
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.shape != truth.shape or predicted.ndim != 1:
-        raise ValueError(f"predicted {predicted.shape} and true labels {truth.shape} must be 1-D of equal length")
+        raise EvaluationError(f"predicted {predicted.shape} and true labels {truth.shape} must be 1-D of equal length")
     if predicted.size == 0:
-        raise ValueError("no items to evaluate")
+        raise EvaluationError("no items to evaluate")
     _, cluster = np.unique(predicted, return_inverse=True)
     _, label = np.unique(truth, return_inverse=True)
     table = np.zeros((cluster.max() + 1, label.max() + 1), dtype=np.float64)
@@ -79,7 +82,7 @@ def _sklearn():
     try:
         import sklearn.cluster
     except ImportError:
-        raise ImportError('clustering needs scikit-learn: pip install "largefr[eval]" (or pip install scikit-learn)') from None
+        raise MissingExtraError('clustering needs scikit-learn: pip install "largefr[eval]" (or pip install scikit-learn)') from None
     return sklearn.cluster
 
 
@@ -91,7 +94,7 @@ def normalize_rows(embeddings: np.ndarray) -> np.ndarray:
 def kmeans_labels(embeddings: np.ndarray, num_clusters: int, *, seed: int = 0) -> np.ndarray:
     """k-means (k-means++ init) cluster ids of the L2-normalized embeddings."""
     if not 1 <= num_clusters <= len(embeddings):
-        raise ValueError(f"k-means needs 1 <= k <= {len(embeddings)} (the number of embeddings), got k={num_clusters}")
+        raise EvaluationError(f"k-means needs 1 <= k <= {len(embeddings)} (the number of embeddings), got k={num_clusters}")
     model = _sklearn().KMeans(n_clusters=num_clusters, n_init="auto", random_state=seed)
     return model.fit_predict(normalize_rows(embeddings))
 
@@ -106,7 +109,7 @@ DBSCAN_MIN_SAMPLES = 2
 def dbscan_labels(embeddings: np.ndarray, *, eps: float, min_samples: int) -> np.ndarray:
     """DBSCAN cluster ids (noise: -1) under the cosine distance of the embeddings."""
     if eps <= 0 or min_samples < 1:
-        raise ValueError(f"DBSCAN needs eps > 0 and min_samples >= 1, got eps={eps}, min_samples={min_samples}")
+        raise EvaluationError(f"DBSCAN needs eps > 0 and min_samples >= 1, got eps={eps}, min_samples={min_samples}")
     model = _sklearn().DBSCAN(eps=eps, min_samples=min_samples, metric="cosine", algorithm="brute")
     return model.fit_predict(normalize_rows(embeddings))
 
@@ -142,7 +145,7 @@ def evaluate_clustering(embeddings: np.ndarray, labels: np.ndarray, method: str,
     """Cluster `embeddings` with `method` ('kmeans' or 'dbscan') and score against `labels`."""
     embeddings, labels = np.asarray(embeddings), np.asarray(labels).reshape(-1)
     if embeddings.ndim != 2 or embeddings.shape[0] != labels.shape[0]:
-        raise ValueError(f"embeddings {embeddings.shape} must be N x d with one label each ({labels.shape[0]} labels)")
+        raise EvaluationError(f"embeddings {embeddings.shape} must be N x d with one label each ({labels.shape[0]} labels)")
     identities = int(np.unique(labels).size)
     started = time.perf_counter()
     if method == "kmeans":
@@ -152,7 +155,7 @@ def evaluate_clustering(embeddings: np.ndarray, labels: np.ndarray, method: str,
         parameters = {"eps": eps, "min_samples": min_samples, "metric": "cosine"}
         predicted = dbscan_labels(embeddings, eps=eps, min_samples=min_samples)
     else:
-        raise ValueError(f"unknown clustering method {method!r}; choose one of {CLUSTERING_METHODS}")
+        raise EvaluationError(f"unknown clustering method {method!r}; choose one of {CLUSTERING_METHODS}")
     scores = score_clustering(predicted, labels)
     return ClusteringResult(method=method, parameters=parameters, items=int(labels.size), identities=identities,
                             clusters=int(np.unique(noise_as_singletons(predicted)).size),

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from largefr.errors import MissingExtraError
+
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
 DEFAULT_OPSET = 17
@@ -29,7 +31,7 @@ def _require(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise ImportError(f'ONNX export needs {module}: pip install "largefr[eval]" (or pip install onnx onnxruntime)') \
+        raise MissingExtraError(f'ONNX export needs {module}: pip install "largefr[eval]" (or pip install onnx onnxruntime)') \
             from None
 
 

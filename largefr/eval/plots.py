@@ -10,12 +10,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from largefr.errors import MissingExtraError
+from largefr.eval import EvaluationError
+
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError('plots need matplotlib: pip install "largefr[eval]" (or pip install matplotlib)') from None
+        raise MissingExtraError('plots need matplotlib: pip install "largefr[eval]" (or pip install matplotlib)') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -38,7 +41,7 @@ class SimilarityStats:
 def similarity_stats(cosines: np.ndarray, issame: np.ndarray) -> SimilarityStats:
     cosines, issame = np.asarray(cosines, dtype=np.float64), np.asarray(issame, dtype=bool)
     if not issame.any() or issame.all():
-        raise ValueError("need both positive and negative pairs for the similarity plot")
+        raise EvaluationError("need both positive and negative pairs for the similarity plot")
     positive, negative = float(cosines[issame].mean()), float(cosines[~issame].mean())
     return SimilarityStats(positive_pairs=int(issame.sum()), negative_pairs=int((~issame).sum()),
                            positive_mean=positive, negative_mean=negative, gap=positive - negative)

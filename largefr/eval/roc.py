@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from largefr.eval import EvaluationError
+
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -28,11 +30,11 @@ class TarAtFar:
 
 def _check_scores(scores: np.ndarray, labels: np.ndarray) -> None:
     if scores.shape != labels.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be 1-D of equal length")
+        raise EvaluationError(f"scores {scores.shape} and labels {labels.shape} must be 1-D of equal length")
     if not np.isfinite(scores).all():
-        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+        raise EvaluationError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
     if labels.all() or not labels.any():
-        raise ValueError("a ROC needs positive and negative pairs; the labels hold only one kind")
+        raise EvaluationError("a ROC needs positive and negative pairs; the labels hold only one kind")
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_gather_variable_rows
+from largefr.eval import EvaluationError
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -34,7 +35,7 @@ class VerificationResult:
 def kfold_splits(num_pairs: int, num_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) index arrays of sklearn's KFold(n_splits, shuffle=False)."""
     if num_pairs < num_folds:
-        raise ValueError(f"{num_pairs} pairs cannot be split into {num_folds} folds; use fewer folds")
+        raise EvaluationError(f"{num_pairs} pairs cannot be split into {num_folds} folds; use fewer folds")
     sizes = np.full(num_folds, num_pairs // num_folds)
     sizes[: num_pairs % num_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])

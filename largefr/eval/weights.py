@@ -34,6 +34,10 @@ class LoadedBackbone:
     """The file or checkpoint directory the weights came from."""
     device: torch.device
 
+    def summary(self) -> dict[str, object]:
+        """What a tool's JSON report says about the model it used."""
+        return {"source": self.source, "network": self.network, "embedding_size": self.embedding_size}
+
 
 @dataclass(kw_only=True)
 class StateDictMismatch:

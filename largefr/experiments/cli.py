@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from largefr.cli_flags import add_option
+from largefr.cli import add_option
 from largefr.data.prepare import ensure_synthetic_data, training_folder
+from largefr.errors import EXPECTED_ERRORS
 from largefr.experiments.grids import BUILTIN_GRIDS, load_grid
 from largefr.experiments.measure import DBSCAN_MIN_SAMPLES, DEFAULT_DBSCAN_EPS, MeasureOptions, heldout_identity_count
 from largefr.experiments.runner import (LAUNCHERS, RUN_DEFAULTS, TOOL_KEYS, PlanError, RunSpec, check_finished_runs,
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = plan_runs(grid, args.config, args.set, seeds, out, world_size=args.world)
         check_finished_runs(runs)
         results, failures = _execute(args, runs)
-    except (ValueError, OSError, ImportError) as error:  # PlanError, GridError, data generation, a missing extra
+    except EXPECTED_ERRORS as error:  # PlanError, GridError, data generation, a missing extra
         print(f"ablate: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     table = build_table(grid, seeds, results, failures)

@@ -15,6 +15,7 @@ from typing import Any
 
 from largefr.config import Config
 from largefr.data.prepare import training_folder, verification_paths
+from largefr.errors import UsageError
 from largefr.eval.clustering import DBSCAN_EPS, DBSCAN_MIN_SAMPLES
 
 __all__ = ["MeasureOptions", "measured_with", "DEFAULT_DBSCAN_EPS", "DBSCAN_MIN_SAMPLES", "FAR_TARGET", "measure_run",
@@ -47,7 +48,7 @@ def heldout_identity_count(folder: str) -> int:
 
     labels, identities = labels_from_subfolders(list_images(folder))
     if labels is None or len(identities) < 2:
-        raise ValueError(f"--heldout {folder}: needs images in at least two identity sub-folders "
+        raise UsageError(f"--heldout {folder}: needs images in at least two identity sub-folders "
                          "(<folder>/<identity>/<image>.jpg), to cluster them")
     return len(identities)
 

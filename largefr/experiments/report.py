@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from largefr.cli import write_json
 from largefr.eval.collapse import COLLAPSED_MEAN_COSINE, is_collapsed
 from largefr.experiments.grids import Grid
 from largefr.experiments.stats import CONFIDENCE, paired_difference, summarize
@@ -186,8 +187,6 @@ def plot_table(table: dict[str, Any], out_path: str) -> None:
 
 def write_report(table: dict[str, Any], out: Path) -> None:
     """table.json, table.md and table.png in `out`."""
-    from largefr.eval.cli import write_json
-
     write_json(str(out / "table.json"), table)
     (out / "table.md").write_text(format_markdown(table))
     plot_table(table, str(out / "table.png"))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from largefr.cli import write_json
 from largefr.config import Config, ConfigError, load_config
-from largefr.data.prepare import DataSetupError
-from largefr.errors import UserError
+from largefr.errors import EXPECTED_ERRORS, UserError
 from largefr.experiments.grids import Grid, Setting
 from largefr.distributed.spawn import free_port
 from largefr.train.local_launch import LAUNCH_SCRIPT, deepspeed_local_prefix
@@ -180,10 +180,9 @@ def _finish(run: RunSpec, code: int, wall: float, measure: Callable[[RunSpec], d
         return {**failure, "reason": "interrupted before its last step", "log_tail": _log_tail(run.folder / LOG_FILE)}
     try:
         measured = measure(run)
-    except (ValueError, OSError, ImportError, DataSetupError) as error:  # no checkpoint, a .bin gone, a missing extra
+    except EXPECTED_ERRORS as error:  # no checkpoint, a .bin gone, a missing extra
         return {**failure, "reason": f"measuring failed: {type(error).__name__}: {error}", "log_tail": ""}
     from largefr.experiments.measure import flat_metrics
-    from largefr.eval.cli import write_json
 
     result = {"setting": run.setting.name, "seed": run.seed, "overrides": list(run.overrides),
               "wall_seconds": wall, "train_seconds": summary.get("wall_seconds"), "summary": summary,
@@ -215,8 +214,6 @@ def run_grid(runs: list[RunSpec], *, command_for: Callable[[RunSpec], list[str]]
             continue
         reused = equal_run(run)
         if reused is not None:
-            from largefr.eval.cli import write_json
-
             run.folder.mkdir(parents=True, exist_ok=True)
             write_json(str(run.folder / RESULT_FILE), reused)
             results.append(reused)

@@ -5,6 +5,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from largefr.errors import MissingExtraError
+
 __all__ = ["Summary", "PairedDifference", "summarize", "paired_difference", "t_quantile"]
 
 CONFIDENCE = 0.95
@@ -52,7 +54,7 @@ def t_quantile(probability: float, dof: int) -> float:
     try:
         from scipy.stats import t
     except ImportError:
-        raise ImportError('confidence intervals need scipy: pip install "largefr[eval]" (or pip install scipy)') from None
+        raise MissingExtraError('confidence intervals need scipy: pip install "largefr[eval]" (or pip install scipy)') from None
     return float(t.ppf(probability, dof))
 
 

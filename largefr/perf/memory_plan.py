@@ -27,6 +27,7 @@ import torch
 from largefr.checkpoint.rows import ROW_BLOCK_BYTES
 from largefr.choices import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
 from largefr.distributed.partition import ClassPartition
+from largefr.errors import UsageError
 from largefr.heads.optim import block_elements
 
 LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
@@ -92,7 +93,7 @@ class PlanInputs:
         if self.bank and self.queue_size < 1:
             problems.append(f"queue_size={self.queue_size} must be >= 1 while the bank is on")
         if problems:
-            raise ValueError("invalid memory plan inputs: " + "; ".join(problems))
+            raise UsageError("invalid memory plan inputs: " + "; ".join(problems))
 
     @property
     def global_batch(self) -> int:

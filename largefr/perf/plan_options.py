@@ -5,14 +5,14 @@ tools/dry_run.py); `plan_inputs(args)` turns the parsed options back into a `Pla
 `add_head_options` is the subset that describes the head alone (--embedding-size, --sample-rate,
 --precision, --chunk-size), for tools that choose classes, world sizes and batch their own way
 (tools/scale_classes.py). A default of None makes an option required. Renamed options keep their old spelling for one release
-(--dim -> --embedding-size, --batch -> --batch-size; largefr.cli_flags) and their old `args` names
+(--dim -> --embedding-size, --batch -> --batch-size; largefr.cli) and their old `args` names
 (args.dim, args.batch).
 """
 from __future__ import annotations
 
 import argparse
 
-from largefr.cli_flags import add_option
+from largefr.cli import add_option
 from largefr.choices import LOGITS_DTYPES
 from largefr.perf.memory_plan import OPTIMIZERS, PlanInputs
 

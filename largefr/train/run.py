@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from largefr.config import ConfigError, load_config
-from largefr.errors import UserError
+from largefr.errors import EXPECTED_ERRORS
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -31,10 +31,6 @@ def report(message: str) -> None:
     text = "\n".join(f"{_rank_prefix()}error: {line}" for line in lines)
     sys.stderr.write(text + "\n")  # one write: print() writes the newline separately, and ranks interleave
     sys.stderr.flush()
-
-
-EXPECTED_ERRORS = (UserError, FileNotFoundError, FileExistsError)
-"""Errors whose message says what to fix: reported on one line without a traceback (`largefr.errors`)."""
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",

@@ -1,4 +1,4 @@
-"""The flag vocabulary every tool speaks, and renamed flags that are still accepted for one release.
+"""What every tool shares: the flag vocabulary, renamed flags, how a user's error ends a tool, JSON reports.
 
 One name per meaning (README "Tool flags"). A tool declares a renamed option once, with its old spelling::
 
@@ -7,12 +7,20 @@ One name per meaning (README "Tool flags"). A tool declares a renamed option onc
 The old spelling still works and prints one warning naming the new one; help shows only the new name.
 tests/test_tool_flags.py builds every tool's parser and fails on a spelling listed in SYNONYMS that is
 not such a renamed alias.
+
+`run_tool(name, body)` runs a tool's body: an error the user can fix (`largefr.errors.EXPECTED_ERRORS`)
+becomes one line, `name: error: message`, and an exit status; anything else is a bug and keeps its
+traceback. `write_json` writes a tool's report atomically.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from largefr.errors import EXPECTED_ERRORS
 
 VOCABULARY: dict[str, str] = {
     "--config": "a training config file (JSON or YAML)",
@@ -99,3 +107,25 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: need at least one integer, all >= 1")
     return values
+
+
+def run_tool(name: str, body: Callable[[], int | None], *, error_status: int = 2) -> int:
+    """`body()`'s exit status (None: 0); a user's error is printed as `name: error: ...` and gives `error_status`.
+    LARGEFR_DEBUG=1 shows its traceback instead."""
+    try:
+        return body() or 0
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("LARGEFR_DEBUG"):
+            raise
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return error_status
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically (a reader never sees half a report)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.write("\n")
+    os.replace(tmp, path)
