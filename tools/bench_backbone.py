@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from largefr.cli import add_option
+from largefr.cli import add_option, write_json
 from largefr.choices import PRECISIONS, TORCH_DTYPE_NAMES
 from largefr.models import NETWORK_NAMES, get_model
 from largefr.perf.head_bench import cuda_peak_increment, profiled_peak_increment
@@ -189,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak step memory: plain {memory['plain_mib']:.1f} MiB, activation checkpointing "
               f"{memory['checkpointing_mib']:.1f} MiB (x{memory['ratio']:.3f})")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return 0
 
 

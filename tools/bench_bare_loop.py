@@ -15,10 +15,10 @@ The config (default configs/quickstart.json) is overridden with `largefr.perf.ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from largefr.cli import write_json
 from largefr.choices import PRECISIONS
 from largefr.perf.bare_loop import BENCH_OVERRIDES, BareLoopPlan, bench_bare_loop, format_report
 
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -11,11 +11,12 @@ the reader alone and for the reader with CPU decoding, each round times both set
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+from largefr.cli import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:20s} mmap {medians['mmap']:10,.0f} img/s   plain I/O {medians['plain_io']:10,.0f} img/s   "
               f"ratio {medians['plain_io'] / medians['mmap']:.2f}x")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from largefr.cli import write_json
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _DISTINCT_JPEGS = 4096
@@ -266,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " ".join(sys.argv), **run(args)}
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 

@@ -9,11 +9,11 @@ sampled rows) and of torch.optim.SGD / AdamW (stepping the whole dense shard), a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
+from largefr.cli import write_json
 from largefr.perf.optimizer_bench import bench_head_optimizer
 
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r.optimizer} | {r.sample_rate} | {r.row_sparse_ms:.2f} | {r.torch_ms:.2f} | {r.ratio:.2f} |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([r.as_dict() for r in results], handle, indent=2)
+        write_json(args.json, [r.as_dict() for r in results])
     return 0
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import statistics
 import sys
 import time
 
 from largefr.choices import RECORD_LOADER_KINDS
-from largefr.cli import add_option
+from largefr.cli import add_option, write_json
 from largefr.config import AugmentConfig, load_config
 from largefr.data.prepare import LOCAL_CPU_PROCESS, PreparedData, prepare_data
 from largefr.data.preview import augment_of, config_loader
@@ -106,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(on / off for on, off in zip(rates["on"], rates["off"]))
         print(f"{kind:8s} {statistics.median(rates['off']):10.1f} {statistics.median(rates['on']):10.1f} {ratio:8.2f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"config": args.config, "overrides": args.set, "machine": machine, "augment": args.augment,
-                       "augment_fields": dataclasses.asdict(augment), "batch_size": config.train.batch_size,
-                       "num_workers": config.data.num_workers, "batches": args.batches, "rounds": args.rounds,
-                       "images_per_second": runs, "date": datetime.date.today().isoformat()}, handle, indent=2)
+        write_json(args.json, {"config": args.config, "overrides": args.set, "machine": machine,
+                               "augment": args.augment, "augment_fields": dataclasses.asdict(augment),
+                               "batch_size": config.train.batch_size, "num_workers": config.data.num_workers,
+                               "batches": args.batches, "rounds": args.rounds, "images_per_second": runs,
+                               "date": datetime.date.today().isoformat()})
     return 0
 
 

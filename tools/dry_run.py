@@ -14,12 +14,12 @@ and the constructed rank disagree.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
+from largefr.cli import write_json
 from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {rank} | [{plan.class_start:,}, {plan.class_end:,}) | {plan.num_local:,} | "
               f"{plan.resident_bytes / GIB:.2f} | {plan.step_peak / GIB:.2f} | {plan.total / GIB:.2f} |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(dict(inputs=vars(args), ranks=[p.as_dict() for p in plans]), handle, indent=2)
+        write_json(args.json, dict(inputs=vars(args), ranks=[p.as_dict() for p in plans]))
     print(f"done in {time.perf_counter() - started:.1f} s")
     if mismatches:
         print("planner and the constructed ranks disagree:\n  " + "\n  ".join(mismatches), file=sys.stderr)

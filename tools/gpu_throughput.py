@@ -13,7 +13,6 @@ allocator). One rank (plain python); the MFU's definition is printed with it and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from largefr.cli import write_json
 from largefr.perf.profiling import config_step_flops, load_profile_config, peak_tflops
 
 MFU_DEFINITION = (
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return 0
 
 

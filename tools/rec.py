@@ -16,11 +16,10 @@ train.rec or as shards (--shard-images / --shard-bytes), with property (and mani
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from largefr.cli import run_tool
+from largefr.cli import run_tool, write_json
 from largefr.data.shard_writer import parse_size
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
@@ -62,8 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write_json(path: str | None, report: dict) -> None:
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(path, report)
 
 
 def _verify(args: argparse.Namespace) -> int:

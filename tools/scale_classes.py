@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 
-from largefr.cli import int_list
+from largefr.cli import int_list, write_json
 from largefr.choices import TORCH_DTYPE_NAMES
 from largefr.errors import MissingExtraError
 from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     report["failures"] = failures
     print("checks: " + ("all points pass" if not failures else "FAILED\n  " + "\n  ".join(failures)))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     if args.png:
         plot(points, args.png)
     return 1 if failures else 0
