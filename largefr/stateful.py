@@ -32,6 +32,17 @@ State = dict[Kind, dict[str, Any]]
 """A part's state: per kind, entry name (as written on disk) -> value (tensors, plain data, state dicts)."""
 
 
+@dataclass(frozen=True)
+class EntryNote:
+    """What a checkpoint entry is and what makes it exist or sets its shape, for error messages. Entries with the
+    same note are named together ("the learnable temperatures ['log_tau', 'contrastive_log_tau']")."""
+
+    what: str
+    """e.g. "the cluster bank's rows"."""
+    made_by: str
+    """e.g. "the cluster terms: cluster.cg_margin or a cluster loss weight"."""
+
+
 @dataclass(kw_only=True)
 class RestoreContext:
     """What a part may need besides its saved state when it is restored."""
@@ -55,10 +66,9 @@ class Stateful(Protocol):
         meta entries); REPLICATED and PER_RANK as saved. A kind left out (PER_RANK on another world size)
         keeps what the part has."""
 
-    def checkpoint_note(self, name: str) -> str | None:
-        """What entry `name` is and which config setting makes it exist or sets its shape, for error messages
-        ("the cluster bank's rows (cluster terms on)"); None when it is not this part's. Answers for every
-        entry this kind of part may write, present in this run or not."""
+    def checkpoint_note(self, name: str) -> EntryNote | None:
+        """What entry `name` is and which config setting makes it, for error messages; None when it is not this
+        part's. Answers for every entry this kind of part may write, present in this run or not."""
 
 
 def merge_states(*states: State) -> State:
@@ -129,7 +139,7 @@ def restore_samplers(samplers: dict[str, torch.Generator], saved: dict[str, Any]
 class OptimizerState:
     """A torch optimizer of replicated parameters as a checkpoint part: its state dict under `name`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, name: str, note: str):
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, note: EntryNote):
         self.optimizer, self.name, self.note = optimizer, name, note
 
     def checkpoint_state(self) -> State:
@@ -138,5 +148,5 @@ class OptimizerState:
     def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
         self.optimizer.load_state_dict(state[Kind.REPLICATED][self.name])
 
-    def checkpoint_note(self, name: str) -> str | None:
+    def checkpoint_note(self, name: str) -> EntryNote | None:
         return self.note if name == self.name else None

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 from tests.distributed_helpers import run_distributed
 
 NUM_CLASSES, DIM, BATCH, SAVED_BY = 37, 8, 4, 3
@@ -42,7 +42,7 @@ class _Histogram:
 
     @staticmethod
     def checkpoint_note(name: str):
-        return "the histogram's state (a test part)" if name.startswith("histogram") else None
+        return EntryNote("the histogram's state", "a test") if name.startswith("histogram") else None
 
 
 def _config(world: int, seed: int, output: str):
@@ -178,7 +178,8 @@ def test_a_part_the_checkpoint_code_never_heard_of_round_trips_with_the_real_one
     root, saved_ranks, restored_here = saved
     restored = restored_here if world == SAVED_BY else run_distributed(_restore, world, root)
     names = saved_ranks[0]["rows"].keys()
-    assert {"weight", "optim.step", "optim.exp_avg", "optim.exp_avg_sq", "bank.centers", "histogram.counts"} <= set(names)
+    assert {"weight", "optim.step", "optim.exp_avg", "optim.exp_avg_sq", "bank.centers",
+            "histogram.counts"} <= set(names)
     assert _by_class(saved_ranks, "optim.step").sum() > 0  # the steps ran
     before = [r["before"] for r in restored]
     assert not torch.equal(_by_class(before, "histogram.counts"), _by_class(saved_ranks, "histogram.counts"))
@@ -205,10 +206,11 @@ class _Extra(_Histogram):
 
     @staticmethod
     def checkpoint_note(name: str):
-        return "the extra part's total (a test part)" if name == "extra_total" else None
+        return EntryNote("the extra part's total", "a test") if name == "extra_total" else None
 
 
 def _refusal(case: str, root: str) -> str:
+    from largefr.checkpoint.files import safe_load
     from largefr.checkpoint.save_load import CheckpointError
 
     if case == "twice":
@@ -221,10 +223,16 @@ def _refusal(case: str, root: str) -> str:
         return "saved"
     extra = {"extra": _Extra(0, 1, 0, 5)} if case == "lacks" else {}
     _, _, checkpointer = _build(1, seed=11, root=root, extra=extra)
+    path = os.path.join(root, "checkpoints", "step_2")
     if case == "holds":
         checkpointer.parts.pop("histogram")
     try:
-        checkpointer.restore(_Loop(), os.path.join(root, "checkpoints", "step_2"))
+        if case == "shape":  # as if replicated.pt had been written with another cluster.queue_size
+            replicated = safe_load(os.path.join(path, "replicated.pt"))
+            replicated["queue"]["features"] = replicated["queue"]["features"][:8]
+            checkpointer.restore_replicated(path, replicated, _Loop())
+        else:
+            checkpointer.restore(_Loop(), path)
     except CheckpointError as error:
         return str(error)
     return "restored"
@@ -235,15 +243,17 @@ def _refusals(rank: int, world: int, root: str, cases: list[str]) -> dict[str, s
 
 
 REFUSALS = {
-    "lacks": r"lacks the extra part's total \(a test part\) \('extra_total' in replicated.pt\).*resume with the "
-             "settings it was written with",
-    "holds": r"holds 'histogram.counts' in its head files, which no part of this run restores \(parts: loop, head, "
-             r"head_optimizer, rng, tau_optimizer\)",
+    "lacks": r"lacks the extra part's total \['extra_total'\] \(replicated.pt; a test\): resume with the settings it "
+             "was written with",
+    "holds": r"\(the head files\) holds \['histogram.counts'\], which no part of this run restores \(parts: loop, "
+             r"head, head_optimizer, rng, tau_optimizer\)",
+    "shape": r"step_2/replicated.pt: key 'queue.features' has shape \[8, 8\], this run's is \[16, 8\]; 'queue' is "
+             r"the feature queue \(the cluster terms; its shape cluster.queue_size and model.embedding_size\)",
     "twice": r"checkpoint entry 'histogram.counts' \(rows\) is given by parts 'histogram' and 'copy'",
 }
 
 
-def test_entries_no_part_restores_or_no_checkpoint_holds_are_named(saved):
+def test_entries_missing_unclaimed_misshapen_or_given_twice_are_named(saved):
     import re
 
     messages = run_distributed(_refusals, 1, saved[0], list(REFUSALS))[0]

@@ -1,4 +1,5 @@
-"""DeepSpeed's part of a checkpoint: its files under `engine/`, written and loaded by DeepSpeed (docs/DESIGN.md section 8).
+"""DeepSpeed's part of a checkpoint: its files under `engine/`, written and loaded by DeepSpeed (docs/DESIGN.md
+section 8).
 
 The module weights load at any world size and ZeRO stage (checked with DeepSpeed 0.19.8). The engine optimizer
 state loads with the same ZeRO stage when the world size is unchanged, for ZeRO 0 at any world size (it is not
@@ -19,6 +20,7 @@ from largefr.checkpoint.storage import describe_write_failure, is_write_failure,
 
 
 def engine_entry(engine, world: int) -> dict[str, Any] | None:
+    """The manifest's record of the engine's files (None: no engine state written)."""
     if engine is None:
         return None
     return {"tag": ENGINE_TAG, "format": "native", "world_size": world, "zero_stage": zero_stage(engine)}

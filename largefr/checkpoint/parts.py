@@ -9,15 +9,16 @@ refusal names the file, the entry, and what the entry is with the setting that m
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from largefr.checkpoint.files import CheckpointError, check_shapes
-from largefr.stateful import Kind, State
+from largefr.stateful import EntryNote, Kind, State
 
-Note = Callable[[str], "str | None"]
+Note = Callable[[str], "EntryNote | None"]
 """What an entry is, by name (a part's `checkpoint_note`); None when it is not that part's."""
 
 FIX = "resume with the settings it was written with"
@@ -41,21 +42,44 @@ def rows_to_write(states: Mapping[str, State]) -> dict[str, torch.Tensor]:
     return {name: rows for name, rows in merge_kind(states, Kind.ROWS).items() if not rows.is_meta}
 
 
-def describe(notes: Iterable[Note], name: str) -> str | None:
+def describe(notes: Iterable[Note], name: str) -> EntryNote | None:
     return next((note for note in (source(name) for source in notes) if note is not None), None)
 
 
-def _lacks(path: str, where: str, name: str, notes: Iterable[Note]) -> str:
-    what = describe(notes, name)
-    return f"checkpoint {path} lacks {what + ' ' if what else ''}('{name}' in {where})"
+@dataclass(frozen=True)
+class Mismatch:
+    """Saved entries against the entries this run gives, in one file (or kind of file)."""
 
+    path: str
+    where: str
+    saved: list[str]
+    """The saved entries that a part of this run could restore (less the checkpointer's own and those of parts
+    left out)."""
+    wanted: list[str]
+    missing: list[str]
+    """Entries this run needs that the checkpoint lacks."""
 
-def _holds(path: str, where: str, name: str, notes: Iterable[Note], parts: Iterable[str]) -> str:
-    what = describe(notes, name)
-    if what is None:
-        return (f"checkpoint {path} holds '{name}' in {where}, which no part of this run restores (parts: "
-                f"{', '.join(parts)})")
-    return f"checkpoint {path} holds {what} ('{name}' in {where}), which this run does not have"
+    def problems(self, notes: list[Note], parts: Iterable[str]) -> list[str]:
+        """One sentence per group of entries with the same note (the learnable temperatures, the bank's rows)."""
+        unexpected = [name for name in self.saved if name not in self.wanted]
+        groups: dict[EntryNote | None, None] = dict.fromkeys(describe(notes, n) for n in self.missing + unexpected)
+        return [self._sentence(note, notes, parts) for note in groups]
+
+    def _sentence(self, note: EntryNote | None, notes: list[Note], parts: Iterable[str]) -> str:
+        def described(names: list[str]) -> list[str]:
+            return [name for name in names if describe(notes, name) == note]
+
+        saved, wanted, lacking = described(self.saved), described(self.wanted), described(self.missing)
+        if note is None:  # entries no part describes: saved by a part this run has not, or undescribed
+            said = [f"holds {[name for name in saved if name not in wanted]}, which no part of this run restores"
+                    f" (parts: {', '.join(parts)})"] if set(saved) - set(wanted) else []
+            return f"checkpoint {self.path} ({self.where}) " + " and ".join(said + [f"lacks {lacking}"] * bool(lacking))
+        where = f"({self.where}; {note.made_by})"
+        if lacking and not saved:
+            return f"checkpoint {self.path} lacks {note.what} {lacking} {where}"
+        if not wanted:
+            return f"checkpoint {self.path} holds {note.what} {saved}, which this run does not have {where}"
+        return f"checkpoint {self.path} holds {note.what} {saved}, this run has {wanted} {where}"
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -79,12 +103,11 @@ def plan_rows(path: str, saved: Mapping[str, Any], live: Mapping[str, State], *,
     created row the checkpoint lacks, is refused."""
     wanted = merge_kind(live, Kind.ROWS)
     notes, left_out = list(notes), list(left_out)
-    problems = [_lacks(path, "its head files", name, notes) for name, rows in wanted.items()
-                if name not in saved and not rows.is_meta]
     skipped = [name for name in saved if name not in wanted and describe(left_out, name) is not None]
-    problems += [_holds(path, "its head files", name, notes, live) for name in saved
-                 if name not in wanted and name not in skipped]
-    _raise_problems(problems)
+    mismatch = Mismatch(path=path, where="the head files", saved=[name for name in saved if name not in skipped],
+                        wanted=list(wanted), missing=[name for name, rows in wanted.items()
+                                                      if name not in saved and not rows.is_meta])
+    _raise_problems(mismatch.problems(notes, live))
     destinations = {name: torch.empty(rows.shape, dtype=rows.dtype, device=device) if rows.is_meta else rows
                     for name, rows in wanted.items() if name in saved}
     return RowPlan(destinations=destinations, skipped=skipped)
@@ -96,15 +119,17 @@ def check_entries(path: str, file: str, kind: Kind, saved: Mapping[str, Any], li
     checkpointer's `own` entries and those of parts left out); REPLICATED tensors of the same shapes."""
     wanted = merge_kind(live, kind)
     notes, left_out, own = list(notes), list(left_out), set(own)
-    problems = [_lacks(path, file, name, notes) for name in wanted if name not in saved]
-    problems += [_holds(path, file, name, notes, live) for name in saved
-                 if name not in wanted and name not in own and describe(left_out, name) is None]
-    _raise_problems(problems)
+    mismatch = Mismatch(path=path, where=file, wanted=list(wanted),
+                        saved=[name for name in saved if name not in own and describe(left_out, name) is None],
+                        missing=[name for name in wanted if name not in saved])
+    _raise_problems(mismatch.problems(notes, live))
     if kind is Kind.REPLICATED:  # per-rank state (a generator's) takes another shape on another device type
         for name, value in wanted.items():
-            fix = f"'{name}' is {describe(notes, name) or 'a part of the run'}: it was written with other settings or " \
-                  "modified; resume with the config it was written with or from an earlier checkpoint"
-            check_tree(file, name, saved[name], value, fix)
+            note = describe(notes, name)
+            what = f"{note.what} ({note.made_by})" if note is not None else "a part of the run"
+            fix = f"'{name}' is {what}: it was written with other settings or modified; resume with the config it " \
+                  "was written with or from an earlier checkpoint"
+            check_tree(os.path.join(path, file), name, saved[name], value, fix)
 
 
 def check_tree(file: str, key: str, saved: Any, live: Any, fix: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
 def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -52,5 +52,5 @@ class ProcessRandomState:
             restore_rng_state(state[Kind.PER_RANK]["rng"], self.device)
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
-        return "this process's torch, numpy and python RNG states" if name == "rng" else None
+    def checkpoint_note(name: str) -> EntryNote | None:
+        return EntryNote("this process's torch, numpy and python RNG states", "every run") if name == "rng" else None

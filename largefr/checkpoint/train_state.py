@@ -32,13 +32,14 @@ from largefr.checkpoint.save_load import LoadedCheckpoint, load_checkpoint, save
 from largefr.distributed.collectives import all_gather_rows
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.momentum import MomentumEncoder
-from largefr.stateful import Kind, OptimizerState, RestoreContext, State, Stateful
+from largefr.stateful import EntryNote, Kind, OptimizerState, RestoreContext, State, Stateful
 
 CONFIG_ENTRY = "config"
 """The replicated entry holding the run's config, compared with the current one on resume (resume_config.py)."""
 OWN_ENTRIES = ("step", CONFIG_ENTRY)
 """Replicated entries the checkpointer writes itself (the step: save_load.py), not a part's."""
-TAU_OPTIMIZER_NOTE = "the learnable temperatures' optimizer state (cluster.aligning_weight or temperature_mode)"
+TAU_OPTIMIZER_NOTE = EntryNote("the learnable temperatures' optimizer state",
+                               "cluster.aligning_weight, contrastive_type and temperature_mode; optim.name")
 
 
 def training_parts(*, head: ClusterGuidedHead, weight_optimizer: torch.optim.Optimizer,

@@ -31,7 +31,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_min_, all_reduce_sum_, group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.queue import FeatureQueue
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
 class ClusterBank(nn.Module):
@@ -190,9 +190,9 @@ class ClusterBank(nn.Module):
         """Nothing left to do: the rows were read into the buffers."""
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
+    def checkpoint_note(name: str) -> EntryNote | None:
         if name.startswith(BANK_PREFIX):
-            return "the cluster bank's rows (cluster terms on: cluster.cg_margin or a cluster loss weight)"
+            return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
         return None
 
 

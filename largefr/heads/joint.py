@@ -45,7 +45,8 @@ from largefr.heads.cluster_losses import (
 from largefr.heads.queue import FeatureQueue
 from largefr.heads.sampling import union_of_sorted
 from largefr.heads.sharded_head import ShardedMarginHead
-from largefr.stateful import Kind, RestoreContext, State, capture_generator_state, merge_states, restore_samplers, select
+from largefr.stateful import (EntryNote, Kind, RestoreContext, State, capture_generator_state, merge_states, restore_samplers,
+                              select)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -312,7 +313,7 @@ class ClusterGuidedHead(nn.Module):
         for name, parameter in self.replicated_parameters().items():
             parameter.copy_(state[Kind.REPLICATED][name])
 
-    def checkpoint_note(self, name: str) -> str | None:
+    def checkpoint_note(self, name: str) -> EntryNote | None:
         """Also for the bank's and the queue's entries when this run has none (cluster terms off)."""
         for note in (self.margin_head.checkpoint_note, ClusterBank.checkpoint_note, FeatureQueue.checkpoint_note):
             found = note(name)
@@ -321,10 +322,7 @@ class ClusterGuidedHead(nn.Module):
         return _CHECKPOINT_NOTES.get(name)
 
 
-_CHECKPOINT_NOTES = {
-    "center_sampler": "the cluster-center sampler's state",
-    "log_tau": "L_ali's learnable temperature (cluster.aligning_weight > 0)",
-    "contrastive_log_tau": "L_con's learnable temperature (cluster.temperature_mode learnable, contrastive_type "
-                           "cluster)",
-}
+_TEMPERATURES = EntryNote("the learnable temperatures", "cluster.aligning_weight, contrastive_type and temperature_mode")
+_CHECKPOINT_NOTES = {"center_sampler": EntryNote("the cluster-center sampler's state", "every run"),
+                     "log_tau": _TEMPERATURES, "contrastive_log_tau": _TEMPERATURES}
 """What each checkpoint entry of the joint head itself is, for error messages (`largefr.stateful.Stateful`)."""

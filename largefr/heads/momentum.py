@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 ZERO3_MESSAGE = (
     "MomentumEncoder needs full backbone parameters on every rank, but parameter '{name}' is "
@@ -107,7 +107,7 @@ class MomentumEncoder(nn.Module):
         self.load_state_dict(state[Kind.REPLICATED]["momentum_encoder"])
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
+    def checkpoint_note(name: str) -> EntryNote | None:
         if name == "momentum_encoder":
-            return "the momentum encoder (cluster terms on; model.network sets its shapes)"
+            return EntryNote("the momentum encoder", "the cluster terms; its shapes model.network")
         return None

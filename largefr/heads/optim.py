@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_rows, row_gradient_values
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -122,9 +122,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                                                  for name, tensor in rows.items()}
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
+    def checkpoint_note(name: str) -> EntryNote | None:
         if name.startswith(ROW_STATE_PREFIX):
-            return "the head optimizer's per-row state (optim.name; optim.momentum under SGD)"
+            return EntryNote("the head optimizer's per-row state", "optim.name; optim.momentum under SGD")
         return None
 
 

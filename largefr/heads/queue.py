@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_gather_rows
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 EMPTY_LABEL = -1
 
@@ -95,7 +95,8 @@ class FeatureQueue(nn.Module):
         self.load_state_dict(state[Kind.REPLICATED]["queue"])
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
+    def checkpoint_note(name: str) -> EntryNote | None:
         if name == "queue":
-            return "the feature queue (cluster terms on; cluster.queue_size and model.embedding_size set its shape)"
+            return EntryNote("the feature queue", "the cluster terms; its shape cluster.queue_size and "
+                             "model.embedding_size")
         return None

@@ -29,7 +29,7 @@ from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset
-from largefr.stateful import Kind, RestoreContext, State, capture_generator_state, restore_samplers
+from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
 
 ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
@@ -390,13 +390,13 @@ class ShardedMarginHead(nn.Module):
             self.adaptive.load_state_dict(state[Kind.REPLICATED]["margin_state"])
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
+    def checkpoint_note(name: str) -> EntryNote | None:
         return _CHECKPOINT_NOTES.get(name)
 
 
 _CHECKPOINT_NOTES = {
-    "weight": "the classifier's rows (model.embedding_size sets their width)",
-    "margin_sampler": "the Partial FC sampler's state",
-    "margin_state": "the running margin state (head.type curricularface, magface, adaface or elasticface)",
+    "weight": EntryNote("the classifier's rows", "every run; model.embedding_size sets their width"),
+    "margin_sampler": EntryNote("the Partial FC sampler's state", "every run"),
+    "margin_state": EntryNote("the running margin state", "head.type curricularface, magface, adaface or elasticface"),
 }
 """What each checkpoint entry of the margin head is, for error messages (`largefr.stateful.Stateful`)."""

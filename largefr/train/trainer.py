@@ -16,7 +16,7 @@ from typing import Any, Callable, Generator, Iterator, Protocol
 import torch
 
 from largefr.distributed.collectives import all_reduce_sum_
-from largefr.stateful import Kind, RestoreContext, State
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
 from largefr.train.schedule import LRSchedule
@@ -313,6 +313,6 @@ class Trainer:
             setattr(self.state, entry.name, copy.deepcopy(saved[entry.name]))
 
     @staticmethod
-    def checkpoint_note(name: str) -> str | None:
-        return {"loop": "the loop state (steps done, skip counters, verification)",
-                "data_position": "the position in the data"}.get(name)
+    def checkpoint_note(name: str) -> EntryNote | None:
+        return {"loop": EntryNote("the loop state (steps done, skip counters, verification)", "every run"),
+                "data_position": EntryNote("the position in the data", "every run")}.get(name)
