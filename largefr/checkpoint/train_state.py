@@ -74,7 +74,7 @@ class TrainingCheckpointer:
                  extra_parts: Mapping[str, Stateful] | None = None):
         self.root = root
         self.partition, self.group = head.partition, head.group  # the head's classes place the rows
-        self.tau_optimizer = tau_optimizer
+        self.tau_optimizer = tau_optimizer  # read by tests of the temperatures' resume
         self.parts, self.optimizer_parts, self.absent_notes = training_parts(
             head=head, weight_optimizer=weight_optimizer, tau_optimizer=tau_optimizer,
             momentum_encoder=momentum_encoder, device=device)
@@ -95,17 +95,17 @@ class TrainingCheckpointer:
         """Every part's state, by part name."""
         return {name: part.checkpoint_state() for name, part in self._parts(trainer).items()}
 
-    def replicated(self, trainer) -> dict[str, Any]:
+    def replicated(self, trainer, states: Mapping[str, State] | None = None) -> dict[str, Any]:
         """What rank 0 writes to replicated.pt: every part's replicated entries and the config."""
-        return {**merge_kind(self.states(trainer), Kind.REPLICATED), CONFIG_ENTRY: self.config}
+        return {**merge_kind(states or self.states(trainer), Kind.REPLICATED), CONFIG_ENTRY: self.config}
 
     def save(self, trainer) -> str:
         states = self.states(trainer)
         self.last_path = save_checkpoint(
             self.root, trainer.state.step, engine=trainer.runner.engine, partition=self.partition,
             head_rows=rows_to_write(states), head_extra=merge_kind(states, Kind.PER_RANK),
-            replicated={**merge_kind(states, Kind.REPLICATED), CONFIG_ENTRY: self.config},
-            keep_last=self.keep_last, group=self.group, notify=trainer.metrics.info)
+            replicated=self.replicated(trainer, states), keep_last=self.keep_last, group=self.group,
+            notify=trainer.metrics.info)
         trainer.metrics.info(f"checkpoint written: {self.last_path}")
         return self.last_path
 

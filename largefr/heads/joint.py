@@ -45,8 +45,8 @@ from largefr.heads.cluster_losses import (
 from largefr.heads.queue import FeatureQueue
 from largefr.heads.sampling import union_of_sorted
 from largefr.heads.sharded_head import ShardedMarginHead
-from largefr.stateful import (EntryNote, Kind, RestoreContext, State, capture_generator_state, merge_states, restore_samplers,
-                              select)
+from largefr.stateful import (EntryNote, Kind, RestoreContext, State, capture_generator_state, merge_states,
+                              restore_samplers, select)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -322,7 +322,8 @@ class ClusterGuidedHead(nn.Module):
         return _CHECKPOINT_NOTES.get(name)
 
 
-_TEMPERATURES = EntryNote("the learnable temperatures", "cluster.aligning_weight, contrastive_type and temperature_mode")
+_TEMPERATURES = EntryNote("the learnable temperatures",
+                          "cluster.aligning_weight, contrastive_type and temperature_mode")
 _CHECKPOINT_NOTES = {"center_sampler": EntryNote("the cluster-center sampler's state", "every run"),
                      "log_tau": _TEMPERATURES, "contrastive_log_tau": _TEMPERATURES}
 """What each checkpoint entry of the joint head itself is, for error messages (`largefr.stateful.Stateful`)."""
