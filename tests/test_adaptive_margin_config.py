@@ -3,7 +3,6 @@ trainer's head, one ablation grid, the running state in the replicated checkpoin
 import copy
 import dataclasses
 import json
-import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from largefr.experiments.runner import plan_runs
 from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
-from largefr.train.trainer import LoopState
+from largefr.train.trainer import LoopState, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.json")
@@ -78,8 +77,26 @@ def test_one_grid_holds_every_margin_and_each_config_builds_its_head(tmp_path):
 NO_CLUSTER = ["cluster.cg_margin=false", "cluster.contrastive_weight=0", "cluster.aligning_weight=0"]
 
 
+class _LoopStandIn:
+    """The loop part of a checkpoint (largefr/stateful.py) without a trainer around it."""
+
+    def __init__(self) -> None:
+        self.state = LoopState()
+
+    def data_position(self) -> dict:
+        return {}
+
+    def checkpoint_state(self):
+        return Trainer.checkpoint_state(self)
+
+    def restore_checkpoint_state(self, state, context) -> None:
+        Trainer.restore_checkpoint_state(self, state, context)
+
+    checkpoint_note = staticmethod(Trainer.checkpoint_note)
+
+
 def _fake_trainer():
-    return types.SimpleNamespace(state=LoopState(), data_position=lambda: {})
+    return _LoopStandIn()
 
 
 def _checkpointer(parts, config, folder):
@@ -111,7 +128,7 @@ def test_running_state_travels_in_the_replicated_checkpoint(name, tmp_path):
     replicated = copy.deepcopy(_checkpointer(saved_by, config, tmp_path).replicated(_fake_trainer()))
     expected = _step(saved_by.head, 1)
     _step(resumed.head, 5)  # some other running state, replaced by the restore
-    _checkpointer(resumed, config, tmp_path)._restore_replicated(str(tmp_path), replicated, _fake_trainer())
+    _checkpointer(resumed, config, tmp_path).restore_replicated(str(tmp_path), replicated, _fake_trainer())
     assert _step(resumed.head, 1) == expected
     assert all(torch.equal(a, b) for a, b in zip(_running_state(resumed.head).values(),
                                                  _running_state(saved_by.head).values()))
@@ -137,4 +154,4 @@ def test_resume_without_the_margin_state_is_refused(tmp_path):
     replicated = checkpointer.replicated(_fake_trainer())
     replicated.pop("margin_state")
     with pytest.raises(CheckpointError, match="lacks the running margin state"):
-        checkpointer._restore_replicated(str(tmp_path), replicated, _fake_trainer())
+        checkpointer.restore_replicated(str(tmp_path), replicated, _fake_trainer())

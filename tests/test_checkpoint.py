@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from largefr.checkpoint.files import file_digest, safe_load, save_file
-from largefr.checkpoint.save_load import (CheckpointError, _engine_mismatch, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                                          load_head_rows, resolve_checkpoint, restore_rng_state, save_checkpoint)
+from largefr.checkpoint.engine import engine_mismatch
+from largefr.checkpoint.rng import capture_rng_state, restore_rng_state
+from largefr.checkpoint.save_load import (CheckpointError, find_latest_checkpoint, load_checkpoint, load_head_rows,
+                                          resolve_checkpoint, save_checkpoint)
 from largefr.distributed.partition import ClassPartition
 from tests.distributed_helpers import run_distributed
 
@@ -256,7 +258,7 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
 ])
 def test_when_the_engine_optimizer_state_loads(saved, stage, world, reason):
     """The decision behind engine_optimizer_restored (the real loads are in test_checkpoint_engine.py)."""
-    mismatch = _engine_mismatch(saved, stage, world)
+    mismatch = engine_mismatch(saved, stage, world)
     assert (mismatch is None) == (reason is None)
     if reason is not None:
         assert reason in mismatch

@@ -3,8 +3,9 @@
 Checkpoints saved by 1-4 spawned gloo ranks (37 classes: uneven shards) are restored on 1-4 ranks
 into destination tensors filled with garbage, through blocks that cut rows in pieces; the restored
 rows must equal the saved ones bit for bit. The trainer's state (the real joint head, its
-row-sparse optimizer, cluster bank, queue, learnable temperature, CurricularFace's running state and
-the samplers) goes through `TrainingCheckpointer` the same way. The restore and the reshard tool
+row-sparse optimizer, cluster bank, queue, learnable temperature, the margins' running state and
+the samplers) goes through `TrainingCheckpointer` the same way in tests/test_checkpoint_train_state.py
+and tests/test_checkpoint_parts.py. The restore and the reshard tool
 must allocate no more than one block beyond the destination tensors (torch's memory profiler, as
 the planner's tests use, and tracemalloc for Python buffers).
 """

@@ -6,9 +6,10 @@ learnable temperature and its optimizer, the row-sparse SGD with momentum and pe
 Two real steps on 2 spawned gloo ranks (37 classes: uneven shards), a checkpoint, then a fresh
 build (another seed: every tensor starts different) on 1, 2, 3 and 4 ranks restores it. Rows must
 equal the saved rows by class id bit for bit, the replicated state on every rank, and on the same
-world size each rank's samplers and RNG state too. The trainer itself is stood in for by the four
-things a checkpoint reads from it (loop state, data position, engine, log): the engine is covered
-by tests/test_checkpoint_engine.py, the real trainer's resume by tests/test_trainer.py.
+world size each rank's samplers and RNG state too. The trainer itself is stood in for by what a
+checkpoint reads from it (the loop part's methods on a loop state and a data position, the engine, the
+log): the engine is covered by tests/test_checkpoint_engine.py, the real trainer's resume by
+tests/test_trainer.py.
 """
 import os
 from types import SimpleNamespace
@@ -46,6 +47,22 @@ class _TrainerStandIn:
 
     def data_position(self) -> dict[str, int]:
         return {"epoch": 0, "batch": self.state.step}
+
+    # the loop part (largefr/stateful.py): the trainer's own methods, on this stand-in's loop state
+    def checkpoint_state(self):
+        from largefr.train.trainer import Trainer
+
+        return Trainer.checkpoint_state(self)
+
+    def restore_checkpoint_state(self, state, context) -> None:
+        from largefr.train.trainer import Trainer
+
+        Trainer.restore_checkpoint_state(self, state, context)
+
+    def checkpoint_note(self, name: str):
+        from largefr.train.trainer import Trainer
+
+        return Trainer.checkpoint_note(name)
 
 
 def _build(world: int, seed: int, root: str):

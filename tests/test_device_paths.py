@@ -198,19 +198,20 @@ def _samplers(trainer) -> dict:
 
 def _train_recording_device(rank: int, world: int, config_dict: dict, device_type: str) -> dict:
     """Train and checkpoint as a run on `device_type` would record its sampling generators."""
-    from largefr.checkpoint.train_state import TrainingCheckpointer
     from largefr.config import Config
+    from largefr.heads.joint import ClusterGuidedHead
+    from largefr.stateful import Kind
     from largefr.train.build import build_trainer
     from largefr.train.distributed_env import init_distributed
 
-    original = TrainingCheckpointer.head_extra
+    original = ClusterGuidedHead.checkpoint_state
 
-    def head_extra(self):
-        extra = original(self)
+    def checkpoint_state(self):
+        state = original(self)
         if device_type == "cuda":
-            extra["margin_sampler"] = extra["center_sampler"] = SIMULATED_CUDA_STATE
-        return extra
-    TrainingCheckpointer.head_extra = head_extra
+            state[Kind.PER_RANK]["margin_sampler"] = state[Kind.PER_RANK]["center_sampler"] = SIMULATED_CUDA_STATE
+        return state
+    ClusterGuidedHead.checkpoint_state = checkpoint_state
     trainer = build_trainer(Config.from_dict(config_dict, world_size=world), init_distributed())
     fresh = _samplers(trainer)
     trainer.train()

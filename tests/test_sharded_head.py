@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import MarginConfig, ShardedMarginHead, normal_rows
 from largefr.heads.sharded_head import ROWS_PER_INIT_CHUNK
+from largefr.stateful import RestoreContext
 from tests.distributed_helpers import run_distributed
 
 CLASSES, DIM, LOCAL_BATCH, SEED = 1001, 16, 6, 1234
@@ -192,10 +193,10 @@ def test_sampling_keeps_positives_and_is_reproducible():
     assert torch.equal(sampled[local_target[valid]], labels[valid])
     assert local_target[-1].item() == -1
     assert torch.equal(second.sample_classes(labels)[0], sampled)  # same seed, same draw
-    checkpoint = first.state_dict()  # the sampler state travels with the head (resume = same negatives)
+    checkpoint = first.checkpoint_state()  # the sampler state travels in the checkpoint (resume = same negatives)
     next_draw = first.sample_classes(labels)[0]
     assert not torch.equal(next_draw, sampled)  # next step draws new negatives
-    second.load_state_dict(checkpoint)
+    second.restore_checkpoint_state(checkpoint, RestoreContext(step=1))
     assert torch.equal(second.sample_classes(labels)[0], next_draw)
 
 

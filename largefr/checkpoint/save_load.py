@@ -17,14 +17,8 @@ its free space, and removes the temporary folder. A directory without a valid ma
     loaded = load_checkpoint(path, engine=engine, partition=partition, group=group,
                              expected_rows={"weight": [512], ...})
 
-Head rows are re-split by class id when the world size changed. DeepSpeed's engine state (checked
-with DeepSpeed 0.19.8): the module weights load at any world size and ZeRO stage. The engine
-optimizer state loads with the same ZeRO stage when the world size is unchanged, for ZeRO 0 at
-any world size (it is not partitioned), and for ZeRO 1/2 at any world size once
-`tools/reshard_checkpoint.py` converted the partitions to DeepSpeed's universal format (DeepSpeed
-refuses native ZeRO partitions of another world size). Otherwise the engine optimizer is
-re-initialised from the loaded weights, with a warning saying why
-(`LoadedCheckpoint.engine_optimizer_restored` is False).
+Head rows are re-split by class id when the world size changed; DeepSpeed's engine state loads as
+`engine.py` says (`LoadedCheckpoint.engine_optimizer_restored` is False when its optimizer was re-initialised).
 
 Every file is loaded with `torch.load(weights_only=True)`; DeepSpeed's own files (which DeepSpeed
 loads without that restriction) are scanned with it first. The collectives use
@@ -34,29 +28,28 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, REPLICATED_NAME, CheckpointError, check_shapes,
-                                      file_digest,
-                                      head_file_name, list_files, make_manifest,
-                                      safe_load, save_file, scan_engine_files, step_dir_name,
-                                      validate_checkpoint, verify_digests, write_manifest)
+from largefr.checkpoint.engine import (check_engine_module, engine_entry, engine_share_bytes, load_engine,
+                                       save_engine)
+from largefr.checkpoint.files import (ENGINE_TAG, HEAD_FILE_PATTERN, REPLICATED_NAME, CheckpointError, file_digest,
+                                      head_file_name, list_files, make_manifest, safe_load, save_file,
+                                      scan_engine_files, step_dir_name, validate_checkpoint, verify_digests,
+                                      write_manifest)
 from largefr.checkpoint.folders import (CHECKPOINT_NAMING, Notify, find_latest_checkpoint, last_checkpoint_bytes,
                                         locate_checkpoint, prune, rename_into_place, resolve_checkpoint, temporary_name)
 from largefr.checkpoint.reshard import (allocate_rows, check_compatible, load_head_rows, restore_head_rows,
                                         row_schema)
-from largefr.checkpoint.storage import (check_free_space, describe_write_failure, is_write_failure,
-                                        tensor_bytes)
+from largefr.checkpoint.rng import capture_rng_state, restore_rng_state
+from largefr.checkpoint.storage import check_free_space, describe_write_failure, is_write_failure, tensor_bytes
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
+from largefr.stateful import capture_generator_state, reseed_value, restore_generator_state
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
            "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows",
@@ -172,25 +165,6 @@ def _digest_share(tmp: str, names: list[str], rank: int, world: int) -> dict[str
     return {name: file_digest(os.path.join(tmp, name)) for i, name in enumerate(others) if i % world == rank}
 
 
-def _engine_entry(engine, world: int) -> dict[str, Any] | None:
-    if engine is None:
-        return None
-    return {"tag": ENGINE_TAG, "format": "native", "world_size": world, "zero_stage": _zero_stage(engine)}
-
-
-def engine_share_bytes(engine, rank: int) -> int:
-    """About the bytes this rank writes of DeepSpeed's checkpoint, counted from the live state: the module
-    (data-parallel rank 0) and the optimizer's state and master partitions (ZeRO: every rank its own)."""
-    if engine is None:
-        return 0
-    module = tensor_bytes(dict(engine.module.state_dict())) if rank == 0 else 0
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-    if optimizer is None or (_zero_stage(engine) == 0 and rank != 0):
-        return module
-    masters = [p for g in optimizer.param_groups for p in g["params"]] if _zero_stage(engine) > 0 else []
-    return module + tensor_bytes(list(optimizer.state.values())) + tensor_bytes(masters)
-
-
 def save_checkpoint(ckpt_root: str, step: int, *, engine, partition: ClassPartition,
                     head_rows: Mapping[str, torch.Tensor], head_extra: Mapping[str, Any] | None = None,
                     replicated: Mapping[str, Any] | None = None, keep_last: int = 0, group=None,
@@ -230,7 +204,7 @@ def _write_and_promote(root: str, tmp: str, step: int, *, engine, partition: Cla
                        replicated: Mapping[str, Any] | None, keep_last: int, group, notify: Notify) -> str:
     rank, world = partition.rank, partition.world_size
     what = f"checkpoint {step_dir_name(step)}"
-    error = _save_engine(engine, tmp, what) if engine is not None else None
+    error = save_engine(engine, tmp, what) if engine is not None else None
     written, own_error = _attempt_write(lambda: _write_own_files(tmp, step, partition, head_rows, head_extra,
                                                                  replicated), tmp, what)
     _raise_together(error or own_error, group)
@@ -262,24 +236,6 @@ def _attempt_write(action: Callable[[], T], path: str, what: str) -> tuple[T | N
         return None, describe_write_failure(error, path, what)
 
 
-def _save_engine(engine, tmp: str, what: str) -> str | None:
-    """DeepSpeed's part of the checkpoint; the named write failure, or None.
-
-    A rank whose write fails (DeepSpeed 0.19.8, ZeRO 0-2: in `torch.save`, between the collectives) skips
-    the barrier that ends DeepSpeed's `save_checkpoint`, in which the other ranks wait: it takes that
-    barrier here, so that every rank reaches the error exchange that follows together.
-    """
-    try:
-        engine.save_checkpoint(tmp, tag=ENGINE_TAG, client_state={}, save_latest=False)
-        return None
-    except (OSError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not is_write_failure(error):
-            raise
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-        return describe_write_failure(error, os.path.join(tmp, ENGINE_TAG), f"{what} (DeepSpeed's engine files)")
-
-
 def _debug_die_mid_save(step: int, rank: int) -> None:
     """FAULT INJECTION (tests only): $LARGEFR_DEBUG_KILL_IN_SAVE="STEP:RANK" SIGKILLs that rank mid-save."""
     target = os.environ.get("LARGEFR_DEBUG_KILL_IN_SAVE")
@@ -299,7 +255,7 @@ def _finish(root: str, step: int, tmp: str, world: int, num_classes: int, gather
     final = os.path.join(root, step_dir_name(step))
     try:
         write_manifest(tmp, make_manifest(step=step, world_size=world, num_classes=num_classes,
-                                          row_schema=schemas[0], engine=_engine_entry(engine, world), files=files))
+                                          row_schema=schemas[0], engine=engine_entry(engine, world), files=files))
         rename_into_place(tmp, final, step)
     except OSError as error:
         return {"error": describe_write_failure(error, tmp, f"checkpoint {step_dir_name(step)} (its manifest)"),
@@ -371,132 +327,10 @@ def load_checkpoint(path: str, *, engine, partition: ClassPartition, group=None,
     extra, replicated = result
     restored = False
     if engine is not None:
-        _raise_together(_attempt(lambda: _check_engine_module(path, manifest, engine))[1], group)
-        restored = _load_engine(engine, path, manifest, partition.world_size, fresh_optimizer)
+        _raise_together(_attempt(lambda: check_engine_module(path, manifest, engine))[1], group)
+        restored = load_engine(engine, path, manifest, partition.world_size, fresh_optimizer)
     return LoadedCheckpoint(path=path, step=manifest["step"], head_rows=destinations, head_extra=extra,
                             replicated=replicated, saved_world_size=manifest["world_size"],
                             engine_optimizer_restored=restored)
 
 
-ENGINE_MODULE_FILE = "mp_rank_00_model_states.pt"
-"""DeepSpeed's file of the module weights (native format; key 'module')."""
-
-
-def _check_engine_module(path: str, manifest: Mapping[str, Any], engine) -> None:
-    """The saved module weights against the live module's names and shapes, before DeepSpeed loads them
-    (its own error is a raw state_dict size mismatch naming no file)."""
-    file = os.path.join(path, ENGINE_TAG, ENGINE_MODULE_FILE)
-    if manifest["engine"]["format"] != "native" or not os.path.isfile(file):
-        return
-    saved = safe_load(file, deepspeed_file=True, mmap=True)
-    check_shapes(file, "module", saved.get("module") if isinstance(saved, dict) else None,
-                 engine.module.state_dict(), "the file was written for another model or was modified; resume with "
-                 "the model it was written with or an earlier checkpoint")
-
-
-def _zero_stage(engine) -> int:
-    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
-
-
-def _engine_mismatch(saved: Mapping[str, Any], stage: int, world: int) -> str | None:
-    """Why the saved engine optimizer state cannot be loaded into this engine, or None if it can."""
-    if saved["format"] == "universal":
-        return None if stage > 0 else "it is in DeepSpeed's universal format, which ZeRO stage 0 cannot load"
-    if saved["zero_stage"] != stage:
-        return f"it was saved with ZeRO stage {saved['zero_stage']} and this run uses stage {stage}"
-    if stage > 0 and saved["world_size"] != world:
-        return (f"its ZeRO-{stage} optimizer partitions were saved by {saved['world_size']} ranks and do not load "
-                f"on {world} ranks; to keep them, convert first: python tools/reshard_checkpoint.py "
-                f"--checkpoint CKPT --world {world} --out NEW_DIR")
-    return None
-
-
-def _load_engine(engine, path: str, manifest: Mapping[str, Any], world: int, fresh_optimizer: bool) -> bool:
-    """Load DeepSpeed's state; True when its optimizer state was restored as well as the weights."""
-    saved = manifest["engine"]
-    if saved is None:
-        raise CheckpointError(f"checkpoint {path} holds no engine state (saved with engine=None)")
-    mismatch = "the optimizer state is started afresh" if fresh_optimizer else \
-        _engine_mismatch(saved, _zero_stage(engine), world)
-    if mismatch is not None and not fresh_optimizer:
-        warnings.warn(f"checkpoint {path}: engine optimizer state (e.g. Adam moments) re-initialised, module "
-                      f"weights restored: {mismatch}", stacklevel=3)
-    universal = saved["format"] == "universal" and mismatch is None
-    # DeepSpeed reads this flag at load time only (0.19.8); set for this call as the config key
-    # checkpoint.load_universal would
-    previous = engine._config.load_universal_checkpoint
-    engine._config.load_universal_checkpoint = universal
-    try:
-        load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=mismatch is None,
-                                              load_lr_scheduler_states=False)
-    finally:
-        engine._config.load_universal_checkpoint = previous
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the engine state of {path} (directory {ENGINE_TAG}/)")
-    return mismatch is None
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG states as plain data (weights_only-loadable)
-
-def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
-    """torch (CPU and `device` if CUDA), numpy and python RNG states as tensors and lists."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, python_state, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": version, "state": list(python_state), "gauss": gauss}}
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], device: torch.device | str | None = None) -> None:
-    """Inverse of `capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling generators (Partial FC, center sampling): their state belongs to one device type
-
-_CPU_GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()  # mt19937: 5056; CUDA's Philox: 16
-
-
-def capture_generator_state(generator: torch.Generator) -> dict[str, Any]:
-    """`generator`'s state with the device type it belongs to (a CUDA state does not fit a CPU generator)."""
-    return {"device_type": generator.device.type, "state": generator.get_state()}
-
-
-def reseed_value(initial_seed: int, step: int) -> int:
-    """The seed a generator restarts from when its saved state is of another device type.
-
-    Depends only on the generator's construction seed (train.seed and the rank) and the resumed
-    step, so every resume of that checkpoint on that device type draws the same stream.
-    """
-    return (initial_seed + 0x9E37_79B9_7F4A_7C15 * (step + 1)) % 2**64
-
-
-def restore_generator_state(generator: torch.Generator, saved: Any, *, step: int) -> bool:
-    """Put a `capture_generator_state` result back; True if restored, False if re-seeded.
-
-    A state saved on another device type (CUDA <-> CPU) cannot be set: `generator` is re-seeded
-    with `reseed_value(generator.initial_seed(), step)` instead. A bare state tensor (checkpoints
-    written before the device type was recorded) is typed by its size.
-    """
-    if torch.is_tensor(saved):
-        saved = {"device_type": "cpu" if saved.numel() == _CPU_GENERATOR_STATE_BYTES else "cuda", "state": saved}
-    if saved["device_type"] == generator.device.type:
-        generator.set_state(saved["state"])
-        return True
-    generator.manual_seed(reseed_value(generator.initial_seed(), step))
-    return False

@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_min_, all_reduce_sum_, group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.queue import FeatureQueue
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
 class ClusterBank(nn.Module):
@@ -179,6 +180,24 @@ class ClusterBank(nn.Module):
                 f"[{mine['class_start']}, {mine['class_end']}) of {mine['num_classes']}: re-split the "
                 "checkpoint by class range for this world size before loading"
             )
+
+    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
+    def checkpoint_state(self) -> State:
+        """Every buffer as rows of this rank's classes, `bank.<buffer>` (a restore reads into them in place)."""
+        return {Kind.ROWS: {f"{BANK_PREFIX}{name}": buffer for name, buffer in self.named_buffers()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        """Nothing left to do: the rows were read into the buffers."""
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        if name.startswith(BANK_PREFIX):
+            return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
+        return None
+
+
+BANK_PREFIX = "bank."
+"""Checkpoint names of the bank's buffers: `bank.<buffer name>`."""
 
 
 class ClassLambda:

@@ -45,6 +45,8 @@ from largefr.heads.cluster_losses import (
 from largefr.heads.queue import FeatureQueue
 from largefr.heads.sampling import union_of_sorted
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.stateful import (EntryNote, Kind, RestoreContext, State, capture_generator_state, merge_states,
+                              restore_samplers, select)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -291,8 +293,37 @@ class ClusterGuidedHead(nn.Module):
             out["contrastive_tau"] = float(self.contrastive_log_tau.exp())
         return out
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"sample_generator": self.sample_generator.get_state()}
+    # ---- checkpoint (largefr/stateful.py) -------------------------------------------------------------------
+    def _checkpoint_pieces(self) -> list[Any]:
+        """The pieces holding state of their own: the margin head, and the bank and the queue when on."""
+        return [piece for piece in (self.margin_head, self.bank, self.queue) if piece is not None]
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.sample_generator.set_state(state["sample_generator"])
+    def checkpoint_state(self) -> State:
+        """The pieces' state, the center sampler (this rank's) and the replicated temperatures."""
+        own: State = {Kind.PER_RANK: {"center_sampler": capture_generator_state(self.sample_generator)},
+                      Kind.REPLICATED: {name: p.detach() for name, p in self.replicated_parameters().items()}}
+        return merge_states(own, *(piece.checkpoint_state() for piece in self._checkpoint_pieces()))
+
+    @torch.no_grad()
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        for piece in self._checkpoint_pieces():
+            piece.restore_checkpoint_state(select(state, piece.checkpoint_state()), context)
+        if Kind.PER_RANK in state:
+            restore_samplers({"center_sampler": self.sample_generator}, state[Kind.PER_RANK], context)
+        for name, parameter in self.replicated_parameters().items():
+            parameter.copy_(state[Kind.REPLICATED][name])
+
+    def checkpoint_note(self, name: str) -> EntryNote | None:
+        """Also for the bank's and the queue's entries when this run has none (cluster terms off)."""
+        for note in (self.margin_head.checkpoint_note, ClusterBank.checkpoint_note, FeatureQueue.checkpoint_note):
+            found = note(name)
+            if found is not None:
+                return found
+        return _CHECKPOINT_NOTES.get(name)
+
+
+_TEMPERATURES = EntryNote("the learnable temperatures",
+                          "cluster.aligning_weight, contrastive_type and temperature_mode")
+_CHECKPOINT_NOTES = {"center_sampler": EntryNote("the cluster-center sampler's state", "every run"),
+                     "log_tau": _TEMPERATURES, "contrastive_log_tau": _TEMPERATURES}
+"""What each checkpoint entry of the joint head itself is, for error messages (`largefr.stateful.Stateful`)."""

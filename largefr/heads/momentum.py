@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
+
 ZERO3_MESSAGE = (
     "MomentumEncoder needs full backbone parameters on every rank, but parameter '{name}' is "
     "partitioned ({why}); this happens with DeepSpeed ZeRO stage 3. Use zero_optimization.stage "
@@ -95,3 +97,17 @@ class MomentumEncoder(nn.Module):
             images = images.to(first.dtype)
         embeddings = self.encoder(images)
         return F.normalize(embeddings, dim=1) if normalize else embeddings
+
+    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
+    def checkpoint_state(self) -> State:
+        """The EMA weights and buffers (identical on every rank)."""
+        return {Kind.REPLICATED: {"momentum_encoder": self.state_dict()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        self.load_state_dict(state[Kind.REPLICATED]["momentum_encoder"])
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        if name == "momentum_encoder":
+            return EntryNote("the momentum encoder", "the cluster terms; its shapes model.network")
+        return None

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_rows, row_gradient_values
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -96,6 +97,39 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 if torch.is_tensor(value) and value.shape[:1] != param.shape[:1]:
                     raise ValueError(f"optimizer state '{key}' has {value.shape[0]} rows but the parameter has "
                                      f"{param.shape[0]}: re-split the head checkpoint by class range first")
+
+    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
+    def _row_parameter(self) -> torch.Tensor:
+        params = [param for group in self.param_groups for param in group["params"]]
+        if len(params) != 1:
+            raise ValueError(f"{type(self).__name__} checkpoints the per-row state of one row-sharded parameter "
+                             f"(the classifier's W); it has {len(params)}")
+        return params[0]
+
+    def checkpoint_state(self) -> State:
+        """The per-row state, `optim.<key>` (dim 0: the parameter's rows). Before the first step: what the first
+        step creates, on the meta device (nothing to write; a restore creates what the checkpoint holds)."""
+        param = self._row_parameter()
+        state = self.state.get(param) or self._init_state(torch.empty_like(param, device="meta"),
+                                                          self.param_groups[0])
+        return {Kind.ROWS: {f"{ROW_STATE_PREFIX}{key}": value for key, value in state.items()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        """Adopt the restored rows (filled in place, or created by the restore) as the parameter's state."""
+        rows = state.get(Kind.ROWS, {})
+        if rows:
+            self.state[self._row_parameter()] = {name.removeprefix(ROW_STATE_PREFIX): tensor
+                                                 for name, tensor in rows.items()}
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        if name.startswith(ROW_STATE_PREFIX):
+            return EntryNote("the head optimizer's per-row state", "optim.name; optim.momentum under SGD")
+        return None
+
+
+ROW_STATE_PREFIX = "optim."
+"""Checkpoint names of the per-row state: `optim.<state key>`."""
 
 
 class RowSparseSGD(RowSparseOptimizer):

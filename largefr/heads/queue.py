@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_gather_rows
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 EMPTY_LABEL = -1
 
@@ -84,3 +85,18 @@ class FeatureQueue(nn.Module):
         self.features[slots] = global_features[skipped:].to(self.features.device, self.features.dtype)
         self.labels[slots] = global_labels[skipped:].to(self.labels.device, torch.int64)
         self.pointer.copy_((self.pointer + rows) % self.size)
+
+    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
+    def checkpoint_state(self) -> State:
+        """The whole ring (identical on every rank): written once, restored on every rank at any world size."""
+        return {Kind.REPLICATED: {"queue": self.state_dict()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        self.load_state_dict(state[Kind.REPLICATED]["queue"])
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        if name == "queue":
+            return EntryNote("the feature queue", "the cluster terms; its shape cluster.queue_size and "
+                             "model.embedding_size")
+        return None

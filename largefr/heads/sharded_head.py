@@ -29,6 +29,7 @@ from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset
+from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
 
 ROWS_PER_INIT_CHUNK = 4096
 """Rows generated per seeded chunk at init. Changing it changes every initial W: keep it fixed."""
@@ -245,13 +246,6 @@ class ShardedMarginHead(nn.Module):
     def num_classes(self) -> int:
         return self.partition.num_classes
 
-    def get_extra_state(self) -> dict:
-        """The Partial FC sampler's state, so a resumed run draws the same negatives."""
-        return {"sample_generator": self.sample_generator.get_state()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.sample_generator.set_state(state["sample_generator"])
-
     def extra_repr(self) -> str:
         p = self.partition
         return (f"classes={p.num_classes}, local=[{p.start}, {p.end}), dim={self.weight.shape[1]}, "
@@ -376,3 +370,33 @@ class ShardedMarginHead(nn.Module):
             row = int(torch.nonzero(bad)[0])
             raise ValueError(f"label {int(labels[row])} at gathered row {row} is outside [0, {self.num_classes}) "
                              "(use -1 to ignore a row); check the dataset's num_classes")
+
+    # ---- checkpoint (largefr/stateful.py) -------------------------------------------------------------------
+    def checkpoint_state(self) -> State:
+        """W's rows, the Partial FC sampler (this rank's, so a resumed run draws the same negatives) and the
+        adaptive margin's running state (replicated)."""
+        state: State = {Kind.ROWS: {"weight": self.weight.detach()},
+                        Kind.PER_RANK: {"margin_sampler": capture_generator_state(self.sample_generator)},
+                        Kind.REPLICATED: {}}
+        if self.adaptive is not None:  # the one place the margin's running state is saved
+            state[Kind.REPLICATED]["margin_state"] = self.adaptive.state_dict()
+        return state
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        """W's rows were read in place; the sampler (same world size only) and the running margin state."""
+        if Kind.PER_RANK in state:
+            restore_samplers({"margin_sampler": self.sample_generator}, state[Kind.PER_RANK], context)
+        if self.adaptive is not None:  # the one place the margin's running state is restored
+            self.adaptive.load_state_dict(state[Kind.REPLICATED]["margin_state"])
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        return _CHECKPOINT_NOTES.get(name)
+
+
+_CHECKPOINT_NOTES = {
+    "weight": EntryNote("the classifier's rows", "every run; model.embedding_size sets their width"),
+    "margin_sampler": EntryNote("the Partial FC sampler's state", "every run"),
+    "margin_state": EntryNote("the running margin state", "head.type curricularface, magface, adaface or elasticface"),
+}
+"""What each checkpoint entry of the margin head is, for error messages (`largefr.stateful.Stateful`)."""

@@ -6,15 +6,17 @@ summary. `largefr.train.build.build_trainer` assembles one from a `Config`.
 """
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Generator, Iterator, Protocol
 
 import torch
 
 from largefr.distributed.collectives import all_reduce_sum_
+from largefr.stateful import EntryNote, Kind, RestoreContext, State
 from largefr.train.engine import engine_dtype
 from largefr.train.metrics import MetricsLogger, StepTimer
 from largefr.train.schedule import LRSchedule
@@ -300,3 +302,18 @@ class Trainer:
 
             write_summary(self.summary_path, summary)
         return summary
+
+    # ---- checkpoint (largefr/stateful.py) ---------------------------------------------------------------
+    def checkpoint_state(self) -> State:
+        """The loop state and the data position (informational: a resume finds its batch from the step)."""
+        return {Kind.REPLICATED: {"loop": asdict(self.state), "data_position": self.data_position()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        saved = state[Kind.REPLICATED]["loop"]
+        for entry in fields(LoopState):
+            setattr(self.state, entry.name, copy.deepcopy(saved[entry.name]))
+
+    @staticmethod
+    def checkpoint_note(name: str) -> EntryNote | None:
+        return {"loop": EntryNote("the loop state (steps done, skip counters, verification)", "every run"),
+                "data_position": EntryNote("the position in the data", "every run")}.get(name)
