@@ -11,6 +11,7 @@ from largefr.config import ClusterConfig
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
+from largefr.stateful import RestoreContext
 from tests.distributed_helpers import run_distributed
 
 CLASSES, DIM, GLOBAL_ROWS, STEPS, SAMPLES = 37, 6, 12, 2, 12
@@ -186,7 +187,8 @@ def test_joint_head_state_dict_round_trip():
     labels, embeddings, momentum = step_data(0)
     head(embeddings, labels, momentum)
     restored = ClusterGuidedHead(make_margin_head(), cluster_config(), seed=5)
-    restored.load_state_dict(head.state_dict())
+    restored.load_state_dict(head.state_dict())  # W, bank rows, queue (a checkpoint streams the rows into them)
+    restored.restore_checkpoint_state(head.checkpoint_state(), RestoreContext(step=1))  # and the samplers
     assert torch.equal(restored.queue.features, head.queue.features)
     assert torch.equal(restored.bank.phi, head.bank.phi)
     draws = [torch.rand(3, generator=h.sample_generator) for h in (restored, head)]
