@@ -4,8 +4,8 @@ classes and rate 1.0 (the same sampled rows per rank), alternating in one run.
 Each side is `tools/profile_step.py` on `world` gloo ranks started as processes (torch's env:// variables), so the
 times are the trainer's own step, phase by phase. Beside the wall time of the slower rank, each side's CPU time per
 step (the larger of its ranks', every thread): other processes on a busy machine slow the wall time of either side
-by chance, not the CPU time, which tells whether a round's ratio is the step's or the machine's. With sampling the step should cost what it samples: issue 25
-asks A / B <= 1.25 at 1M classes and at the largest count run.
+by chance, not the CPU time, which tells whether a round's ratio is the step's or the machine's. With sampling the
+step should cost what it samples: issue 25 asks A / B <= 1.25 at 1M classes and at the largest count run.
 """
 from __future__ import annotations
 
