@@ -70,12 +70,12 @@ def test_edges_and_large_sets():
         uniform_subset(5, 6, generator=generator, device="cpu")
 
 
-def test_union_of_sorted_with_many_insertions_equals_unique_of_both():
-    """Past a few thousand values of b outside a the union is made by masks instead of joined runs: same result."""
+def test_union_of_sorted_equals_unique_of_both_by_runs_and_by_masks():
+    """A few values of b outside a large a are put in by joining a's runs, many by masks: the same union."""
     generator = torch.Generator().manual_seed(4)
-    for size_a, size_b in ((3000, 9000), (9000, 3000), (0, 6000)):
-        a = torch.randperm(20_000, generator=generator)[:size_a].sort().values
-        b = torch.randperm(20_000, generator=generator)[:size_b].sort().values
+    for size_a, size_b in ((20_000, 30), (19_000, 3), (3000, 9000), (9000, 3000), (0, 6000)):
+        a = torch.randperm(40_000, generator=generator)[:size_a].sort().values
+        b = torch.randperm(40_000, generator=generator)[:size_b].sort().values
         assert torch.equal(union_of_sorted(a, b), torch.unique(torch.cat([a, b])))
 
 

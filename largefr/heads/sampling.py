@@ -58,8 +58,10 @@ def uniform_complement_subset(n: int, excluded: torch.Tensor, k: int, *, generat
     return picks + torch.searchsorted(gaps, picks, right=True)
 
 
-_FEW_INSERTIONS = 4096
-"""Up to this many values of b missing from a, the union is a's runs between them joined: one copy of a."""
+_ROWS_PER_INSERTION = 512
+"""With at least this many values of a per value of b missing from a, the union is a's runs between those values,
+joined: one copy of a and a few microseconds per run (0.3 ms for 64 values into 500,000 where the masks below take
+2.8 ms; at about one per 500 the masks win)."""
 
 
 def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,7 @@ def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     extra = b[~_contains_sorted(a, b)]
     if extra.numel() == 0:
         return a
-    if extra.numel() <= _FEW_INSERTIONS:
+    if extra.numel() * _ROWS_PER_INSERTION <= a.numel():
         return _insert_sorted(a, extra)
     # each value's place in the union: its own index plus how many of the other tensor's values come before it
     union = torch.empty(a.numel() + extra.numel(), dtype=a.dtype, device=a.device)
