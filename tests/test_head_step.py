@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from largefr.train.head_step import (ExternalHeadStep, backbone_gradient_factor, decide_head_step,
-                                     head_gradient_multiplier, scale_feature_gradient)
+                                     head_gradient_multiplier, is_all_finite, scale_feature_gradient)
 from tests.distributed_helpers import run_distributed
 from tests.train_helpers import ShardedArcFace, dense_reference, full_weight, rank_batch, tiny_backbone
 
@@ -81,6 +81,20 @@ def test_nonfinite_head_gradient_skips_step():
         loss_scale=1.0, engine_step_applied=True)
     assert not result.applied and "non-finite" in result.reason
     assert torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finiteness_check_agrees_with_isfinite_everywhere(dtype):
+    """One NaN or infinity at any place (first, last, inside a vectorised run) of a gradient, or none."""
+    values = torch.randn(37, 19, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cases = [values, values[:0], values[:, ::2]]  # as is, empty, strided
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for place in (0, 1, 300, values.numel() - 1):
+            poisoned = values.clone()
+            poisoned.view(-1)[place] = bad
+            cases.append(poisoned)
+    for case in cases:
+        assert bool(is_all_finite(case)) == bool(torch.isfinite(case).all()), case
 
 
 def test_feature_gradient_factor_scales_backward_only():

@@ -49,6 +49,18 @@ def test_phases_are_exclusive_and_nested_time_goes_to_the_child():
     assert timer.totals["outer"] == pytest.approx(0.05, abs=0.04)
 
 
+def test_cpu_time_counts_work_since_the_reset_not_sleep():
+    timer = PhaseTimer("cpu")
+    sum(range(2_000_000))  # before the reset: not counted
+    timer.reset()
+    time.sleep(0.2)
+    slept = timer.cpu_seconds()
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    assert slept < 0.1 and timer.cpu_seconds() >= 0.1
+
+
 def test_backward_marks_charge_each_backward_segment_to_its_phase():
     timer = PhaseTimer("cpu")
     x = torch.ones(3, requires_grad=True)
@@ -108,6 +120,7 @@ def test_profile_tool_reports_every_phase_summing_to_the_step(tiny_config_path, 
     assert sum(phases.values()) == pytest.approx(report["step_seconds"], rel=0.2)
     assert report["images_per_sec"] == pytest.approx(8 / report["step_seconds"], rel=1e-6)
     assert report["ranks"][0]["peak_memory_bytes"] > 0
+    assert 0 < report["ranks"][0]["cpu_seconds"]
     assert report["mfu"] is None  # CPU
     if importlib.util.find_spec("matplotlib") is not None:
         assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,5 +19,6 @@ def test_the_tool_times_both_sides_on_two_ranks(tmp_path, capsys):
     for side in ("A", "B"):
         assert row[side]["step_seconds"] > 0 and row[side]["phases_seconds"]["loss_cg"] > 0
     assert row["ratio"] == row["A"]["step_seconds"] / row["B"]["step_seconds"]
+    assert 0 < row["A"]["cpu_seconds"] and row["cpu_ratio"] == row["A"]["cpu_seconds"] / row["B"]["cpu_seconds"]
     out = capsys.readouterr().out
-    assert "median A / B at 2,000 classes" in out and "| loss_cg |" in out
+    assert "median A / B at 2,000 classes" in out and "(CPU time: " in out and "| loss_cg |" in out

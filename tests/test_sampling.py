@@ -70,6 +70,15 @@ def test_edges_and_large_sets():
         uniform_subset(5, 6, generator=generator, device="cpu")
 
 
+def test_union_of_sorted_equals_unique_of_both_by_runs_and_by_masks():
+    """A few values of b outside a large a are put in by joining a's runs, many by masks: the same union."""
+    generator = torch.Generator().manual_seed(4)
+    for size_a, size_b in ((20_000, 30), (19_000, 3), (3000, 9000), (9000, 3000), (0, 6000)):
+        a = torch.randperm(40_000, generator=generator)[:size_a].sort().values
+        b = torch.randperm(40_000, generator=generator)[:size_b].sort().values
+        assert torch.equal(union_of_sorted(a, b), torch.unique(torch.cat([a, b])))
+
+
 def test_union_of_sorted_equals_unique_of_both():
     generator = torch.Generator().manual_seed(3)
     for size_a, size_b in ((0, 4), (5, 0), (50, 7), (7, 50), (200, 200)):

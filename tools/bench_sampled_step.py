@@ -4,9 +4,10 @@
 
 Each side is `tools/profile_step.py` on --world gloo ranks (quickstart MobileFaceNet at 32 px unless
 --config/--set say otherwise, in-memory synthetic batches, no verification); per round the slower rank's
-seconds per step of A (C classes, rate r) and B (C*r classes, rate 1.0), their ratio, the median ratio per
-class count, and the phases of the last round (`largefr.perf.sampled_step`). A and B alternate, so a busy
-machine slows both.
+seconds per step of A (C classes, rate r) and B (C*r classes, rate 1.0), their ratio, each side's CPU seconds
+per step and their ratio, the median ratios per class count, and the phases of the last round
+(`largefr.perf.sampled_step`). A and B alternate, so a busy machine slows both, though not always alike: the
+CPU time, which other processes do not take, says how much of a round's ratio is the machine's.
 """
 from __future__ import annotations
 

@@ -57,8 +57,8 @@ def rank_report(trainer, timer, *, wall: float, steps: int, rank: int) -> dict[s
     unknown = sorted(set(timer.totals) - set(PHASES))
     if unknown:
         raise RuntimeError(f"phases {unknown} are not in tools/profile_step.py PHASES; add them there")
-    return {"rank": rank, "step_seconds": wall / steps, "phases_seconds": phases,
-            "peak_memory_bytes": peak_memory_bytes(trainer.runner.device)}
+    return {"rank": rank, "step_seconds": wall / steps, "cpu_seconds": timer.cpu_seconds() / steps,
+            "phases_seconds": phases, "peak_memory_bytes": peak_memory_bytes(trainer.runner.device)}
 
 
 def mfu_report(config, trainer, step_seconds: float, world_size: int) -> dict[str, Any] | None:

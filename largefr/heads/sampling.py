@@ -58,12 +58,20 @@ def uniform_complement_subset(n: int, excluded: torch.Tensor, k: int, *, generat
     return picks + torch.searchsorted(gaps, picks, right=True)
 
 
+_ROWS_PER_INSERTION = 512
+"""With at least this many values of a per value of b missing from a, the union is a's runs between those values,
+joined: one copy of a and a few microseconds per run (0.3 ms for 64 values into 500,000 where the masks below take
+2.8 ms; at about one per 500 the masks win)."""
+
+
 def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The sorted union of two sorted, unique 1-D tensors, in O(len(a) + len(b) log len(a)) without a sort: the
-    rows a step touches (Partial FC's sample and L_ali's few classes)."""
+    rows a step touches (Partial FC's sample and L_ali's few classes; the sample's negatives and positives)."""
     extra = b[~_contains_sorted(a, b)]
     if extra.numel() == 0:
         return a
+    if extra.numel() * _ROWS_PER_INSERTION <= a.numel():
+        return _insert_sorted(a, extra)
     # each value's place in the union: its own index plus how many of the other tensor's values come before it
     union = torch.empty(a.numel() + extra.numel(), dtype=a.dtype, device=a.device)
     extra_places = torch.searchsorted(a, extra) + torch.arange(extra.numel(), device=a.device)
@@ -72,6 +80,18 @@ def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     union[extra_places] = extra
     union[from_a] = a
     return union
+
+
+def _insert_sorted(a: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """`a` with the sorted values `extra` (none of them in `a`) put in their places: a's runs between them, joined
+    (one copy of `a`, no pass over a mask of the union's size)."""
+    places = torch.searchsorted(a, extra).tolist()
+    pieces, start = [], 0
+    for index, place in enumerate(places):
+        pieces += [a[start:place], extra[index:index + 1]]
+        start = place
+    pieces.append(a[start:])
+    return torch.cat(pieces)
 
 
 def _contains_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:

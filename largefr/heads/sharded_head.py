@@ -28,7 +28,7 @@ from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
 from largefr.heads.row_gradient import gather_rows
-from largefr.heads.sampling import uniform_complement_subset
+from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
 
 ROWS_PER_INIT_CHUNK = 4096
@@ -349,7 +349,7 @@ class ShardedMarginHead(nn.Module):
         positives = torch.unique(local_labels[local])
         negatives = uniform_complement_subset(num_local, positives, max(0, self.num_sample - positives.numel()),
                                               generator=self.sample_generator)
-        sampled = torch.cat([positives, negatives]).sort().values
+        sampled = union_of_sorted(negatives, positives)  # disjoint and sorted: a merge, not a sort
         local_target = torch.searchsorted(sampled, local_labels)
         return sampled, torch.where(local, local_target, torch.full_like(labels, -1))
 

@@ -41,6 +41,7 @@ class PhaseTimer:
         self.totals: dict[str, float] = {}
         self._stack: list[str] = []
         self._last = 0.0
+        self._cpu_at_reset = time.process_time()
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -79,6 +80,12 @@ class PhaseTimer:
 
     def reset(self) -> None:
         self.totals = {}
+        self._cpu_at_reset = time.process_time()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (every thread, user and system) since the last reset: unlike wall time, what
+        other processes on a busy machine take is not in it; waits for other ranks are not either."""
+        return time.process_time() - self._cpu_at_reset
 
     def snapshot(self) -> dict[str, float]:
         return dict(self.totals)

@@ -114,12 +114,26 @@ def _grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     return grads
 
 
+def is_all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN or infinity in `tensor`, in one reading pass without temporaries.
+
+    Its smallest and largest values are finite exactly when every value is (`aminmax` propagates NaN, and an
+    infinity is an extreme). `torch.isfinite(tensor).all()` gives the same answer but makes a copy of the
+    absolute values and three bool tensors of the tensor's size first: about 0.3 s per step on one rank's
+    500,000 x 128 gradient on the 2-core CPU dev machine, against 0.01 s here.
+    """
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def grads_finite_everywhere(params: list[torch.nn.Parameter], group: ProcessGroup | None) -> bool:
     """True when every gradient of `params` is finite on every rank of `group` (one all-reduce)."""
     grads = _grads(params)
     bad = torch.zeros(1, dtype=torch.float32, device=params[0].device)  # the group's device, grads or not
     for grad in grads:
-        bad += ~torch.isfinite(grad).all()
+        bad += ~is_all_finite(grad)
     all_reduce_max_(bad, group)
     return bool(bad.item() == 0)
 
@@ -160,7 +174,7 @@ def agree_head_flags(*, sharded: list[torch.nn.Parameter], replicated: list[torc
     flags = torch.zeros(3, dtype=torch.float32, device=device)
     grads = _grads(sharded + replicated) if check_finite or norm else []
     if check_finite and grads:
-        flags[0] = torch.stack([~torch.isfinite(grad).all() for grad in grads]).sum()
+        flags[0] = torch.stack([~is_all_finite(grad) for grad in grads]).sum()
     if norm:
         for grad in _grads(sharded):
             flags[1] += grad.float().pow(2).sum()
