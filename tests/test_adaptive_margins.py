@@ -16,18 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, ShardedMarginHead, normal_rows
+from largefr.config import HeadConfig
+from largefr.heads import ShardedMarginHead, normal_rows
+from largefr.heads.margins.elasticface import ElasticFace
 from tests.distributed_helpers import run_distributed
 
 CLASSES, DIM, LOCAL_BATCH, SEED, SCALE = 1001, 16, 6, 1234, 30.0
 MARGINS = {
-    "curricularface": MarginConfig(type="curricularface", scale=SCALE),
-    "magface": MarginConfig(type="magface", scale=SCALE),
-    "magface_thmm": MarginConfig(type="magface", scale=SCALE, magface_easy_margin=False),
-    "adaface": MarginConfig(type="adaface", scale=SCALE),
-    "elastic_arc": MarginConfig(type="elasticface", scale=SCALE),
-    "elastic_cos_sorted": MarginConfig(type="elasticface", scale=SCALE, elastic_form="cos", elastic_sorted=True),
-    "elastic_arc_sorted": MarginConfig(type="elasticface", scale=SCALE, elastic_sorted=True),
+    "curricularface": HeadConfig(type="curricularface", scale=SCALE),
+    "magface": HeadConfig(type="magface", scale=SCALE),
+    "magface_thmm": HeadConfig(type="magface", scale=SCALE, magface_easy_margin=False),
+    "adaface": HeadConfig(type="adaface", scale=SCALE),
+    "elastic_arc": HeadConfig(type="elasticface", scale=SCALE),
+    "elastic_cos_sorted": HeadConfig(type="elasticface", scale=SCALE, elastic_form="cos", elastic_sorted=True),
+    "elastic_arc_sorted": HeadConfig(type="elasticface", scale=SCALE, elastic_sorted=True),
 }
 # (sample rate, with lambda, chunk size): chunk 7 leaves a ragged last block on every shard
 VARIANTS = [(1.0, False, 0), (0.3, False, 0), (0.3, True, 0), (1.0, True, 7), (0.3, False, 7)]
@@ -72,7 +74,7 @@ def run_step(head, labels, embeddings, class_lambda, rank):
     loss = head(local, labels[rows], lam)
     loss.backward()
     return dict(loss=loss.detach(), embedding_grad=local.grad, weight_grad=head.weight.grad.to_dense(),
-                sampled=head.last_sampled + part.start, state=copy.deepcopy(head.adaptive.state_dict()))
+                sampled=head.last_sampled + part.start, state=copy.deepcopy(head.margin.state_dict()))
 
 
 def _all_cases_rank(rank, world, resume_states):
@@ -87,7 +89,7 @@ def _all_cases_rank(rank, world, resume_states):
     resumed = {}
     for name in RESUME_CASES:  # state of step 1 written by ONE rank, loaded here at `world` ranks
         head = build_head(name, 1.0, 0)
-        head.adaptive.load_state_dict(resume_states[name])
+        head.margin.load_state_dict(resume_states[name])
         labels, embeddings, class_lambda = batch_data(world, 77)
         resumed[name] = run_step(head, labels, embeddings, None, rank)
     return dict(cases=results, resumed=resumed)
@@ -116,7 +118,7 @@ def initial_state(name):
     if cfg.type == "adaface":
         return {"mean": 20.0, "std": 100.0}
     if cfg.type == "elasticface":
-        return {"generator": build_head(name, 1.0, 0).adaptive.generator.get_state()}
+        return {"generator": build_head(name, 1.0, 0).margin.generator.get_state()}
     return {}
 
 
@@ -167,7 +169,7 @@ def reference_logits(name, cos, norms, labels, valid, column, lam, state):
         # Boutros et al. Eq. 4-5: m_i ~ N(m, sigma); plus: the authors' sorted assignment
         generator = torch.Generator()
         generator.set_state(state["generator"])
-        mean, std = cfg.elastic_mean_std()
+        mean, std = ElasticFace.mean_std(cfg)
         drawn = torch.randn(len(valid), generator=generator, dtype=torch.float64) * std + mean
         state["generator"] = generator.get_state()
         if cfg.elastic_sorted:
@@ -290,7 +292,7 @@ def test_curricularface_equals_authors_code():
         losses.append(F.cross_entropy(SCALE * cos, labels).item())
     mine, head = head_losses("curricularface", (5, 6))
     assert max(abs(a - b) for a, b in zip(mine, losses)) < 1e-10, (mine, losses)
-    assert abs(head.adaptive.t.item() - t) < 1e-12
+    assert abs(head.margin.t.item() - t) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["magface", "magface_thmm"])
@@ -342,7 +344,7 @@ def test_adaface_equals_authors_code():
         losses.append(F.cross_entropy(logits, labels).item())
     mine, head = head_losses("adaface", (9, 10))
     assert max(abs(a - b) for a, b in zip(mine, losses)) < 1e-10, (mine, losses)
-    assert abs(head.adaptive.batch_mean.item() - mean) < 1e-12 and abs(head.adaptive.batch_std.item() - std) < 1e-12
+    assert abs(head.margin.batch_mean.item() - mean) < 1e-12 and abs(head.margin.batch_std.item() - std) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["elastic_arc", "elastic_cos_sorted", "elastic_arc_sorted"])
@@ -356,8 +358,8 @@ def test_elasticface_equals_authors_code(name):
     cfg = MARGINS[name]
     labels, embeddings, kernel = authors_inputs(11)
     generator = torch.Generator()
-    generator.set_state(build_head(name, 1.0, 0).adaptive.generator.get_state())
-    mean, std = cfg.elastic_mean_std()
+    generator.set_state(build_head(name, 1.0, 0).margin.generator.get_state())
+    mean, std = ElasticFace.mean_std(cfg)
     margin = (torch.randn(len(labels), generator=generator, dtype=torch.float64) * std + mean).view(-1, 1)
     cos = (F.normalize(embeddings) @ column_normalized(kernel)).clamp(-1, 1)
     if cfg.elastic_sorted:

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from largefr.config import HeadConfig
 from largefr.distributed.spawn import run_ranks
-from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +89,7 @@ class HeadBench:
 
     def __init__(self, settings: HeadBenchSettings, rank: int, device: torch.device):
         self.device = device
-        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=MarginConfig(type=settings.margin_type),
+        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=HeadConfig(type=settings.margin_type),
                                       sample_rate=settings.sample_rate, logits_dtype=DTYPES[settings.dtype],
                                       device=device, generator=torch.Generator().manual_seed(0),
                                       chunk_size=settings.chunk_size)
