@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
 from largefr.heads import ShardedMarginHead, normal_rows
+from largefr.heads.margins import curricularface
 from largefr.heads.margins.elasticface import ElasticFace
 from tests.distributed_helpers import run_distributed
 
@@ -234,6 +235,26 @@ def test_two_steps_match_dense_reference(world):
             labels, embeddings, class_lambda = batch_data(world, seed)
             results = [rank_result["cases"][index][step] for rank_result in per_rank]
             state = check_step(world, results, name, labels, embeddings, class_lambda if with_lambda else None, state)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_curricular_modulation_in_row_blocks_equals_one_block(chunk, monkeypatch):
+    """CurricularFace's modulation runs in row blocks (cache-sized on a CPU): blocks of one row, and of five rows
+    of the chunked mode's 7 columns (a ragged last block of the 18 rows), give the very same loss and gradients
+    as one block."""
+    labels, embeddings, class_lambda = batch_data(3, 5)
+
+    def step():
+        head = build_head("curricularface", 0.3, chunk)
+        features = embeddings.clone().requires_grad_(True)
+        loss = head.loss_from_gathered(features, labels, class_lambda[head.partition.start:head.partition.end])
+        loss.backward()
+        return loss.detach(), features.grad, head.weight.grad.to_dense()
+
+    whole = step()
+    for elements in (1, 5 * 7):
+        monkeypatch.setattr(curricularface, "MODULATION_BLOCK_CPU", elements)
+        assert all(torch.equal(a, b) for a, b in zip(step(), whole))
 
 
 @pytest.mark.parametrize("world", [2, 3])

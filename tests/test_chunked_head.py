@@ -10,6 +10,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
 from largefr.heads import ShardedMarginHead
 from largefr.heads.chunked import chunked_margin_loss
+from largefr.heads.margins import MarginStep, build_margin
 from tests.distributed_helpers import run_distributed
 from tests.test_sharded_head import CLASSES, DIM, MARGINS, SEED, case_data, run_case  # same cases, same step
 
@@ -133,8 +134,8 @@ def test_bad_chunk_size_is_reported():
         build_head("arcface", 1.0, -1)
     features = torch.randn(3, DIM)
     with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
-        chunked_margin_loss(features, torch.randn(5, DIM), None, torch.tensor([0, -1, 2]), None, HeadConfig(),
-                            group=None, chunk_size=0)
+        chunked_margin_loss(features, torch.randn(5, DIM), None, torch.tensor([0, -1, 2]), build_margin(HeadConfig()),
+                            MarginStep(params=None), group=None, chunk_size=0)
 
 
 def _trainer_heads_rank(rank, world):

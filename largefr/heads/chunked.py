@@ -102,15 +102,13 @@ def _margin_block(gemm_features: torch.Tensor, blocks: _Blocks, start: int, end:
     """One block's logits with the margin on its target entries: (logits, Wn_b, 1/||W_b||, targets, d modulation).
 
     negatives: the margin's modulation of the negatives or None; the last item is then the derivative of the
-    modulated block w.r.t. s*cos (1 where unchanged), else None.
+    modulated block w.r.t. s*cos (its target entries are set after it in backward), else None.
     """
     width = end - start
     normalized, inv_norm = blocks.normalized_rows(start, end, workspace.weight_block(width))
     logits = _block_logits(gemm_features, normalized, workspace.logits_block(width))
     index, target_rows, target_cols = blocks.targets_in(start, end)
-    derivative = None
-    if negatives is not None:
-        derivative = negatives.apply_(logits, target_rows, target_cols)
+    derivative = None if negatives is None else negatives.apply_(logits)
     logits[target_rows, target_cols] = target_value[index]
     return logits, normalized, inv_norm, (index, target_rows, target_cols), derivative
 
@@ -218,10 +216,11 @@ def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, targe
         logits, normalized, inv_norm, (index, target_rows, target_cols), derivative = _margin_block(
             gemm_features, blocks, start, end, workspace, target_value, negatives)
         softmax = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
-        # target entries: (softmax - onehot) times the margin's slope d psi / d cos
-        softmax[target_rows, target_cols] = (softmax[target_rows, target_cols] - 1.0) * target_slope[index]
+        target_softmax = softmax[target_rows, target_cols]
         if derivative is not None:  # the modulation's derivative (CurricularFace: t + 2c on the hard negatives)
-            softmax.mul_(derivative)
+            derivative.mul_(softmax)
+        # target entries: (softmax - onehot) times the margin's slope d psi / d cos
+        softmax[target_rows, target_cols] = (target_softmax - 1.0) * target_slope[index]
         _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features,
                                     grad_weight[start:end], logits_dtype)
     return grad_features.mul_(row_coef.unsqueeze(1)), grad_weight

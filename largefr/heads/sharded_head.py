@@ -132,37 +132,37 @@ def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tens
 class _MarginInPlace(torch.autograd.Function):
     """The margin on a block of s*cos logits, in place; exact backward.
 
-    Forward: the margin's `negatives` modulation (if any) on the whole block, then the B_g target
-    entries [rows, cols] overwritten with `target_fn(cos, params)` = s*psi_i(cos). Backward (on the
-    cross entropy's softmax buffer, held by nobody else): the target entries times psi'(cos) (and
-    the params' gradient, e.g. MagFace's margin from the norm), then the block times the
-    modulation's derivative (1 on the targets).
+    Forward: the target cosines read, the margin's `negatives` modulation (if any) on the whole block,
+    then the B_g target entries [rows, cols] overwritten with `target_fn(cos, params)` = s*psi_i(cos).
+    Backward (on the cross entropy's softmax buffer, held by nobody else): the block times the
+    modulation's derivative, then the target entries set to their upstream gradient times psi'(cos)
+    (and the params' gradient, e.g. MagFace's margin from the norm).
     """
 
     @staticmethod
     def forward(ctx, logits, rows, cols, target_fn, scale: float, params, negatives: NegativeModulation | None):
-        derivative = None if negatives is None else negatives.apply_(logits, rows, cols)
         compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
         cos_target = logits[rows, cols].to(compute_dtype) / scale
+        ctx.derivative = None if negatives is None else negatives.apply_(logits)
         logits[rows, cols] = target_fn(cos_target, params).to(logits.dtype)
         ctx.mark_dirty(logits)
-        ctx.save_for_backward(cos_target, rows, cols, params, derivative)
+        ctx.save_for_backward(cos_target, rows, cols, params)
         ctx.target_fn, ctx.scale = target_fn, scale
         return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        cos_target, rows, cols, params, derivative = ctx.saved_tensors
+        cos_target, rows, cols, params = ctx.saved_tensors
         params_grad = ctx.needs_input_grad[5]
+        upstream = grad_logits[rows, cols].to(cos_target.dtype)
+        if ctx.derivative is not None:
+            ctx.derivative.mul_(grad_logits)
         with torch.enable_grad():
             cos_leaf = cos_target.detach().requires_grad_(True)
             params_leaf = None if params is None else params.detach().requires_grad_(params_grad)
             logit = ctx.target_fn(cos_leaf, params_leaf)
-            upstream = grad_logits[rows, cols].to(cos_leaf.dtype)
             grads = torch.autograd.grad(logit, (cos_leaf, params_leaf) if params_grad else (cos_leaf,), upstream)
         grad_logits[rows, cols] = (grads[0] / ctx.scale).to(grad_logits.dtype)
-        if derivative is not None:
-            grad_logits.mul_(derivative)
         return grad_logits, None, None, None, None, grads[1] if params_grad else None, None
 
 

@@ -13,8 +13,8 @@ import pkgutil
 import torch
 
 from largefr.config import HeadConfig
-from largefr.heads.margins.base import (NORM_EPS, REGISTRY, SIN_FLOOR, Margin, MarginBatch, MarginStep,
-                                        NegativeModulation)
+from largefr.heads.margins.base import (NORM_EPS, REGISTRY, SIN_FLOOR, LogitsDerivative, Margin, MarginBatch,
+                                        MarginStep, NegativeModulation)
 from largefr.heads.margins.fixed import FixedMargin, combined_form, margin_logits, target_logit
 
 for _module in pkgutil.iter_modules(__path__):
@@ -33,5 +33,5 @@ def build_margin(config: HeadConfig, *, seed: int = 0, device: torch.device | st
     return margin(config, seed=seed, device=device)
 
 
-__all__ = ["MARGINS", "NORM_EPS", "SIN_FLOOR", "FixedMargin", "Margin", "MarginBatch", "MarginStep",
+__all__ = ["MARGINS", "NORM_EPS", "SIN_FLOOR", "FixedMargin", "LogitsDerivative", "Margin", "MarginBatch", "MarginStep",
            "NegativeModulation", "build_margin", "combined_form", "margin_logits", "target_logit"]

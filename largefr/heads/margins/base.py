@@ -7,13 +7,15 @@ gets back a `MarginStep`:
 * `params`: whatever the margin needs per local target row (a fixed margin: the row lambdas; an
   adaptive one: its per-row angular and additive margins, which may carry a gradient, e.g. MagFace's);
 * `negatives`: an optional in-place modulation of the non-target logits (CurricularFace's hard
-  negatives), a `NegativeModulation`;
+  negatives), a `NegativeModulation`, whose derivative the backward multiplies in;
 * `extra_loss`: an optional term added to the cross entropy (MagFace's regulariser).
 
 Then `target_logit(cos, params)` gives s*psi_i(cos) of the local target rows, differentiable in
 both. Both heads (the default one, `largefr/heads/sharded_head.py`, and the low-memory one,
 `largefr/heads/chunked.py`) call exactly these three things, in this order: `step`, then
-`negatives.apply_` on a block of s*cos logits, then `target_logit` on its target entries.
+`negatives.apply_` on a block of s*cos logits (its target cosines read before), then `target_logit`
+on its target entries; backward: the block's gradient times the modulation's derivative, then the
+target entries' gradient through `target_logit`.
 
 Running state (CurricularFace's t, AdaFace's norm statistics, ElasticFace's generator) lives in the
 margin's buffers or extra state, so `state_dict()` is the margin's checkpoint (`margin_state`),
@@ -78,12 +80,23 @@ class MarginBatch:
         return self.row_lambda.detach().to(self.features.dtype)
 
 
+class LogitsDerivative(Protocol):
+    """d new / d old of the logits a `NegativeModulation` changed, kept for the backward."""
+
+    def mul_(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad (the same shape as the modulated logits) times the derivative, in place; returns grad."""
+        ...
+
+
 class NegativeModulation(Protocol):
     """An in-place change of the non-target logits of one step (CurricularFace's hard negatives)."""
 
-    def apply_(self, logits: torch.Tensor, target_rows: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
-        """Modulate `logits` (gathered rows x a block of columns, holding s*c) in place, leaving the
-        (target_rows, target_cols) entries alone; return d new / d old per entry (1 where unchanged)."""
+    def apply_(self, logits: torch.Tensor) -> LogitsDerivative:
+        """Modulate `logits` (gathered rows x a block of columns, holding s*c) in place and return its derivative.
+
+        The target entries are the caller's: it reads their cosines before, overwrites them with the target
+        logit after, and sets their gradient after multiplying by the derivative, so whatever the modulation
+        does there is never seen."""
         ...
 
 

@@ -6,6 +6,13 @@ becomes s*c_j*(t + c_j). t <- momentum * mean_i c_i + (1 - momentum) * t BEFORE 
 (t starts at 0, head.curricular_momentum = 0.01), mean over the valid rows of the global batch (the
 head's one all-reduce of the B_g target cosines, so every rank holds the same t); t is detached as in
 the original (updated under no_grad), the modulation's gradient is t + 2 c_j. m_i = lambda_i * m.
+
+Cost. The modulation is one pass over the logits in row blocks: a block's mask, its multiplier
+t + c, the multiplication and the derivative t + 2c kept for backward are computed while the block
+is in cache. On a CPU each block's derivative is a separate allocation of at most
+MODULATION_BLOCK_CPU elements, small enough for the C allocator to recycle from one step to the
+next (a single logits-sized buffer would be fresh pages, zeroed by the kernel, every step); on a GPU
+one block (the caching allocator recycles anything).
 """
 from __future__ import annotations
 
@@ -16,45 +23,56 @@ import torch
 from largefr.config import HeadConfig
 from largefr.heads.margins.base import Margin, MarginBatch, MarginStep, arc_psi
 
-MODULATION_TILE = 1 << 16
-"""Logits per tile of the hard-negative modulation: its six elementwise steps run on a tile while it is in
-cache, and its temporaries (the tile's mask) come from the allocator's cache instead of fresh pages."""
+MODULATION_BLOCK_CPU = 1 << 20
+"""Logits per row block of the modulation on a CPU (4 MiB of float32: cache-sized, and recycled by the allocator)."""
+
+
+class RowBlockDerivative:
+    """The modulation's derivative as row blocks (rows [k*rows_per_block, ...) of the logits, in order)."""
+
+    def __init__(self, rows_per_block: int):
+        self.rows_per_block = rows_per_block
+        self.blocks: list[torch.Tensor] = []
+
+    def mul_(self, grad: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            start = index * self.rows_per_block
+            grad[start:start + block.shape[0]].mul_(block)
+        return grad
 
 
 class HardNegatives:
-    """CurricularFace's modulation of one step: s*c -> s*c*(t + c) where c > threshold_i, off the targets."""
+    """CurricularFace's modulation of one step: s*c -> s*c*(t + c) where c > threshold_i."""
 
     def __init__(self, threshold: torch.Tensor, t: torch.Tensor, scale: float):
         self.threshold, self.t, self.scale = threshold, t, scale
 
     @torch.no_grad()
-    def apply_(self, logits: torch.Tensor, target_rows: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
+    def apply_(self, logits: torch.Tensor) -> RowBlockDerivative:
         """In place on logits (rows x cols, holding s*c; threshold (rows,), +inf: the row has none); returns the
-        derivative of the new logits w.r.t. the old ones (t + 2c on hard negatives, 1 elsewhere), the exact
-        backward multiplier. One pass over the logits, tile by tile; the targets are put back unchanged."""
-        targets = logits[target_rows, target_cols]
-        derivative = torch.empty_like(logits)
+        derivative of the new logits w.r.t. the old ones (t + 2c on hard negatives, 1 elsewhere)."""
+        rows, cols = logits.shape
+        block = MODULATION_BLOCK_CPU if logits.device.type == "cpu" else rows * cols
+        derivative = RowBlockDerivative(max(1, block // max(cols, 1)))
         bound = (self.threshold * self.scale).to(logits.dtype).unsqueeze(1)
         t_value = self.t.to(logits.dtype)
-        rows, cols = logits.shape
-        col_step = max(1, min(cols, MODULATION_TILE))
-        row_step = max(1, MODULATION_TILE // col_step)
-        for row in range(0, rows, row_step):
-            for col in range(0, cols, col_step):
-                tile = (slice(row, row + row_step), slice(col, col + col_step))
-                _modulate_tile_(logits[tile], derivative[tile], bound[tile[0]], t_value, self.scale)
-        logits[target_rows, target_cols] = targets
-        derivative[target_rows, target_cols] = 1.0
+        one = torch.ones((), dtype=logits.dtype, device=logits.device)
+        step = derivative.rows_per_block
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            derivative.blocks.append(_modulate_block_(logits[part], bound[part], t_value, one, self.scale))
         return derivative
 
 
-def _modulate_tile_(logits: torch.Tensor, derivative: torch.Tensor, bound: torch.Tensor, t: torch.Tensor,
-                    scale: float) -> None:
-    """One tile: logits *= t + c where logits > bound (per row); derivative = t + 2c there, 1 elsewhere."""
+def _modulate_block_(logits: torch.Tensor, bound: torch.Tensor, t: torch.Tensor, one: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One row block: logits *= t + c where logits > bound (per row); returns t + 2c there, 1 elsewhere."""
     easy = logits <= bound
-    factor = torch.add(t, logits, alpha=1.0 / scale, out=derivative).masked_fill_(easy, 1.0)  # t + c
+    factor = torch.add(t, logits, alpha=1.0 / scale)  # t + c
+    torch.where(easy, one, factor, out=factor)
     logits.mul_(factor)
-    factor.mul_(2.0).sub_(t).masked_fill_(easy, 1.0)  # 2(t + c) - t = t + 2c
+    derivative = torch.add(-t, factor, alpha=2.0, out=factor)  # 2(t + c) - t = t + 2c
+    return torch.where(easy, one, derivative, out=derivative)
 
 
 class CurricularFace(Margin, name="curricularface"):
