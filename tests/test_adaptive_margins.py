@@ -257,6 +257,18 @@ def test_curricular_modulation_in_row_blocks_equals_one_block(chunk, monkeypatch
         assert all(torch.equal(a, b) for a, b in zip(step(), whole))
 
 
+def test_curricular_derivative_buffers_serve_the_next_step(monkeypatch):
+    """On a CPU the modulation's derivative blocks of one backward are the next step's (no fresh pages each step)."""
+    monkeypatch.setattr(curricularface, "MODULATION_BLOCK_CPU", 5 * CLASSES)  # 12 rows: blocks of 5, 5 and 2
+    head = build_head("curricularface", 1.0, 0)
+    labels, embeddings, _ = batch_data(2, 9)
+    head.loss_from_gathered(embeddings.clone().requires_grad_(True), labels).backward()
+    spare = head.margin.held_tensors()
+    assert [tuple(block.shape) for block in spare] == [(5, CLASSES), (5, CLASSES), (2, CLASSES)]
+    head.loss_from_gathered(embeddings.clone().requires_grad_(True), labels).backward()
+    assert all(new is old for new, old in zip(head.margin.held_tensors(), spare, strict=True))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_state_written_by_one_rank_resumes_on_more(world):
     """The running state is replicated and world-size independent: step 1 on one rank, step 2 on `world`."""

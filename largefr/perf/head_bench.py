@@ -135,7 +135,9 @@ class HeadBench:
         del logits, grad_features, grad_weight
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.head.weight, self.embeddings, self.labels))
+        """W, the inputs, and what the margin keeps between steps (CurricularFace's derivative blocks on a CPU)."""
+        tensors = (self.head.weight, self.embeddings, self.labels, *self.head.margin.held_tensors())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def peak_memory_mb(self) -> float:
         self.clear_grads()  # freed before measuring: the step then allocates its own gradients

@@ -158,6 +158,10 @@ class Margin(nn.Module):
             buffer.copy_(self._undo[name])
         self._undo = None
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Workspace the margin keeps from one step to the next besides its state (memory accounting)."""
+        return []
+
     def stats(self) -> dict[str, float]:
         """Running state for the logs (a host sync: call on logging steps)."""
         return {f"margin_{name}": float(buffer) for name, buffer in self.named_buffers()}
