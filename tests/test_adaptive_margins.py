@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import ShardedMarginHead, normal_rows
 from largefr.heads.margins import curricularface
 from largefr.heads.margins.elasticface import ElasticFace

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import ShardedMarginHead
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import MarginStep, build_margin

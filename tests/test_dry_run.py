@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import ShardedMarginHead
 from largefr.perf.dry_run import fake_process_group, tensor_bytes
 from largefr.perf.memory_plan import PlanInputs, plan_rank

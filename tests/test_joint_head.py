@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from largefr.config import ClusterConfig, HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.config import ClusterConfig
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.config import HeadConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 from tests.distributed_helpers import run_distributed
 

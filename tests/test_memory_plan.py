@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue

@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from largefr.distributed.partition import ClassPartition
 from largefr.config import HeadConfig
+from largefr.distributed.partition import ClassPartition
 from largefr.heads import ShardedMarginHead, normal_rows
 from largefr.heads.sharded_head import ROWS_PER_INIT_CHUNK
 from tests.distributed_helpers import run_distributed

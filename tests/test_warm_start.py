@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from largefr.config import ClusterConfig
+from largefr.config import ClusterConfig, HeadConfig
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.config import HeadConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.models import get_model
 from largefr.train.warm_start import InitFromError, class_mean_warm_start, load_init_weights

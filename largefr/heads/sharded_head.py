@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from largefr.choices import ADAPTIVE_MARGIN_TYPES
+from largefr.config import HeadConfig
 from largefr.distributed.collectives import (all_gather_rows, all_gather_with_grad, all_reduce_sum_, group_rank,
                                             group_size)
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
-from largefr.choices import ADAPTIVE_MARGIN_TYPES
-from largefr.config import HeadConfig
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, NegativeModulation, build_margin
 from largefr.heads.row_gradient import gather_rows
