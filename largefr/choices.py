@@ -39,11 +39,11 @@ PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # ---------------------------------------------------------------------------- head and cluster terms
 FixedMargin = Literal["arcface", "cosface", "combined"]
 MARGIN_TYPES: tuple[str, ...] = typing.get_args(FixedMargin)
-"""head.type choices with a fixed margin (largefr/heads/margin.py)."""
+"""head.type choices with a fixed margin (largefr/heads/margins/fixed.py)."""
 AdaptiveMargin = Literal["curricularface", "magface", "adaface", "elasticface"]
 ADAPTIVE_MARGIN_TYPES: tuple[str, ...] = typing.get_args(AdaptiveMargin)
 """head.type choices whose margin comes each step from running statistics, feature norms or random draws
-(largefr/heads/adaptive_margins.py)."""
+(one class each in largefr/heads/margins/)."""
 ElasticForm = Literal["arc", "cos"]
 ELASTIC_FORMS: tuple[str, ...] = typing.get_args(ElasticForm)
 """head.elastic_form choices."""

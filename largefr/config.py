@@ -254,7 +254,7 @@ class HeadConfig(_Section):
     section: ClassVar[str] = "head"
     type: Literal[FixedMargin, AdaptiveMargin] = "arcface"
     """Margin form: 'arcface' cos(t + m), 'cosface' cos(t) - m, 'combined' cos(m1*t + m2) - m3; the adaptive
-    ones (largefr/heads/adaptive_margins.py): 'curricularface' (Huang et al. 2020), 'magface' (Meng et al.
+    ones (largefr/heads/margins/): 'curricularface' (Huang et al. 2020), 'magface' (Meng et al.
     2021), 'adaface' (Kim et al. 2022), 'elasticface' (Boutros et al. 2022), each with its head.* fields."""
     scale: float = 64.0
     """Logit scale s (64 in every one of the papers)."""

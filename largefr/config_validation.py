@@ -201,9 +201,8 @@ def _combined_margins_problem(margins: Sequence[float]) -> str | None:
         f"needs m1 > 0, 0 <= m2 < pi and m3 >= 0, got {list(margins)}"
 
 
-def margin_checks(m: Any, prefix: str = "") -> list[Check]:
-    """The margin's value rules, for the config's head section (prefix 'head.', which names the keys a
-    message cites) and for `largefr.heads.margin.MarginConfig` (same field names)."""
+def margin_checks(m: Any) -> list[Check]:
+    """The value rules of the head section's margin fields (the only place they are declared: HeadConfig)."""
     return [
         ("scale", _positive(m.scale)),
         ("margin", None if 0 <= m.margin < math.pi else f"must be in [0, pi), got {m.margin}"),
@@ -212,10 +211,10 @@ def margin_checks(m: Any, prefix: str = "") -> list[Check]:
          f"must be in (0, 1], got {m.curricular_momentum}"),
         ("magface_l_a", _positive(m.magface_l_a)),
         ("magface_u_a", None if m.magface_u_a > m.magface_l_a else
-         f"must be > {prefix}magface_l_a ({m.magface_l_a}), got {m.magface_u_a}"),
+         f"must be > head.magface_l_a ({m.magface_l_a}), got {m.magface_u_a}"),
         ("magface_l_margin", _min(m.magface_l_margin, 0.0)),
         ("magface_u_margin", None if m.magface_l_margin <= m.magface_u_margin < math.pi else
-         f"must be in [{prefix}magface_l_margin, pi) = [{m.magface_l_margin}, pi), got {m.magface_u_margin}"),
+         f"must be in [head.magface_l_margin, pi) = [{m.magface_l_margin}, pi), got {m.magface_u_margin}"),
         ("magface_lambda_g", _min(m.magface_lambda_g, 0.0)),
         ("adaface_margin", None if 0 <= m.adaface_margin < math.pi / 2 else
          f"must be in [0, pi/2), got {m.adaface_margin}"),
@@ -228,7 +227,7 @@ def margin_checks(m: Any, prefix: str = "") -> list[Check]:
 
 
 def _head_checks(h: Any) -> list[Check]:
-    return margin_checks(h, prefix="head.") + [
+    return margin_checks(h) + [
         ("sample_rate", None if 0 < h.sample_rate <= 1 else
          f"must be in (0, 1] (1.0 uses every class), got {h.sample_rate}"),
         ("chunk_size", _min(h.chunk_size, 0)),

@@ -10,11 +10,12 @@ import torch
 
 from largefr.checkpoint.save_load import CheckpointError
 from largefr.checkpoint.train_state import TrainingCheckpointer
-from largefr.choices import ADAPTIVE_MARGIN_TYPES
+from largefr.choices import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES
 from largefr.config import ConfigError, HeadConfig, load_config
 from largefr.experiments.grids import load_grid
 from largefr.experiments.runner import plan_runs
-from largefr.heads.margin import MarginConfig, adaptive_margin_settings
+from largefr.heads.margins import MARGINS, build_margin
+from largefr.heads.margins.elasticface import ElasticFace
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
 from largefr.train.trainer import LoopState, Trainer
@@ -25,14 +26,13 @@ ENV = DistributedEnv(rank=0, world_size=1, local_rank=0, launcher="env", backend
 SMALL = ["data.num_classes=50", "data.synthetic=null", "data.rec=unused"]
 
 
-def test_head_config_fields_mirror_margin_config_with_the_papers_defaults():
-    settings = adaptive_margin_settings(HeadConfig())
-    assert settings == adaptive_margin_settings(MarginConfig())  # same names, same defaults
+def test_head_config_declares_the_margin_fields_with_the_papers_defaults():
+    settings = dataclasses.asdict(HeadConfig())  # the only declaration: the margins read these fields
     assert (settings["curricular_momentum"], settings["magface_lambda_g"], settings["adaface_margin"],
             settings["adaface_t_alpha"]) == (0.01, 35.0, 0.4, 0.01)
-    assert MarginConfig(type="elasticface", elastic_form="cos").elastic_mean_std() == (0.35, 0.05)
-    assert MarginConfig(type="elasticface", elastic_sorted=True).elastic_mean_std() == (0.5, 0.0175)
-    assert MarginConfig(type="elasticface", elastic_form="cos", elastic_sorted=True).elastic_mean_std() == (0.35, 0.02)
+    assert ElasticFace.mean_std(HeadConfig(type="elasticface", elastic_form="cos")) == (0.35, 0.05)
+    assert ElasticFace.mean_std(HeadConfig(type="elasticface", elastic_sorted=True)) == (0.5, 0.0175)
+    assert ElasticFace.mean_std(HeadConfig(type="elasticface", elastic_form="cos", elastic_sorted=True)) == (0.35, 0.02)
 
 
 def test_bad_adaptive_settings_are_all_reported():
@@ -40,8 +40,8 @@ def test_bad_adaptive_settings_are_all_reported():
                 ".*head.adaface_t_alpha: must be in")
     with pytest.raises(ConfigError, match=expected):
         load_config(QUICKSTART, ["head.magface_u_a=5", "head.adaface_t_alpha=0", "head.elastic_form=sphere"])
-    with pytest.raises(ValueError, match=r"magface_u_a: must be > magface_l_a \(20.0\), got 10.0"):
-        MarginConfig(type="magface", magface_l_a=20.0, magface_u_a=10.0)
+    with pytest.raises(ValueError, match=r"head.magface_u_a: must be > head.magface_l_a \(20.0\), got 10.0"):
+        HeadConfig(type="magface", magface_l_a=20.0, magface_u_a=10.0)
 
 
 @pytest.mark.parametrize("key, value", [("margin", 3.5), ("combined_margins", [1.0, 3.5, 0.0]),
@@ -50,14 +50,18 @@ def test_config_and_margin_head_share_one_rule_per_margin_setting(key, value):
     """A margin value the head would refuse is refused when the config loads, naming the key (one rule)."""
     with pytest.raises(ConfigError, match=f"head.{key}: "):
         load_config(QUICKSTART, [f"head.{key}={json.dumps(value)}"])
-    with pytest.raises(ValueError, match=f"invalid MarginConfig: {key}: "):
-        MarginConfig(**{key: tuple(value) if isinstance(value, list) else value})
+    with pytest.raises(ValueError, match=f"head.{key}: "):  # the section the head is built from, from Python
+        HeadConfig(**{key: tuple(value) if isinstance(value, list) else value})
 
 
-def test_margin_config_defaults_are_the_head_sections():
-    head = HeadConfig()
-    for name, value in dataclasses.asdict(MarginConfig()).items():
-        assert value == (tuple(getattr(head, name)) if name == "combined_margins" else getattr(head, name)), name
+def test_every_head_type_has_one_margin_class_built_from_the_head_section():
+    """The config's head.type choices and the Margin classes of largefr/heads/margins/ are the same names;
+    a margin reads the head section itself (no copy of its fields)."""
+    assert sorted(MARGINS) == sorted(MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES)
+    for name in MARGINS:
+        head = HeadConfig(type=name)
+        margin = build_margin(head)
+        assert margin.name == name and margin.config is head
 
 
 def test_one_grid_holds_every_margin_and_each_config_builds_its_head(tmp_path):
@@ -70,8 +74,8 @@ def test_one_grid_holds_every_margin_and_each_config_builds_its_head(tmp_path):
     for name in ADAPTIVE_MARGIN_TYPES:
         config = load_config(QUICKSTART, [f"head.type={name}", "head.adaface_h=0.5", *SMALL])
         head = build_head(config, ENV).head
-        assert head.margin_head.margin.type == name and head.margin_head.adaptive is not None
-        assert head.margin_head.margin.adaface_h == 0.5
+        assert head.margin_head.margin.name == name and head.margin_head.adaptive is not None
+        assert head.margin_head.margin.config.adaface_h == 0.5
 
 
 NO_CLUSTER = ["cluster.cg_margin=false", "cluster.contrastive_weight=0", "cluster.aligning_weight=0"]

@@ -15,19 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, ShardedMarginHead, normal_rows
+from largefr.heads import ShardedMarginHead, normal_rows
+from largefr.heads.margins import curricularface
+from largefr.heads.margins.elasticface import ElasticFace
 from tests.distributed_helpers import run_distributed
 
 CLASSES, DIM, LOCAL_BATCH, SEED, SCALE = 1001, 16, 6, 1234, 30.0
 MARGINS = {
-    "curricularface": MarginConfig(type="curricularface", scale=SCALE),
-    "magface": MarginConfig(type="magface", scale=SCALE),
-    "magface_thmm": MarginConfig(type="magface", scale=SCALE, magface_easy_margin=False),
-    "adaface": MarginConfig(type="adaface", scale=SCALE),
-    "elastic_arc": MarginConfig(type="elasticface", scale=SCALE),
-    "elastic_cos_sorted": MarginConfig(type="elasticface", scale=SCALE, elastic_form="cos", elastic_sorted=True),
-    "elastic_arc_sorted": MarginConfig(type="elasticface", scale=SCALE, elastic_sorted=True),
+    "curricularface": HeadConfig(type="curricularface", scale=SCALE),
+    "magface": HeadConfig(type="magface", scale=SCALE),
+    "magface_thmm": HeadConfig(type="magface", scale=SCALE, magface_easy_margin=False),
+    "adaface": HeadConfig(type="adaface", scale=SCALE),
+    "elastic_arc": HeadConfig(type="elasticface", scale=SCALE),
+    "elastic_cos_sorted": HeadConfig(type="elasticface", scale=SCALE, elastic_form="cos", elastic_sorted=True),
+    "elastic_arc_sorted": HeadConfig(type="elasticface", scale=SCALE, elastic_sorted=True),
 }
 # (sample rate, with lambda, chunk size): chunk 7 leaves a ragged last block on every shard
 VARIANTS = [(1.0, False, 0), (0.3, False, 0), (0.3, True, 0), (1.0, True, 7), (0.3, False, 7)]
@@ -72,7 +75,7 @@ def run_step(head, labels, embeddings, class_lambda, rank):
     loss = head(local, labels[rows], lam)
     loss.backward()
     return dict(loss=loss.detach(), embedding_grad=local.grad, weight_grad=head.weight.grad.to_dense(),
-                sampled=head.last_sampled + part.start, state=copy.deepcopy(head.adaptive.state_dict()))
+                sampled=head.last_sampled + part.start, state=copy.deepcopy(head.margin.state_dict()))
 
 
 def _all_cases_rank(rank, world, resume_states):
@@ -87,7 +90,7 @@ def _all_cases_rank(rank, world, resume_states):
     resumed = {}
     for name in RESUME_CASES:  # state of step 1 written by ONE rank, loaded here at `world` ranks
         head = build_head(name, 1.0, 0)
-        head.adaptive.load_state_dict(resume_states[name])
+        head.margin.load_state_dict(resume_states[name])
         labels, embeddings, class_lambda = batch_data(world, 77)
         resumed[name] = run_step(head, labels, embeddings, None, rank)
     return dict(cases=results, resumed=resumed)
@@ -116,7 +119,7 @@ def initial_state(name):
     if cfg.type == "adaface":
         return {"mean": 20.0, "std": 100.0}
     if cfg.type == "elasticface":
-        return {"generator": build_head(name, 1.0, 0).adaptive.generator.get_state()}
+        return {"generator": build_head(name, 1.0, 0).margin.generator.get_state()}
     return {}
 
 
@@ -167,7 +170,7 @@ def reference_logits(name, cos, norms, labels, valid, column, lam, state):
         # Boutros et al. Eq. 4-5: m_i ~ N(m, sigma); plus: the authors' sorted assignment
         generator = torch.Generator()
         generator.set_state(state["generator"])
-        mean, std = cfg.elastic_mean_std()
+        mean, std = ElasticFace.mean_std(cfg)
         drawn = torch.randn(len(valid), generator=generator, dtype=torch.float64) * std + mean
         state["generator"] = generator.get_state()
         if cfg.elastic_sorted:
@@ -234,6 +237,38 @@ def test_two_steps_match_dense_reference(world):
             state = check_step(world, results, name, labels, embeddings, class_lambda if with_lambda else None, state)
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_curricular_modulation_in_row_blocks_equals_one_block(chunk, monkeypatch):
+    """CurricularFace's modulation runs in row blocks (cache-sized on a CPU): blocks of one row, and of five rows
+    of the chunked mode's 7 columns (a ragged last block of the 18 rows), give the very same loss and gradients
+    as one block."""
+    labels, embeddings, class_lambda = batch_data(3, 5)
+
+    def step():
+        head = build_head("curricularface", 0.3, chunk)
+        features = embeddings.clone().requires_grad_(True)
+        loss = head.loss_from_gathered(features, labels, class_lambda[head.partition.start:head.partition.end])
+        loss.backward()
+        return loss.detach(), features.grad, head.weight.grad.to_dense()
+
+    whole = step()
+    for elements in (1, 5 * 7):
+        monkeypatch.setattr(curricularface, "MODULATION_BLOCK_CPU", elements)
+        assert all(torch.equal(a, b) for a, b in zip(step(), whole))
+
+
+def test_curricular_derivative_buffers_serve_the_next_step(monkeypatch):
+    """On a CPU the modulation's derivative blocks of one backward are the next step's (no fresh pages each step)."""
+    monkeypatch.setattr(curricularface, "MODULATION_BLOCK_CPU", 5 * CLASSES)  # 12 rows: blocks of 5, 5 and 2
+    head = build_head("curricularface", 1.0, 0)
+    labels, embeddings, _ = batch_data(2, 9)
+    head.loss_from_gathered(embeddings.clone().requires_grad_(True), labels).backward()
+    spare = head.margin.held_tensors()
+    assert [tuple(block.shape) for block in spare] == [(5, CLASSES), (5, CLASSES), (2, CLASSES)]
+    head.loss_from_gathered(embeddings.clone().requires_grad_(True), labels).backward()
+    assert all(new is old for new, old in zip(head.margin.held_tensors(), spare, strict=True))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_state_written_by_one_rank_resumes_on_more(world):
     """The running state is replicated and world-size independent: step 1 on one rank, step 2 on `world`."""
@@ -290,7 +325,7 @@ def test_curricularface_equals_authors_code():
         losses.append(F.cross_entropy(SCALE * cos, labels).item())
     mine, head = head_losses("curricularface", (5, 6))
     assert max(abs(a - b) for a, b in zip(mine, losses)) < 1e-10, (mine, losses)
-    assert abs(head.adaptive.t.item() - t) < 1e-12
+    assert abs(head.margin.t.item() - t) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["magface", "magface_thmm"])
@@ -342,7 +377,7 @@ def test_adaface_equals_authors_code():
         losses.append(F.cross_entropy(logits, labels).item())
     mine, head = head_losses("adaface", (9, 10))
     assert max(abs(a - b) for a, b in zip(mine, losses)) < 1e-10, (mine, losses)
-    assert abs(head.adaptive.batch_mean.item() - mean) < 1e-12 and abs(head.adaptive.batch_std.item() - std) < 1e-12
+    assert abs(head.margin.batch_mean.item() - mean) < 1e-12 and abs(head.margin.batch_std.item() - std) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["elastic_arc", "elastic_cos_sorted", "elastic_arc_sorted"])
@@ -356,8 +391,8 @@ def test_elasticface_equals_authors_code(name):
     cfg = MARGINS[name]
     labels, embeddings, kernel = authors_inputs(11)
     generator = torch.Generator()
-    generator.set_state(build_head(name, 1.0, 0).adaptive.generator.get_state())
-    mean, std = cfg.elastic_mean_std()
+    generator.set_state(build_head(name, 1.0, 0).margin.generator.get_state())
+    mean, std = ElasticFace.mean_std(cfg)
     margin = (torch.randn(len(labels), generator=generator, dtype=torch.float64) * std + mean).view(-1, 1)
     cos = (F.normalize(embeddings) @ column_normalized(kernel)).clamp(-1, 1)
     if cfg.elastic_sorted:

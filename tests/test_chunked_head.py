@@ -6,9 +6,11 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, ShardedMarginHead
+from largefr.heads import ShardedMarginHead
 from largefr.heads.chunked import chunked_margin_loss
+from largefr.heads.margins import MarginStep, build_margin
 from tests.distributed_helpers import run_distributed
 from tests.test_sharded_head import CLASSES, DIM, MARGINS, SEED, case_data, run_case  # same cases, same step
 
@@ -97,11 +99,11 @@ def test_peak_memory_does_not_grow_with_local_classes():
     batch, chunk, itemsize = 64, 256, 4
     peaks = {}
     for classes in (4000, 16000):
-        head = ShardedMarginHead(classes, DIM, margin=MarginConfig(), chunk_size=chunk,
+        head = ShardedMarginHead(classes, DIM, margin=HeadConfig(), chunk_size=chunk,
                                  generator=torch.Generator().manual_seed(1))
         peaks[classes], largest = _peak_and_largest(head, batch)
         assert largest <= max(batch * chunk, classes * DIM) * itemsize  # the block or dW, nothing B_g x K
-        default_peak, _ = _peak_and_largest(ShardedMarginHead(classes, DIM, margin=MarginConfig(),
+        default_peak, _ = _peak_and_largest(ShardedMarginHead(classes, DIM, margin=HeadConfig(),
                                                               generator=torch.Generator().manual_seed(1)), batch)
         assert peaks[classes] < 0.5 * default_peak
     growth = peaks[16000] - peaks[4000]
@@ -132,8 +134,8 @@ def test_bad_chunk_size_is_reported():
         build_head("arcface", 1.0, -1)
     features = torch.randn(3, DIM)
     with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
-        chunked_margin_loss(features, torch.randn(5, DIM), None, torch.tensor([0, -1, 2]), None, MarginConfig(),
-                            group=None, chunk_size=0)
+        chunked_margin_loss(features, torch.randn(5, DIM), None, torch.tensor([0, -1, 2]), build_margin(HeadConfig()),
+                            MarginStep(params=None), group=None, chunk_size=0)
 
 
 def _trainer_heads_rank(rank, world):

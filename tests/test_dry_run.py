@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, ShardedMarginHead
+from largefr.heads import ShardedMarginHead
 from largefr.perf.dry_run import fake_process_group, tensor_bytes
 from largefr.perf.memory_plan import PlanInputs, plan_rank
 
@@ -62,7 +63,7 @@ def test_fake_group_gives_each_rank_its_shape_without_memory():
     for rank in (0, 5):
         with fake_process_group(6, rank):
             assert (dist.get_world_size(), dist.get_rank()) == (6, rank)
-            head = ShardedMarginHead(1_000_003, 256, margin=MarginConfig(), device="meta")
+            head = ShardedMarginHead(1_000_003, 256, margin=HeadConfig(), device="meta")
             dist.all_reduce(torch.zeros(3))  # collectives run and return without peers
         part = ClassPartition(1_000_003, 6, rank)
         assert head.weight.is_meta and tuple(head.weight.shape) == (part.num_local, 256)

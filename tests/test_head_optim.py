@@ -5,7 +5,8 @@ import io
 import pytest
 import torch
 
-from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
+from largefr.config import HeadConfig
+from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads import optim as optim_module
 
 CLASSES, DIM, BATCH, STEPS, BASE_LR = 200, 8, 8, 3, 0.1
@@ -31,7 +32,7 @@ def snapshot(head, optimizer):
 
 
 def train_three_steps(name):
-    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=0.3, dtype=torch.float64,
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(scale=16.0), sample_rate=0.3, dtype=torch.float64,
                              logits_dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     optimizer = OPTIMIZERS[name][0]([head.weight])
     data = torch.Generator().manual_seed(1)
@@ -162,7 +163,7 @@ def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, blo
     others gathered)."""
     if block_rows is not None:
         monkeypatch.setattr(optim_module, "BLOCK_ELEMENTS_CPU", block_rows * DIM)
-    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(scale=16.0), sample_rate=rate,
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(scale=16.0), sample_rate=rate,
                              generator=torch.Generator().manual_seed(0))
     optimizer = OPTIMIZERS[name][0]([head.weight])
     weight = head.weight.detach().clone()

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from largefr.config import ClusterConfig, HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.config import ClusterConfig
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.stateful import RestoreContext
 from tests.distributed_helpers import run_distributed
@@ -31,7 +30,7 @@ def dense_weight():
 
 
 def make_margin_head(sample_rate=1.0):
-    return ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(type="arcface", scale=SCALE, margin=MARGIN),
+    return ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(type="arcface", scale=SCALE, margin=MARGIN),
                              sample_rate=sample_rate, dtype=torch.float64, logits_dtype=torch.float64,
                              generator=torch.Generator().manual_seed(3))
 
@@ -221,7 +220,7 @@ def _training_rank(rank, world):
 
     backbone = tiny_backbone(RUN_DIM)
     encoder = MomentumEncoder(backbone, momentum=0.99)
-    margin_head = ShardedMarginHead(RUN_CLASSES, RUN_DIM, margin=MarginConfig(),
+    margin_head = ShardedMarginHead(RUN_CLASSES, RUN_DIM, margin=HeadConfig(),
                                     generator=torch.Generator().manual_seed(0))
     head = ClusterGuidedHead(margin_head, ClusterConfig(queue_size=RUN_QUEUE, num_sampled_centers=64), seed=0)
     optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.05, momentum=0.9)

@@ -4,13 +4,14 @@ import math
 import pytest
 import torch
 
-from largefr.heads.margin import MarginConfig, margin_logits, target_logit
+from largefr.config import HeadConfig
+from largefr.heads.margins import combined_form, margin_logits, target_logit
 
 CONFIGS = {
-    "arcface": MarginConfig(type="arcface", scale=64.0, margin=0.5),
-    "cosface": MarginConfig(type="cosface", scale=64.0, margin=0.35),
-    "combined": MarginConfig(type="combined", scale=32.0, combined_margins=(1.0, 0.3, 0.2)),
-    "combined_m1": MarginConfig(type="combined", scale=30.0, combined_margins=(1.2, 0.4, 0.1)),
+    "arcface": HeadConfig(type="arcface", scale=64.0, margin=0.5),
+    "cosface": HeadConfig(type="cosface", scale=64.0, margin=0.35),
+    "combined": HeadConfig(type="combined", scale=32.0, combined_margins=(1.0, 0.3, 0.2)),
+    "combined_m1": HeadConfig(type="combined", scale=30.0, combined_margins=(1.2, 0.4, 0.1)),
 }
 
 
@@ -32,7 +33,7 @@ def test_values_match_angle_formula_with_row_lambda(name):
     cfg = CONFIGS[name]
     cos = grid()
     row_lambda = torch.rand(cos.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    m1, m2, m3 = cfg.margins()
+    m1, m2, m3 = combined_form(cfg)
     expected = cfg.scale * reference_psi(cos, m1, row_lambda * m2, row_lambda * m3)
     torch.testing.assert_close(target_logit(cos, cfg, row_lambda), expected, atol=1e-10, rtol=0)
     expected_plain = cfg.scale * reference_psi(cos, m1, torch.full_like(cos, m2), torch.full_like(cos, m3))
@@ -54,7 +55,7 @@ def test_cosface_and_lambda_zero_are_plain():
     cos = grid()
     torch.testing.assert_close(target_logit(cos, CONFIGS["cosface"]), 64.0 * (cos - 0.35), atol=1e-12, rtol=0)
     for cfg in CONFIGS.values():
-        if cfg.margins()[0] == 1.0:  # with m1 = 1, lambda = 0 removes the margin entirely
+        if combined_form(cfg)[0] == 1.0:  # with m1 = 1, lambda = 0 removes the margin entirely
             torch.testing.assert_close(target_logit(cos, cfg, torch.zeros_like(cos)), cfg.scale * cos,
                                        atol=1e-12, rtol=0)
 
@@ -74,7 +75,7 @@ def test_gradcheck_random_and_both_sides_of_switch(name):
     cfg = CONFIGS[name]
     gen = torch.Generator().manual_seed(3)
     row_lambda = 0.2 + 0.8 * torch.rand(6, generator=gen, dtype=torch.float64)
-    m1, m2, _ = cfg.margins()
+    m1, m2, _ = combined_form(cfg)
     switch = torch.clamp((math.pi - row_lambda * m2) / m1, max=math.pi - 1e-2)
     near_switch = torch.cat([torch.cos(switch - 1e-3), torch.cos(switch + 1e-3)])  # both sides of theta*
     random_cos = torch.rand(12, generator=gen, dtype=torch.float64) * 1.98 - 0.99
@@ -93,7 +94,7 @@ def test_target_logit_monotone_in_angle_across_switch(name):
 
 
 def test_easy_margin_leaves_negative_cosines():
-    cfg = MarginConfig(type="arcface", scale=10.0, margin=0.5, easy_margin=True)
+    cfg = HeadConfig(type="arcface", scale=10.0, margin=0.5, easy_margin=True)
     cos = grid()
     out = target_logit(cos, cfg)
     negative = cos <= 0
@@ -126,8 +127,8 @@ def test_margin_logits_rejects_bad_shapes():
 
 
 def test_config_reports_every_problem():
-    with pytest.raises(ValueError, match=r"type: must be one of .*, got 'sphereface'.*scale: must be > 0, got 0.0.*"
+    with pytest.raises(ValueError, match=r"(?s)type: must be one of .*, got 'sphereface'.*scale: must be > 0, got 0.0.*"
                                          r"combined_margins: needs m1 > 0.*got \[0.0, 0.5, 0.0\]"):
-        MarginConfig(type="sphereface", scale=0.0, combined_margins=(0.0, 0.5, 0.0))
-    assert MarginConfig(type="cosface", margin=0.4).margins() == (1.0, 0.0, 0.4)
-    assert MarginConfig().margins() == (1.0, 0.5, 0.0)
+        HeadConfig(type="sphereface", scale=0.0, combined_margins=(0.0, 0.5, 0.0))
+    assert combined_form(HeadConfig(type="cosface", margin=0.4)) == (1.0, 0.0, 0.4)
+    assert combined_form(HeadConfig()) == (1.0, 0.5, 0.0)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
+from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
 from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
@@ -57,7 +58,7 @@ def test_planner_matches_measured_head_peak_on_two_gloo_ranks():
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizer_step_phase_matches_measured(name):
-    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(), sample_rate=0.3,
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(), sample_rate=0.3,
                              generator=torch.Generator().manual_seed(0))
     optimizer = RowSparseSGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4) if name == "sgd" else \
         RowSparseAdamW([head.weight], lr=0.1)
@@ -79,7 +80,7 @@ def test_resident_bytes_equal_the_built_tensors_on_uneven_ranks(optimizer):
     inputs = PlanInputs(num_classes=classes, world_size=world, dim=DIM, batch=4, optimizer=optimizer, queue_size=32)
     for rank in range(world):
         with fake_process_group(world, rank):
-            head = ShardedMarginHead(classes, DIM, margin=MarginConfig())
+            head = ShardedMarginHead(classes, DIM, margin=HeadConfig())
             bank = ClusterBank(classes, DIM)
         queue = FeatureQueue(32, DIM)
         built = {"W rows": tensor_bytes([head.weight]), "optimizer state": _state_bytes(head, optimizer),
@@ -111,7 +112,7 @@ def test_plan_is_for_the_busiest_rank_of_an_uneven_split():
 
 def test_sampled_count_follows_the_head():
     for classes, rate in ((1000, 0.3), (30, 0.1), (997, 0.05), (500, 1.0)):
-        head = ShardedMarginHead(classes, 4, margin=MarginConfig(), sample_rate=rate)
+        head = ShardedMarginHead(classes, 4, margin=HeadConfig(), sample_rate=rate)
         assert sampled_count(classes, rate, global_batch=1) == max(head.num_sample, 1)
     assert sampled_count(1000, 0.01, global_batch=64) == 64  # more positives than ceil(rate * num_local)
 

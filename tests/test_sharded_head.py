@@ -8,17 +8,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
-from largefr.heads import MarginConfig, ShardedMarginHead, normal_rows
+from largefr.heads import ShardedMarginHead, normal_rows
 from largefr.heads.sharded_head import ROWS_PER_INIT_CHUNK
 from largefr.stateful import RestoreContext
 from tests.distributed_helpers import run_distributed
 
 CLASSES, DIM, LOCAL_BATCH, SEED = 1001, 16, 6, 1234
 MARGINS = {
-    "arcface": MarginConfig(type="arcface", scale=30.0, margin=0.5),
-    "cosface": MarginConfig(type="cosface", scale=30.0, margin=0.35),
-    "combined": MarginConfig(type="combined", scale=30.0, combined_margins=(1.1, 0.3, 0.2)),
+    "arcface": HeadConfig(type="arcface", scale=30.0, margin=0.5),
+    "cosface": HeadConfig(type="cosface", scale=30.0, margin=0.35),
+    "combined": HeadConfig(type="combined", scale=30.0, combined_margins=(1.1, 0.3, 0.2)),
 }
 CASES = [(name, rate, with_lambda) for name in MARGINS for rate in (1.0, 0.3) for with_lambda in (False, True)]
 
@@ -39,7 +40,7 @@ def case_data(world: int, case_seed: int, classes: int = CLASSES):
     return labels, embeddings, class_lambda
 
 
-def build_head(margin: MarginConfig, rate: float, group=None, classes: int = CLASSES) -> ShardedMarginHead:
+def build_head(margin: HeadConfig, rate: float, group=None, classes: int = CLASSES) -> ShardedMarginHead:
     return ShardedMarginHead(classes, DIM, margin=margin, sample_rate=rate, group=group, dtype=torch.float64,
                              logits_dtype=torch.float64, generator=torch.Generator().manual_seed(SEED))
 

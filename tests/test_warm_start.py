@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from largefr.config import ClusterConfig
+from largefr.config import ClusterConfig, HeadConfig
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.models import get_model
 from largefr.train.warm_start import InitFromError, class_mean_warm_start, load_init_weights
@@ -150,7 +149,7 @@ def _warm_start(rank: int, world: int) -> dict:
     from largefr.distributed.collectives import group_rank
 
     images, labels = _data()
-    margin = ShardedMarginHead(NUM_CLASSES, EMB, margin=MarginConfig(), init_std=INIT_STD,
+    margin = ShardedMarginHead(NUM_CLASSES, EMB, margin=HeadConfig(), init_std=INIT_STD,
                                generator=torch.Generator().manual_seed(1))
     head = ClusterGuidedHead(margin, ClusterConfig(queue_size=64, num_sampled_centers=4, alpha=ALPHA))
     random_rows = margin.weight.detach().clone()

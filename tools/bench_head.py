@@ -19,6 +19,8 @@ Spawns `--world` ranks (gloo on CPU, or nccl with one GPU per rank when enough G
 backward); the GEMM floor stays the default mode's three GEMMs. The JSON also holds each rank's loss.
 `--type X` (a head.type) measures that margin and times an ArcFace head of the same shapes right after
 it in every repeat, then prints both step times and their ratio per repeat.
+`--clock cpu` times each rank process's CPU time instead of elapsed time (CPU runs): on a machine shared
+with other jobs, time slices they take do not count, so a ratio of two steps compares their work.
 `--chunk-size N --paired-default` also builds the default head (same W, same data) and times its step
 right after the low-memory step in every repeat (a fair ratio on a shared, noisy machine), then
 prints a second table: both step times, both peak memories and both losses.
@@ -36,7 +38,7 @@ import torch
 
 from largefr.cli import PRECISION_NAMES, add_option
 from largefr.choices import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES, TORCH_DTYPE_NAMES
-from largefr.perf.head_bench import HeadBenchSettings, machine_description, run_head_bench
+from largefr.perf.head_bench import CLOCKS, HeadBenchSettings, machine_description, run_head_bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "shapes is timed right after it in every repeat")
     parser.add_argument("--paired-default", action="store_true",
                         help="with --chunk-size: also time the default head in the same run, step by step")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="wall: elapsed time; cpu: each rank process's CPU time (CPU runs), not inflated by other "
+                             "processes' time slices on a shared machine")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / world)")
@@ -93,15 +98,16 @@ def main(argv: list[str] | None = None) -> dict:
                                  sample_rate=args.sample_rate, dtype=TORCH_DTYPE_NAMES[args.precision],
                                  chunk_size=args.chunk_size,
                                  repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                                 paired_default=args.paired_default, margin_type=args.type)
+                                 paired_default=args.paired_default, margin_type=args.type, clock=args.clock)
     ranks = run_head_bench(settings)
     report = dict(command="python tools/bench_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   machine=machine_description(args.world), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, threads_per_rank=args.threads, batch_per_rank=args.batch,
                   classes=args.classes, dim=args.dim, world=args.world, sample_rate=args.sample_rate,
                   dtype=TORCH_DTYPE_NAMES[args.precision], precision=args.precision, chunk_size=args.chunk_size,
-                  margin_type=args.type, ranks=ranks)
-    print(f"{report['command']}\n{report['machine']}, torch {report['torch']}, {args.threads} thread(s)/rank")
+                  margin_type=args.type, clock=args.clock, ranks=ranks)
+    print(f"{report['command']}\n{report['machine']}, torch {report['torch']}, {args.threads} thread(s)/rank, "
+          f"{args.clock} clock")
     print("| rank | num_local | sampled | step_ms | gemm_ms | gemm_floor_ratio | peak_mem_mb |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in ranks:

@@ -20,7 +20,8 @@ import time
 import torch
 
 from largefr.cli import write_json
-from largefr.heads import MarginConfig, RowSparseAdamW, RowSparseSGD, ShardedMarginHead
+from largefr.config import HeadConfig
+from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
 from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_rank_on_meta(args: argparse.Namespace) -> dict:
     """This (fake) rank's head, bank, queue and optimizer state on meta; their bytes and class range."""
-    head = ShardedMarginHead(args.classes, args.dim, margin=MarginConfig(), sample_rate=args.sample_rate,
+    head = ShardedMarginHead(args.classes, args.dim, margin=HeadConfig(), sample_rate=args.sample_rate,
                              device=META, chunk_size=args.chunk_size)
     built = {"class_range": (head.partition.start, head.partition.end), "W rows": tensor_bytes([head.weight]),
              "optimizer state": _optimizer_state_bytes(head.weight, args.optimizer),

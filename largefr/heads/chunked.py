@@ -6,7 +6,8 @@ This mode computes the same loss and gradients while holding one (B_g x chunk_si
 time, as one autograd.Function over the whole margin softmax:
 
 forward, per block of sampled columns: Wn_b = W_b / ||W_b|| (chunk x d), block = F_s Wn_b^T
-(F_s = s * normalize(f)), target entries replaced by s*psi(cos), then a per-row running max and
+(F_s = s * normalize(f)), the margin's modulation of the negatives if it has one (CurricularFace),
+target entries replaced by s*psi(cos), then a per-row running max and
 running sum of exp (online log-sum-exp). Across ranks the same two all-reduces as
 `sharded_cross_entropy`: MAX of the row maxima, then one fused SUM of [sum of exp, positive
 logit, has-a-positive]. Only B_g-sized vectors are kept for backward.
@@ -22,16 +23,12 @@ dtype, two (chunk x d) row buffers and a few (B_g x d) feature buffers; nothing 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
-from largefr.heads.adaptive_margins import modulate_hard_negatives_
-from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
+from largefr.heads.margins import NORM_EPS, Margin, MarginStep, NegativeModulation
 from largefr.heads.row_gradient import sparse_row_gradient
-
 
 
 def _softmax_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -101,47 +98,45 @@ def _target_cosines(features: torch.Tensor, blocks: _Blocks, scale: float) -> to
 
 
 def _margin_block(gemm_features: torch.Tensor, blocks: _Blocks, start: int, end: int,
-                  workspace: _BlockWorkspace, target_value: torch.Tensor, hard_negatives, scale: float):
+                  workspace: _BlockWorkspace, target_value: torch.Tensor, negatives: NegativeModulation | None):
     """One block's logits with the margin on its target entries: (logits, Wn_b, 1/||W_b||, targets, d modulation).
 
-    hard_negatives: CurricularFace's (threshold, t) or None; the last item is then the derivative of the
-    modulated block w.r.t. s*cos (1 off the hard negatives), else None.
+    negatives: the margin's modulation of the negatives or None; the last item is then the derivative of the
+    modulated block w.r.t. s*cos (its target entries are set after it in backward), else None.
     """
     width = end - start
     normalized, inv_norm = blocks.normalized_rows(start, end, workspace.weight_block(width))
     logits = _block_logits(gemm_features, normalized, workspace.logits_block(width))
     index, target_rows, target_cols = blocks.targets_in(start, end)
-    derivative = None
-    if hard_negatives is not None:
-        derivative = modulate_hard_negatives_(logits, *hard_negatives, target_rows, target_cols, scale)
+    derivative = None if negatives is None else negatives.apply_(logits)
     logits[target_rows, target_cols] = target_value[index]
     return logits, normalized, inv_norm, (index, target_rows, target_cols), derivative
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scaled_features, weight, sampled, local_target, params, target_fn, scale, hard_threshold,
-                hard_t, group, chunk_size, logits_dtype):
+    def forward(ctx, scaled_features, weight, sampled, local_target, params, target_fn, scale, negatives, group,
+                chunk_size, logits_dtype):
         features = scaled_features.to(_softmax_dtype(weight.dtype))
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, chunk_size, target_rows, local_target[target_rows])
         cos_target = _target_cosines(features, blocks, scale)
         target_value = target_fn(cos_target, None if params is None else params.detach())
-        hard = None if hard_threshold is None else (hard_threshold, hard_t)
-        row_max, row_sum = _online_logsumexp(features, blocks, target_value, logits_dtype, hard, scale)
+        row_max, row_sum = _online_logsumexp(features, blocks, target_value, logits_dtype, negatives)
         row_max, sum_exp, positive, valid = _reduce_over_ranks(row_max, row_sum, target_rows, target_value, group)
         num_valid = valid.sum().clamp(min=1)
         log_normalizer = torch.log(sum_exp) + row_max
         loss = torch.where(valid, log_normalizer - positive, torch.zeros_like(row_max)).sum() / num_valid
         ctx.save_for_backward(scaled_features, weight, sampled, local_target, cos_target, target_value, params,
-                              log_normalizer, valid, num_valid, hard_threshold, hard_t)
+                              log_normalizer, valid, num_valid)
         ctx.target_fn, ctx.scale, ctx.chunk_size, ctx.logits_dtype = target_fn, scale, chunk_size, logits_dtype
+        ctx.negatives = negatives
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (scaled_features, weight, sampled, local_target, cos_target, target_value, params, log_normalizer,
-         valid, num_valid, hard_threshold, hard_t) = ctx.saved_tensors
+         valid, num_valid) = ctx.saved_tensors
         features = scaled_features.to(_softmax_dtype(weight.dtype))
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, ctx.chunk_size, target_rows, local_target[target_rows])
@@ -150,21 +145,21 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         target_upstream = row_coef[target_rows] * (torch.exp(target_value - log_normalizer[target_rows]) - 1.0)
         target_slope, grad_params = _target_slopes(cos_target, params, ctx.target_fn, ctx.scale, target_upstream,
                                                    ctx.needs_input_grad[4])
-        hard = None if hard_threshold is None else (hard_threshold, hard_t)
         grad_features, grad_weight_rows = _blocked_backward(features, blocks, row_coef, log_normalizer,
-                                                            target_value, target_slope, ctx.logits_dtype, hard,
-                                                            ctx.scale)
+                                                            target_value, target_slope, ctx.logits_dtype,
+                                                            ctx.negatives)
         grad_features = grad_features.to(scaled_features.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = grad_weight_rows.to(weight.dtype)
             if sampled is not None:
                 grad_weight = sparse_row_gradient(sampled, grad_weight, weight.shape)
-        return grad_features, grad_weight, None, None, grad_params, None, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, grad_params, None, None, None, None, None, None
 
 
 def _online_logsumexp(features: torch.Tensor, blocks: _Blocks, target_value: torch.Tensor,
-                      logits_dtype: torch.dtype, hard_negatives, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      logits_dtype: torch.dtype,
+                      negatives: NegativeModulation | None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's per-row max and sum of exp(logit - max) over its sampled columns, block by block."""
     rows, dim = features.shape
     row_max = torch.full((rows,), float("-inf"), dtype=features.dtype, device=features.device)
@@ -172,7 +167,7 @@ def _online_logsumexp(features: torch.Tensor, blocks: _Blocks, target_value: tor
     workspace = _BlockWorkspace(rows, min(blocks.chunk_size, blocks.num_cols), dim, features.dtype, features.device)
     gemm_features = features.to(logits_dtype)  # cast once, not per block
     for start, end in blocks.ranges():
-        logits, *_ = _margin_block(gemm_features, blocks, start, end, workspace, target_value, hard_negatives, scale)
+        logits, *_ = _margin_block(gemm_features, blocks, start, end, workspace, target_value, negatives)
         new_max = torch.maximum(row_max, logits.amax(dim=1))
         row_sum.mul_(torch.exp(row_max - new_max))  # first block: exp(-inf) = 0 times the empty sum
         row_sum.add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(dim=1))
@@ -205,7 +200,7 @@ def _target_slopes(cos_target: torch.Tensor, params: torch.Tensor | None, target
 
 
 def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, target_value, target_slope,
-                      logits_dtype, hard_negatives, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      logits_dtype, negatives: NegativeModulation | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dF_s, dL/dW of the sampled rows, in their order): each block's softmax is recomputed and turned
     into its share of the gradients."""
     rows, dim = features.shape
@@ -219,12 +214,13 @@ def _blocked_backward(features, blocks: _Blocks, row_coef, log_normalizer, targe
     gemm_features = features.to(logits_dtype)
     for start, end in blocks.ranges():
         logits, normalized, inv_norm, (index, target_rows, target_cols), derivative = _margin_block(
-            gemm_features, blocks, start, end, workspace, target_value, hard_negatives, scale)
+            gemm_features, blocks, start, end, workspace, target_value, negatives)
         softmax = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
+        target_softmax = softmax[target_rows, target_cols]
+        if derivative is not None:  # the modulation's derivative (CurricularFace: t + 2c on the hard negatives)
+            derivative.mul_(softmax)
         # target entries: (softmax - onehot) times the margin's slope d psi / d cos
-        softmax[target_rows, target_cols] = (softmax[target_rows, target_cols] - 1.0) * target_slope[index]
-        if derivative is not None:  # CurricularFace: the hard negatives' t + 2c
-            softmax.mul_(derivative)
+        softmax[target_rows, target_cols] = (target_softmax - 1.0) * target_slope[index]
         _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features, grad_features,
                                     grad_weight[start:end], logits_dtype)
     return grad_features.mul_(row_coef.unsqueeze(1)), grad_weight
@@ -246,33 +242,23 @@ def _accumulate_block_gradients(softmax, normalized, inv_norm, weighted_features
 
 
 def chunked_margin_loss(scaled_features: torch.Tensor, weight: torch.Tensor, sampled: torch.Tensor | None,
-                        local_target: torch.Tensor, row_lambda: torch.Tensor | None, margin: MarginConfig, *,
+                        local_target: torch.Tensor, margin: Margin, step: MarginStep, *,
                         group: ProcessGroup | None, chunk_size: int,
-                        logits_dtype: torch.dtype = torch.float32, target_fn=None,
-                        target_params: torch.Tensor | None = None,
-                        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Mean margin-softmax loss over the gathered rows, computed block by block (same value on every rank).
 
     scaled_features: (B_g, d) s * normalize(f), with grad. weight: (num_local, d) this rank's raw rows.
     sampled: sorted local rows used this step (Partial FC), None = all rows. local_target: (B_g,) column
     of the row's positive among the sampled columns, -1 when it lives elsewhere or the row is ignored.
-    row_lambda: margin factor of each row with a local target, in `nonzero(local_target >= 0)` order,
-    or None (= 1). chunk_size: sampled columns per block (> 0).
-    target_fn, target_params: an adaptive margin's s*psi_i(cos, params) and its per-row params (then
-    row_lambda is unused); hard_negatives: CurricularFace's (threshold per gathered row, t).
+    margin, step: the head's margin and what its `step` returned for this batch (the target rows'
+    params, in `nonzero(local_target >= 0)` order; the modulation of the negatives, if any); the extra
+    loss of the step is the caller's. chunk_size: sampled columns per block (> 0).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (classes per block of the low-memory head)")
     if scaled_features.dim() != 2 or local_target.shape != scaled_features.shape[:1]:
         raise ValueError(f"expected features (B_g, d) and local_target (B_g,), got {tuple(scaled_features.shape)} "
                          f"and {tuple(local_target.shape)}")
-    if target_fn is None:
-        target_fn, target_params = functools.partial(_fixed_target, margin), row_lambda
-    hard_threshold, hard_t = hard_negatives if hard_negatives is not None else (None, None)
-    return _ChunkedMarginSoftmax.apply(scaled_features, weight, sampled, local_target.long(), target_params,
-                                       target_fn, float(margin.scale), hard_threshold, hard_t, group,
-                                       int(chunk_size), logits_dtype)
-
-
-def _fixed_target(cfg: MarginConfig, cos: torch.Tensor, row_lambda: torch.Tensor | None) -> torch.Tensor:
-    return target_logit(cos, cfg, row_lambda)
+    return _ChunkedMarginSoftmax.apply(scaled_features, weight, sampled, local_target.long(), step.params,
+                                       margin.target_logit, margin.scale, step.negatives, group, int(chunk_size),
+                                       logits_dtype)

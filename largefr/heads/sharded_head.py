@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from largefr.choices import ADAPTIVE_MARGIN_TYPES
+from largefr.config import HeadConfig
 from largefr.distributed.collectives import (all_gather_rows, all_gather_with_grad, all_reduce_sum_, group_rank,
                                             group_size)
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
-from largefr.heads.adaptive_margins import build_adaptive_margin, modulate_hard_negatives_
 from largefr.heads.chunked import chunked_margin_loss
-from largefr.heads.margin import NORM_EPS, MarginConfig, target_logit
+from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, NegativeModulation, build_margin
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
@@ -129,19 +130,21 @@ def _remove_radial_component_(grad_weight: torch.Tensor, weight_rows: torch.Tens
         grad_weight[rows].addcmul_(weight_rows[rows], radial.unsqueeze(1), value=-1.0)
 
 
-class _TargetLogitInPlace(torch.autograd.Function):
-    """Overwrite logits[rows, cols] (= s*cos) with target_fn(cos, params) in place; exact backward.
+class _MarginInPlace(torch.autograd.Function):
+    """The margin on a block of s*cos logits, in place; exact backward.
 
-    target_fn: s*psi_i(cos) per target row (the fixed margins: `target_logit` with params = the row
-    lambdas; the adaptive ones: their per-row margins, which may carry a gradient, e.g. MagFace's).
-    The backward multiplies the B_g target entries of the incoming gradient by psi'(cos) in place
-    (the gradient is the cross entropy's softmax buffer, held by nobody else).
+    Forward: the target cosines read, the margin's `negatives` modulation (if any) on the whole block,
+    then the B_g target entries [rows, cols] overwritten with `target_fn(cos, params)` = s*psi_i(cos).
+    Backward (on the cross entropy's softmax buffer, held by nobody else): the block times the
+    modulation's derivative, then the target entries set to their upstream gradient times psi'(cos)
+    (and the params' gradient, e.g. MagFace's margin from the norm).
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, cols, target_fn, scale: float, params):
+    def forward(ctx, logits, rows, cols, target_fn, scale: float, params, negatives: NegativeModulation | None):
         compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
         cos_target = logits[rows, cols].to(compute_dtype) / scale
+        ctx.derivative = None if negatives is None else negatives.apply_(logits)
         logits[rows, cols] = target_fn(cos_target, params).to(logits.dtype)
         ctx.mark_dirty(logits)
         ctx.save_for_backward(cos_target, rows, cols, params)
@@ -152,47 +155,25 @@ class _TargetLogitInPlace(torch.autograd.Function):
     def backward(ctx, grad_logits):
         cos_target, rows, cols, params = ctx.saved_tensors
         params_grad = ctx.needs_input_grad[5]
+        upstream = grad_logits[rows, cols].to(cos_target.dtype)
+        if ctx.derivative is not None:
+            ctx.derivative.mul_(grad_logits)
         with torch.enable_grad():
             cos_leaf = cos_target.detach().requires_grad_(True)
             params_leaf = None if params is None else params.detach().requires_grad_(params_grad)
             logit = ctx.target_fn(cos_leaf, params_leaf)
-            upstream = grad_logits[rows, cols].to(cos_leaf.dtype)
             grads = torch.autograd.grad(logit, (cos_leaf, params_leaf) if params_grad else (cos_leaf,), upstream)
         grad_logits[rows, cols] = (grads[0] / ctx.scale).to(grad_logits.dtype)
-        return grad_logits, None, None, None, None, grads[1] if params_grad else None
-
-
-class _HardNegativesInPlace(torch.autograd.Function):
-    """CurricularFace: s*c -> s*c*(t + c) on the hard negatives, in place; backward multiplies by t + 2c."""
-
-    @staticmethod
-    def forward(ctx, logits, threshold, t, rows, cols, scale: float):
-        derivative = modulate_hard_negatives_(logits, threshold, t, rows, cols, scale)
-        ctx.mark_dirty(logits)
-        ctx.save_for_backward(derivative)
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        (derivative,) = ctx.saved_tensors
-        return grad_logits.mul_(derivative), None, None, None, None, None
-
-
-class _FixedMarginTarget:
-    """target_fn of the fixed margins: `target_logit(cos, cfg, row_lambda)`."""
-
-    def __init__(self, cfg: MarginConfig):
-        self.cfg = cfg
-
-    def __call__(self, cos: torch.Tensor, row_lambda: torch.Tensor | None) -> torch.Tensor:
-        return target_logit(cos, self.cfg, row_lambda)
+        return grad_logits, None, None, None, None, grads[1] if params_grad else None, None
 
 
 class ShardedMarginHead(nn.Module):
     """Margin softmax classifier whose rows are split over the ranks of `group` (Partial FC).
 
     num_classes: K over all ranks; this rank holds rows [partition.start, partition.end).
-    margin: ArcFace / CosFace / combined, with CG-ArcFace's per-class lambda at forward time.
+    margin: the head section of the config: head.type and its fields pick the margin (`largefr.heads.margins`;
+        the section's other settings are this constructor's arguments). The built margin is `self.margin`,
+        whose `state_dict()` is its running state; CG-ArcFace's per-class lambda comes at forward time.
     sample_rate: Partial FC rate in (0, 1]; each rank keeps the positives of the global batch in
         its range plus uniform random negatives up to ceil(sample_rate * num_local).
     group: process group whose ranks share the classes (None: default group, or no
@@ -207,7 +188,7 @@ class ShardedMarginHead(nn.Module):
     device: 'meta' builds W without values (shapes only, for dry runs of jobs larger than the machine).
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, *, margin: MarginConfig, sample_rate: float = 1.0,
+    def __init__(self, num_classes: int, embedding_size: int, *, margin: HeadConfig, sample_rate: float = 1.0,
                  group: ProcessGroup | None = None, init_std: float = 0.01,
                  logits_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32,
@@ -219,7 +200,6 @@ class ShardedMarginHead(nn.Module):
             raise ValueError(f"embedding_size={embedding_size} must be >= 1")
         if chunk_size < 0:
             raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = default mode, > 0 = classes per block)")
-        self.margin = margin
         self.chunk_size = int(chunk_size)
         self.sample_rate = float(sample_rate)
         self.group = group
@@ -238,9 +218,13 @@ class ShardedMarginHead(nn.Module):
         self.sample_generator = torch.Generator(device="cpu" if on_meta else self.weight.device)
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
-        # CurricularFace / MagFace / AdaFace / ElasticFace: per-step margins and their (replicated) state
-        self.adaptive = build_adaptive_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0),
-                                              device=self.weight.device) if margin.adaptive else None
+        self.margin: Margin = build_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0), device=self.weight.device)
+
+    @property
+    def adaptive(self) -> Margin | None:
+        """The margin when head.type is an adaptive one (its state_dict is the checkpoint's margin_state, which the
+        fixed ones do not write), else None; `self.margin` is the margin in both cases."""
+        return self.margin if self.margin.name in ADAPTIVE_MARGIN_TYPES else None
 
     @property
     def num_classes(self) -> int:
@@ -249,7 +233,7 @@ class ShardedMarginHead(nn.Module):
     def extra_repr(self) -> str:
         p = self.partition
         return (f"classes={p.num_classes}, local=[{p.start}, {p.end}), dim={self.weight.shape[1]}, "
-                f"sample_rate={self.sample_rate}, chunk_size={self.chunk_size}, margin={self.margin}")
+                f"sample_rate={self.sample_rate}, chunk_size={self.chunk_size}")
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 class_lambda: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,45 +259,25 @@ class ShardedMarginHead(nn.Module):
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
-        scaled = F.normalize(features.to(self.weight.dtype), dim=1, eps=NORM_EPS) * self.margin.scale
+        features = features.to(self.weight.dtype)
+        scaled = F.normalize(features, dim=1, eps=NORM_EPS) * self.margin.scale
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
         row_lambda = None if class_lambda is None else class_lambda[sampled[cols]].detach()
-        if self.adaptive is not None:
-            return self._adaptive_loss(features, labels, scaled, sampled, local_target, rows, cols, row_lambda, full)
+        batch = MarginBatch(features=features, labels=labels, rows=rows, row_lambda=row_lambda, group=self.group)
+        if self.margin.needs_target_facts:
+            batch.target_cos, batch.global_lambda = self._global_target_facts(scaled, labels, sampled, rows, cols,
+                                                                              row_lambda)
+        step = self.margin.step(batch)
         if self.chunk_size > 0:
-            return chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, row_lambda,
-                                       self.margin, group=self.group, chunk_size=self.chunk_size,
+            loss = chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, self.margin,
+                                       step, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
-        weight_rows = self.weight if full else gather_rows(self.weight, sampled)  # W's grad: the sampled rows only
-        logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
-        logits = _TargetLogitInPlace.apply(logits, rows, cols, _FixedMarginTarget(self.margin), self.margin.scale,
-                                           row_lambda)
-        return sharded_cross_entropy(logits, local_target, self.group)
-
-    def _adaptive_loss(self, features: torch.Tensor, labels: torch.Tensor, scaled: torch.Tensor,
-                       sampled: torch.Tensor, local_target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                       row_lambda: torch.Tensor | None, full: bool) -> torch.Tensor:
-        """Loss of CurricularFace / MagFace / AdaFace / ElasticFace (`largefr.heads.adaptive_margins`)."""
-        norms = torch.linalg.vector_norm(features.to(self.weight.dtype), dim=1)
-        target_cos = global_lambda = None
-        if self.adaptive.needs_target_facts:
-            target_cos, global_lambda = self._global_target_facts(scaled, labels, sampled, rows, cols, row_lambda)
-        step = self.adaptive.step(norms=norms, labels=labels, rows=rows, target_cos=target_cos,
-                                  global_lambda=global_lambda, row_lambda=row_lambda, group=self.group)
-        hard = None if step.hard_threshold is None else (step.hard_threshold, step.curricular_t)
-        if self.chunk_size > 0:
-            loss = chunked_margin_loss(scaled, self.weight, None if full else sampled, local_target, None,
-                                       self.margin, group=self.group, chunk_size=self.chunk_size,
-                                       logits_dtype=self.logits_dtype, target_fn=self.adaptive.target_logit,
-                                       target_params=step.params, hard_negatives=hard)
         else:
-            weight_rows = self.weight if full else gather_rows(self.weight, sampled)
+            weight_rows = self.weight if full else gather_rows(self.weight, sampled)  # W's grad: the sampled rows
             logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
-            if hard is not None:
-                logits = _HardNegativesInPlace.apply(logits, *hard, rows, cols, self.margin.scale)
-            logits = _TargetLogitInPlace.apply(logits, rows, cols, self.adaptive.target_logit, self.margin.scale,
-                                               step.params)
+            logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
+                                          step.params, step.negatives)
             loss = sharded_cross_entropy(logits, local_target, self.group)
         return loss if step.extra_loss is None else loss + step.extra_loss
 

@@ -24,11 +24,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from largefr.config import HeadConfig
 from largefr.distributed.spawn import run_ranks
-from largefr.heads.margin import MarginConfig
 from largefr.heads.sharded_head import ShardedMarginHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLOCKS = ("wall", "cpu")
+"""What a step's time is measured with (HeadBenchSettings.clock)."""
 
 
 @dataclass(kw_only=True)
@@ -60,11 +62,16 @@ class HeadBenchSettings:
     margin_type: str = "arcface"
     """Margin of the measured head (a head.type); any other than 'arcface' also builds an ArcFace head
     (same shapes, same data) and times its step right after this one in every repeat."""
+    clock: str = "wall"
+    """'wall': elapsed time; 'cpu': the rank process's CPU time (CPU only), which time slices given to other
+    processes of a shared machine do not inflate (the ratio of two steps' work, not their latency)."""
     paired_default: bool = False
     """With chunk_size > 0: also build a default-mode head (same W, same data) and time its step in
     every repeat right after the low-memory one, so both modes see the same machine load."""
 
     def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock={self.clock!r}: must be one of {CLOCKS}")
         if self.threads == 0:
             self.threads = max(1, (os.cpu_count() or 1) // self.world)
 
@@ -73,15 +80,16 @@ def use_gpus(world: int) -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= world
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Milliseconds of fn(), synchronising the GPU when there is one."""
+def timed(fn: Callable[[], None], device: torch.device, clock: str = "wall") -> float:
+    """Milliseconds of fn(), synchronising the GPU when there is one; clock 'cpu': this process's CPU time."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    now = time.process_time if clock == "cpu" and device.type == "cpu" else time.perf_counter
+    start = now()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    return (now() - start) * 1e3
 
 
 class HeadBench:
@@ -89,7 +97,7 @@ class HeadBench:
 
     def __init__(self, settings: HeadBenchSettings, rank: int, device: torch.device):
         self.device = device
-        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=MarginConfig(type=settings.margin_type),
+        self.head = ShardedMarginHead(settings.classes, settings.dim, margin=HeadConfig(type=settings.margin_type),
                                       sample_rate=settings.sample_rate, logits_dtype=DTYPES[settings.dtype],
                                       device=device, generator=torch.Generator().manual_seed(0),
                                       chunk_size=settings.chunk_size)
@@ -127,7 +135,9 @@ class HeadBench:
         del logits, grad_features, grad_weight
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.head.weight, self.embeddings, self.labels))
+        """W, the inputs, and what the margin keeps between steps (CurricularFace's derivative blocks on a CPU)."""
+        tensors = (self.head.weight, self.embeddings, self.labels, *self.head.margin.held_tensors())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def peak_memory_mb(self) -> float:
         self.clear_grads()  # freed before measuring: the step then allocates its own gradients
@@ -184,13 +194,13 @@ def measure_rank(bench: HeadBench, settings: HeadBenchSettings, rank: int,
     step_ms, gemm_ms, reference_ms = [], [], []
     for _ in range(settings.repeats):
         dist.barrier()
-        step_ms.append(timed(bench.step, bench.device))
+        step_ms.append(timed(bench.step, bench.device, settings.clock))
         if settings.gemm_floor:
             dist.barrier()
-            gemm_ms.append(timed(bench.gemms, bench.device))
+            gemm_ms.append(timed(bench.gemms, bench.device, settings.clock))
         if reference is not None:
             dist.barrier()
-            reference_ms.append(timed(reference.step, reference.device))
+            reference_ms.append(timed(reference.step, reference.device, settings.clock))
     dist.barrier()
     result = {}
     if reference is not None:  # measured and dropped first: its tensors must not sit in this head's peak

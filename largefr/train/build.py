@@ -16,7 +16,6 @@ from largefr.data.prepare import DataSetupError, PreparedData, prepare_data
 from largefr.eval.own_data import load_own_data_share
 from largefr.eval.verification import load_verification_share
 from largefr.heads.joint import ClusterGuidedHead
-from largefr.heads.margin import MarginConfig, adaptive_margin_settings
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
 from largefr.heads.sharded_head import ShardedMarginHead
@@ -83,10 +82,8 @@ class HeadParts:
 def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     """The joint head (margin head + cluster terms) and its own optimizers, outside the engine."""
     h, optim = config.head, config.optim
-    margin = MarginConfig(type=h.type, scale=h.scale, margin=h.margin, combined_margins=tuple(h.combined_margins),
-                          easy_margin=h.easy_margin, **adaptive_margin_settings(h))
     margin_head = ShardedMarginHead(
-        config.data.num_classes, config.model.embedding_size, margin=margin, sample_rate=h.sample_rate,
+        config.data.num_classes, config.model.embedding_size, margin=h, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size,
         logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)

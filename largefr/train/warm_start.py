@@ -32,7 +32,7 @@ from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_
 from largefr.distributed.partition import ClassPartition
 from largefr.errors import UserError
 from largefr.eval.weights import compare_state_dict, embedding_size_of, infer_network
-from largefr.heads.margin import NORM_EPS
+from largefr.heads.margins import NORM_EPS
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ LOGITS = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 3e-2)}  # dtyp
 
 
 def _head_on_device(rate: float, chunk: int, logits: str):
-    from largefr.heads.margin import MarginConfig
+    from largefr.config import HeadConfig
     from largefr.heads.sharded_head import ShardedMarginHead
 
-    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(type="arcface", scale=SCALE, margin=MARGIN),
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(type="arcface", scale=SCALE, margin=MARGIN),
                              sample_rate=rate, chunk_size=chunk, logits_dtype=LOGITS[logits][0], device=DEVICE,
                              generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
@@ -78,11 +78,11 @@ def _head_on_shared_device(rank: int, world: int, rate: float) -> dict:
     """This rank's share of the head's forward/backward, its CUDA tensors passed through gloo collectives."""
     import torch.distributed as dist
 
-    from largefr.heads.margin import MarginConfig
+    from largefr.config import HeadConfig
     from largefr.heads.sharded_head import ShardedMarginHead
 
     dist.init_process_group("gloo", init_method="env://")  # NCCL refuses two ranks on one GPU; gloo takes both
-    head = ShardedMarginHead(CLASSES, DIM, margin=MarginConfig(type="arcface", scale=SCALE, margin=MARGIN),
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(type="arcface", scale=SCALE, margin=MARGIN),
                              sample_rate=rate, device=DEVICE, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
     embeddings = torch.randn(BATCH, DIM, generator=generator, dtype=torch.float64)

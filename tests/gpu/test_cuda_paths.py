@@ -100,11 +100,11 @@ def test_finiteness_agreement_reads_the_device_once(nccl_group):
 
 
 def test_label_and_row_checks_do_not_synchronise():
-    from largefr.heads.margin import MarginConfig
+    from largefr.config import HeadConfig
     from largefr.heads.optim import RowSparseSGD
     from largefr.heads.sharded_head import ShardedMarginHead
 
-    head = ShardedMarginHead(10, 8, margin=MarginConfig(), device=DEVICE)
+    head = ShardedMarginHead(10, 8, margin=HeadConfig(), device=DEVICE)
     features = torch.randn(6, 8, device=DEVICE)
     labels = torch.arange(6, device=DEVICE)
     assert _syncs(lambda: head._check_inputs(features, labels, None)) == 0
@@ -114,12 +114,12 @@ def test_label_and_row_checks_do_not_synchronise():
 
 
 def test_radial_block_on_cuda_gives_the_cpu_gradient():
-    from largefr.heads.margin import MarginConfig
+    from largefr.config import HeadConfig
     from largefr.heads.sharded_head import ShardedMarginHead
 
     grads = {}
     for device in ("cpu", DEVICE):
-        head = ShardedMarginHead(1000, 16, margin=MarginConfig(), device=device,
+        head = ShardedMarginHead(1000, 16, margin=HeadConfig(), device=device,
                                  generator=torch.Generator().manual_seed(0))
         generator = torch.Generator().manual_seed(1)
         features = torch.randn(32, 16, generator=generator).to(device)
