@@ -44,15 +44,10 @@ RESUME_RULES: dict[str, Rule] = {
     "data.num_workers": Rule.FREE, "data.shuffle_buffer": Rule.FREE, "data.random_flip": Rule.FREE,
     "data.on_bad_image": Rule.FREE, "data.synthetic": Rule.FREE,
     "data.augment.*": Rule.FREE,
-    # head: the type decides the margin's running state; the values of its margins may change
-    "head.type": Rule.FIXED, "head.elastic_form": Rule.FIXED, "head.scale": Rule.FREE, "head.margin": Rule.FREE,
-    "head.combined_margins": Rule.FREE, "head.easy_margin": Rule.FREE, "head.curricular_momentum": Rule.FREE,
-    "head.magface_l_a": Rule.FREE, "head.magface_u_a": Rule.FREE, "head.magface_l_margin": Rule.FREE,
-    "head.magface_u_margin": Rule.FREE, "head.magface_lambda_g": Rule.FREE, "head.magface_easy_margin": Rule.FREE,
-    "head.adaface_margin": Rule.FREE, "head.adaface_h": Rule.FREE, "head.adaface_t_alpha": Rule.FREE,
-    "head.elastic_margin": Rule.FREE, "head.elastic_std": Rule.FREE, "head.elastic_sorted": Rule.FREE,
-    "head.sample_rate": Rule.FREE, "head.logits_dtype": Rule.FREE, "head.chunk_size": Rule.FREE,
-    "head.init_std": Rule.FREE, "head.init": Rule.FREE,
+    # head: the type decides the margin's running state; the values of the margins (every margin's settings,
+    # so a new margin's fields need no line here), the sampling and the logits may change. A head key that
+    # shapes saved state (the margin's type and form) is listed FIXED.
+    "head.*": Rule.FREE, "head.type": Rule.FIXED, "head.elastic_form": Rule.FIXED,
     # cluster: the queue's length is saved; which parts exist is checked when they are loaded
     "cluster.queue_size": Rule.FIXED, "cluster.cg_margin": Rule.FREE, "cluster.lambda_range": Rule.FREE,
     "cluster.contrastive_weight": Rule.FREE, "cluster.contrastive_type": Rule.FREE,
