@@ -232,8 +232,7 @@ class ClusterGuidedHead(nn.Module):
         so a skipped step leaves no trace in the cluster state either. Cost per forward: a copy of
         the queue rows the batch overwrites and of the bank rows present in the queue.
         """
-        if self.margin_head.adaptive is not None:  # CurricularFace's t, AdaFace's statistics, ElasticFace's draws
-            self.margin_head.adaptive.undo_last_update()
+        self.margin_head.margin.undo_last_update()  # CurricularFace's t, AdaFace's statistics, ElasticFace's draws
         if self._undo is None:
             return
         undo, self._undo = self._undo, None
@@ -282,8 +281,7 @@ class ClusterGuidedHead(nn.Module):
     def stats(self, histogram_bins: int = 10) -> dict[str, Any]:
         """Logging statistics (collective when the bank exists: call on every rank, on logging steps)."""
         out: dict[str, Any] = {name: float(value) for name, value in self.last_terms.items()}
-        if self.margin_head.adaptive is not None:
-            out.update(self.margin_head.adaptive.stats())
+        out.update(self.margin_head.margin.stats())
         if self.bank is not None:
             out.update(self.bank.stats(lambda_range=tuple(self.config.lambda_range), bins=histogram_bins))
             out["queue_fill"] = float(self.queue.filled().double().mean())
