@@ -46,6 +46,9 @@ def _stop_one_rank(tmp_path, data: str, stopped: int) -> tuple[str, float, str]:
     other = 1 - stopped
     try:
         wait_for(lambda: (output / "checkpoints" / "step_2" / "manifest.json").is_file(), 180, ranks)
+        # a few heartbeat polls (a tenth of the timeout each) so the other rank has read a beat past start-up:
+        # stopped at once, a fast rank could be named with the start-up beat that was all its peer had seen
+        time.sleep(3 * HANG_TIMEOUT_S / 10)
         os.kill(ranks.procs[stopped].pid, signal.SIGSTOP)
         started = time.monotonic()
         try:
