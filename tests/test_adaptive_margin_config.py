@@ -18,7 +18,7 @@ from largefr.heads.margins import MARGINS, build_margin
 from largefr.heads.margins.elasticface import ElasticFace
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
-from largefr.train.trainer import LoopState, Trainer
+from tests.checkpoint_helpers import TrainerStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.json")
@@ -81,28 +81,6 @@ def test_one_grid_holds_every_margin_and_each_config_builds_its_head(tmp_path):
 NO_CLUSTER = ["cluster.cg_margin=false", "cluster.contrastive_weight=0", "cluster.aligning_weight=0"]
 
 
-class _LoopStandIn:
-    """The loop part of a checkpoint (largefr/stateful.py) without a trainer around it."""
-
-    def __init__(self) -> None:
-        self.state = LoopState()
-
-    def data_position(self) -> dict:
-        return {}
-
-    def checkpoint_state(self):
-        return Trainer.checkpoint_state(self)
-
-    def restore_checkpoint_state(self, state, context) -> None:
-        Trainer.restore_checkpoint_state(self, state, context)
-
-    checkpoint_note = staticmethod(Trainer.checkpoint_note)
-
-
-def _fake_trainer():
-    return _LoopStandIn()
-
-
 def _checkpointer(parts, config, folder):
     return TrainingCheckpointer(str(folder), head=parts.head, weight_optimizer=parts.weight_optimizer,
                                 tau_optimizer=parts.tau_optimizer, momentum_encoder=None, keep_last=1,
@@ -129,10 +107,10 @@ def test_running_state_travels_in_the_replicated_checkpoint(name, tmp_path):
     config = load_config(QUICKSTART, [f"head.type={name}", "head.elastic_sorted=true", *NO_CLUSTER, *SMALL])
     saved_by, resumed = build_head(config, ENV), build_head(config, ENV)
     _step(saved_by.head, 0)
-    replicated = copy.deepcopy(_checkpointer(saved_by, config, tmp_path).replicated(_fake_trainer()))
+    replicated = copy.deepcopy(_checkpointer(saved_by, config, tmp_path).replicated(TrainerStandIn()))
     expected = _step(saved_by.head, 1)
     _step(resumed.head, 5)  # some other running state, replaced by the restore
-    _checkpointer(resumed, config, tmp_path).restore_replicated(str(tmp_path), replicated, _fake_trainer())
+    _checkpointer(resumed, config, tmp_path).restore_replicated(str(tmp_path), replicated, TrainerStandIn())
     assert _step(resumed.head, 1) == expected
     assert all(torch.equal(a, b) for a, b in zip(_running_state(resumed.head).values(),
                                                  _running_state(saved_by.head).values()))
@@ -155,7 +133,7 @@ def test_resume_without_the_margin_state_is_refused(tmp_path):
     config = load_config(QUICKSTART, ["head.type=adaface", *NO_CLUSTER, *SMALL])
     parts = build_head(config, ENV)
     checkpointer = _checkpointer(parts, config, tmp_path)
-    replicated = checkpointer.replicated(_fake_trainer())
+    replicated = checkpointer.replicated(TrainerStandIn())
     replicated.pop("margin_state")
     with pytest.raises(CheckpointError, match="lacks the running margin state"):
-        checkpointer.restore_replicated(str(tmp_path), replicated, _fake_trainer())
+        checkpointer.restore_replicated(str(tmp_path), replicated, TrainerStandIn())

@@ -11,15 +11,17 @@ replicated state on every rank; per-rank state (samplers, RNG, the note) on the 
 on another one each part keeps what it has. Errors name the entry and what it is.
 """
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from largefr.stateful import EntryNote, Kind, RestoreContext, State
+from tests.checkpoint_helpers import (NUM_CLASSES, TrainerStandIn, assert_tree_equal, build_parts, by_class,
+                                      snapshot, train_two_steps)
 from tests.distributed_helpers import run_distributed
 
-NUM_CLASSES, DIM, BATCH, SAVED_BY = 37, 8, 4, 3
+SAVED_BY = 3
+HEAD = {"head_type": "adaface", "optim": {"name": "adam", "lr": 0.01, "weight_decay": 5e-4}}
 
 
 class _Histogram:
@@ -45,94 +47,25 @@ class _Histogram:
         return EntryNote("the histogram's state", "a test") if name.startswith("histogram") else None
 
 
-def _config(world: int, seed: int, output: str):
-    from largefr.config import Config
-
-    return Config.from_dict({
-        "data": {"loader": "synthetic", "num_classes": NUM_CLASSES, "num_images": 370, "image_size": 32,
-                 "val_targets": []},
-        "model": {"network": "mbf", "embedding_size": DIM},
-        "head": {"type": "adaface", "sample_rate": 0.5},
-        "cluster": {"queue_size": 16, "num_sampled_centers": 6, "temperature_mode": "learnable"},
-        "optim": {"name": "adam", "lr": 0.01, "weight_decay": 5e-4},
-        "train": {"batch_size": BATCH, "seed": seed}, "output": output}, world_size=world)
-
-
-class _Loop:
-    """The loop part and what else a checkpoint reads from the trainer (engine, log)."""
-
-    def __init__(self) -> None:
-        from largefr.train.trainer import LoopState
-
-        self.state = LoopState()
-        self.runner = SimpleNamespace(engine=None)
-        self.metrics = SimpleNamespace(info=lambda line: None)
-
-    def data_position(self) -> dict[str, int]:
-        return {"epoch": 0, "batch": self.state.step}
-
-    def checkpoint_state(self) -> State:
-        from largefr.train.trainer import Trainer
-
-        return Trainer.checkpoint_state(self)
-
-    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
-        from largefr.train.trainer import Trainer
-
-        Trainer.restore_checkpoint_state(self, state, context)
-
-    checkpoint_note = staticmethod(lambda name: None)
-
-
 def _build(world: int, seed: int, root: str, extra=None):
-    from largefr.checkpoint.train_state import TrainingCheckpointer
-    from largefr.train.build import build_head
-    from largefr.train.distributed_env import init_distributed
+    """(parts, the histogram part, the checkpointer with the histogram and `extra` registered beside the real parts)."""
+    def histogram_and_extra(parts) -> dict:
+        part = parts.head.partition
+        return {"histogram": _Histogram(part.start, part.end, part.rank, seed), **(extra or {})}
 
-    env = init_distributed()
-    config = _config(world, seed, root)
-    parts = build_head(config, env)
-    part = parts.head.partition
-    histogram = _Histogram(part.start, part.end, part.rank, seed)
-    checkpointer = TrainingCheckpointer(os.path.join(root, "checkpoints"), head=parts.head,
-                                        weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,
-                                        momentum_encoder=None, keep_last=2, config=config.to_dict(),
-                                        device=env.device, extra_parts={"histogram": histogram, **(extra or {})})
-    return parts, histogram, checkpointer
+    parts, checkpointer = build_parts(world, seed, root, **HEAD, extra_parts=histogram_and_extra)
+    return parts, checkpointer.parts["histogram"], checkpointer
 
 
 def _snapshot(parts, histogram) -> dict:
-    """Every piece of state, by kind, cloned (read here field by field, not through the checkpoint code)."""
-    head = parts.head
-    weight = head.margin_head.weight
-    rows = {"weight": weight.detach(), "histogram.counts": histogram.counts}
-    rows.update({f"optim.{key}": value for key, value in parts.weight_optimizer.state[weight].items()})
-    rows.update({f"bank.{name}": buffer for name, buffer in head.bank.named_buffers()})
-    replicated = {"queue": head.queue.state_dict(), "margin": head.margin_head.adaptive.state_dict(),
-                  "temperatures": {k: p.detach() for k, p in head.replicated_parameters().items()},
-                  "tau_optimizer": parts.tau_optimizer.state_dict()["state"], "histogram": histogram.total}
-    per_rank = {"margin_sampler": head.margin_head.sample_generator.get_state(),
-                "center_sampler": head.sample_generator.get_state(), "torch_rng": torch.get_rng_state()}
-    clone = lambda tree: {k: clone(v) if isinstance(v, dict) else v.clone() for k, v in tree.items()}  # noqa: E731
-    return {"start": head.partition.start, "rows": clone(rows), "replicated": clone(replicated),
-            "per_rank": clone(per_rank), "note": dict(histogram.note)}
-
-
-def _train_two_steps(parts, rank: int) -> None:
-    data = torch.Generator().manual_seed(100 + rank)
-    for step in range(2):
-        parts.head.set_step(step)
-        embeddings = torch.randn(BATCH, DIM, generator=data)
-        labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=data)
-        loss = parts.head.training_loss(embeddings, labels, torch.randn(BATCH, DIM, generator=data))
-        loss.loss.backward()
-        parts.step.step(loss_scale=1.0, engine_step_applied=True, rows=loss.rows)
+    return {**snapshot(parts, rows={"histogram.counts": histogram.counts}, replicated={"histogram": histogram.total}),
+            "note": dict(histogram.note)}
 
 
 def _save(rank: int, world: int, root: str) -> dict:
     parts, histogram, checkpointer = _build(world, seed=3, root=root)
-    _train_two_steps(parts, rank)
-    loop = _Loop()
+    train_two_steps(parts, rank)
+    loop = TrainerStandIn()
     loop.state.step = 2
     checkpointer.save(loop)
     return _snapshot(parts, histogram)
@@ -142,7 +75,7 @@ def _restore(rank: int, world: int, root: str) -> dict:
     parts, histogram, checkpointer = _build(world, seed=11, root=root)  # another seed: nothing starts equal
     before = _snapshot(parts, histogram)
     pointer = histogram.counts.data_ptr()
-    loop = _Loop()
+    loop = TrainerStandIn()
     checkpointer.restore(loop, os.path.join(root, "checkpoints", "step_2"))
     return {**_snapshot(parts, histogram), "before": before, "step": loop.state.step,
             "in_place": histogram.counts.data_ptr() == pointer}
@@ -159,19 +92,6 @@ def saved(tmp_path_factory):
     return root, [r["saved"] for r in per_rank], [r["restored"] for r in per_rank]
 
 
-def _by_class(per_rank: list[dict], name: str) -> torch.Tensor:
-    return torch.cat([r["rows"][name] for r in sorted(per_rank, key=lambda r: r["start"])])
-
-
-def _assert_tree_equal(actual, expected, where: str) -> None:
-    assert actual.keys() == expected.keys(), where
-    for key in expected:
-        if isinstance(expected[key], dict):
-            _assert_tree_equal(actual[key], expected[key], f"{where}.{key}")
-        else:
-            assert torch.equal(actual[key], expected[key]), f"{where}.{key}"
-
-
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow), SAVED_BY,
                                    pytest.param(4, marks=pytest.mark.slow)])
 def test_a_part_the_checkpoint_code_never_heard_of_round_trips_with_the_real_ones(saved, world):
@@ -180,20 +100,20 @@ def test_a_part_the_checkpoint_code_never_heard_of_round_trips_with_the_real_one
     names = saved_ranks[0]["rows"].keys()
     assert {"weight", "optim.step", "optim.exp_avg", "optim.exp_avg_sq", "bank.centers",
             "histogram.counts"} <= set(names)
-    assert _by_class(saved_ranks, "optim.step").sum() > 0  # the steps ran
+    assert by_class(saved_ranks, "optim.step").sum() > 0  # the steps ran
     before = [r["before"] for r in restored]
-    assert not torch.equal(_by_class(before, "histogram.counts"), _by_class(saved_ranks, "histogram.counts"))
+    assert not torch.equal(by_class(before, "histogram.counts"), by_class(saved_ranks, "histogram.counts"))
     assert "optim.step" not in before[0]["rows"]  # a fresh optimizer: the restore creates its per-row state
     for name in names:
-        assert torch.equal(_by_class(restored, name), _by_class(saved_ranks, name)), name
+        assert torch.equal(by_class(restored, name), by_class(saved_ranks, name)), name
     for rank, rank_state in enumerate(restored):
         assert rank_state["step"] == 2 and rank_state["in_place"]
-        _assert_tree_equal(rank_state["replicated"], saved_ranks[0]["replicated"], "replicated")
+        assert_tree_equal(rank_state["replicated"], saved_ranks[0]["replicated"], "replicated")
         if world == SAVED_BY:  # per-rank state maps only to the same rank of the same world size
-            _assert_tree_equal(rank_state["per_rank"], saved_ranks[rank]["per_rank"], f"rank {rank}")
+            assert_tree_equal(rank_state["per_rank"], saved_ranks[rank]["per_rank"], f"rank {rank}")
             assert rank_state["note"] == saved_ranks[rank]["note"]
         else:  # each part keeps what it had: its construction seed
-            _assert_tree_equal(rank_state["per_rank"], rank_state["before"]["per_rank"], f"rank {rank}")
+            assert_tree_equal(rank_state["per_rank"], rank_state["before"]["per_rank"], f"rank {rank}")
             assert rank_state["note"] == {"rank": rank, "seed": 11}
 
 
@@ -217,7 +137,7 @@ def _refusal(case: str, root: str) -> str:
         copy = _Histogram(0, NUM_CLASSES, 0, 3)
         _, _, checkpointer = _build(1, seed=3, root=root, extra={"copy": copy})
         try:
-            checkpointer.save(_Loop())
+            checkpointer.save(TrainerStandIn())
         except ValueError as error:
             return str(error)
         return "saved"
@@ -230,9 +150,9 @@ def _refusal(case: str, root: str) -> str:
         if case == "shape":  # as if replicated.pt had been written with another cluster.queue_size
             replicated = safe_load(os.path.join(path, "replicated.pt"))
             replicated["queue"]["features"] = replicated["queue"]["features"][:8]
-            checkpointer.restore_replicated(path, replicated, _Loop())
+            checkpointer.restore_replicated(path, replicated, TrainerStandIn())
         else:
-            checkpointer.restore(_Loop(), path)
+            checkpointer.restore(TrainerStandIn(), path)
     except CheckpointError as error:
         return str(error)
     return "restored"

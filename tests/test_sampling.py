@@ -70,19 +70,14 @@ def test_edges_and_large_sets():
         uniform_subset(5, 6, generator=generator, device="cpu")
 
 
-def test_union_of_sorted_equals_unique_of_both_by_runs_and_by_masks():
-    """A few values of b outside a large a are put in by joining a's runs, many by masks: the same union."""
-    generator = torch.Generator().manual_seed(4)
-    for size_a, size_b in ((20_000, 30), (19_000, 3), (3000, 9000), (9000, 3000), (0, 6000)):
-        a = torch.randperm(40_000, generator=generator)[:size_a].sort().values
-        b = torch.randperm(40_000, generator=generator)[:size_b].sort().values
-        assert torch.equal(union_of_sorted(a, b), torch.unique(torch.cat([a, b])))
-
-
-def test_union_of_sorted_equals_unique_of_both():
-    generator = torch.Generator().manual_seed(3)
-    for size_a, size_b in ((0, 4), (5, 0), (50, 7), (7, 50), (200, 200)):
-        a = torch.randperm(300, generator=generator)[:size_a].sort().values
-        b = torch.randperm(300, generator=generator)[:size_b].sort().values
+@pytest.mark.parametrize("universe, seed, sizes", [
+    (300, 3, ((0, 4), (5, 0), (50, 7), (7, 50), (200, 200))),
+    # a few values of b outside a large a are put in by joining a's runs, many by masks: the same union
+    (40_000, 4, ((20_000, 30), (19_000, 3), (3000, 9000), (9000, 3000), (0, 6000)))], ids=["small", "runs_and_masks"])
+def test_union_of_sorted_equals_unique_of_both(universe, seed, sizes):
+    generator = torch.Generator().manual_seed(seed)
+    for size_a, size_b in sizes:
+        a = torch.randperm(universe, generator=generator)[:size_a].sort().values
+        b = torch.randperm(universe, generator=generator)[:size_b].sort().values
         assert torch.equal(union_of_sorted(a, b), torch.unique(torch.cat([a, b])))
     assert torch.equal(union_of_sorted(torch.tensor([1, 5, 9]), torch.tensor([5])), torch.tensor([1, 5, 9]))
