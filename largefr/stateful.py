@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -134,6 +134,24 @@ def restore_samplers(samplers: dict[str, torch.Generator], saved: dict[str, Any]
         device = next(iter(samplers.values())).device.type
         context.notify(f"checkpoint step {context.step}: {', '.join(reseeded)} saved on another device type than "
                        f"{device}; re-seeded from train.seed, the rank and the step")
+
+
+class ReplicatedModule:
+    """Mixin of a module whose whole `state_dict()` is identical on every rank (the feature queue, the momentum
+    encoder): written once under `CHECKPOINT_NAME`, restored on every rank at any world size."""
+
+    CHECKPOINT_NAME: ClassVar[str]
+    CHECKPOINT_NOTE: ClassVar[EntryNote]
+
+    def checkpoint_state(self) -> State:
+        return {Kind.REPLICATED: {self.CHECKPOINT_NAME: self.state_dict()}}
+
+    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
+        self.load_state_dict(state[Kind.REPLICATED][self.CHECKPOINT_NAME])
+
+    @classmethod
+    def checkpoint_note(cls, name: str) -> EntryNote | None:
+        return cls.CHECKPOINT_NOTE if name == cls.CHECKPOINT_NAME else None
 
 
 class OptimizerState:

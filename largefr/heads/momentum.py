@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largefr.stateful import EntryNote, Kind, RestoreContext, State
+from largefr.stateful import EntryNote, ReplicatedModule
 
 ZERO3_MESSAGE = (
     "MomentumEncoder needs full backbone parameters on every rank, but parameter '{name}' is "
@@ -42,12 +42,15 @@ def check_full_parameters(module: nn.Module) -> None:
             raise ValueError(ZERO3_MESSAGE.format(name=name, why="it has no elements on this rank"))
 
 
-class MomentumEncoder(nn.Module):
+class MomentumEncoder(ReplicatedModule, nn.Module):
     """EMA copy of a backbone: `theta_m <- me*theta_m + (1-me)*theta_f`, buffers copied.
 
     Forward returns L2-normalized embeddings (`normalize=False` for the raw ones) without
     building a graph.
     """
+
+    CHECKPOINT_NAME = "momentum_encoder"
+    CHECKPOINT_NOTE = EntryNote("the momentum encoder", "the cluster terms; its shapes model.network")
 
     def __init__(self, backbone: nn.Module, *, momentum: float = 0.999, dtype: torch.dtype | None = None):
         super().__init__()
@@ -98,16 +101,3 @@ class MomentumEncoder(nn.Module):
         embeddings = self.encoder(images)
         return F.normalize(embeddings, dim=1) if normalize else embeddings
 
-    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
-    def checkpoint_state(self) -> State:
-        """The EMA weights and buffers (identical on every rank)."""
-        return {Kind.REPLICATED: {"momentum_encoder": self.state_dict()}}
-
-    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
-        self.load_state_dict(state[Kind.REPLICATED]["momentum_encoder"])
-
-    @staticmethod
-    def checkpoint_note(name: str) -> EntryNote | None:
-        if name == "momentum_encoder":
-            return EntryNote("the momentum encoder", "the cluster terms; its shapes model.network")
-        return None

@@ -10,17 +10,21 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_gather_rows
-from largefr.stateful import EntryNote, Kind, RestoreContext, State
+from largefr.stateful import EntryNote, ReplicatedModule
 
 EMPTY_LABEL = -1
 
 
-class FeatureQueue(nn.Module):
+class FeatureQueue(ReplicatedModule, nn.Module):
     """Ring buffer of `size` feature rows (dim `dim`) with int64 labels; label -1 marks an empty slot.
 
     The buffers (`features`, `labels`, `pointer`) are registered, so `state_dict` /
-    `load_state_dict` and `.to(device)` work as for any module.
+    `load_state_dict` and `.to(device)` work as for any module; the checkpoint writes the whole ring once.
     """
+
+    CHECKPOINT_NAME = "queue"
+    CHECKPOINT_NOTE = EntryNote("the feature queue", "the cluster terms; its shape cluster.queue_size and "
+                                "model.embedding_size")
 
     def __init__(self, size: int, dim: int, *, group: ProcessGroup | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -86,17 +90,3 @@ class FeatureQueue(nn.Module):
         self.labels[slots] = global_labels[skipped:].to(self.labels.device, torch.int64)
         self.pointer.copy_((self.pointer + rows) % self.size)
 
-    # ---- checkpoint (largefr/stateful.py) -----------------------------------------------------------------
-    def checkpoint_state(self) -> State:
-        """The whole ring (identical on every rank): written once, restored on every rank at any world size."""
-        return {Kind.REPLICATED: {"queue": self.state_dict()}}
-
-    def restore_checkpoint_state(self, state: State, context: RestoreContext) -> None:
-        self.load_state_dict(state[Kind.REPLICATED]["queue"])
-
-    @staticmethod
-    def checkpoint_note(name: str) -> EntryNote | None:
-        if name == "queue":
-            return EntryNote("the feature queue", "the cluster terms; its shape cluster.queue_size and "
-                             "model.embedding_size")
-        return None
