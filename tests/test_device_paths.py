@@ -136,7 +136,7 @@ def _fresh(seed: int = 7) -> torch.Generator:
 
 
 def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
-    from largefr.checkpoint.save_load import restore_generator_state
+    from largefr.stateful import restore_generator_state
 
     first, second, later = _fresh(), _fresh(), _fresh()
     assert not restore_generator_state(first, SIMULATED_CUDA_STATE, step=5)
@@ -148,7 +148,7 @@ def test_cuda_saved_generator_state_reseeds_a_cpu_generator_deterministically():
 
 
 def test_generator_state_without_device_type_is_typed_by_its_size():
-    from largefr.checkpoint.save_load import restore_generator_state
+    from largefr.stateful import restore_generator_state
 
     source = _fresh(3)
     _draws(source)
@@ -181,7 +181,7 @@ class CudaGeneratorStandIn:
 
 
 def test_cpu_saved_generator_state_reseeds_a_cuda_generator():
-    from largefr.checkpoint.save_load import capture_generator_state, reseed_value, restore_generator_state
+    from largefr.stateful import capture_generator_state, reseed_value, restore_generator_state
 
     saved = capture_generator_state(_fresh())
     assert saved["device_type"] == "cpu"

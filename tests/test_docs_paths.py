@@ -107,7 +107,7 @@ def test_the_check_reports_stale_references_and_passes_patterns_and_live_ones():
     text = (f"see {stale_path} and `{stale_tool}`; moved to largefr/checkpoint/save_load.py\n"
             "arcface_torch's configs/wf42m_pfc03_*_vit.py, configs/wf42m-r50.*.py and tools/<name>.py are patterns; "
             "docs/DESIGN.md.\n"
-            f"{stale_module}, largefr.checkpoint.save_load.reseed_value, {no_name}, largefr.heads.ShardedMarginHead, "
+            f"{stale_module}, largefr.stateful.reseed_value, {no_name}, largefr.heads.ShardedMarginHead, "
             "largefr.perf.\n")
     assert missing_paths(text) == [(1, stale_path), (1, stale_tool)]
     assert unresolved_modules(text) == [(3, stale_module), (3, no_name)]

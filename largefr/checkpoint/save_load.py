@@ -45,16 +45,12 @@ from largefr.checkpoint.folders import (CHECKPOINT_NAMING, Notify, find_latest_c
                                         locate_checkpoint, prune, rename_into_place, resolve_checkpoint, temporary_name)
 from largefr.checkpoint.reshard import (allocate_rows, check_compatible, load_head_rows, restore_head_rows,
                                         row_schema)
-from largefr.checkpoint.rng import capture_rng_state, restore_rng_state
 from largefr.checkpoint.storage import check_free_space, describe_write_failure, is_write_failure, tensor_bytes
 from largefr.distributed.collectives import group_rank, group_size
 from largefr.distributed.partition import ClassPartition
-from largefr.stateful import capture_generator_state, reseed_value, restore_generator_state
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_latest_checkpoint",
-           "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows",
-           "capture_rng_state", "restore_rng_state",
-           "capture_generator_state", "restore_generator_state", "reseed_value"]
+           "resolve_checkpoint", "locate_checkpoint", "CHECKPOINT_NAMING", "validate_checkpoint", "load_head_rows"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

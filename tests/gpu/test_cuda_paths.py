@@ -60,7 +60,7 @@ def test_head_flags_without_gradients_under_nccl(nccl_group):
 
 
 def test_generator_states_cross_between_cuda_and_cpu():
-    from largefr.checkpoint.save_load import capture_generator_state, reseed_value, restore_generator_state
+    from largefr.stateful import capture_generator_state, reseed_value, restore_generator_state
 
     gpu, cpu = torch.Generator(device=DEVICE).manual_seed(5), torch.Generator().manual_seed(5)
     torch.rand(3, generator=gpu, device=DEVICE)
