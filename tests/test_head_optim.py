@@ -8,6 +8,7 @@ import torch
 from largefr.config import HeadConfig
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads import optim as optim_module
+from largefr.heads.optim import write_rows_
 
 CLASSES, DIM, BATCH, STEPS, BASE_LR = 200, 8, 8, 3, 0.1
 
@@ -197,3 +198,17 @@ def test_optimizer_bench_tool_times_both_optimizers(tmp_path, capsys):
                                                                        ("adamw", 0.1)]
     assert all(r["row_sparse_ms"] > 0 and r["torch_ms"] > 0 for r in results)
     assert "| sgd | 1.0 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+def test_write_rows_is_index_copy_bit_for_bit(dtype):
+    generator = torch.Generator().manual_seed(3)
+    tensor = (torch.randn(1000, 7, generator=generator) * 100).to(dtype)
+    rows = torch.randperm(1000, generator=generator)[:300].sort().values
+    values = (torch.randn(300, 7, generator=generator) * 100).to(dtype)
+    expected = tensor.clone().index_copy_(0, rows, values)
+    write_rows_(tensor, rows, values)
+    assert torch.equal(tensor.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    vector = torch.arange(1000).to(dtype)  # 1-D state (per-row counts) too
+    write_rows_(vector, rows, values[:, 0])
+    assert torch.equal(vector, torch.arange(1000).to(dtype).index_copy_(0, rows, values[:, 0]))

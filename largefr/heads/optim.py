@@ -258,13 +258,31 @@ class _SelectedRows:
 
     def write(self, tensor: torch.Tensor, rows_value: torch.Tensor) -> None:
         if self.span is None:
-            tensor.index_copy_(0, self.rows, rows_value)
+            write_rows_(tensor, self.rows, rows_value)
 
     def count_step(self, step: torch.Tensor) -> None:
         if self.span is not None:
             step[self.span].add_(1)
         else:
             step.index_add_(0, self.rows, torch.ones_like(self.rows))
+
+
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def write_rows_(tensor: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """tensor[rows] = values (rows unique), bit for bit.
+
+    On CPU through NumPy's indexed assignment on integer views of the same bytes, which copies each row whole:
+    57 ms for 500,000 scattered rows of 128 float32 on the 2-core dev machine, against 97 ms for `index_copy_`
+    (`index_put_` and `scatter_` alike), a cost only sampled rows pay (docs/PERFORMANCE.md).
+    """
+    if tensor.device.type != "cpu" or not (tensor.is_contiguous() and values.is_contiguous()) \
+            or tensor.element_size() not in _INTEGER_OF_SIZE or values.dtype != tensor.dtype:
+        tensor.index_copy_(0, rows, values)
+        return
+    as_integer = _INTEGER_OF_SIZE[tensor.element_size()]
+    tensor.detach().view(as_integer).numpy()[rows.numpy()] = values.detach().view(as_integer).numpy()
 
 
 def _consecutive_span(rows: torch.Tensor, param: torch.Tensor) -> slice | None:
