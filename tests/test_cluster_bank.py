@@ -198,3 +198,33 @@ def test_bank_rejects_wrong_feature_size_and_bad_settings():
         ClusterBank(CLASSES, DIM, momentum=1.0)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         ClusterBank(CLASSES, DIM, alpha=0.0)
+
+
+def _plain_extremes(bank: ClusterBank) -> tuple[float, float]:
+    values = [float(v) for v, has in zip(bank.phi.tolist(), bank.has_phi.tolist()) if has]
+    return (min(values), max(values)) if values else (math.inf, -math.inf)
+
+
+def test_kept_phi_range_equals_a_pass_over_every_class_through_updates_undos_and_restores():
+    """The rank's phi range kept from the written rows (no pass over every class per step) is the plain min and max
+    after every update, including updates that move an extreme inward, and after writes from elsewhere."""
+    generator = torch.Generator().manual_seed(5)
+    bank = ClusterBank(60, 4, momentum=0.5)
+    checks = kept = 0
+    for step in range(200):
+        count = int(torch.randint(1, 40, (1,), generator=generator))
+        labels = torch.randint(0, 60, (count,), generator=generator)
+        spread = 0.01 if step % 7 == 0 else 1.0  # now and then a tight class: a new minimum
+        features = torch.nn.functional.normalize(torch.randn(count, 4, generator=generator) * spread + 1.0, dim=1)
+        was_kept = bank._extremes is not None
+        bank.update_from_features(features, labels)
+        kept += was_kept and bank._extremes is not None
+        if step % 50 == 25:  # writes from elsewhere: an undo, a restore
+            bank.phi[3] = 123.0
+            bank.has_phi[3] = True
+        if step % 50 == 40:
+            bank.load_state_dict(ClusterBank(60, 4, momentum=0.5).state_dict())
+        phi_min, phi_max = bank.global_phi_range()
+        assert (float(phi_min), float(phi_max)) == _plain_extremes(bank), step
+        checks += 1
+    assert checks == 200 and kept > 100, f"the range was kept from the rows in only {kept} of 200 updates"

@@ -60,6 +60,8 @@ class ClusterBank(nn.Module):
         self.register_buffer("has_phi", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("queue_count", torch.zeros(rows, dtype=torch.int64, device=device))
+        self._extremes: torch.Tensor | None = None  # see _local_phi_extremes
+        self._extremes_of: tuple = ()
 
     # ---- update -------------------------------------------------------------------------
     @torch.no_grad()
@@ -93,11 +95,13 @@ class ClusterBank(nn.Module):
         spread = torch.zeros_like(counts).index_add_(0, member_slot, distances)
         new_phi = spread / (counts * torch.log(counts + self.alpha))
 
+        extremes = self._extremes_after_update(present, new_phi)
         self.centers[present] = new_centers
         self.phi[present] = new_phi
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
         self.queue_count[present] = counts.long()
+        self._keep_extremes(extremes)
         return present
 
     # ---- lambda -------------------------------------------------------------------------
@@ -106,11 +110,48 @@ class ClusterBank(nn.Module):
 
         One all-reduce MIN of [min, -max]; a rank without any phi contributes the sentinels.
         """
-        inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
-        local_min = torch.where(self.has_phi, self.phi, inf).min()
-        local_max = torch.where(self.has_phi, self.phi, -inf).max()
-        extremes = all_reduce_min_(torch.stack([local_min, -local_max]), self.group)
+        extremes = all_reduce_min_(self._local_phi_extremes().clone(), self.group)
         return extremes[0], -extremes[1]
+
+    def _local_phi_extremes(self) -> torch.Tensor:
+        """(2,) [min, -max] of this rank's phi over the classes with one ((+inf, +inf) when none).
+
+        A pass over every class of the rank, unless kept from the last one: on CPU `update_from_features` keeps it
+        from the rows it writes (a step writes the classes in the queue, a few thousand among millions). Whatever
+        else writes `phi` or `has_phi` (a restore, an undo, a test) moves their version counters or replaces them,
+        which ends the kept value, so it is never stale.
+        """
+        if self._extremes is None or self._extremes_of != self._phi_identity():
+            inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
+            self._extremes = torch.stack([torch.where(self.has_phi, self.phi, inf).min(),
+                                          -torch.where(self.has_phi, self.phi, -inf).max()])
+            self._extremes_of = self._phi_identity()
+        return self._extremes
+
+    def _phi_identity(self) -> tuple:
+        return (id(self.phi), self.phi._version, id(self.has_phi), self.has_phi._version)
+
+    def _extremes_after_update(self, rows: torch.Tensor, new_phi: torch.Tensor) -> torch.Tensor | None:
+        """The local [min, -max] once `rows` take `new_phi`, from the kept one and those rows only; None (a pass
+        at the next read) off CPU (no host sync per step), when none is kept, or when a row holding an extreme
+        moves inward or loses its phi."""
+        if self.phi.device.type != "cpu" or self._extremes is None or self._extremes_of != self._phi_identity():
+            return None
+        lowest, highest = self._extremes[0], -self._extremes[1]
+        old_phi, old_has = self.phi[rows], self.has_phi[rows]
+        new_has = new_phi > self.degenerate_phi  # as update_from_features stores them
+        new_phi = new_phi.to(self.phi.dtype)
+        inward = old_has & (((old_phi == lowest) & ~(new_has & (new_phi <= lowest)))
+                            | ((old_phi == highest) & ~(new_has & (new_phi >= highest))))
+        if bool(inward.any()):
+            return None
+        inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
+        return torch.stack([torch.minimum(lowest, torch.where(new_has, new_phi, inf).min()),
+                            -torch.maximum(highest, torch.where(new_has, new_phi, -inf).max())])
+
+    def _keep_extremes(self, extremes: torch.Tensor | None) -> None:
+        self._extremes = extremes
+        self._extremes_of = self._phi_identity() if extremes is not None else ()
 
     @torch.no_grad()
     def lambda_from_phi(self, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
