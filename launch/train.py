@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verbose:
         os.environ["LARGEFR_VERBOSE"] = "1"  # the ranks inherit it
-    from largefr.train.cpu_allocator import configure_cpu_allocator  # (importing largefr reads LARGEFR_VERBOSE)
+    from largefr.train.huge_pages import use_huge_pages  # (importing largefr reads LARGEFR_VERBOSE)
 
-    configure_cpu_allocator()  # before torch loads; every rank runs this line too
+    use_huge_pages()  # before torch loads; the ranks inherit it
     launched = os.environ.get("WORLD_SIZE")
     if args.world is not None and launched is None and args.world > 1:
         from largefr.train.local_launch import launch_local_ranks

@@ -21,9 +21,9 @@ import sys
 import time
 from typing import Any
 
-from largefr.train.cpu_allocator import configure_cpu_allocator
+from largefr.train.huge_pages import use_huge_pages
 
-configure_cpu_allocator()  # before torch allocates: the step is timed as launch/train.py runs it
+use_huge_pages()  # before torch allocates: the step is timed as launch/train.py runs it
 
 import torch  # noqa: E402
 
