@@ -39,11 +39,15 @@ class ClusterBank(nn.Module):
 
     Buffers: `centers`, `phi`, `has_phi` (bool: phi measured and non-degenerate), `seen`
     (bool: has a center), `queue_count` (|Q_k| at the class's last update).
+    dtype: of phi and of the arithmetic; centers_dtype: the centers' storage (head.weight_dtype; default dtype).
+    bfloat16 centers (d values per class, the bank's class-sized part) are read upcast, row by row as used, and
+    written rounded to nearest: an update moves a center by (1 - momentum) of the way, far above bfloat16's
+    spacing. phi (one value per class) stays in dtype: lambda and the temperatures are read from its spread.
     """
 
     def __init__(self, num_classes: int, dim: int, *, group: ProcessGroup | None = None,
                  momentum: float = 0.9, alpha: float = 10.0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 centers_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"cluster bank momentum must be in [0, 1), got {momentum}")
@@ -55,7 +59,7 @@ class ClusterBank(nn.Module):
         self.alpha = alpha
         self.degenerate_phi = math.sqrt(torch.finfo(dtype).eps)
         rows = self.partition.num_local
-        self.register_buffer("centers", torch.zeros(rows, dim, dtype=dtype, device=device))
+        self.register_buffer("centers", torch.zeros(rows, dim, dtype=centers_dtype or dtype, device=device))
         self.register_buffer("phi", torch.zeros(rows, dtype=dtype, device=device))
         self.register_buffer("has_phi", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
@@ -78,22 +82,23 @@ class ClusterBank(nn.Module):
         start, end = self.partition.start, self.partition.end
         inside = (labels >= start) & (labels < end)
         local_ids = labels[inside] - start
-        members = features[inside].to(self.centers.dtype)
+        members = features[inside].to(self.phi.dtype)
         # unique keeps every temporary O(queue) instead of O(num_local x d)
         present, member_slot = torch.unique(local_ids, return_inverse=True)
         if present.numel() == 0:
             return present
-        counts = torch.bincount(member_slot, minlength=present.numel()).to(self.centers.dtype)
+        counts = torch.bincount(member_slot, minlength=present.numel()).to(self.phi.dtype)
         sums = torch.zeros(present.numel(), members.shape[1], dtype=members.dtype, device=members.device)
         queue_centers = F.normalize(sums.index_add_(0, member_slot, members), dim=1)
-        blended = F.normalize(self.momentum * self.centers[present] + (1.0 - self.momentum) * queue_centers, dim=1)
+        old_centers = self.centers[present].to(self.phi.dtype)  # gathered, then upcast (bfloat16 storage)
+        blended = F.normalize(self.momentum * old_centers + (1.0 - self.momentum) * queue_centers, dim=1)
         new_centers = torch.where(self.seen[present].unsqueeze(1), blended, queue_centers)
 
         distances = (members - new_centers[member_slot]).norm(dim=1)
         spread = torch.zeros_like(counts).index_add_(0, member_slot, distances)
         new_phi = spread / (counts * torch.log(counts + self.alpha))
 
-        self.centers[present] = new_centers
+        self.centers[present] = new_centers.to(self.centers.dtype)
         self.phi[present] = new_phi
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
