@@ -39,6 +39,13 @@ def upcast(rows: torch.Tensor) -> torch.Tensor:
     return rows.to(compute_dtype(rows.dtype))
 
 
+ROUNDING_CHUNK_ELEMENTS = 1 << 20
+"""Elements rounded at a time: the hash's int64 temporaries (`ROUNDING_TEMPORARY_BYTES` each element) stay a few
+MiB whatever the optimizer's block."""
+ROUNDING_TEMPORARY_BYTES = 8 + 8 + 4 + 4
+"""Per element of a chunk being rounded: the int64 hash and its shifted copy, the int32 noise and sum."""
+
+
 def round_to_storage(values: torch.Tensor, storage: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
     """(n, ...) float32 `values` in `storage`'s dtype: stochastically rounded for bfloat16 storage, else cast.
 
@@ -47,7 +54,17 @@ def round_to_storage(values: torch.Tensor, storage: torch.Tensor, row_keys: torc
     if storage.dtype != torch.bfloat16 or values.dtype != torch.float32:
         return values.to(storage.dtype)
     values = values.contiguous()
-    noise = _noise16(row_keys, values[0].numel() if values.shape[0] else 0).view(values.shape)
+    out = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
+    width = values[0].numel() if values.shape[0] else 1
+    rows_per_chunk = max(1, ROUNDING_CHUNK_ELEMENTS // width)
+    for start in range(0, values.shape[0], rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        out[chunk] = _round_stochastically(values[chunk], row_keys[chunk], width)
+    return out
+
+
+def _round_stochastically(values: torch.Tensor, row_keys: torch.Tensor, width: int) -> torch.Tensor:
+    noise = _noise16(row_keys, width).view(values.shape)
     # adding u ~ U[0, 2^16) to the low bits and truncating them rounds the magnitude up with probability
     # (low bits) / 2^16: exactly the distance to the lower bfloat16 neighbour, in units of their spacing
     truncated = (values.view(torch.int32) + noise).bitwise_and_(~_LOW_HALF).view(torch.float32)
