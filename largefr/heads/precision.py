@@ -42,8 +42,8 @@ def upcast(rows: torch.Tensor) -> torch.Tensor:
 ROUNDING_CHUNK_ELEMENTS = 1 << 20
 """Elements rounded at a time: the hash's int64 temporaries (`ROUNDING_TEMPORARY_BYTES` each element) stay a few
 MiB whatever the optimizer's block."""
-ROUNDING_TEMPORARY_BYTES = 8 + 8 + 4 + 4
-"""Per element of a chunk being rounded: the int64 hash and its shifted copy, the int32 noise and sum."""
+ROUNDING_TEMPORARY_BYTES = 8 + 8 + 4
+"""Per element of a chunk being rounded, at the peak: the int64 hash, its shifted copy and the int32 noise."""
 
 
 def round_to_storage(values: torch.Tensor, storage: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:

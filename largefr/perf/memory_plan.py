@@ -242,8 +242,8 @@ def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     block = {"logits block (fp32)": b_g * width * 4, "normalized W block": width * d * PARAM_BYTES,
              "gathered W block": width * d * inputs.weight_bytes if sampled else 0, "upcast W block": upcast,
              "bf16 block + W block + features": (b_g * width + width * d + b_g * d) * 2 if low else 0}
-    # the sampled rows' float32 gradient, and (bfloat16 W) its copy in W's dtype made when it is complete
-    w_grad = w_grad_bytes(inputs, s, num_local) + (s * d * PARAM_BYTES if inputs.low_storage else 0)
+    # the sampled rows' gradient: in float32 while the blocks run (bfloat16 W: cast to W's dtype after the last one)
+    w_grad = s * d * PARAM_BYTES if inputs.low_storage else w_grad_bytes(inputs, s, num_local)
     backward = {"W grad": w_grad, "features grad": b_g * d * PARAM_BYTES,
                 "row-weighted features": b_g * d * LOGITS_BYTES[inputs.precision],
                 "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
