@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from largefr.checkpoint.files import CheckpointError
+from largefr.checkpoint.reshard import check_destinations
 from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
@@ -252,6 +253,17 @@ def test_bf16_checkpoint_restores_bit_for_bit_on_another_world_size_and_refuses_
     for rank_state in restored:
         assert rank_state["refusal"] is not None
         assert "head.weight_dtype='bf16', this run has 'fp32'" in rank_state["refusal"], rank_state["refusal"]
+
+
+def test_rows_of_another_dtype_are_refused_when_the_config_does_not_say():
+    """A checkpoint whose config lacks head.weight_dtype (written before it existed: float32 rows) restored into
+    bfloat16 rows: the row check names the rows and both dtypes instead of reading float32 bytes as bfloat16."""
+    partition = ClassPartition(37, 2, 1)
+    manifest = {"rows": {"weight": {"shape": [8], "dtype": "float32"}}}
+    live = {"weight": torch.empty(partition.num_local, 8, dtype=torch.bfloat16)}
+    with pytest.raises(CheckpointError, match=r"head rows 'weight' are float32 of shape \[18, 8\].*this run has "
+                                              r"torch.bfloat16"):
+        check_destinations("ckpt/step_2", manifest, partition, live)
 
 
 # ---------------------------------------------------------------------------------------------- planner
