@@ -17,7 +17,7 @@ from largefr.checkpoint.reshard import check_destinations
 from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
-from largefr.heads.cluster import ClusterBank
+from largefr.heads.cluster import ClusterBank, rounding_phi_floor
 from largefr.heads.precision import round_to_storage, rounding_keys
 from largefr.heads.row_gradient import sparse_row_gradient
 from largefr.perf.memory_plan import PlanInputs, plan_memory
@@ -210,6 +210,24 @@ def test_bank_stores_centers_in_bf16_and_computes_in_float32():
     # phi from float32 arithmetic on the float32 features (not the rounded centers: the centers are float32 until
     # stored), so phi is float32-exact
     torch.testing.assert_close(bank.phi.double(), reference.phi, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_bank_gives_no_phi_to_a_class_seen_through_one_feature():
+    """The rounding of a stored center must not pass for a concentration: a class whose queue holds the one feature
+    its center came from, updated 60 times, stays without a phi (a phi of ~1e-3 would be a temperature of ~1e-3
+    in L_con: the quickstart's loss_con went to 638 at step 10 before this floor); classes with two different
+    features get theirs. The floor is 0 for float32 centers (the float32 threshold, unchanged)."""
+    bank = ClusterBank(500, 128, centers_dtype=torch.bfloat16, momentum=0.9)
+    features = torch.nn.functional.normalize(torch.randn(500, 128, generator=torch.Generator().manual_seed(6)), dim=1)
+    for _ in range(60):
+        bank.update_from_features(features, torch.arange(500))
+        assert not bool(bank.has_phi.any()), float(bank.phi.max())
+    assert float(bank.phi.max()) > 0  # the rounding's trace is there, below the floor
+    pairs = torch.cat([features[:10], features[10:20]])
+    bank.update_from_features(pairs, torch.cat([torch.arange(10), torch.arange(10)]))
+    assert bool(bank.has_phi[:10].all())
+    assert rounding_phi_floor(torch.float32, torch.float32, momentum=0.9, alpha=10.0) == 0.0
+    assert ClusterBank(10, 8).degenerate_phi == torch.finfo(torch.float32).eps ** 0.5
 
 
 HEAD_BF16 = {"head_type": "curricularface", "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9,

@@ -17,6 +17,10 @@ Such a phi measures nothing, and as a temperature it would divide by zero. A phi
 sqrt(machine epsilon) of the bank's dtype is therefore stored but marked missing (`has_phi`
 False): lambda = 1 for the class (plain ArcFace), and the contrastive loss gives it the
 largest sampled phi, as PCL does for singleton clusters. `seen` (has a center) stays True.
+
+Centers stored in bfloat16 (head.weight_dtype): the stored center of such a class is the feature rounded,
+so the phi of the next update is not 0 but the rounding's trace, up to `rounding_phi_floor` (about 0.03
+with the defaults); the threshold is then that floor. Real classes' phi are an order of magnitude above it.
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ class ClusterBank(nn.Module):
         self.partition = ClassPartition(num_classes, group_size(group), group_rank(group))
         self.momentum = momentum
         self.alpha = alpha
-        self.degenerate_phi = math.sqrt(torch.finfo(dtype).eps)
+        self.degenerate_phi = max(math.sqrt(torch.finfo(dtype).eps),
+                                  rounding_phi_floor(centers_dtype or dtype, dtype, momentum=momentum, alpha=alpha))
         rows = self.partition.num_local
         self.register_buffer("centers", torch.zeros(rows, dim, dtype=centers_dtype or dtype, device=device))
         self.register_buffer("phi", torch.zeros(rows, dtype=dtype, device=device))
@@ -199,6 +204,21 @@ class ClusterBank(nn.Module):
         if name.startswith(BANK_PREFIX):
             return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
         return None
+
+
+def rounding_phi_floor(centers_dtype: torch.dtype, dtype: torch.dtype, *, momentum: float, alpha: float) -> float:
+    """The largest phi that rounding the stored centers can give a class whose queue holds one feature, f, that
+    the center was built from (0 when the centers are stored in the arithmetic's dtype).
+
+    Stored, C = round(B) with B the blended unit center: the error e = C - f obeys |e_t| <= m |e_(t-1)| + u (u the
+    unit roundoff of the storage, e_0 the rounding of f itself), so m |e| <= r = m u / (1 - m). The next blend is
+    normalize(f + m e), at most 2 r / (1 - r) from f (the normalisation at most doubles the offset), and
+    phi = distance / log(1 + alpha) with one feature.
+    """
+    if torch.finfo(centers_dtype).eps <= torch.finfo(dtype).eps:
+        return 0.0
+    offset = momentum * (torch.finfo(centers_dtype).eps / 2) / (1.0 - momentum)
+    return 2.0 * offset / (1.0 - offset) / math.log(1.0 + alpha)
 
 
 BANK_PREFIX = "bank."
