@@ -142,7 +142,8 @@ def test_row_sparse_optimizers_on_bf16_rows_follow_torch_optim_in_float32(name, 
             _assert_neighbour(stored[rows], reference_optimizer.state[reference][key], f"{name} step {step} {key}")
         assert optimizer.state[weight]["step"].dtype == torch.long
     assert torch.equal(weight.detach()[untouched], before)  # bit for bit
-    assert int(optimizer.state[weight]["step"][rows].min()) == 3 and int(optimizer.state[weight]["step"].sum()) == 3 * len(rows)
+    steps = optimizer.state[weight]["step"]
+    assert int(steps[rows].min()) == 3 and int(steps.sum()) == 3 * len(rows)
 
 
 @pytest.mark.parametrize("name,lr,weight_decay", [("sgd", 0.1, 5e-4), ("adamw", 0.1, 0.01)])

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = plan_inputs(args)
     budget = int(args.budget_gb * GIB)
     print(f"dry run: {args.world} ranks, {args.classes:,} classes, d = {args.dim}, B = {args.batch}/rank "
-          f"(B_g = {inputs.global_batch}), sample rate {args.sample_rate}, logits {args.precision}, W stored {args.weight_dtype}, optimizer "
+          f"(B_g = {inputs.global_batch}), sample rate {args.sample_rate}, logits {args.precision}, "
+          f"W stored {args.weight_dtype}, optimizer "
           f"{args.optimizer}, chunk_size {args.chunk_size}, bank {'off' if args.no_bank else 'on'}; "
           f"budget {args.budget_gb:g} GiB/rank")
     print("| rank | classes [start, end) | local | resident GiB (built = planned) | step peak GiB | total GiB |")
