@@ -177,6 +177,35 @@ def test_weight_decay_below_bf16_spacing_is_kept_on_average(name, lr, weight_dec
     assert torch.equal(nearest, start)
 
 
+def test_a_resumed_bf16_optimizer_rounds_as_an_uninterrupted_one():
+    """The rounding's random bits come from (row, its step count, tensor, column), not from a generator: two steps,
+    the rows and state copied out and into a new optimizer (what a checkpoint does), two more steps give the bits
+    of four steps in one go."""
+    data = torch.Generator().manual_seed(8)
+    start = (torch.randn(ROWS, WIDTH, generator=data) * 0.05).bfloat16()
+    gradients = [(torch.randn(ROWS, WIDTH, generator=data) * 0.01).bfloat16() for _ in range(4)]
+    rows = SELECTED["scattered"]
+
+    def steps(weight, optimizer, grads):
+        for gradient in grads:
+            weight.grad = sparse_row_gradient(rows, gradient[rows].clone(), weight.shape)
+            optimizer.step()
+
+    whole = torch.nn.Parameter(start.clone())
+    whole_optimizer = RowSparseAdamW([whole], lr=0.01, weight_decay=0.05)
+    steps(whole, whole_optimizer, gradients)
+    first = torch.nn.Parameter(start.clone())
+    first_optimizer = RowSparseAdamW([first], lr=0.01, weight_decay=0.05)
+    steps(first, first_optimizer, gradients[:2])
+    resumed = torch.nn.Parameter(first.detach().clone())
+    resumed_optimizer = RowSparseAdamW([resumed], lr=0.01, weight_decay=0.05)
+    resumed_optimizer.state[resumed] = {key: value.clone() for key, value in first_optimizer.state[first].items()}
+    steps(resumed, resumed_optimizer, gradients[2:])
+    assert torch.equal(resumed.detach(), whole.detach())
+    for key, value in whole_optimizer.state[whole].items():
+        assert torch.equal(resumed_optimizer.state[resumed][key], value), key
+
+
 def test_stochastic_rounding_is_unbiased_deterministic_and_exact_on_bf16_values():
     values = torch.randn(512, 64, generator=torch.Generator().manual_seed(4)) * 0.01
     storage = torch.empty(0, dtype=torch.bfloat16)
@@ -245,7 +274,8 @@ def _save_bf16(rank: int, world: int, root: str) -> dict:
 
 
 def _restore_bf16(rank: int, world: int, root: str) -> dict:
-    parts, checkpointer = build_parts(world, 11, root, **HEAD_BF16)
+    parts, checkpointer = build_parts(world, 11, root, **HEAD_BF16)  # another seed: W starts different
+    before = parts.head.margin_head.weight.detach().clone()
     checkpointer.restore(TrainerStandIn(), os.path.join(root, "checkpoints", "step_2"))
     fp32_parts, fp32_checkpointer = build_parts(world, 11, root, **{**HEAD_BF16, "head": {"weight_dtype": "fp32"}})
     try:
@@ -253,7 +283,8 @@ def _restore_bf16(rank: int, world: int, root: str) -> dict:
         refusal = None
     except CheckpointError as error:
         refusal = str(error)
-    return {**snapshot(parts), "refusal": refusal}
+    return {**snapshot(parts), "refusal": refusal, "before": {"start": parts.head.partition.start,
+                                                               "rows": {"weight": before}}}
 
 
 def test_bf16_checkpoint_restores_bit_for_bit_on_another_world_size_and_refuses_fp32(tmp_path):
@@ -262,6 +293,7 @@ def test_bf16_checkpoint_restores_bit_for_bit_on_another_world_size_and_refuses_
     root = str(tmp_path)
     saved = run_distributed(_save_bf16, 3, root)
     restored = run_distributed(_restore_bf16, 2, root)
+    assert not torch.equal(by_class([r["before"] for r in restored], "weight"), by_class(saved, "weight"))
     for name in ("weight", "optim.momentum_buffer", "optim.step", "bank.centers", "bank.phi", "bank.seen"):
         expected = by_class(saved, name)
         assert torch.equal(by_class(restored, name), expected), name
