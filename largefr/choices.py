@@ -31,6 +31,10 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 LogitsDtype = Literal["fp32", "bf16"]
 LOGITS_DTYPES: tuple[str, ...] = typing.get_args(LogitsDtype)
 """head.logits_dtype choices (the memory planner's logits precisions)."""
+WeightDtype = Literal["fp32", "bf16"]
+WEIGHT_DTYPES: tuple[str, ...] = typing.get_args(WeightDtype)
+"""head.weight_dtype choices: the storage precision of the class-sized state (W, its optimizer rows, the bank's
+centers); the sampled rows are always computed in float32."""
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Precision name -> torch dtype attribute name (``getattr(torch, ...)``; torch is not imported here)."""
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

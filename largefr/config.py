@@ -37,6 +37,7 @@ from largefr.choices import (
     ScheduleType,
     ScheduleUnit,
     TemperatureMode,
+    WeightDtype,
 )
 from largefr.config_loading import apply_overrides, build_section, convert_value, read_file, valid_keys
 from largefr.config_validation import (
@@ -297,6 +298,11 @@ class HeadConfig(_Section):
     """Partial FC: fraction of each rank's classes used per step (positives kept); 1.0 = all."""
     logits_dtype: LogitsDtype = "fp32"
     """Dtype of the classifier logits matmul."""
+    weight_dtype: WeightDtype = "fp32"
+    """Storage dtype of the class-sized state: the classifier W, its optimizer's per-row state and the cluster
+    bank's centers. 'bf16' halves their memory; the rows a step samples are gathered, upcast and computed in
+    float32 (logits in head.logits_dtype), and the optimizer writes its rows back with stochastic rounding
+    (docs/DESIGN.md, "Storage precision"). Fixed for a run: a resume must use the value it was written with."""
     chunk_size: int = 0
     """Classes (W rows) per block of the low-memory head (logits recomputed block by block); 0 = off."""
     init_std: float = 0.01

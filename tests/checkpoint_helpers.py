@@ -17,14 +17,16 @@ import torch
 NUM_CLASSES, DIM, BATCH = 37, 8, 4
 
 
-def checkpoint_config(world: int, seed: int, output: str, *, head_type: str, optim: dict[str, Any]):
+def checkpoint_config(world: int, seed: int, output: str, *, head_type: str, optim: dict[str, Any],
+                      head: dict[str, Any] | None = None):
+    """The checkpoint tests' config; `head`: more head.* keys (head.weight_dtype)."""
     from largefr.config import Config
 
     return Config.from_dict({
         "data": {"loader": "synthetic", "num_classes": NUM_CLASSES, "num_images": 370, "image_size": 32,
                  "val_targets": []},
         "model": {"network": "mbf", "embedding_size": DIM},
-        "head": {"type": head_type, "sample_rate": 0.5},
+        "head": {"type": head_type, "sample_rate": 0.5, **(head or {})},
         "cluster": {"queue_size": 16, "num_sampled_centers": 6, "temperature_mode": "learnable"},
         "optim": optim,
         "train": {"batch_size": BATCH, "seed": seed}, "output": output}, world_size=world)
@@ -62,14 +64,14 @@ class TrainerStandIn:
 
 
 def build_parts(world: int, seed: int, root: str, *, head_type: str, optim: dict[str, Any],
-                extra_parts: Callable[[Any], dict[str, Any]] | None = None):
+                extra_parts: Callable[[Any], dict[str, Any]] | None = None, head: dict[str, Any] | None = None):
     """(the head's parts, their checkpointer); `extra_parts(parts)`: more parts registered with the checkpointer."""
     from largefr.checkpoint.train_state import TrainingCheckpointer
     from largefr.train.build import build_head
     from largefr.train.distributed_env import init_distributed
 
     env = init_distributed()
-    config = checkpoint_config(world, seed, root, head_type=head_type, optim=optim)
+    config = checkpoint_config(world, seed, root, head_type=head_type, optim=optim, head=head)
     parts = build_head(config, env)
     checkpointer = TrainingCheckpointer(os.path.join(root, "checkpoints"), head=parts.head,
                                         weight_optimizer=parts.weight_optimizer, tau_optimizer=parts.tau_optimizer,

@@ -12,6 +12,7 @@ from largefr.config import HeadConfig
 from largefr.distributed.partition import ClassPartition
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
+from largefr.heads.precision import STORAGE_DTYPES
 from largefr.heads.queue import FeatureQueue
 from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
 from largefr.perf.head_bench import HeadBench, HeadBenchSettings, profiled_peak_increment
@@ -20,22 +21,28 @@ from tests.distributed_helpers import run_distributed
 
 TOLERANCE = 0.15  # issue 7: planner within 15% of the measured peak head memory
 CLASSES, DIM, BATCH = 20000, 64, 256
-HEAD_CASES = {  # (sample_rate, precision, chunk_size)
-    "default": (1.0, "fp32", 0), "partial_fc": (0.3, "fp32", 0), "bf16": (1.0, "bf16", 0),
-    "chunked": (1.0, "fp32", 512), "chunked_partial_fc": (0.3, "fp32", 512), "chunked_bf16": (1.0, "bf16", 512),
+HEAD_CASES = {  # (sample_rate, precision, chunk_size, weight_dtype)
+    "default": (1.0, "fp32", 0, "fp32"), "partial_fc": (0.3, "fp32", 0, "fp32"), "bf16": (1.0, "bf16", 0, "fp32"),
+    "chunked": (1.0, "fp32", 512, "fp32"), "chunked_partial_fc": (0.3, "fp32", 512, "fp32"),
+    "chunked_bf16": (1.0, "bf16", 512, "fp32"),
+    # head.weight_dtype bf16: W stored in bfloat16, its sampled rows (every row at rate 1.0) upcast
+    "bf16_storage": (1.0, "fp32", 0, "bf16"), "partial_fc_bf16_storage": (0.3, "fp32", 0, "bf16"),
+    "chunked_partial_fc_bf16_storage": (0.3, "fp32", 512, "bf16"),
 }
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def measured_and_planned(case: str, classes: int, world: int, batch: int) -> tuple[float, float]:
     """(peak head memory measured like tools/bench_head.py, planner's figure), in bytes, this rank."""
-    rate, precision, chunk = HEAD_CASES[case]
+    rate, precision, chunk, weight_dtype = HEAD_CASES[case]
     settings = HeadBenchSettings(batch=batch, classes=classes, dim=DIM, world=world, sample_rate=rate,
-                                 dtype=DTYPE_NAMES[precision], chunk_size=chunk, gemm_floor=False, threads=1)
+                                 dtype=DTYPE_NAMES[precision], weight_dtype=DTYPE_NAMES[weight_dtype], chunk_size=chunk,
+                                 gemm_floor=False, threads=1)
     measured = HeadBench(settings, 0 if world == 1 else torch.distributed.get_rank(), torch.device("cpu"))
     peak = measured.peak_memory_mb() * 2**20
     plan = plan_memory(PlanInputs(num_classes=classes, world_size=world, dim=DIM, batch=batch, sample_rate=rate,
-                                  precision=precision, optimizer="none", chunk_size=chunk, bank=False))
+                                  precision=precision, weight_dtype=weight_dtype, optimizer="none", chunk_size=chunk,
+                                  bank=False))
     return peak, plan.head_step_peak
 
 
@@ -47,7 +54,8 @@ def test_planner_matches_measured_head_peak(case):
 
 def _two_rank_cases(rank, world):
     # 20001 classes: rank 0 owns one class more, the planner's busiest rank
-    return {case: measured_and_planned(case, CLASSES + 1, world, BATCH // world) for case in ("default", "chunked")}
+    return {case: measured_and_planned(case, CLASSES + 1, world, BATCH // world)
+            for case in ("default", "chunked", "partial_fc_bf16_storage")}
 
 
 def test_planner_matches_measured_head_peak_on_two_gloo_ranks():
@@ -56,9 +64,10 @@ def test_planner_matches_measured_head_peak_on_two_gloo_ranks():
         assert abs(planned / measured - 1) < TOLERANCE, (case, planned / 2**20, measured / 2**20)
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_optimizer_step_phase_matches_measured(name):
-    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(), sample_rate=0.3,
+def test_optimizer_step_phase_matches_measured(name, weight_dtype):
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(), sample_rate=0.3, dtype=STORAGE_DTYPES[weight_dtype],
                              generator=torch.Generator().manual_seed(0))
     optimizer = RowSparseSGD([head.weight], lr=0.1, momentum=0.9, weight_decay=5e-4) if name == "sgd" else \
         RowSparseAdamW([head.weight], lr=0.1)
@@ -69,19 +78,22 @@ def test_optimizer_step_phase_matches_measured(name):
         measured = tensor_bytes([head.weight.grad]) + profiled_peak_increment(
             lambda rows=head.last_sampled: optimizer.step(rows=rows))
     plan = plan_memory(PlanInputs(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=0.3,
-                                  optimizer=name, bank=False, device="cpu"))
+                                  optimizer=name, weight_dtype=weight_dtype, bank=False, device="cpu"))
     planned = sum(plan.phases["optimizer step"].values())
-    assert abs(planned / measured - 1) < TOLERANCE, (name, planned, measured)
+    assert abs(planned / measured - 1) < TOLERANCE, (name, weight_dtype, planned, measured)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "none"])
-def test_resident_bytes_equal_the_built_tensors_on_uneven_ranks(optimizer):
+@pytest.mark.parametrize("optimizer,weight_dtype", [("sgd", "fp32"), ("adamw", "fp32"), ("none", "fp32"),
+                                                     ("sgd", "bf16"), ("adamw", "bf16")])
+def test_resident_bytes_equal_the_built_tensors_on_uneven_ranks(optimizer, weight_dtype):
     classes, world = 1001, 3  # shards 334, 334, 333
-    inputs = PlanInputs(num_classes=classes, world_size=world, dim=DIM, batch=4, optimizer=optimizer, queue_size=32)
+    inputs = PlanInputs(num_classes=classes, world_size=world, dim=DIM, batch=4, optimizer=optimizer, queue_size=32,
+                        weight_dtype=weight_dtype)
+    stored = STORAGE_DTYPES[weight_dtype]
     for rank in range(world):
         with fake_process_group(world, rank):
-            head = ShardedMarginHead(classes, DIM, margin=HeadConfig())
-            bank = ClusterBank(classes, DIM)
+            head = ShardedMarginHead(classes, DIM, margin=HeadConfig(), dtype=stored)
+            bank = ClusterBank(classes, DIM, centers_dtype=stored)
         queue = FeatureQueue(32, DIM)
         built = {"W rows": tensor_bytes([head.weight]), "optimizer state": _state_bytes(head, optimizer),
                  "bank centers": tensor_bytes([bank.centers]),

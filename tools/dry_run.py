@@ -23,6 +23,7 @@ from largefr.cli import write_json
 from largefr.config import HeadConfig
 from largefr.heads import RowSparseAdamW, RowSparseSGD, ShardedMarginHead
 from largefr.heads.cluster import ClusterBank
+from largefr.heads.precision import STORAGE_DTYPES
 from largefr.heads.queue import FeatureQueue
 from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
 from largefr.perf.memory_plan import GIB, PlanInputs, max_classes_within, plan_rank
@@ -41,13 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_rank_on_meta(args: argparse.Namespace) -> dict:
     """This (fake) rank's head, bank, queue and optimizer state on meta; their bytes and class range."""
+    stored = STORAGE_DTYPES[args.weight_dtype]
     head = ShardedMarginHead(args.classes, args.dim, margin=HeadConfig(), sample_rate=args.sample_rate,
-                             device=META, chunk_size=args.chunk_size)
+                             device=META, dtype=stored, chunk_size=args.chunk_size)
     built = {"class_range": (head.partition.start, head.partition.end), "W rows": tensor_bytes([head.weight]),
              "optimizer state": _optimizer_state_bytes(head.weight, args.optimizer),
              "bank centers": 0, "bank phi + flags": 0, "feature queue": 0}
     if not args.no_bank:
-        bank = ClusterBank(args.classes, args.dim, device=META)
+        bank = ClusterBank(args.classes, args.dim, centers_dtype=stored, device=META)
         if (bank.partition.start, bank.partition.end) != built["class_range"]:
             raise AssertionError(f"bank and head disagree on the class range: {bank.partition} vs {head.partition}")
         built["bank centers"] = tensor_bytes([bank.centers])
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = plan_inputs(args)
     budget = int(args.budget_gb * GIB)
     print(f"dry run: {args.world} ranks, {args.classes:,} classes, d = {args.dim}, B = {args.batch}/rank "
-          f"(B_g = {inputs.global_batch}), sample rate {args.sample_rate}, logits {args.precision}, optimizer "
+          f"(B_g = {inputs.global_batch}), sample rate {args.sample_rate}, logits {args.precision}, "
+          f"W stored {args.weight_dtype}, optimizer "
           f"{args.optimizer}, chunk_size {args.chunk_size}, bank {'off' if args.no_bank else 'on'}; "
           f"budget {args.budget_gb:g} GiB/rank")
     print("| rank | classes [start, end) | local | resident GiB (built = planned) | step peak GiB | total GiB |")

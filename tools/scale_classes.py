@@ -52,11 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure_point(args: argparse.Namespace, classes: int, world: int) -> dict:
     settings = HeadBenchSettings(batch=args.batch // world, classes=classes, dim=args.dim, world=world,
                                  sample_rate=args.sample_rate, dtype=TORCH_DTYPE_NAMES[args.precision],
+                                 weight_dtype=TORCH_DTYPE_NAMES[args.weight_dtype],
                                  chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
                                  gemm_floor=False)
     ranks = run_head_bench(settings)
     plan = plan_memory(PlanInputs(num_classes=classes, world_size=world, dim=args.dim, batch=args.batch // world,
-                                  sample_rate=args.sample_rate, precision=args.precision, optimizer="none",
+                                  sample_rate=args.sample_rate, precision=args.precision,
+                                  weight_dtype=args.weight_dtype, optimizer="none",
                                   chunk_size=args.chunk_size, bank=False))
     measured = max(r["peak_mem_mb"] for r in ranks)
     planned = plan.head_step_peak / 2**20

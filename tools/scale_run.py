@@ -57,7 +57,8 @@ def planned_peak(config, phase: str, world: int, target: int, base: int) -> int 
         return None
     inputs = PlanInputs(num_classes=config.data.num_classes, world_size=world, dim=config.model.embedding_size,
                         batch=config.train.batch_size, sample_rate=config.head.sample_rate,
-                        precision=config.head.logits_dtype, optimizer=HEAD_OPTIMIZERS[config.optim.name],
+                        precision=config.head.logits_dtype, weight_dtype=config.head.weight_dtype,
+                        optimizer=HEAD_OPTIMIZERS[config.optim.name],
                         chunk_size=config.head.chunk_size,
                         bank=config.cluster.enabled, queue_size=config.cluster.queue_size, device="cpu")
     return phase_peaks(inputs, resume_world=target, base_bytes=base)[key]

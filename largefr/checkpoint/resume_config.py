@@ -12,8 +12,8 @@ falls under one rule of `RESUME_RULES`:
   `checkpoint.reset_optimizer=true`, which resumes the weights with a fresh optimizer state (backbone,
   head rows and temperatures).
 * FIXED: what shapes the saved model state (network, embedding size, image size, class count, head
-  and margin type, queue size, precision). Refused; the message names every difference at once and
-  points to `model.init_from`, which starts a new run from the checkpoint's backbone.
+  and margin type, the head's storage dtype, queue size, precision). Refused; the message names every
+  difference at once and points to `model.init_from`, which starts a new run from the checkpoint's backbone.
 """
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ RESUME_RULES: dict[str, Rule] = {
     # so a new margin's fields need no line here), the sampling and the logits may change. A head key that
     # shapes saved state (the margin's type and form) is listed FIXED.
     "head.*": Rule.FREE, "head.type": Rule.FIXED, "head.elastic_form": Rule.FIXED,
+    # the storage dtype of W, its optimizer rows and the bank: the restore reads the saved bytes straight into the
+    # live rows (no cast on the way, so a resume's peak stays training plus one block), and a silent fp32 -> bf16
+    # rounding of a run's state is not a resume
+    "head.weight_dtype": Rule.FIXED,
     # cluster: the queue's length is saved; which parts exist is checked when they are loaded
     "cluster.queue_size": Rule.FIXED, "cluster.cg_margin": Rule.FREE, "cluster.lambda_range": Rule.FREE,
     "cluster.contrastive_weight": Rule.FREE, "cluster.contrastive_type": Rule.FREE,

@@ -28,12 +28,8 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
 from largefr.heads.margins import NORM_EPS, Margin, MarginStep, NegativeModulation
+from largefr.heads.precision import compute_dtype, upcast
 from largefr.heads.row_gradient import sparse_row_gradient
-
-
-def _softmax_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The softmax runs in float32 for half-precision parameters, else in the parameter's dtype."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
 class _BlockWorkspace:
@@ -65,9 +61,10 @@ class _Blocks:
             yield start, min(start + self.chunk_size, self.num_cols)
 
     def raw_rows(self, start: int, end: int) -> torch.Tensor:
+        """W's rows of block [start, end), upcast after the gather when W is stored in half precision."""
         if self.sampled is None:
-            return self.weight[start:end]
-        return self.weight.index_select(0, self.sampled[start:end])
+            return upcast(self.weight[start:end])
+        return upcast(self.weight.index_select(0, self.sampled[start:end]))
 
     def normalized_rows(self, start: int, end: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_b / ||W_b|| written into out, 1 / ||W_b||)."""
@@ -117,7 +114,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scaled_features, weight, sampled, local_target, params, target_fn, scale, negatives, group,
                 chunk_size, logits_dtype):
-        features = scaled_features.to(_softmax_dtype(weight.dtype))
+        features = scaled_features.to(compute_dtype(weight.dtype))  # float32 for a half-precision W
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, chunk_size, target_rows, local_target[target_rows])
         cos_target = _target_cosines(features, blocks, scale)
@@ -137,7 +134,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (scaled_features, weight, sampled, local_target, cos_target, target_value, params, log_normalizer,
          valid, num_valid) = ctx.saved_tensors
-        features = scaled_features.to(_softmax_dtype(weight.dtype))
+        features = scaled_features.to(compute_dtype(weight.dtype))  # float32 for a half-precision W
         target_rows = torch.nonzero(local_target >= 0).squeeze(1)
         blocks = _Blocks(weight, sampled, ctx.chunk_size, target_rows, local_target[target_rows])
         row_coef = (grad_loss / num_valid) * valid.to(features.dtype)  # dL/dloss_i of every gathered row

@@ -17,6 +17,10 @@ Such a phi measures nothing, and as a temperature it would divide by zero. A phi
 sqrt(machine epsilon) of the bank's dtype is therefore stored but marked missing (`has_phi`
 False): lambda = 1 for the class (plain ArcFace), and the contrastive loss gives it the
 largest sampled phi, as PCL does for singleton clusters. `seen` (has a center) stays True.
+
+Centers stored in bfloat16 (head.weight_dtype): the stored center of such a class is the feature rounded,
+so the phi of the next update is not 0 but the rounding's trace, up to `rounding_phi_floor` (about 0.03
+with the defaults); the threshold is then that floor. Real classes' phi are an order of magnitude above it.
 """
 from __future__ import annotations
 
@@ -39,11 +43,15 @@ class ClusterBank(nn.Module):
 
     Buffers: `centers`, `phi`, `has_phi` (bool: phi measured and non-degenerate), `seen`
     (bool: has a center), `queue_count` (|Q_k| at the class's last update).
+    dtype: of phi and of the arithmetic; centers_dtype: the centers' storage (head.weight_dtype; default dtype).
+    bfloat16 centers (d values per class, the bank's class-sized part) are read upcast, row by row as used, and
+    written rounded to nearest: an update moves a center by (1 - momentum) of the way, far above bfloat16's
+    spacing. phi (one value per class) stays in dtype: lambda and the temperatures are read from its spread.
     """
 
     def __init__(self, num_classes: int, dim: int, *, group: ProcessGroup | None = None,
                  momentum: float = 0.9, alpha: float = 10.0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 centers_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"cluster bank momentum must be in [0, 1), got {momentum}")
@@ -53,9 +61,10 @@ class ClusterBank(nn.Module):
         self.partition = ClassPartition(num_classes, group_size(group), group_rank(group))
         self.momentum = momentum
         self.alpha = alpha
-        self.degenerate_phi = math.sqrt(torch.finfo(dtype).eps)
+        self.degenerate_phi = max(math.sqrt(torch.finfo(dtype).eps),
+                                  rounding_phi_floor(centers_dtype or dtype, dtype, momentum=momentum, alpha=alpha))
         rows = self.partition.num_local
-        self.register_buffer("centers", torch.zeros(rows, dim, dtype=dtype, device=device))
+        self.register_buffer("centers", torch.zeros(rows, dim, dtype=centers_dtype or dtype, device=device))
         self.register_buffer("phi", torch.zeros(rows, dtype=dtype, device=device))
         self.register_buffer("has_phi", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
@@ -80,15 +89,16 @@ class ClusterBank(nn.Module):
         start, end = self.partition.start, self.partition.end
         inside = (labels >= start) & (labels < end)
         local_ids = labels[inside] - start
-        members = features[inside].to(self.centers.dtype)
+        members = features[inside].to(self.phi.dtype)
         # unique keeps every temporary O(queue) instead of O(num_local x d)
         present, member_slot = torch.unique(local_ids, return_inverse=True)
         if present.numel() == 0:
             return present
-        counts = torch.bincount(member_slot, minlength=present.numel()).to(self.centers.dtype)
+        counts = torch.bincount(member_slot, minlength=present.numel()).to(self.phi.dtype)
         sums = torch.zeros(present.numel(), members.shape[1], dtype=members.dtype, device=members.device)
         queue_centers = F.normalize(sums.index_add_(0, member_slot, members), dim=1)
-        blended = F.normalize(self.momentum * self.centers[present] + (1.0 - self.momentum) * queue_centers, dim=1)
+        old_centers = self.centers[present].to(self.phi.dtype)  # gathered, then upcast (bfloat16 storage)
+        blended = F.normalize(self.momentum * old_centers + (1.0 - self.momentum) * queue_centers, dim=1)
         new_centers = torch.where(self.seen[present].unsqueeze(1), blended, queue_centers)
 
         distances = (members - new_centers[member_slot]).norm(dim=1)
@@ -96,7 +106,7 @@ class ClusterBank(nn.Module):
         new_phi = spread / (counts * torch.log(counts + self.alpha))
 
         extremes = self._extremes_after_update(present, new_phi)
-        self.centers[present] = new_centers
+        self.centers[present] = new_centers.to(self.centers.dtype)
         self.phi[present] = new_phi
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
@@ -235,6 +245,21 @@ class ClusterBank(nn.Module):
         if name.startswith(BANK_PREFIX):
             return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
         return None
+
+
+def rounding_phi_floor(centers_dtype: torch.dtype, dtype: torch.dtype, *, momentum: float, alpha: float) -> float:
+    """The largest phi that rounding the stored centers can give a class whose queue holds one feature, f, that
+    the center was built from (0 when the centers are stored in the arithmetic's dtype).
+
+    Stored, C = round(B) with B the blended unit center: the error e = C - f obeys |e_t| <= m |e_(t-1)| + u (u the
+    unit roundoff of the storage, e_0 the rounding of f itself), so m |e| <= r = m u / (1 - m). The next blend is
+    normalize(f + m e), at most 2 r / (1 - r) from f (the normalisation at most doubles the offset), and
+    phi = distance / log(1 + alpha) with one feature.
+    """
+    if torch.finfo(centers_dtype).eps <= torch.finfo(dtype).eps:
+        return 0.0
+    offset = momentum * (torch.finfo(centers_dtype).eps / 2) / (1.0 - momentum)
+    return 2.0 * offset / (1.0 - offset) / math.log(1.0 + alpha)
 
 
 BANK_PREFIX = "bank."

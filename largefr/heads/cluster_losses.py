@@ -40,6 +40,7 @@ from largefr.distributed.collectives import all_gather_rows, all_reduce_sum_, gr
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.cluster import ClusterBank
+from largefr.heads.precision import upcast
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_subset
 
@@ -128,11 +129,11 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
     local_indices = _positives_and_uniform_negatives(bank.seen, positive, shares[part.rank], generator)
 
     if max(shares) == 0:
-        gathered = torch.zeros(0, bank.centers.shape[1] + 2, dtype=bank.centers.dtype, device=bank.centers.device)
+        gathered = torch.zeros(0, bank.centers.shape[1] + 2, dtype=bank.phi.dtype, device=bank.centers.device)
         class_ids = torch.zeros(0, dtype=torch.int64, device=bank.centers.device)
     else:
-        payload = torch.cat([bank.centers[local_indices], bank.phi[local_indices, None],
-                             bank.has_phi[local_indices, None].to(bank.centers.dtype)], dim=1)
+        payload = torch.cat([bank.centers[local_indices].to(bank.phi.dtype), bank.phi[local_indices, None],
+                             bank.has_phi[local_indices, None].to(bank.phi.dtype)], dim=1)
         gathered = _gather_known_rows(payload, shares, group)
         class_ids = _gather_known_rows(local_indices + part.start, shares, group)
     return SampledCenters(local_indices=local_indices, counts=shares, offset=sum(shares[: part.rank]),
@@ -227,11 +228,11 @@ def cluster_aligning_loss(sampled: SampledCenters, weight: torch.Tensor, log_tau
     """L_Clu-Ali (Eq. 7): cross entropy of C_i . W_j / tau over the sampled classes, positive W_i.
 
     weight: this rank's classifier shard (num_local, d) with grad; only the sampled rows are
-    used, normalized. log_tau: the replicated learnable log temperature.
+    used, upcast after the gather (bfloat16 storage) and normalized. log_tau: the replicated learnable log temperature.
     """
-    local_weight = F.normalize(gather_rows(weight, sampled.local_indices), dim=1)  # W's grad: these rows only
+    local_weight = F.normalize(upcast(gather_rows(weight, sampled.local_indices)), dim=1)  # W's grad: these rows
     inverse_tau = torch.exp(-sum_grad_across_ranks(log_tau, group))
-    logits = (sampled.centers.to(weight.dtype) @ local_weight.t()) * inverse_tau
+    logits = (sampled.centers.to(local_weight.dtype) @ local_weight.t()) * inverse_tau
     rows = torch.arange(sampled.total, device=weight.device)
     local_count = len(sampled.local_indices)
     target = torch.where((rows >= sampled.offset) & (rows < sampled.offset + local_count),

@@ -63,6 +63,7 @@ class HeadLoss:
 
 
 def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The queue's, phi's and the cluster losses' dtype: float32 (also for a bfloat16 W), float64 for a float64 W."""
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
@@ -111,7 +112,7 @@ class ClusterGuidedHead(nn.Module):
         if config.enabled:
             self.queue = FeatureQueue(config.queue_size, dim, group=self.group, dtype=dtype, device=weight.device)
             self.bank = ClusterBank(margin_head.num_classes, dim, group=self.group, momentum=config.bank_momentum,
-                                    alpha=config.alpha, dtype=dtype, device=weight.device)
+                                    alpha=config.alpha, dtype=dtype, centers_dtype=weight.dtype, device=weight.device)
         self.log_tau: nn.Parameter | None = None
         if config.aligning_weight > 0:
             self.log_tau = _log_temperature(config.align_tau_init, dtype, weight.device)
@@ -247,7 +248,7 @@ class ClusterGuidedHead(nn.Module):
         """loss + r*l1*L_con + r*l2*L_ali, r the warm-up ramp (terms with weight 0 are skipped); records each term."""
         cfg = self.config
         if cfg.contrastive_weight > 0:
-            normalized = F.normalize(features.to(self.margin_head.weight.dtype), dim=1)
+            normalized = F.normalize(features.to(_cluster_dtype(self.margin_head.weight.dtype)), dim=1)
             with self._timer.phase("loss_con"):
                 loss_con = self._timer.mark_backward(self._contrastive_term(normalized, labels, sampled), "loss_con")
             terms["loss_con"] = loss_con.detach()

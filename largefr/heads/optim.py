@@ -12,6 +12,11 @@ passes the union of its micro-batches' `HeadLoss.rows`).
 `param_groups[i]['lr']` is read at every step, so LR schedulers work as with torch optimizers.
 A step consumes the gradient (RowSparseSGD adds the weight decay into it in place, sparing a temporary of
 the rows' size); the head step zeroes the gradients right after it.
+
+Storage precision (head.weight_dtype, `largefr.heads.precision`): the state is created in the parameter's dtype.
+With a bfloat16 parameter, each block of rows (and its gradient) is read and upcast to float32, updated in
+float32, and written back stochastically rounded, so updates below bfloat16's spacing (weight decay, Adam's
+second-moment decay) survive on average; the per-row `step` stays int64. Float32 storage: no copy, no rounding.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from largefr.heads.precision import round_to_storage, rounding_keys, upcast
 from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_rows, row_gradient_values
 from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
@@ -154,7 +160,8 @@ class RowSparseSGD(RowSparseOptimizer):
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
                      state: dict) -> None:
         for block in row_blocks(rows, param):
-            self._update_block(param, _SelectedRows(rows[block], param), grad[block], group, state)
+            self._update_block(param, _SelectedRows(rows[block], param, state["step"]), upcast(grad[block]), group,
+                               state)
         _SelectedRows(rows, param).count_step(state["step"])
 
     @staticmethod
@@ -199,7 +206,8 @@ class RowSparseAdamW(RowSparseOptimizer):
                      state: dict) -> None:
         _SelectedRows(rows, param).count_step(state["step"])
         for block in row_blocks(rows, param):
-            self._update_block(param, _SelectedRows(rows[block], param), grad[block], group, state)
+            self._update_block(param, _SelectedRows(rows[block], param, state["step"]), upcast(grad[block]), group,
+                               state)
 
     @staticmethod
     def _update_block(param: torch.Tensor, selected: "_SelectedRows", grad: torch.Tensor, group: dict,
@@ -211,8 +219,8 @@ class RowSparseAdamW(RowSparseOptimizer):
         exp_avg_sq = selected.read(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step = selected.read(state["step"]).to(torch.float64)
         # bias corrections per row, in float64 like torch's Python-float arithmetic
-        step_size = (lr / (1 - torch.pow(beta1, step))).to(param.dtype).unsqueeze(1)
-        correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step)).to(param.dtype).unsqueeze(1)
+        step_size = (lr / (1 - torch.pow(beta1, step))).to(weight.dtype).unsqueeze(1)
+        correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step)).to(weight.dtype).unsqueeze(1)
         denom = exp_avg_sq.sqrt().div_(correction2_sqrt).add_(group["eps"])
         weight.sub_(torch.div(exp_avg, denom, out=denom).mul_(step_size))  # one temporary, reused
         selected.write(param, weight)
@@ -246,17 +254,27 @@ class _SelectedRows:
 
     Consecutive rows (sample rate 1.0, where every row is stepped, or a block of such rows): views of the
     tensors, updated in place, no copies. Other rows: gathered copies, written back by index. The arithmetic is
-    the same either way, so both give the same bits.
+    the same either way, so both give the same bits. Half-precision tensors are read as float32 copies and
+    written back stochastically rounded, keyed by the rows' step counts `step_counts` (`largefr.heads.precision`).
     """
 
-    def __init__(self, rows: torch.Tensor, param: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, param: torch.Tensor, step_counts: torch.Tensor | None = None):
         self.rows = rows
         self.span = _consecutive_span(rows, param)
+        self.step_counts = step_counts
+        self.writes = 0  # salts the rounding of each tensor written, in the fixed order of the update
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[self.span] if self.span is not None else tensor.index_select(0, self.rows)
+        return upcast(tensor[self.span] if self.span is not None else tensor.index_select(0, self.rows))
 
     def write(self, tensor: torch.Tensor, rows_value: torch.Tensor) -> None:
+        if rows_value.dtype != tensor.dtype:  # half-precision storage: rows_value is a float32 copy
+            self.writes += 1
+            keys = rounding_keys(self.rows, self.read(self.step_counts), self.writes)
+            rows_value = round_to_storage(rows_value, tensor, keys)
+            if self.span is not None:
+                tensor[self.span].copy_(rows_value)
+                return
         if self.span is None:
             write_rows_(tensor, self.rows, rows_value)
 

@@ -28,6 +28,7 @@ from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, NegativeModulation, build_margin
+from largefr.heads.precision import compute_dtype, upcast
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
@@ -186,6 +187,9 @@ class ShardedMarginHead(nn.Module):
     chunk_size: 0 = default mode; > 0 = low-memory mode (`largefr.heads.chunked`): logits computed
         over blocks of chunk_size sampled classes and recomputed in backward, same loss and gradients.
     device: 'meta' builds W without values (shapes only, for dry runs of jobs larger than the machine).
+    dtype: W's storage dtype (head.weight_dtype): float32, or bfloat16 (the float32 init rounded to nearest), whose
+        sampled rows are upcast after the gather and computed in float32 (`largefr.heads.precision`); W's gradient
+        is then a bfloat16 sparse row gradient (autograd keeps a parameter's gradient in its dtype).
     """
 
     def __init__(self, num_classes: int, embedding_size: int, *, margin: HeadConfig, sample_rate: float = 1.0,
@@ -259,7 +263,7 @@ class ShardedMarginHead(nn.Module):
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
-        features = features.to(self.weight.dtype)
+        features = features.to(compute_dtype(self.weight.dtype))
         scaled = F.normalize(features, dim=1, eps=NORM_EPS) * self.margin.scale
         rows = torch.nonzero(local_target >= 0).squeeze(1)
         cols = local_target[rows]
@@ -274,7 +278,7 @@ class ShardedMarginHead(nn.Module):
                                        step, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
         else:
-            weight_rows = self.weight if full else gather_rows(self.weight, sampled)  # W's grad: the sampled rows
+            weight_rows = upcast(self.weight if full else gather_rows(self.weight, sampled))  # W's grad: sampled rows
             logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
             logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
                                           step.params, step.negatives)
@@ -287,7 +291,7 @@ class ShardedMarginHead(nn.Module):
                              row_lambda: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_g,) target cosine and lambda of every gathered row, from the rank owning its class (one all-reduce);
         0 and 1 where the row is ignored."""
-        weight_rows = self.weight.index_select(0, sampled[cols])
+        weight_rows = upcast(self.weight.index_select(0, sampled[cols]))
         norms = torch.linalg.vector_norm(weight_rows, dim=1).clamp(min=NORM_EPS)
         facts = torch.zeros((2, labels.shape[0]), dtype=scaled.dtype, device=scaled.device)
         facts[0, rows] = torch.linalg.vecdot(scaled[rows], weight_rows.to(scaled.dtype)) / norms / self.margin.scale

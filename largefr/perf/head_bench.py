@@ -49,6 +49,8 @@ class HeadBenchSettings:
     """Partial FC sample rate in (0, 1]."""
     dtype: str = "float32"
     """Logits (GEMM) dtype, a key of DTYPES."""
+    weight_dtype: str = "float32"
+    """W's storage dtype (head.weight_dtype), a key of DTYPES."""
     chunk_size: int = 0
     """0: default head; > 0: low-memory head with this many classes per block."""
     repeats: int = 5
@@ -99,6 +101,7 @@ class HeadBench:
         self.device = device
         self.head = ShardedMarginHead(settings.classes, settings.dim, margin=HeadConfig(type=settings.margin_type),
                                       sample_rate=settings.sample_rate, logits_dtype=DTYPES[settings.dtype],
+                                      dtype=DTYPES[settings.weight_dtype],
                                       device=device, generator=torch.Generator().manual_seed(0),
                                       chunk_size=settings.chunk_size)
         data = torch.Generator().manual_seed(1 + rank)

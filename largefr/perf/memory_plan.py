@@ -13,8 +13,10 @@ profiler by tests/test_memory_plan.py and tools/scale_classes.py), per rank, for
   alive in it; the peak is the largest phase. With sampling (rate < 1), W's gradient is a sparse
   row gradient: the sampled rows' values and their int64 indices (`largefr.heads.row_gradient`).
 
-Parameters (W, bank, optimizer state) are float32, as `largefr.train.build` creates them;
-`precision` is the logits GEMM dtype (head.logits_dtype). Bytes are exact counts; vectors of
+W, its optimizer state and the bank's centers are stored in `weight_dtype` (head.weight_dtype, as
+`largefr.train.build` creates them: float32 or bfloat16); phi, the queue and every step temporary that
+is computed on are float32 (a bfloat16 W's sampled rows are upcast after the gather, its gradient is
+bfloat16); `precision` is the logits GEMM dtype (head.logits_dtype). Bytes are exact counts; vectors of
 B_g entries (per-row maxima, sums, targets) are left out (a few KB).
 """
 from __future__ import annotations
@@ -25,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from largefr.checkpoint.rows import ROW_BLOCK_BYTES
-from largefr.choices import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES
+from largefr.choices import HEAD_OPTIMIZERS, LOGITS_DTYPES, PRECISION_BYTES, WEIGHT_DTYPES
 from largefr.distributed.partition import ClassPartition
 from largefr.errors import UsageError
 from largefr.heads.optim import block_elements
+from largefr.heads.precision import ROUNDING_CHUNK_ELEMENTS, ROUNDING_TEMPORARY_BYTES
 
 LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
@@ -41,7 +44,7 @@ gathered weight and momentum buffer; RowSparseAdamW the gathered weight, exp_avg
 denominator buffer."""
 OPTIMIZER_FULL_COPIES = {"sgd": 0, "adamw": 1, "none": 0}
 """The same at rate 1.0, where the rows are updated in place: none for SGD; AdamW's denominator buffer."""
-PARAM_BYTES = 4  # float32 W, bank, optimizer state
+PARAM_BYTES = 4  # float32: what is computed on (features, gathered rows, logits buffers), phi, the queue
 INDEX_BYTES = 8  # int64 labels, sampled indices, per-row step counts
 GIB = 2**30
 
@@ -62,6 +65,8 @@ class PlanInputs:
     """Partial FC rate (head.sample_rate)."""
     precision: str = "fp32"
     """Logits GEMM dtype: 'fp32' or 'bf16' (head.logits_dtype)."""
+    weight_dtype: str = "fp32"
+    """Storage dtype of W, its optimizer state and the bank's centers: 'fp32' or 'bf16' (head.weight_dtype)."""
     optimizer: str = "sgd"
     """Head optimizer: 'sgd' (momentum), 'adamw', or 'none' (no state, e.g. inference of the loss)."""
     chunk_size: int = 0
@@ -84,6 +89,8 @@ class PlanInputs:
             problems.append(f"sample_rate={self.sample_rate} must be in (0, 1]")
         if self.precision not in LOGITS_BYTES:
             problems.append(f"precision={self.precision!r} must be one of {sorted(LOGITS_BYTES)}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            problems.append(f"weight_dtype={self.weight_dtype!r} must be one of {WEIGHT_DTYPES}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
         if self.chunk_size < 0:
@@ -98,6 +105,16 @@ class PlanInputs:
     @property
     def global_batch(self) -> int:
         return self.world_size * self.batch
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per stored element of W, its optimizer state and the bank's centers."""
+        return PRECISION_BYTES[self.weight_dtype]
+
+    @property
+    def low_storage(self) -> bool:
+        """W stored in less than float32: rows are upcast copies, writes are rounded."""
+        return self.weight_bytes < PARAM_BYTES
 
 
 @dataclass(kw_only=True)
@@ -156,12 +173,12 @@ def sampled_count(num_local: int, sample_rate: float, global_batch: int) -> int:
 
 def resident_bytes(inputs: PlanInputs, num_local: int) -> dict[str, int]:
     """Tensors alive between steps on a rank holding `num_local` classes."""
-    d, rows = inputs.dim, num_local
+    d, rows, stored = inputs.dim, num_local, inputs.weight_bytes
     state_copies = {"sgd": 1, "adamw": 2, "none": 0}[inputs.optimizer]
     resident = {
-        "W rows": rows * d * PARAM_BYTES,
-        "optimizer state": state_copies * rows * d * PARAM_BYTES + (rows * INDEX_BYTES if state_copies else 0),
-        "bank centers": rows * d * PARAM_BYTES if inputs.bank else 0,
+        "W rows": rows * d * stored,
+        "optimizer state": state_copies * rows * d * stored + (rows * INDEX_BYTES if state_copies else 0),
+        "bank centers": rows * d * stored if inputs.bank else 0,
         # phi (float32), has_phi and seen (bool), queue_count (int64)
         "bank phi + flags": rows * (PARAM_BYTES + 1 + 1 + INDEX_BYTES) if inputs.bank else 0,
         "feature queue": inputs.queue_size * (d * PARAM_BYTES + INDEX_BYTES) + INDEX_BYTES if inputs.bank else 0,
@@ -171,10 +188,11 @@ def resident_bytes(inputs: PlanInputs, num_local: int) -> dict[str, int]:
 
 
 def w_grad_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
-    """W's gradient: dense over the shard at rate 1.0; else the sampled rows' values and int64 row indices."""
+    """W's gradient, in W's dtype: dense over the shard at rate 1.0; else the sampled rows' values and int64 row
+    indices."""
     if num_sampled >= num_local:
-        return num_local * inputs.dim * PARAM_BYTES
-    return num_sampled * (inputs.dim * PARAM_BYTES + INDEX_BYTES)
+        return num_local * inputs.dim * inputs.weight_bytes
+    return num_sampled * (inputs.dim * inputs.weight_bytes + INDEX_BYTES)
 
 
 def _features(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
@@ -190,7 +208,9 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     """Default head: logits of every sampled column at once (ShardedMarginHead + sharded_cross_entropy)."""
     b_g, d, s = inputs.global_batch, inputs.dim, num_sampled
     base = _features(inputs, s, num_local)
-    rows_copy = s * d * PARAM_BYTES if s < num_local else 0  # index_select of the sampled rows
+    # index_select of the sampled rows; a bfloat16 W's rows (all of them at rate 1.0) are upcast to a float32 copy
+    rows_copy = s * d * PARAM_BYTES if s < num_local or inputs.low_storage else 0
+    cast_grad = s * d * inputs.weight_bytes if inputs.low_storage else 0  # the float32 gradient cast to W's dtype
     base["sampled W rows"] = rows_copy
     base["1/||W|| of sampled rows"] = s * PARAM_BYTES
     logits = b_g * s * LOGITS_BYTES[inputs.precision]
@@ -198,12 +218,14 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     if inputs.precision == "fp32":
         forward = {"logits": logits, "exp(logits - max) buffer": softmax}
         backward = {"softmax / logits-grad buffer": softmax, "W grad (sampled rows)": s * d * PARAM_BYTES,
-                    "features grad": b_g * d * PARAM_BYTES, "1/||W||^2": s * PARAM_BYTES}
+                    "W grad in storage dtype": cast_grad, "features grad": b_g * d * PARAM_BYTES,
+                    "1/||W||^2": s * PARAM_BYTES}
     else:
         forward = {"logits (bf16)": logits, "fp32 copy of logits": softmax, "exp(logits - max) buffer": softmax}
         backward = {"logits-grad (bf16)": logits, "normalized W (bf16)": s * d * 2,
                     "features grad (bf16 + fp32)": b_g * d * 6, "features (bf16)": b_g * d * 2,
-                    "W grad (bf16 + fp32)": s * d * 6, "1/||W||^2": s * PARAM_BYTES}
+                    "W grad (bf16 + fp32)": s * d * 6, "W grad in storage dtype": cast_grad,
+                    "1/||W||^2": s * PARAM_BYTES}
     phases = {"forward: softmax": {**base, **forward}, "backward: W grad": {**base, **backward}}
     phases["backward: features"] = _feature_backward(inputs, s, num_local)
     return phases
@@ -216,10 +238,13 @@ def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     sampled = s < num_local
     low = inputs.precision != "fp32"
     base = _features(inputs, s, num_local)
+    upcast = width * d * PARAM_BYTES if inputs.low_storage else 0  # a bfloat16 W block's float32 copy
     block = {"logits block (fp32)": b_g * width * 4, "normalized W block": width * d * PARAM_BYTES,
-             "gathered W block": width * d * PARAM_BYTES if sampled else 0,
+             "gathered W block": width * d * inputs.weight_bytes if sampled else 0, "upcast W block": upcast,
              "bf16 block + W block + features": (b_g * width + width * d + b_g * d) * 2 if low else 0}
-    backward = {"W grad": w_grad_bytes(inputs, s, num_local), "features grad": b_g * d * PARAM_BYTES,
+    # the sampled rows' gradient: in float32 while the blocks run (bfloat16 W: cast to W's dtype after the last one)
+    w_grad = s * d * PARAM_BYTES if inputs.low_storage else w_grad_bytes(inputs, s, num_local)
+    backward = {"W grad": w_grad, "features grad": b_g * d * PARAM_BYTES,
                 "row-weighted features": b_g * d * LOGITS_BYTES[inputs.precision],
                 "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
     return {"forward: block": {**base, **block},
@@ -245,12 +270,25 @@ def plan_rank(inputs: PlanInputs, rank: int) -> RankPlan:
     phases_of = _chunked_phases if inputs.chunk_size > 0 else _default_phases
     phases = phases_of(inputs, num_sampled, part.num_local)
     if inputs.optimizer != "none":
-        copies = (OPTIMIZER_FULL_COPIES if num_sampled >= part.num_local else OPTIMIZER_ROW_COPIES)[inputs.optimizer]
-        phases[OPTIMIZER_PHASE] = {"W grad": w_grad_bytes(inputs, num_sampled, part.num_local),
-                                   "sampled-row copies": copies * PARAM_BYTES
-                                   * min(num_sampled * inputs.dim, block_elements(torch.device(inputs.device)))}
+        phases[OPTIMIZER_PHASE] = _optimizer_phase(inputs, num_sampled, part.num_local)
     return RankPlan(rank=rank, class_start=part.start, class_end=part.end, num_local=part.num_local,
                     num_sampled=num_sampled, resident=resident_bytes(inputs, part.num_local), phases=phases)
+
+
+def _optimizer_phase(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
+    """W's gradient and one block of the row-sparse update (`largefr.heads.optim.row_blocks`): its float32 copies,
+    and with bfloat16 storage (every row read as a float32 copy, even at rate 1.0) the gradient's float32 copy and
+    the stochastic rounding of one write."""
+    block = min(num_sampled * inputs.dim, block_elements(torch.device(inputs.device)))
+    if inputs.low_storage:
+        # the block's rounded rows, and the hash's temporaries of one chunk of them
+        copies = OPTIMIZER_ROW_COPIES[inputs.optimizer] + 1
+        rounding = inputs.weight_bytes * block + ROUNDING_TEMPORARY_BYTES * min(block, ROUNDING_CHUNK_ELEMENTS)
+    else:
+        copies = (OPTIMIZER_FULL_COPIES if num_sampled >= num_local else OPTIMIZER_ROW_COPIES)[inputs.optimizer]
+        rounding = 0
+    return {"W grad": w_grad_bytes(inputs, num_sampled, num_local), "sampled-row copies": copies * PARAM_BYTES * block,
+            "rounding to storage": rounding}
 
 
 def plan_memory(inputs: PlanInputs) -> RankPlan:
@@ -268,7 +306,8 @@ def format_plan(plan: RankPlan, inputs: PlanInputs) -> str:
     """A markdown table of one rank's plan (MiB), resident components, then the peak phase's."""
     lines = [f"rank {plan.rank}: classes [{plan.class_start}, {plan.class_end}) = {plan.num_local} local, "
              f"{plan.num_sampled} sampled per step; B_g = {inputs.global_batch}, d = {inputs.dim}, "
-             f"logits {inputs.precision}, optimizer {inputs.optimizer}, chunk_size {inputs.chunk_size}",
+             f"logits {inputs.precision}, W stored {inputs.weight_dtype}, optimizer {inputs.optimizer}, "
+             f"chunk_size {inputs.chunk_size}",
              "", "| component | MiB |", "|---|---:|"]
     for name, size in plan.resident.items():
         lines.append(f"| {name} | {size / 2**20:.1f} |")

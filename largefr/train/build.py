@@ -18,6 +18,7 @@ from largefr.eval.verification import load_verification_share
 from largefr.heads.joint import ClusterGuidedHead
 from largefr.heads.momentum import MomentumEncoder
 from largefr.heads.optim import RowSparseAdamW, RowSparseSGD
+from largefr.heads.precision import STORAGE_DTYPES
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.train.banner import resume_note, world_note
 from largefr.train.compile import prepare_step_modules
@@ -85,7 +86,8 @@ def build_head(config: Config, env: DistributedEnv) -> HeadParts:
     margin_head = ShardedMarginHead(
         config.data.num_classes, config.model.embedding_size, margin=h, sample_rate=h.sample_rate,
         init_std=h.init_std, chunk_size=h.chunk_size,
-        logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
+        logits_dtype=getattr(torch, TORCH_DTYPE_NAMES[h.logits_dtype]), dtype=STORAGE_DTYPES[h.weight_dtype],
+        device=env.device, generator=torch.Generator().manual_seed(config.train.seed))
     head = ClusterGuidedHead(margin_head, config.cluster, seed=config.train.seed)
     lr = optim.effective_head_lr
     if HEAD_OPTIMIZERS[optim.name] == "sgd":

@@ -120,8 +120,10 @@ def test_two_gloo_ranks_sharing_the_device_match_the_float64_reference(rate):
         offset += len(result["weight"])
 
 
-HEAD_MEMORY_CASES = {"default": (1.0, "fp32", 0), "partial_fc": (0.3, "fp32", 0), "bf16": (1.0, "bf16", 0),
-                     "chunked": (1.0, "fp32", 8192)}
+HEAD_MEMORY_CASES = {"default": (1.0, "fp32", 0, "fp32"), "partial_fc": (0.3, "fp32", 0, "fp32"),
+                     "bf16": (1.0, "bf16", 0, "fp32"), "chunked": (1.0, "fp32", 8192, "fp32"),
+                     "partial_fc_bf16_storage": (0.3, "fp32", 0, "bf16")}
+"""(sample rate, logits precision, chunk size, head.weight_dtype)."""
 
 
 @pytest.mark.parametrize("case", list(HEAD_MEMORY_CASES))
@@ -129,15 +131,16 @@ def test_head_max_memory_allocated_matches_the_planner(case):
     from largefr.perf.head_bench import HeadBench, HeadBenchSettings
     from largefr.perf.memory_plan import PlanInputs, plan_memory
 
-    rate, precision, chunk = HEAD_MEMORY_CASES[case]
+    rate, precision, chunk, weight_dtype = HEAD_MEMORY_CASES[case]
     classes, batch, dim = (20_000, 64, 64) if ON_CPU else (400_000, 256, 256)
     settings = HeadBenchSettings(batch=batch, classes=classes, dim=dim, world=1, sample_rate=rate,
                                  dtype={"fp32": "float32", "bf16": "bfloat16"}[precision], chunk_size=chunk,
+                                 weight_dtype={"fp32": "float32", "bf16": "bfloat16"}[weight_dtype],
                                  gemm_floor=False, threads=1)
     measured = HeadBench(settings, 0, DEVICE).peak_memory_mb() * 2**20  # GPU: torch.cuda.max_memory_allocated
     planned = plan_memory(PlanInputs(num_classes=classes, world_size=1, dim=dim, batch=batch, sample_rate=rate,
-                                     precision=precision, optimizer="none", chunk_size=chunk,
-                                     bank=False)).head_step_peak
+                                     precision=precision, weight_dtype=weight_dtype, optimizer="none",
+                                     chunk_size=chunk, bank=False)).head_step_peak
     assert abs(planned / measured - 1) < 0.15, (case, planned / 2**20, measured / 2**20)
 
 
