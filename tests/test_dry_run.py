@@ -43,8 +43,8 @@ def test_default_100m_identity_job_fits_and_runs_under_a_minute(tmp_path):
 def test_small_budget_fails_naming_the_rank_and_shortfall():
     result, _ = dry_run("--budget-gb", "12")
     assert result.returncode == 1
-    assert "does not fit: rank 0 (classes [0, 1,562,500)) needs 18." in result.stderr
-    assert "but --budget-gb is 12: short by 6." in result.stderr
+    assert "does not fit: rank 0 (classes [0, 1,562,500)) needs 14.40 GiB" in result.stderr
+    assert "but --budget-gb is 12: short by 2.40 GiB" in result.stderr
     assert "64 of 64 ranks are over" in result.stderr
 
 

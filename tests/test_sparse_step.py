@@ -108,3 +108,32 @@ def test_sparse_row_gradient_equals_dense_float64_reference():
     coalesced = grad.coalesce()
     assert torch.equal(coalesced.indices()[0], torch.unique(torch.cat([sampled, centers])))
     torch.testing.assert_close(coalesced.to_dense(), dense_weight.grad, atol=1e-14, rtol=0)
+
+
+def allocation_sizes(fn) -> list[int]:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+@pytest.mark.parametrize("rate", [0.1, 1.0])
+def test_step_writes_its_logits_and_rows_into_the_last_steps_buffers(rate):
+    """On CPU the margin head's backward hands its logits buffer (softmax, then gradient) and its gathered rows back
+    for the next step (largefr.heads.spare): a step after the first makes no new tensor of their sizes, and three
+    steps give the same bits as three whose buffers are all new."""
+    reused, fresh = quickstart_head(f"head.sample_rate={rate}"), quickstart_head(f"head.sample_rate={rate}")
+    fresh.head.margin_head.spare.give = lambda *buffers: None  # nothing handed back: every buffer new
+    for seed in range(2):
+        one_step(reused, seed)
+        one_step(fresh, seed)
+    margin_head = reused.head.margin_head
+    sampled = margin_head.num_sample if rate < 1.0 else margin_head.partition.num_local
+    logits_bytes, rows_bytes = BATCH * sampled * 4, sampled * DIM * 4
+    sizes = allocation_sizes(lambda: one_step(reused, seed=2))
+    one_step(fresh, seed=2)
+    assert logits_bytes not in sizes, "the logits were written into a new buffer"
+    if rate < 1.0:  # the sampled rows' gradient has their size too: one allocation of it, not two
+        assert sizes.count(rows_bytes) <= 1, sizes.count(rows_bytes)
+    for a, b in zip(reused.head.parameters(), fresh.head.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(margin_head.weight, fresh.head.margin_head.weight)

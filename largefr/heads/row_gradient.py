@@ -20,21 +20,22 @@ class _GatherRows(torch.autograd.Function):
     """weight.index_select(0, rows); backward: a sparse row gradient of the weight's shape."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, sorted_rows: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, sorted_rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(sorted_rows)
         ctx.weight_shape = weight.shape
-        return weight.index_select(0, sorted_rows)
+        return torch.index_select(weight, 0, sorted_rows, out=out) if out is not None \
+            else weight.index_select(0, sorted_rows)
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
         (sorted_rows,) = ctx.saved_tensors
-        return sparse_row_gradient(sorted_rows, grad_rows, ctx.weight_shape), None
+        return sparse_row_gradient(sorted_rows, grad_rows, ctx.weight_shape), None, None
 
 
-def gather_rows(weight: torch.Tensor, sorted_rows: torch.Tensor) -> torch.Tensor:
-    """The rows `sorted_rows` (sorted, unique) of `weight`, a copy; the weight's gradient is a sparse tensor over
-    those rows only."""
-    return _GatherRows.apply(weight, sorted_rows)
+def gather_rows(weight: torch.Tensor, sorted_rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows `sorted_rows` (sorted, unique) of `weight`, a copy (into `out` when given: a spare buffer of that
+    shape); the weight's gradient is a sparse tensor over those rows only."""
+    return _GatherRows.apply(weight, sorted_rows, out)
 
 
 def sparse_row_gradient(sorted_rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:

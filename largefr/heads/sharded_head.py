@@ -31,6 +31,7 @@ from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, NegativeModulat
 from largefr.heads.precision import compute_dtype, upcast
 from largefr.heads.row_gradient import gather_rows
 from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
+from largefr.heads.spare import SpareBuffers
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
 
 ROWS_PER_INIT_CHUNK = 4096
@@ -74,15 +75,23 @@ class _CosineLogits(torch.autograd.Function):
     Backward: G' = G * inv_norm (in place on G, which the margin/cross entropy hand over as a
     buffer nobody else holds), dF = G' W, dW = G'^T F - inv_norm^2 * W * <W, G'^T F> (row-wise):
     the exact derivative of the row normalisation.
+    With `spare` (CPU) the logits are written into a handed-back buffer, and the backward hands back the logits'
+    gradient (the same buffer, after the cross entropy consumed it) and, when `rows_are_spare`, the gathered rows.
     """
 
     @staticmethod
-    def forward(ctx, scaled_features: torch.Tensor, weight_rows: torch.Tensor, logits_dtype: torch.dtype):
+    def forward(ctx, scaled_features: torch.Tensor, weight_rows: torch.Tensor, logits_dtype: torch.dtype,
+                spare: SpareBuffers | None, rows_are_spare: bool):
         inv_norm = torch.linalg.vector_norm(weight_rows, dim=1).clamp_(min=NORM_EPS).reciprocal_()
         ctx.save_for_backward(scaled_features, weight_rows, inv_norm)
         ctx.logits_dtype = logits_dtype
-        if logits_dtype == weight_rows.dtype:
-            logits = scaled_features.to(logits_dtype) @ weight_rows.t()
+        same_dtype = logits_dtype == weight_rows.dtype  # (low precision: the buffers differ; none are reused)
+        ctx.spare = spare if same_dtype else None
+        ctx.rows_are_spare = rows_are_spare and same_dtype
+        if same_dtype:
+            shape = (scaled_features.shape[0], weight_rows.shape[0])
+            out = None if ctx.spare is None else ctx.spare.take(shape, logits_dtype, weight_rows.device)
+            logits = torch.mm(scaled_features.to(logits_dtype), weight_rows.t(), out=out)
             return logits.mul_(inv_norm)
         # low precision: normalise before the cast so the scaling is done in full precision
         normalized = (weight_rows * inv_norm.unsqueeze(1)).to(logits_dtype)
@@ -105,7 +114,9 @@ class _CosineLogits(torch.autograd.Function):
             grad_weight.mul_(inv_norm.unsqueeze(1))
         # grad_weight now holds inv_norm * dL/dWn; remove the radial component of each row
         _remove_radial_component_(grad_weight, weight_rows, inv_norm)
-        return grad_features, grad_weight, None
+        if ctx.spare is not None:  # read for the last time: the logits' buffer (now their gradient), the rows
+            ctx.spare.give(grad_logits.detach(), *([weight_rows.detach()] if ctx.rows_are_spare else []))
+        return grad_features, grad_weight, None, None, None
 
 
 _RADIAL_BLOCK_ROWS_CPU = 128  # two blocks of 128 x 512 floats stay in L2 between the dot and the update
@@ -223,6 +234,13 @@ class ShardedMarginHead(nn.Module):
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
         self.margin: Margin = build_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0), device=self.weight.device)
+        self.spare = SpareBuffers()
+        """On CPU the step's largest temporaries (the sampled rows, the logits buffer), handed back by its backward
+        for the next step (`largefr.heads.spare`)."""
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """What the head keeps between steps besides W: the spare buffers, the margin's (`Margin.held_tensors`)."""
+        return [*self.spare.free, *self.margin.held_tensors()]
 
     @property
     def adaptive(self) -> Margin | None:
@@ -278,11 +296,15 @@ class ShardedMarginHead(nn.Module):
                                        step, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
         else:
-            weight_rows = upcast(self.weight if full else gather_rows(self.weight, sampled))  # W's grad: sampled rows
-            logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype)
+            spare = self.spare if self.weight.device.type == "cpu" else None
+            rows_are_spare = spare is not None and not full and compute_dtype(self.weight.dtype) == self.weight.dtype
+            out = spare.take((sampled.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
+                if rows_are_spare else None
+            weight_rows = upcast(self.weight if full else gather_rows(self.weight, sampled, out))  # W's grad: sampled
+            logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype, spare, rows_are_spare)
             logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
                                           step.params, step.negatives)
-            loss = sharded_cross_entropy(logits, local_target, self.group)
+            loss = sharded_cross_entropy(logits, local_target, self.group, consume_logits=True)
         return loss if step.extra_loss is None else loss + step.extra_loss
 
     @torch.no_grad()

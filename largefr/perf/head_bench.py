@@ -138,8 +138,9 @@ class HeadBench:
         del logits, grad_features, grad_weight
 
     def resident_bytes(self) -> int:
-        """W, the inputs, and what the margin keeps between steps (CurricularFace's derivative blocks on a CPU)."""
-        tensors = (self.head.weight, self.embeddings, self.labels, *self.head.margin.held_tensors())
+        """W, the inputs, and what the head keeps between steps (on a CPU its spare buffers, CurricularFace's
+        derivative blocks)."""
+        tensors = (self.head.weight, self.embeddings, self.labels, *self.head.held_tensors())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def peak_memory_mb(self) -> float:

@@ -216,12 +216,13 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     logits = b_g * s * LOGITS_BYTES[inputs.precision]
     softmax = b_g * s * 4
     if inputs.precision == "fp32":
-        forward = {"logits": logits, "exp(logits - max) buffer": softmax}
+        # the cross entropy computes the softmax in the logits' buffer (consume_logits), which becomes the gradient
+        forward = {"logits (then softmax, in place)": logits}
         backward = {"softmax / logits-grad buffer": softmax, "W grad (sampled rows)": s * d * PARAM_BYTES,
                     "W grad in storage dtype": cast_grad, "features grad": b_g * d * PARAM_BYTES,
                     "1/||W||^2": s * PARAM_BYTES}
     else:
-        forward = {"logits (bf16)": logits, "fp32 copy of logits": softmax, "exp(logits - max) buffer": softmax}
+        forward = {"logits (bf16)": logits, "fp32 copy of logits (then softmax, in place)": softmax}
         backward = {"logits-grad (bf16)": logits, "normalized W (bf16)": s * d * 2,
                     "features grad (bf16 + fp32)": b_g * d * 6, "features (bf16)": b_g * d * 2,
                     "W grad (bf16 + fp32)": s * d * 6, "W grad in storage dtype": cast_grad,

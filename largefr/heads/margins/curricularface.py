@@ -11,7 +11,7 @@ Cost. The modulation is one pass over the logits in row blocks: a block's mask, 
 t + c, the multiplication and the derivative t + 2c kept for backward are computed while the block
 is in cache (on a CPU blocks of MODULATION_BLOCK_CPU logits; on a GPU one block). The derivative is
 the one logits-sized buffer CurricularFace adds to a step; on a CPU its blocks are kept from one
-step's backward to the next step's forward (`DerivativeBlocks`), because fresh memory of that size is
+step's backward to the next step's forward (`largefr.heads.spare.SpareBuffers`), because fresh memory of that size is
 new pages the kernel zeroes at every step (a third of the modulation's time), while a GPU's caching
 allocator recycles it anyway. The step's peak memory does not change; between steps a CPU run holds
 that buffer (B_g x sampled classes x 4 bytes), which `Margin.held_tensors` reports.
@@ -24,29 +24,16 @@ import torch
 
 from largefr.config import HeadConfig
 from largefr.heads.margins.base import Margin, MarginBatch, MarginStep, arc_psi
+from largefr.heads.spare import SpareBuffers
 
 MODULATION_BLOCK_CPU = 1 << 20
 """Logits per row block of the modulation on a CPU (4 MiB of float32: cache-sized, and recycled by the allocator)."""
 
 
-class DerivativeBlocks:
-    """Derivative blocks a finished backward handed back, for the next step's modulation (the last backward's)."""
-
-    def __init__(self) -> None:
-        self.free: list[torch.Tensor] = []
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        """A buffer shaped like `like`: a handed-back block of its size, or a new one."""
-        for index, block in enumerate(self.free):
-            if block.shape == like.shape and block.dtype == like.dtype and block.device == like.device:
-                return self.free.pop(index)
-        return torch.empty_like(like)
-
-
 class RowBlockDerivative:
     """The modulation's derivative as row blocks (rows [k*rows_per_block, ...) of the logits, in order)."""
 
-    def __init__(self, rows_per_block: int, spare: DerivativeBlocks | None):
+    def __init__(self, rows_per_block: int, spare: SpareBuffers | None):
         self.rows_per_block, self.spare = rows_per_block, spare
         self.blocks: list[torch.Tensor] = []
 
@@ -58,7 +45,7 @@ class RowBlockDerivative:
             start = index * self.rows_per_block
             grad[start:start + block.shape[0]].mul_(block)
         if self.spare is not None:
-            self.spare.free = self.blocks
+            self.spare.replace(self.blocks)
         self.blocks = []
         return grad
 
@@ -66,7 +53,7 @@ class RowBlockDerivative:
 class HardNegatives:
     """CurricularFace's modulation of one step: s*c -> s*c*(t + c) where c > threshold_i."""
 
-    def __init__(self, threshold: torch.Tensor, t: torch.Tensor, scale: float, spare: DerivativeBlocks):
+    def __init__(self, threshold: torch.Tensor, t: torch.Tensor, scale: float, spare: SpareBuffers):
         self.threshold, self.t, self.scale, self.spare = threshold, t, scale, spare
 
     @torch.no_grad()
@@ -83,7 +70,7 @@ class HardNegatives:
         step = derivative.rows_per_block
         for start in range(0, rows, step):
             part = slice(start, start + step)
-            out = self.spare.take(logits[part]) if on_cpu else torch.empty_like(logits[part])
+            out = self.spare.take_like(logits[part]) if on_cpu else torch.empty_like(logits[part])
             derivative.blocks.append(_modulate_block_(logits[part], bound[part], t_value, one, self.scale, out))
         return derivative
 
@@ -107,7 +94,7 @@ class CurricularFace(Margin, name="curricularface"):
     def __init__(self, config: HeadConfig, *, seed: int = 0, device: torch.device | None = None):
         super().__init__(config, seed=seed, device=device)
         self.register_buffer("t", torch.zeros((), dtype=torch.float64, device=device))
-        self.spare = DerivativeBlocks()
+        self.spare = SpareBuffers()
 
     def step(self, batch: MarginBatch) -> MarginStep:
         target_cos, valid = batch.target_cos, batch.labels >= 0
