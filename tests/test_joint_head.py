@@ -313,3 +313,39 @@ def test_warmup_ramp_is_arcface_margin_then_the_cluster_terms_scaled_in(world):
 def test_warmup_steps_must_not_be_negative():
     with pytest.raises(ValueError, match="warmup_steps: must be >= 0, got -1"):
         cluster_config(warmup_steps=-1)
+
+
+def _shared_block_rank(rank, world):
+    """The joint head at Partial FC rate 0.3 with L_ali, against the same head reading L_ali's rows from W by a
+    second gather (shared_rows ignored): same losses and gradients; W gets one sorted row gradient."""
+    part = ClassPartition(CLASSES, world, rank)
+    rows = slice(rank * GLOBAL_ROWS // world, (rank + 1) * GLOBAL_ROWS // world)
+    shared, separate = (ClusterGuidedHead(make_margin_head(sample_rate=0.3), cluster_config(), seed=1)
+                        for _ in range(2))
+    original = separate.margin_head.loss_from_gathered
+    separate.margin_head.loss_from_gathered = lambda f, l, c=None, shared_rows=None: original(f, l, c)
+    gaps, masked_columns, one_gradient = [], 0, []
+    for step in range(STEPS + 2):
+        labels, embeddings, momentum = step_data(step % STEPS)
+        results = []
+        for head in (shared, separate):
+            local = embeddings[rows].clone().requires_grad_(True)
+            head.zero_grad()
+            head_loss = head.training_loss(local, labels[rows], momentum[rows])
+            head_loss.loss.backward()
+            grad = head.margin_head.weight.grad
+            if head is shared:
+                indices = grad._indices()[0]
+                one_gradient.append(bool(torch.equal(indices, head_loss.rows)))
+                masked_columns += len(head_loss.rows) - len(head.margin_head.last_sampled)
+            results.append((head_loss.loss.detach(), local.grad, grad.to_dense(), head.log_tau.grad))
+        gaps.append(max(float((a - b).abs().max()) for a, b in zip(*results)))
+    return {"gap": max(gaps), "masked": masked_columns, "one_gradient": all(one_gradient), "local": part.num_local}
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_l_ali_rows_gathered_in_the_margin_heads_block_give_the_same_step(world):
+    results = run_distributed(_shared_block_rank, world)
+    assert all(r["one_gradient"] for r in results), "W's gradient must be the block's rows, sorted, once"
+    assert sum(r["masked"] for r in results) > 0, "no step had an L_ali row outside the sample: nothing was tested"
+    assert max(r["gap"] for r in results) < 1e-12, [r["gap"] for r in results]

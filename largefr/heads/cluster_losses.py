@@ -224,18 +224,21 @@ def sum_grad_across_ranks(tensor: torch.Tensor, group: ProcessGroup | None) -> t
 
 
 def cluster_aligning_loss(sampled: SampledCenters, weight: torch.Tensor, log_tau: torch.Tensor, *,
-                          group: ProcessGroup | None = None) -> torch.Tensor:
+                          group: ProcessGroup | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """L_Clu-Ali (Eq. 7): cross entropy of C_i . W_j / tau over the sampled classes, positive W_i.
 
     weight: this rank's classifier shard (num_local, d) with grad; only the sampled rows are
     used, upcast after the gather (bfloat16 storage) and normalized. log_tau: the replicated learnable log temperature.
+    rows: those rows already gathered, with grad (the margin head's shared block); None: gathered here.
     """
-    local_weight = F.normalize(upcast(gather_rows(weight, sampled.local_indices)), dim=1)  # W's grad: these rows
+    if rows is None:
+        rows = upcast(gather_rows(weight, sampled.local_indices))  # W's grad: these rows
+    local_weight = F.normalize(rows, dim=1)
     inverse_tau = torch.exp(-sum_grad_across_ranks(log_tau, group))
     logits = (sampled.centers.to(local_weight.dtype) @ local_weight.t()) * inverse_tau
-    rows = torch.arange(sampled.total, device=weight.device)
+    positions = torch.arange(sampled.total, device=weight.device)
     local_count = len(sampled.local_indices)
-    target = torch.where((rows >= sampled.offset) & (rows < sampled.offset + local_count),
-                         rows - sampled.offset, torch.full_like(rows, -1))
+    target = torch.where((positions >= sampled.offset) & (positions < sampled.offset + local_count),
+                         positions - sampled.offset, torch.full_like(positions, -1))
     return sharded_cross_entropy(logits, target, group)
 

@@ -184,15 +184,18 @@ class ClusterGuidedHead(nn.Module):
             if self.config.cg_margin:
                 # during the warm-up the ramp moves lambda from ArcFace's (1) to the cluster-guided one
                 class_lambda = self.bank.class_lambda(*self.config.lambda_range, ramp=self.ramp)
+        sampled = None
+        if (self.config.contrastive_weight > 0 or self.config.aligning_weight > 0) and self._needs_sampled_centers:
+            sampled = sample_centers(self.bank, labels, self.config.num_sampled_centers,
+                                     generator=self.sample_generator)
+        # L_ali reads W's rows of the sampled classes: gathered in the margin head's block, so W gets one gradient
+        shared_rows = sampled.local_indices if self.log_tau is not None else None
         with timer.phase("loss_cg"):
-            loss = timer.mark_backward(self.margin_head.loss_from_gathered(features, labels, class_lambda), "loss_cg")
+            loss = timer.mark_backward(self.margin_head.loss_from_gathered(features, labels, class_lambda,
+                                                                           shared_rows=shared_rows), "loss_cg")
         terms = {"loss_cg": loss.detach()}
         touched = [self.margin_head.last_sampled]
         if self.config.contrastive_weight > 0 or self.config.aligning_weight > 0:
-            sampled = None
-            if self._needs_sampled_centers:
-                sampled = sample_centers(self.bank, labels, self.config.num_sampled_centers,
-                                         generator=self.sample_generator)
             self.last_sampled_centers = sampled
             loss = self._add_cluster_terms(loss, features, labels, sampled, terms)
             if self.log_tau is not None:
@@ -256,7 +259,8 @@ class ClusterGuidedHead(nn.Module):
         if cfg.aligning_weight > 0:
             with self._timer.phase("loss_ali"):
                 loss_ali = self._timer.mark_backward(
-                    cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group), "loss_ali")
+                    cluster_aligning_loss(sampled, self.margin_head.weight, self.log_tau, group=self.group,
+                                          rows=self.margin_head.shared_block), "loss_ali")
             terms["loss_ali"] = loss_ali.detach()
             loss = loss + self.ramp * cfg.aligning_weight * loss_ali
         return loss

@@ -38,6 +38,29 @@ def gather_rows(weight: torch.Tensor, sorted_rows: torch.Tensor, out: torch.Tens
     return _GatherRows.apply(weight, sorted_rows, out)
 
 
+class _RowsOfBlock(torch.autograd.Function):
+    """block.index_select(0, positions); backward: a sparse gradient of the block's shape over those rows, which
+    autograd adds into the block's own (dense) gradient, so the weight still gets one gradient from the block."""
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor, sorted_positions: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(sorted_positions)
+        ctx.block_shape = block.shape
+        return block.index_select(0, sorted_positions)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (sorted_positions,) = ctx.saved_tensors
+        return sparse_row_gradient(sorted_positions, grad_rows, ctx.block_shape), None
+
+
+def rows_of_block(block: torch.Tensor, sorted_positions: torch.Tensor) -> torch.Tensor:
+    """Rows `sorted_positions` (sorted, unique) of a gathered block (`gather_rows`), for a second term of the step
+    that reads some of the same weight's rows: its gradient joins the block's, and the weight gets one sparse
+    gradient a step (no sum of two sparse gradients, no coalescing copy)."""
+    return _RowsOfBlock.apply(block, sorted_positions)
+
+
 def sparse_row_gradient(sorted_rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A gradient of `shape` that is `values` on `sorted_rows` (sorted, unique) and zero elsewhere, without the
     zeros. Declared coalesced, so a step with one gather needs no coalescing copy."""

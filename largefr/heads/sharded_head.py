@@ -27,9 +27,9 @@ from largefr.distributed.collectives import (all_gather_rows, all_gather_with_gr
 from largefr.distributed.cross_entropy import sharded_cross_entropy
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.chunked import chunked_margin_loss
-from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, NegativeModulation, build_margin
+from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, MarginStep, NegativeModulation, build_margin
 from largefr.heads.precision import compute_dtype, upcast
-from largefr.heads.row_gradient import gather_rows
+from largefr.heads.row_gradient import gather_rows, rows_of_block
 from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
 from largefr.heads.spare import SpareBuffers
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
@@ -153,11 +153,14 @@ class _MarginInPlace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, cols, target_fn, scale: float, params, negatives: NegativeModulation | None):
+    def forward(ctx, logits, rows, cols, target_fn, scale: float, params, negatives: NegativeModulation | None,
+                masked: torch.Tensor | None):
         compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
         cos_target = logits[rows, cols].to(compute_dtype) / scale
         ctx.derivative = None if negatives is None else negatives.apply_(logits)
         logits[rows, cols] = target_fn(cos_target, params).to(logits.dtype)
+        if masked is not None:  # columns outside the softmax: -inf, so their softmax and gradient are 0
+            logits[:, masked] = float("-inf")
         ctx.mark_dirty(logits)
         ctx.save_for_backward(cos_target, rows, cols, params)
         ctx.target_fn, ctx.scale = target_fn, scale
@@ -176,7 +179,7 @@ class _MarginInPlace(torch.autograd.Function):
             logit = ctx.target_fn(cos_leaf, params_leaf)
             grads = torch.autograd.grad(logit, (cos_leaf, params_leaf) if params_grad else (cos_leaf,), upstream)
         grad_logits[rows, cols] = (grads[0] / ctx.scale).to(grad_logits.dtype)
-        return grad_logits, None, None, None, None, grads[1] if params_grad else None, None
+        return grad_logits, None, None, None, None, grads[1] if params_grad else None, None, None
 
 
 class ShardedMarginHead(nn.Module):
@@ -233,6 +236,7 @@ class ShardedMarginHead(nn.Module):
         self.sample_generator = torch.Generator(device="cpu" if on_meta else self.weight.device)
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
+        self.shared_block: torch.Tensor | None = None
         self.margin: Margin = build_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0), device=self.weight.device)
         self.spare = SpareBuffers()
         """On CPU the step's largest temporaries (the sampled rows, the logits buffer), handed back by its backward
@@ -240,7 +244,7 @@ class ShardedMarginHead(nn.Module):
 
     def held_tensors(self) -> list[torch.Tensor]:
         """What the head keeps between steps besides W: the spare buffers, the margin's (`Margin.held_tensors`)."""
-        return [*self.spare.free, *self.margin.held_tensors()]
+        return [*self.spare.held_tensors(), *self.margin.held_tensors()]
 
     @property
     def adaptive(self) -> Margin | None:
@@ -274,10 +278,18 @@ class ShardedMarginHead(nn.Module):
         return self.loss_from_gathered(features, labels, class_lambda)
 
     def loss_from_gathered(self, features: torch.Tensor, labels: torch.Tensor,
-                           class_lambda: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss from the gathered (B_g, d) features (with grad, not normalised) and (B_g,) labels."""
+                           class_lambda: torch.Tensor | None = None, *,
+                           shared_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss from the gathered (B_g, d) features (with grad, not normalised) and (B_g,) labels.
+
+        shared_rows: sorted, unique local rows of W another term of the step reads (L_ali's classes). In the default
+        mode with sampling they are gathered in the same block as the sample, outside the margin's softmax (their
+        logits are masked), so W gets one row gradient a step; `self.shared_block` is then their rows (with grad),
+        else None (the caller gathers them from W).
+        """
         labels = labels.long()
         self._check_inputs(features, labels, class_lambda)
+        self.shared_block = None
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
@@ -296,16 +308,37 @@ class ShardedMarginHead(nn.Module):
                                        step, group=self.group, chunk_size=self.chunk_size,
                                        logits_dtype=self.logits_dtype)
         else:
-            spare = self.spare if self.weight.device.type == "cpu" else None
-            rows_are_spare = spare is not None and not full and compute_dtype(self.weight.dtype) == self.weight.dtype
-            out = spare.take((sampled.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
-                if rows_are_spare else None
-            weight_rows = upcast(self.weight if full else gather_rows(self.weight, sampled, out))  # W's grad: sampled
-            logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype, spare, rows_are_spare)
-            logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
-                                          step.params, step.negatives)
-            loss = sharded_cross_entropy(logits, local_target, self.group, consume_logits=True)
+            loss = self._block_loss(scaled, sampled, None if full else shared_rows, local_target, rows, cols, step)
         return loss if step.extra_loss is None else loss + step.extra_loss
+
+    def _block_loss(self, scaled: torch.Tensor, sampled: torch.Tensor, shared_rows: torch.Tensor | None,
+                    local_target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    step: MarginStep) -> torch.Tensor:
+        """The default mode: the logits of every column of the block at once. The block is the sample plus the
+        shared rows not in it, whose columns are masked out of the softmax (loss and gradients those of the sample
+        alone); `local_target` and `cols` index the sample and are moved to the block's columns."""
+        full = sampled.numel() == self.partition.num_local
+        block, masked = sampled, None
+        if shared_rows is not None:
+            block = union_of_sorted(sampled, shared_rows)
+            if block.numel() > sampled.numel():
+                column = torch.searchsorted(block, sampled)  # the sample's columns in the block
+                in_sample = torch.zeros(block.numel(), dtype=torch.bool, device=block.device)
+                in_sample[column] = True
+                masked = torch.nonzero(~in_sample).squeeze(1)
+                local_target = torch.where(local_target >= 0, column[local_target.clamp(min=0)], local_target)
+                cols = column[cols]
+        spare = self.spare if self.weight.device.type == "cpu" else None
+        rows_are_spare = spare is not None and not full and compute_dtype(self.weight.dtype) == self.weight.dtype
+        out = spare.take((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
+            if rows_are_spare else None
+        weight_rows = upcast(self.weight if full else gather_rows(self.weight, block, out))  # W's grad: these rows
+        self.shared_block = None if shared_rows is None else \
+            rows_of_block(weight_rows, torch.searchsorted(block, shared_rows))
+        logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype, spare, rows_are_spare)
+        logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
+                                      step.params, step.negatives, masked)
+        return sharded_cross_entropy(logits, local_target, self.group, consume_logits=True)
 
     @torch.no_grad()
     def _global_target_facts(self, scaled: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor,

@@ -7,9 +7,8 @@ kernel first compacts memory to find free huge pages for them, so the same work 
 holds (docs/PERFORMANCE.md, "Step time"). A buffer handed back is taken by the next step instead.
 
 A buffer is handed back only where its last reader is known: the end of the backward that consumed it. One never
-handed back (a forward without backward) is freed as usual. Autograd's version counter guards the rest: a buffer
-taken again is written through `out=`, so a graph still holding it (a second backward with retain_graph) raises
-instead of reading new values. Only on CPU; a GPU's caching allocator already reuses memory.
+handed back (a forward without backward) is freed as usual. Only on CPU; a GPU's caching allocator already reuses
+memory.
 """
 from __future__ import annotations
 
@@ -17,32 +16,50 @@ from typing import Sequence
 
 import torch
 
+SLACK = 1.0625
+"""A new buffer gets this many times the elements asked for, so the next steps' slightly larger shapes (a step's
+sample grows with the classes another term shares) fit in it."""
 CAPACITY = 8
-"""Buffers kept at most (a step hands back two or three; older ones, e.g. of a shape no longer used, are freed)."""
+"""Free buffers kept at most (a step hands back two or three)."""
 
 
 class SpareBuffers:
-    """Handed-back buffers, taken by shape, dtype and device."""
+    """Flat buffers lent out in the shapes asked for, and kept when handed back."""
 
     def __init__(self) -> None:
         self.free: list[torch.Tensor] = []
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """A handed-back buffer of this shape, dtype and device, or a new (uninitialised) one."""
+        """A contiguous, uninitialised tensor of `shape` in a handed-back buffer large enough, or in a new one."""
         shape, device = torch.Size(shape), torch.device(device)
-        for index, buffer in enumerate(self.free):
-            if buffer.shape == shape and buffer.dtype == dtype and buffer.device == device:
-                return self.free.pop(index)
-        return torch.empty(shape, dtype=dtype, device=device)
+        count = shape.numel()
+        for index, flat in enumerate(self.free):
+            if flat.dtype == dtype and flat.device == device and count <= flat.numel() <= count * SLACK * SLACK:
+                return _alias(self.free.pop(index), shape)
+        return _alias(torch.empty(max(1, int(count * SLACK)), dtype=dtype, device=device), shape)
 
     def take_like(self, like: torch.Tensor) -> torch.Tensor:
         return self.take(like.shape, like.dtype, like.device)
 
-    def give(self, *buffers: torch.Tensor) -> None:
-        """Hand back buffers nobody reads any more (whole, contiguous tensors; views are not kept)."""
-        self.free.extend(buffer for buffer in buffers if buffer._base is None and buffer.is_contiguous())
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Hand back the memory of `tensors` (what `take` lent, or tensors of one's own): nobody reads it afterwards."""
+        self.free.extend(_alias(tensor, (tensor.untyped_storage().nbytes() // tensor.element_size(),))
+                         for tensor in tensors)
         del self.free[:-CAPACITY]
 
-    def replace(self, buffers: list[torch.Tensor]) -> None:
-        """The free buffers become `buffers` (a set handed back as a whole, e.g. one backward's derivative blocks)."""
-        self.free = buffers
+    def replace(self, tensors: list[torch.Tensor]) -> None:
+        """The free buffers become those of `tensors` (a set handed back as a whole, e.g. one backward's derivative
+        blocks); the ones free before are dropped."""
+        self.free = []
+        self.give(*tensors)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The free buffers (memory kept between steps)."""
+        return list(self.free)
+
+
+def _alias(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A new tensor of `shape` at the start of `tensor`'s memory. Not a view for autograd (a custom Function may
+    modify its output in place), so it has its own version counter: what guards a lent buffer is that the head's
+    graph takes one backward (its softmax is modified in place there, which autograd's version check enforces)."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor.untyped_storage(), 0, shape)

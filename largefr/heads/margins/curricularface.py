@@ -116,4 +116,4 @@ class CurricularFace(Margin, name="curricularface"):
         return self.scale * arc_psi(cos, params[:, 0].to(cos.dtype), "th_mm")
 
     def held_tensors(self) -> list[torch.Tensor]:
-        return list(self.spare.free)
+        return self.spare.held_tensors()
