@@ -5,9 +5,11 @@ gradient of W's full size (zeros outside the sample), and everything after it (f
 loss-scale multiply, clipping, the optimizer's row gather) would pass over all of it. Here the rows
 are gathered by `gather_rows`, whose backward returns a sparse COO gradient (`sparse_dim` 1: row
 indices plus a (rows, d) block of values), the layout `nn.Embedding(sparse=True)` gives its weight.
-Autograd sums the gradients of several gathers (the margin head's sample, L_ali's classes, the
-micro-batches of one step) by concatenation; `coalesce_row_gradient_` sums duplicate rows once per
-step and the head step, the clip and the row-sparse optimizer then read `row_gradient_values`.
+A second term reading rows of the same weight in the same step (L_ali's classes) takes them from the
+gathered block (`rows_of_block`), so one step's forward gives the weight one gradient: sorted, unique, no
+copy. Autograd sums the gradients of several gathers (the micro-batches of one step) by concatenation;
+`coalesce_row_gradient_` sums duplicate rows once per step and the head step, the clip and the row-sparse
+optimizer then read `row_gradient_values`.
 
 A dense gradient (sample rate 1.0: the whole shard is used) passes through these helpers unchanged.
 """

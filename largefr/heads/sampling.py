@@ -67,7 +67,7 @@ joined: one copy of a and a few microseconds per run (0.3 ms for 64 values into 
 def union_of_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The sorted union of two sorted, unique 1-D tensors, in O(len(a) + len(b) log len(a)) without a sort: the
     rows a step touches (Partial FC's sample and L_ali's few classes; the sample's negatives and positives)."""
-    extra = b[~_contains_sorted(a, b)]
+    extra = b[~contains_sorted(a, b)]
     if extra.numel() == 0:
         return a
     if extra.numel() * _ROWS_PER_INSERTION <= a.numel():
@@ -94,7 +94,7 @@ def _insert_sorted(a: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def _contains_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
+def contains_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
     """needles[i] in haystack (sorted), by binary search."""
     if haystack.numel() == 0:
         return torch.zeros_like(needles, dtype=torch.bool)

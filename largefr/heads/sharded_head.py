@@ -6,6 +6,8 @@ the embeddings (autograd: backward is a reduce-scatter) and labels, samples this
 feeds them to `sharded_cross_entropy`. Nothing of size (global batch x num_classes) or
 (num_classes x d) is allocated on one rank; with sampling, W's gradient is a sparse tensor over the
 sampled rows (`largefr.heads.row_gradient`), so the step's cost follows the sample, not the shard.
+Rows another term of the step reads (L_ali's classes, `shared_rows`) are gathered in the same block,
+their columns masked out of the softmax, so W gets one gradient a step.
 
 Elementwise work on the (B_g x S) logits is kept to in-place passes: W is never normalised into a
 copy (the GEMM uses raw rows and the logits are scaled by 1/||W_j|| in place), the margin rewrites
@@ -30,7 +32,7 @@ from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, MarginStep, NegativeModulation, build_margin
 from largefr.heads.precision import compute_dtype, upcast
 from largefr.heads.row_gradient import gather_rows, rows_of_block
-from largefr.heads.sampling import uniform_complement_subset, union_of_sorted
+from largefr.heads.sampling import contains_sorted, uniform_complement_subset, union_of_sorted
 from largefr.heads.spare import SpareBuffers
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
 
@@ -319,15 +321,16 @@ class ShardedMarginHead(nn.Module):
         alone); `local_target` and `cols` index the sample and are moved to the block's columns."""
         full = sampled.numel() == self.partition.num_local
         block, masked = sampled, None
-        if shared_rows is not None:
-            block = union_of_sorted(sampled, shared_rows)
-            if block.numel() > sampled.numel():
-                column = torch.searchsorted(block, sampled)  # the sample's columns in the block
-                in_sample = torch.zeros(block.numel(), dtype=torch.bool, device=block.device)
-                in_sample[column] = True
-                masked = torch.nonzero(~in_sample).squeeze(1)
-                local_target = torch.where(local_target >= 0, column[local_target.clamp(min=0)], local_target)
-                cols = column[cols]
+        extra = None if shared_rows is None else shared_rows[~contains_sorted(sampled, shared_rows)]
+        if extra is not None and extra.numel() > 0:
+            block = union_of_sorted(sampled, extra)
+            masked = torch.searchsorted(sampled, extra) + torch.arange(extra.numel(), device=extra.device)
+
+            def column(sample_column: torch.Tensor) -> torch.Tensor:  # a sample column's column in the block
+                return sample_column + torch.searchsorted(extra, sampled[sample_column])
+
+            local_target = torch.where(local_target >= 0, column(local_target.clamp(min=0)), local_target)
+            cols = column(cols)
         spare = self.spare if self.weight.device.type == "cpu" else None
         rows_are_spare = spare is not None and not full and compute_dtype(self.weight.dtype) == self.weight.dtype
         out = spare.take((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
