@@ -75,8 +75,8 @@ def test_optimizer_step_phase_matches_measured(name, weight_dtype):
     for _ in range(2):  # the first step creates the (resident) state; the second is measured
         optimizer.zero_grad()
         head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
-        measured = tensor_bytes([head.weight.grad]) + profiled_peak_increment(
-            lambda rows=head.last_sampled: optimizer.step(rows=rows))
+        measured = tensor_bytes([head.weight.grad, *head.held_tensors()]) + profiled_peak_increment(
+            lambda rows=head.last_sampled: optimizer.step(rows=rows))  # held: the head's spare buffers (CPU)
     plan = plan_memory(PlanInputs(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=0.3,
                                   optimizer=name, weight_dtype=weight_dtype, bank=False, device="cpu"))
     planned = sum(plan.phases["optimizer step"].values())

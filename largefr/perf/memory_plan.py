@@ -32,11 +32,14 @@ from largefr.distributed.partition import ClassPartition
 from largefr.errors import UsageError
 from largefr.heads.optim import block_elements
 from largefr.heads.precision import ROUNDING_CHUNK_ELEMENTS, ROUNDING_TEMPORARY_BYTES
+from largefr.heads.spare import SLACK
 
 LOGITS_BYTES = {name: PRECISION_BYTES[name] for name in LOGITS_DTYPES}
 """Logits GEMM dtype -> bytes per element (the softmax is float32 in both)."""
 OPTIMIZERS = (*dict.fromkeys(HEAD_OPTIMIZERS.values()), "none")
 OPTIMIZER_PHASE = "optimizer step"
+FEATURE_BACKWARD_PHASE = "backward: features"
+"""After the logits' backward: W's gradient complete, the features' gradient reduced."""
 OPTIMIZER_ROW_COPIES = {"sgd": 2, "adamw": 4, "none": 0}
 """Float32 temporaries of one block of rows (`largefr.heads.optim.row_blocks`) alive at once while W's gradient
 exists, with sampling (rate < 1): RowSparseSGD (momentum, weight decay added into the gradient in place) the
@@ -228,7 +231,7 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
                     "W grad (bf16 + fp32)": s * d * 6, "W grad in storage dtype": cast_grad,
                     "1/||W||^2": s * PARAM_BYTES}
     phases = {"forward: softmax": {**base, **forward}, "backward: W grad": {**base, **backward}}
-    phases["backward: features"] = _feature_backward(inputs, s, num_local)
+    phases[FEATURE_BACKWARD_PHASE] = _feature_backward(inputs, s, num_local)
     return phases
 
 
@@ -250,7 +253,7 @@ def _chunked_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
                 "bf16 block products": (b_g * d + width * d) * 2 if low else 0}
     return {"forward: block": {**base, **block},
             "backward: block": {**base, **block, **backward},
-            "backward: features": _feature_backward(inputs, s, num_local)}
+            FEATURE_BACKWARD_PHASE: _feature_backward(inputs, s, num_local)}
 
 
 def _feature_backward(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
@@ -272,8 +275,22 @@ def plan_rank(inputs: PlanInputs, rank: int) -> RankPlan:
     phases = phases_of(inputs, num_sampled, part.num_local)
     if inputs.optimizer != "none":
         phases[OPTIMIZER_PHASE] = _optimizer_phase(inputs, num_sampled, part.num_local)
+    spare = spare_bytes(inputs, num_sampled, part.num_local)
+    for name in (FEATURE_BACKWARD_PHASE, OPTIMIZER_PHASE):  # the phases after the head's backward handed them back
+        if spare and name in phases:
+            phases[name]["spare buffers (CPU: the logits' and the sampled rows', for the next step)"] = spare
     return RankPlan(rank=rank, class_start=part.start, class_end=part.end, num_local=part.num_local,
                     num_sampled=num_sampled, resident=resident_bytes(inputs, part.num_local), phases=phases)
+
+
+def spare_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
+    """What the default head keeps between steps on a CPU (`largefr.heads.spare`): the logits' buffer, and the block
+    of sampled rows when W is sampled and stored in float32; each `SLACK` times its size. Counted in the phases
+    after the backward that hands them back (before it, they are the step's own logits and rows)."""
+    if inputs.device != "cpu" or inputs.chunk_size > 0 or inputs.precision != "fp32":
+        return 0
+    rows = num_sampled * inputs.dim * PARAM_BYTES if num_sampled < num_local and not inputs.low_storage else 0
+    return int((inputs.global_batch * num_sampled * 4 + rows) * SLACK)
 
 
 def _optimizer_phase(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
