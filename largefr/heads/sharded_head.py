@@ -94,6 +94,7 @@ class _CosineLogits(torch.autograd.Function):
             shape = (scaled_features.shape[0], weight_rows.shape[0])
             out = None if ctx.spare is None else ctx.spare.take(shape, logits_dtype, weight_rows.device)
             logits = torch.mm(scaled_features.to(logits_dtype), weight_rows.t(), out=out)
+            ctx.logits_memory = logits.untyped_storage().data_ptr()
             return logits.mul_(inv_norm)
         # low precision: normalise before the cast so the scaling is done in full precision
         normalized = (weight_rows * inv_norm.unsqueeze(1)).to(logits_dtype)
@@ -117,7 +118,9 @@ class _CosineLogits(torch.autograd.Function):
         # grad_weight now holds inv_norm * dL/dWn; remove the radial component of each row
         _remove_radial_component_(grad_weight, weight_rows, inv_norm)
         if ctx.spare is not None:  # read for the last time: the logits' buffer (now their gradient), the rows
-            ctx.spare.give(grad_logits.detach(), *([weight_rows.detach()] if ctx.rows_are_spare else []))
+            mine = grad_logits.untyped_storage().data_ptr() == ctx.logits_memory  # (not a gradient made elsewhere)
+            ctx.spare.give(*([grad_logits.detach()] if mine else []),
+                           *([weight_rows.detach()] if ctx.rows_are_spare else []))
         return grad_features, grad_weight, None, None, None
 
 
@@ -148,7 +151,8 @@ class _MarginInPlace(torch.autograd.Function):
     """The margin on a block of s*cos logits, in place; exact backward.
 
     Forward: the target cosines read, the margin's `negatives` modulation (if any) on the whole block,
-    then the B_g target entries [rows, cols] overwritten with `target_fn(cos, params)` = s*psi_i(cos).
+    then the B_g target entries [rows, cols] overwritten with `target_fn(cos, params)` = s*psi_i(cos), and the
+    `masked` columns (rows of W in the block for another term only) set to -inf: outside the softmax.
     Backward (on the cross entropy's softmax buffer, held by nobody else): the block times the
     modulation's derivative, then the target entries set to their upstream gradient times psi'(cos)
     (and the params' gradient, e.g. MagFace's margin from the norm).
