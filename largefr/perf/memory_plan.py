@@ -76,6 +76,9 @@ class PlanInputs:
     """Low-memory head block width (head.chunk_size); 0 = default head."""
     bank: bool = True
     """Cluster bank and feature queue present (any cluster term on)."""
+    aligning: bool = False
+    """L_ali on (cluster.aligning_weight > 0): with sampling its rows' gradient joins the sampled block's in a new
+    tensor of that gradient's size at the end of the head's backward."""
     queue_size: int = 8192
     """Feature queue rows (cluster.queue_size), replicated on every rank."""
     device: str = "cuda"
@@ -261,6 +264,8 @@ def _feature_backward(inputs: PlanInputs, num_sampled: int, num_local: int) -> d
     b_g, b, d = inputs.global_batch, inputs.batch, inputs.dim
     phase = _features(inputs, num_sampled, num_local)
     phase["W grad"] = w_grad_bytes(inputs, num_sampled, num_local)
+    if inputs.aligning and num_sampled < num_local:  # autograd adds L_ali's rows to the block's gradient: a new one
+        phase["W grad + L_ali's rows"] = num_sampled * d * PARAM_BYTES
     phase["normalisation backward"] = 3 * b_g * d * PARAM_BYTES
     # gloo has no reduce_scatter: the gradient is all-reduced in a copy, then this rank's rows copied out
     phase["reduce-scatter"] = (b_g + b) * d * PARAM_BYTES if inputs.world_size > 1 else 0

@@ -41,7 +41,8 @@ def add_plan_options(parser: argparse.ArgumentParser, *, classes: int | None = N
                help="images per rank B (per process; global B_g = world * B)", **_default(batch))
     add_head_options(parser, dim=dim, sample_rate=sample_rate)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="head optimizer (state per row)")
-    parser.add_argument("--no-bank", action="store_true", help="no cluster bank / feature queue (plain Partial FC)")
+    parser.add_argument("--no-bank", action="store_true",
+                        help="no cluster bank / feature queue / L_ali (plain Partial FC); default: the full method")
     parser.add_argument("--queue-size", type=int, default=8192, help="feature queue rows (cluster.queue_size)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="where the step runs (sets the head optimizer's row blocks; default a GPU)")
@@ -52,5 +53,5 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     return PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
                       sample_rate=args.sample_rate, precision=args.precision, weight_dtype=args.weight_dtype,
                       optimizer=args.optimizer,
-                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size,
+                      chunk_size=args.chunk_size, bank=not args.no_bank, aligning=not args.no_bank, queue_size=args.queue_size,
                       device=args.device)
