@@ -112,6 +112,14 @@ def train_two_steps(parts, rank: int) -> None:
         parts.step.step(loss_scale=1.0, engine_step_applied=True, rows=loss.rows)
 
 
+def train_and_save(parts, checkpointer, rank: int) -> None:
+    """Two real steps, then a checkpoint at step 2 (the trainer's loop state through the stand-in)."""
+    train_two_steps(parts, rank)
+    trainer = TrainerStandIn()
+    trainer.state.step = 2
+    checkpointer.save(trainer)
+
+
 def by_class(per_rank: list[dict], name: str) -> torch.Tensor:
     """Rows `name` of every rank's snapshot, in class order."""
     return torch.cat([r["rows"][name] for r in sorted(per_rank, key=lambda r: r["start"])])

@@ -17,7 +17,7 @@ import torch
 
 from largefr.stateful import EntryNote, Kind, RestoreContext, State
 from tests.checkpoint_helpers import (NUM_CLASSES, TrainerStandIn, assert_tree_equal, build_parts, by_class,
-                                      snapshot, train_two_steps)
+                                      snapshot, train_and_save)
 from tests.distributed_helpers import run_distributed
 
 SAVED_BY = 3
@@ -64,10 +64,7 @@ def _snapshot(parts, histogram) -> dict:
 
 def _save(rank: int, world: int, root: str) -> dict:
     parts, histogram, checkpointer = _build(world, seed=3, root=root)
-    train_two_steps(parts, rank)
-    loop = TrainerStandIn()
-    loop.state.step = 2
-    checkpointer.save(loop)
+    train_and_save(parts, checkpointer, rank)
     return _snapshot(parts, histogram)
 
 

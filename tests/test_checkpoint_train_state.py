@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.checkpoint_helpers import (TrainerStandIn, assert_tree_equal, build_parts, by_class, snapshot,
-                                      train_two_steps)
+                                      train_and_save)
 from tests.distributed_helpers import run_distributed
 
 HEAD = {"head_type": "curricularface", "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}
@@ -29,10 +29,7 @@ def _build(world: int, seed: int, root: str):
 
 def _save(rank: int, world: int, root: str) -> dict:
     parts, checkpointer = _build(world, seed=3, root=root)
-    train_two_steps(parts, rank)
-    trainer = TrainerStandIn()
-    trainer.state.step = 2
-    checkpointer.save(trainer)
+    train_and_save(parts, checkpointer, rank)
     return snapshot(parts)
 
 

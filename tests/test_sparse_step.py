@@ -39,10 +39,15 @@ def one_step(parts, seed: int) -> None:
     assert result.applied, result.reason
 
 
-def largest_allocation(fn) -> int:
+def allocation_sizes(fn) -> list[int]:
+    """Bytes of every allocation `fn` makes (torch's CPU memory profiler)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+def largest_allocation(fn) -> int:
+    return max(allocation_sizes(fn))
 
 
 @pytest.mark.parametrize("optimizer,chunk_size,clip", [("sgd", 0, 0.0), ("adamw", 0, 5.0), ("sgd", 1024, 5.0)])
@@ -108,12 +113,6 @@ def test_sparse_row_gradient_equals_dense_float64_reference():
     coalesced = grad.coalesce()
     assert torch.equal(coalesced.indices()[0], torch.unique(torch.cat([sampled, centers])))
     torch.testing.assert_close(coalesced.to_dense(), dense_weight.grad, atol=1e-14, rtol=0)
-
-
-def allocation_sizes(fn) -> list[int]:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
 
 
 @pytest.mark.parametrize("rate", [0.1, 1.0])

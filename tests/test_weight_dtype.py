@@ -21,7 +21,7 @@ from largefr.heads.cluster import ClusterBank, rounding_phi_floor
 from largefr.heads.precision import round_to_storage, rounding_keys
 from largefr.heads.row_gradient import sparse_row_gradient
 from largefr.perf.memory_plan import PlanInputs, plan_memory
-from tests.checkpoint_helpers import TrainerStandIn, build_parts, by_class, snapshot, train_two_steps
+from tests.checkpoint_helpers import TrainerStandIn, build_parts, by_class, snapshot, train_and_save
 from tests.distributed_helpers import run_distributed
 from tests.test_sharded_head import CLASSES, DIM, LOCAL_BATCH, MARGINS, SEED, case_data, dense_reference
 
@@ -266,10 +266,7 @@ HEAD_BF16 = {"head_type": "curricularface", "optim": {"name": "sgd", "lr": 0.1, 
 
 def _save_bf16(rank: int, world: int, root: str) -> dict:
     parts, checkpointer = build_parts(world, 3, root, **HEAD_BF16)
-    train_two_steps(parts, rank)
-    trainer = TrainerStandIn()
-    trainer.state.step = 2
-    checkpointer.save(trainer)
+    train_and_save(parts, checkpointer, rank)
     return snapshot(parts)
 
 
