@@ -12,7 +12,9 @@ from largefr.heads.cluster import ClusterBank
 from largefr.heads.cluster_losses import (
     cluster_aligning_loss,
     cluster_contrastive_loss,
+    SampledCenters,
     cluster_temperature,
+    positive_columns,
     sample_centers,
     sampling_shares,
 )
@@ -179,3 +181,20 @@ def test_temperature_edge_cases():
     assert abs(pcl.mean().item() - 0.1) < 1e-15 and bool((pcl > 0).all())
     with pytest.raises(ValueError, match="temperature mode must be one of"):
         cluster_temperature(phi, some, mode="paper")
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_positive_columns_match_a_plain_lookup_on_uneven_shards(world):
+    """Each row's column among its rank's sampled classes (sorted), -1 for a class another rank holds, a class not
+    sampled, or an ignored row (label -1); against a dictionary lookup, on every rank of an uneven split."""
+    classes = 23
+    generator = torch.Generator().manual_seed(world)
+    labels = torch.cat([torch.randint(0, classes, (40,), generator=generator), torch.tensor([-1, 0, classes - 1])])
+    for rank in range(world):
+        part = ClassPartition(classes, world, rank)
+        local = torch.sort(torch.randperm(part.num_local, generator=generator)[: part.num_local // 2]).values
+        sampled = SampledCenters(local_indices=local, counts=[], offset=0, centers=torch.empty(0, 4),
+                                 phi=torch.empty(0), has_phi=torch.empty(0, dtype=torch.bool), class_ids=torch.empty(0))
+        column_of = {part.start + int(row): column for column, row in enumerate(local)}
+        expected = [column_of.get(int(label), -1) for label in labels]
+        assert positive_columns(labels, sampled, part).tolist() == expected, (world, rank)

@@ -224,14 +224,3 @@ def test_run_phases_and_their_capacity(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["limited_by"] == "resume" and report["max_classes_per_phase"] == per_phase
     assert f"| resume | {per_phase['resume']:,} |" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("rate", [0.1, 1.0])
-def test_aligning_loss_adds_the_summed_row_gradient_only_with_sampling(rate):
-    """With L_ali on and sampling, autograd adds L_ali's rows to the block's gradient in a new tensor of the sampled
-    rows' gradient size (measured by tools/scale_run.py at 10M classes: docs/PERFORMANCE.md); at rate 1.0 W's dense
-    gradient takes them in place."""
-    base = dict(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=rate, device="cpu")
-    without, with_ali = (plan_memory(PlanInputs(**base, aligning=aligning)) for aligning in (False, True))
-    added = sum(with_ali.phases["backward: features"].values()) - sum(without.phases["backward: features"].values())
-    assert added == (without.num_sampled * DIM * 4 if rate < 1.0 else 0)

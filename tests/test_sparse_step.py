@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from largefr.config import load_config
-from largefr.heads.cluster_losses import sample_centers
+from largefr.heads.cluster_losses import positive_columns, sample_centers
 from largefr.heads.row_gradient import gather_rows
 from largefr.train.build import build_head
 from largefr.train.distributed_env import DistributedEnv
@@ -68,7 +68,8 @@ def test_sampled_step_allocates_nothing_the_size_of_the_shard(optimizer, chunk_s
 
 
 def test_sampling_and_target_lambda_make_nothing_per_class():
-    """The margin head's negatives, L_con's sampled centers and the target classes' lambda follow the sample: no
+    """The margin head's negatives, L_con's sampled centers and positive columns and the target classes' lambda
+    follow the sample: no
     vector of a float per class (a score or a lambda for each of the rank's classes) is made. Scoring every
     class and taking the top k, or computing every class's lambda, fails this."""
     parts = quickstart_head("head.sample_rate=0.01")
@@ -76,8 +77,10 @@ def test_sampling_and_target_lambda_make_nothing_per_class():
     head = parts.head
     labels = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(3))
     class_lambda = head.bank.class_lambda(0.0, 1.0, ramp=0.5)  # (its phi range is one pass, made once a step)
+    sampled = sample_centers(head.bank, labels, 128, generator=head.sample_generator)
     largest = largest_allocation(lambda: (head.margin_head.sample_classes(labels),
                                           sample_centers(head.bank, labels, 128, generator=head.sample_generator),
+                                          positive_columns(labels, sampled, head.margin_head.partition),
                                           class_lambda[labels]))
     assert largest < CLASSES * 4 / 2, (largest, CLASSES * 4)
 
@@ -115,24 +118,25 @@ def test_sparse_row_gradient_equals_dense_float64_reference():
     torch.testing.assert_close(coalesced.to_dense(), dense_weight.grad, atol=1e-14, rtol=0)
 
 
-@pytest.mark.parametrize("rate", [0.1, 1.0])
+@pytest.mark.parametrize("rate", [0.5, 1.0])
 def test_step_writes_its_logits_and_rows_into_the_last_steps_buffers(rate):
     """On CPU the margin head's backward hands its logits buffer (softmax, then gradient) and its gathered rows back
-    for the next step (largefr.heads.spare): a step after the first makes no new tensor of their sizes, and three
-    steps give the same bits as three whose buffers are all new."""
+    for the next step, and lends the rows' gradient until the head step drops it (largefr.heads.spare): a step
+    after the first two makes no new tensor of their sizes, and three steps give the same bits as three whose
+    buffers are all new. (At rate 0.5 the sampled rows are 5 MB, four times the optimizer's 1 MB row blocks.)"""
     reused, fresh = quickstart_head(f"head.sample_rate={rate}"), quickstart_head(f"head.sample_rate={rate}")
-    fresh.head.margin_head.spare.give = lambda *buffers: None  # nothing handed back: every buffer new
+    fresh.head.margin_head.spare.give = lambda *buffers: None  # nothing handed back or lent twice: every buffer new
     for seed in range(2):
         one_step(reused, seed)
         one_step(fresh, seed)
     margin_head = reused.head.margin_head
-    sampled = margin_head.num_sample if rate < 1.0 else margin_head.partition.num_local
-    logits_bytes, rows_bytes = BATCH * sampled * 4, sampled * DIM * 4
     sizes = allocation_sizes(lambda: one_step(reused, seed=2))
     one_step(fresh, seed=2)
-    assert logits_bytes not in sizes, "the logits were written into a new buffer"
-    if rate < 1.0:  # the sampled rows' gradient has their size too: one allocation of it, not two
-        assert sizes.count(rows_bytes) <= 1, sizes.count(rows_bytes)
+    if rate < 1.0:  # nothing of the sample's size: its rows, their gradient (L_ali's rows added in place), logits
+        rows_bytes = margin_head.num_sample * DIM * 4
+        assert max(sizes) < rows_bytes / 4, (max(sizes), rows_bytes)
+    else:  # the dense W gradient is new each step (it is W's size); the logits are not
+        assert BATCH * CLASSES * 4 not in sizes, "the logits were written into a new buffer"
     for a, b in zip(reused.head.parameters(), fresh.head.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(margin_head.weight, fresh.head.margin_head.weight)

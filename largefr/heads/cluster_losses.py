@@ -184,14 +184,15 @@ def cluster_contrastive_loss(features: torch.Tensor, global_labels: torch.Tensor
 
 
 def positive_columns(global_labels: torch.Tensor, sampled: SampledCenters, partition: ClassPartition) -> torch.Tensor:
-    """(B_g,) column of each row's own class among this rank's sampled centers, -1 when it is not there."""
-    device = sampled.local_indices.device
-    class_start, num_local = partition.start, partition.num_local
-    column_of = torch.full((num_local,), -1, dtype=torch.int64, device=device)
-    column_of[sampled.local_indices] = torch.arange(len(sampled.local_indices), device=device)
-    labels = global_labels.to(device)
-    inside = (labels >= class_start) & (labels < class_start + num_local)
-    return torch.where(inside, column_of[(labels - class_start).clamp(0, num_local - 1)], torch.full_like(labels, -1))
+    """(B_g,) column of each row's own class among this rank's sampled centers, -1 when it is not there.
+
+    A search in the sorted sampled classes: nothing of the shard's size is made (issue 25)."""
+    local = sampled.local_indices
+    rows = global_labels.to(local.device) - partition.start  # outside the shard (or -1, ignored): never found
+    if local.numel() == 0:
+        return torch.full_like(rows, -1)
+    column = torch.searchsorted(local, rows).clamp_(max=local.numel() - 1)
+    return torch.where(local[column] == rows, column, torch.full_like(rows, -1))
 
 
 def learnable_temperature(log_tau0: torch.Tensor, count: int, group: ProcessGroup | None) -> torch.Tensor:

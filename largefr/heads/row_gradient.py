@@ -6,7 +6,7 @@ loss-scale multiply, clipping, the optimizer's row gather) would pass over all o
 are gathered by `gather_rows`, whose backward returns a sparse COO gradient (`sparse_dim` 1: row
 indices plus a (rows, d) block of values), the layout `nn.Embedding(sparse=True)` gives its weight.
 A second term reading rows of the same weight in the same step (L_ali's classes) takes them from the
-gathered block (`rows_of_block`), so one step's forward gives the weight one gradient: sorted, unique, no
+gathered block (`with_rows_of_block`), so one step's forward gives the weight one gradient: sorted, unique, no
 copy. Autograd sums the gradients of several gathers (the micro-batches of one step) by concatenation;
 `coalesce_row_gradient_` sums duplicate rows once per step and the head step, the clip and the row-sparse
 optimizer then read `row_gradient_values`.
@@ -40,27 +40,33 @@ def gather_rows(weight: torch.Tensor, sorted_rows: torch.Tensor, out: torch.Tens
     return _GatherRows.apply(weight, sorted_rows, out)
 
 
-class _RowsOfBlock(torch.autograd.Function):
-    """block.index_select(0, positions); backward: a sparse gradient of the block's shape over those rows, which
-    autograd adds into the block's own (dense) gradient, so the weight still gets one gradient from the block."""
+class _WithRowsOfBlock(torch.autograd.Function):
+    """(block, block.index_select(0, positions)); backward: the rows' gradient added into the block's, in place."""
 
     @staticmethod
-    def forward(ctx, block: torch.Tensor, sorted_positions: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(sorted_positions)
+    def forward(ctx, block: torch.Tensor, positions: torch.Tensor):
+        ctx.save_for_backward(positions)
         ctx.block_shape = block.shape
-        return block.index_select(0, sorted_positions)
+        ctx.set_materialize_grads(False)
+        return block.view_as(block), block.index_select(0, positions)
 
     @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):
-        (sorted_positions,) = ctx.saved_tensors
-        return sparse_row_gradient(sorted_positions, grad_rows, ctx.block_shape), None
+    def backward(ctx, grad_block: torch.Tensor | None, grad_rows: torch.Tensor | None):
+        (positions,) = ctx.saved_tensors
+        if grad_rows is None:
+            return grad_block, None
+        if grad_block is None:
+            grad_block = grad_rows.new_zeros(ctx.block_shape)
+        return grad_block.index_add_(0, positions, grad_rows), None
 
 
-def rows_of_block(block: torch.Tensor, sorted_positions: torch.Tensor) -> torch.Tensor:
-    """Rows `sorted_positions` (sorted, unique) of a gathered block (`gather_rows`), for a second term of the step
-    that reads some of the same weight's rows: its gradient joins the block's, and the weight gets one sparse
-    gradient a step (no sum of two sparse gradients, no coalescing copy)."""
-    return _RowsOfBlock.apply(block, sorted_positions)
+def with_rows_of_block(block: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gathered block (`gather_rows`) for the step's main term, and its rows `positions` for a second term that
+    reads some of the same weight's rows (L_ali's classes). Both gradients meet in one function: the rows' is added
+    into the block's in place, so the weight gets one sparse gradient a step and no tensor of the block's size is
+    made to sum them. The block's gradient must be a tensor nobody else holds (the cosine logits' backward makes it).
+    """
+    return _WithRowsOfBlock.apply(block, positions)
 
 
 def sparse_row_gradient(sorted_rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:

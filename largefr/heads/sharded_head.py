@@ -31,7 +31,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, MarginStep, NegativeModulation, build_margin
 from largefr.heads.precision import compute_dtype, upcast
-from largefr.heads.row_gradient import gather_rows, rows_of_block
+from largefr.heads.row_gradient import gather_rows, with_rows_of_block
 from largefr.heads.sampling import contains_sorted, uniform_complement_subset, union_of_sorted
 from largefr.heads.spare import SpareBuffers
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
@@ -78,7 +78,8 @@ class _CosineLogits(torch.autograd.Function):
     buffer nobody else holds), dF = G' W, dW = G'^T F - inv_norm^2 * W * <W, G'^T F> (row-wise):
     the exact derivative of the row normalisation.
     With `spare` (CPU) the logits are written into a handed-back buffer, and the backward hands back the logits'
-    gradient (the same buffer, after the cross entropy consumed it) and, when `rows_are_spare`, the gathered rows.
+    gradient (the same buffer, after the cross entropy consumed it) and, when `rows_are_spare`, the gathered rows;
+    their gradient is then written into a lent buffer, which comes back once the head step has dropped W's gradient.
     """
 
     @staticmethod
@@ -112,7 +113,11 @@ class _CosineLogits(torch.autograd.Function):
         grad_features = None
         if ctx.needs_input_grad[0]:
             grad_features = (grad_logits @ weight_mm).to(features.dtype)
-        grad_weight = (grad_logits.t() @ features.to(ctx.logits_dtype)).to(weight_rows.dtype)
+        if ctx.rows_are_spare:  # the rows' gradient, read last by the head optimizer: lent, back once unused
+            grad_weight = torch.mm(grad_logits.t(), features.to(ctx.logits_dtype),
+                                   out=ctx.spare.lend(weight_rows.shape, weight_rows.dtype, weight_rows.device))
+        else:
+            grad_weight = (grad_logits.t() @ features.to(ctx.logits_dtype)).to(weight_rows.dtype)
         if low_precision:
             grad_weight.mul_(inv_norm.unsqueeze(1))
         # grad_weight now holds inv_norm * dL/dWn; remove the radial component of each row
@@ -340,8 +345,8 @@ class ShardedMarginHead(nn.Module):
         out = spare.take((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
             if rows_are_spare else None
         weight_rows = upcast(self.weight if full else gather_rows(self.weight, block, out))  # W's grad: these rows
-        self.shared_block = None if shared_rows is None else \
-            rows_of_block(weight_rows, torch.searchsorted(block, shared_rows))
+        if shared_rows is not None:
+            weight_rows, self.shared_block = with_rows_of_block(weight_rows, torch.searchsorted(block, shared_rows))
         logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype, spare, rows_are_spare)
         logits = _MarginInPlace.apply(logits, rows, cols, self.margin.target_logit, self.margin.scale,
                                       step.params, step.negatives, masked)

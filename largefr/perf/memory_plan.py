@@ -76,9 +76,6 @@ class PlanInputs:
     """Low-memory head block width (head.chunk_size); 0 = default head."""
     bank: bool = True
     """Cluster bank and feature queue present (any cluster term on)."""
-    aligning: bool = False
-    """L_ali on (cluster.aligning_weight > 0): with sampling its rows' gradient joins the sampled block's in a new
-    tensor of that gradient's size at the end of the head's backward."""
     queue_size: int = 8192
     """Feature queue rows (cluster.queue_size), replicated on every rank."""
     device: str = "cuda"
@@ -198,7 +195,8 @@ def w_grad_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
     indices."""
     if num_sampled >= num_local:
         return num_local * inputs.dim * inputs.weight_bytes
-    return num_sampled * (inputs.dim * inputs.weight_bytes + INDEX_BYTES)
+    values = lent_gradient_bytes(inputs, num_sampled, num_local) or num_sampled * inputs.dim * inputs.weight_bytes
+    return values + num_sampled * INDEX_BYTES
 
 
 def _features(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
@@ -221,10 +219,11 @@ def _default_phases(inputs: PlanInputs, num_sampled: int, num_local: int) -> dic
     base["1/||W|| of sampled rows"] = s * PARAM_BYTES
     logits = b_g * s * LOGITS_BYTES[inputs.precision]
     softmax = b_g * s * 4
+    lent = lent_gradient_bytes(inputs, s, num_local)
     if inputs.precision == "fp32":
         # the cross entropy computes the softmax in the logits' buffer (consume_logits), which becomes the gradient
-        forward = {"logits (then softmax, in place)": logits}
-        backward = {"softmax / logits-grad buffer": softmax, "W grad (sampled rows)": s * d * PARAM_BYTES,
+        forward = {"logits (then softmax, in place)": logits, "W grad buffer (CPU: lent, free until the backward)": lent}
+        backward = {"softmax / logits-grad buffer": softmax, "W grad (sampled rows)": lent or s * d * PARAM_BYTES,
                     "W grad in storage dtype": cast_grad, "features grad": b_g * d * PARAM_BYTES,
                     "1/||W||^2": s * PARAM_BYTES}
     else:
@@ -264,8 +263,6 @@ def _feature_backward(inputs: PlanInputs, num_sampled: int, num_local: int) -> d
     b_g, b, d = inputs.global_batch, inputs.batch, inputs.dim
     phase = _features(inputs, num_sampled, num_local)
     phase["W grad"] = w_grad_bytes(inputs, num_sampled, num_local)
-    if inputs.aligning and num_sampled < num_local:  # autograd adds L_ali's rows to the block's gradient: a new one
-        phase["W grad + L_ali's rows"] = num_sampled * d * PARAM_BYTES
     phase["normalisation backward"] = 3 * b_g * d * PARAM_BYTES
     # gloo has no reduce_scatter: the gradient is all-reduced in a copy, then this rank's rows copied out
     phase["reduce-scatter"] = (b_g + b) * d * PARAM_BYTES if inputs.world_size > 1 else 0
@@ -294,8 +291,23 @@ def spare_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
     after the backward that hands them back (before it, they are the step's own logits and rows)."""
     if inputs.device != "cpu" or inputs.chunk_size > 0 or inputs.precision != "fp32":
         return 0
-    rows = num_sampled * inputs.dim * PARAM_BYTES if num_sampled < num_local and not inputs.low_storage else 0
+    rows = num_sampled * inputs.dim * PARAM_BYTES if _rows_are_spare(inputs, num_sampled, num_local) else 0
     return int((inputs.global_batch * num_sampled * 4 + rows) * SLACK)
+
+
+def lent_gradient_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
+    """The buffer the default head on a CPU lends the sampled rows' gradient in (`SpareBuffers.lend`), `SLACK` times
+    its size: W's gradient during the step, kept (free) between steps; 0 where the head lends none."""
+    if not _rows_are_spare(inputs, num_sampled, num_local):
+        return 0
+    return int(num_sampled * inputs.dim * PARAM_BYTES * SLACK)
+
+
+def _rows_are_spare(inputs: PlanInputs, num_sampled: int, num_local: int) -> bool:
+    """Whether the default head reuses its sampled rows' buffers (`ShardedMarginHead._block_loss`): on a CPU, W
+    sampled and stored in float32, the logits in float32."""
+    return (inputs.device == "cpu" and inputs.chunk_size == 0 and inputs.precision == "fp32"
+            and num_sampled < num_local and not inputs.low_storage)
 
 
 def _optimizer_phase(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:

@@ -53,5 +53,5 @@ def plan_inputs(args: argparse.Namespace) -> PlanInputs:
     return PlanInputs(num_classes=args.classes, world_size=args.world, dim=args.dim, batch=args.batch,
                       sample_rate=args.sample_rate, precision=args.precision, weight_dtype=args.weight_dtype,
                       optimizer=args.optimizer,
-                      chunk_size=args.chunk_size, bank=not args.no_bank, aligning=not args.no_bank, queue_size=args.queue_size,
+                      chunk_size=args.chunk_size, bank=not args.no_bank, queue_size=args.queue_size,
                       device=args.device)
