@@ -5,8 +5,10 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from largefr.heads.sampling import uniform_complement_subset, uniform_subset, union_of_sorted
+from largefr.heads.sampling import (_draws_for, uniform_complement_subset, uniform_masked_subset, uniform_subset,
+                                    union_of_sorted)
 
 DRAWS = 12_000
 
@@ -55,6 +57,42 @@ def test_complement_avoids_the_excluded_and_is_uniform_over_the_rest():
     expected = DRAWS * k / len(rest)
     sigma = math.sqrt(DRAWS * k / len(rest) * (1 - k / len(rest)))
     assert all(abs(hits[v] - expected) < 6 * sigma for v in rest), hits
+
+
+@pytest.mark.parametrize("n", [40, 4000])  # 11 allowed of 40: one pass lists them; of 4000: drawn from [0, n)
+def test_masked_subset_is_uniform_over_the_qualifying_indices(n):
+    """L_con's negatives: k of the indices inside the mask and outside `excluded`, every k-subset equally likely,
+    whether they are listed by a pass or found by drawing from [0, n) and dropping the rest."""
+    generator = torch.Generator().manual_seed(n)
+    inside = torch.randperm(n, generator=generator)[:14].sort().values
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[inside] = True
+    excluded = inside[torch.tensor([0, 4, 9])]
+    allowed = [v for v in inside.tolist() if v not in excluded.tolist()]
+    k = 2
+    assert (_draws_for(n, len(allowed), k) > n / 4) == (n == 40)  # each way of finding them is tested
+    counts = Counter(tuple(uniform_masked_subset(mask, excluded, len(allowed), k, generator=generator).tolist())
+                     for _ in range(DRAWS))
+    subsets = list(itertools.combinations(allowed, k))
+    assert set(counts) <= set(subsets)  # sorted, distinct, qualifying
+    assert chi_square(counts, subsets, DRAWS) < chi_square_bound(len(subsets))
+
+
+def test_masked_subset_draws_when_most_qualify_and_makes_nothing_of_the_mask_size():
+    """Late in training (nearly every class seen) the negatives cost what is drawn: nothing of the mask's length
+    (a list of the qualifying indices would be 8 bytes each)."""
+    n, k = 2_000_000, 1000
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[::7] = False
+    excluded = torch.tensor([1, 2, 3, 500_000])
+    generator = torch.Generator().manual_seed(3)
+    available = int(mask.sum()) - excluded.numel()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        picks = uniform_masked_subset(mask, excluded, available, k, generator=generator)
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    assert max(sizes) < n // 16, max(sizes)
+    assert picks.numel() == k and bool((picks[1:] > picks[:-1]).all())
+    assert bool(mask[picks].all()) and not bool(torch.isin(picks, excluded).any())
 
 
 def test_edges_and_large_sets():

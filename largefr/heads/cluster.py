@@ -71,6 +71,8 @@ class ClusterBank(nn.Module):
         self.register_buffer("queue_count", torch.zeros(rows, dtype=torch.int64, device=device))
         self._extremes: torch.Tensor | None = None  # see _local_phi_extremes
         self._extremes_of: tuple = ()
+        self._seen_count: int | None = None  # see seen_count
+        self._seen_count_of: tuple = ()
 
     # ---- update -------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,13 +108,33 @@ class ClusterBank(nn.Module):
         new_phi = spread / (counts * torch.log(counts + self.alpha))
 
         extremes = self._extremes_after_update(present, new_phi)
+        seen_count = self._seen_count_after_update(present)
         self.centers[present] = new_centers.to(self.centers.dtype)
         self.phi[present] = new_phi
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
         self.queue_count[present] = counts.long()
         self._keep_extremes(extremes)
+        self._seen_count, self._seen_count_of = seen_count, self._seen_identity() if seen_count is not None else ()
         return present
+
+    def seen_count(self) -> int:
+        """How many of this rank's classes have a center (`seen`). A pass over every class only when not kept: on
+        CPU `update_from_features` adds the classes it sees first; whatever else writes `seen` (a restore, a test)
+        moves its version counter or replaces it, which ends the kept count."""
+        if self._seen_count is None or self._seen_count_of != self._seen_identity():
+            self._seen_count, self._seen_count_of = int(torch.count_nonzero(self.seen)), self._seen_identity()
+        return self._seen_count
+
+    def _seen_identity(self) -> tuple:
+        return (id(self.seen), self.seen._version)
+
+    def _seen_count_after_update(self, rows: torch.Tensor) -> int | None:
+        """The count once `rows` are seen, from the kept one and those rows; None off CPU (no host sync per step)
+        or when none is kept."""
+        if self.seen.device.type != "cpu" or self._seen_count is None or self._seen_count_of != self._seen_identity():
+            return None
+        return self._seen_count + int(rows.numel() - torch.count_nonzero(self.seen[rows]))
 
     # ---- lambda -------------------------------------------------------------------------
     def global_phi_range(self) -> tuple[torch.Tensor, torch.Tensor]:

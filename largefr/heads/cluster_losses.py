@@ -42,7 +42,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.precision import upcast
 from largefr.heads.row_gradient import gather_rows
-from largefr.heads.sampling import uniform_subset
+from largefr.heads.sampling import union_of_sorted, uniform_masked_subset
 
 
 
@@ -85,16 +85,6 @@ def sampling_shares(available: list[int], positives: list[int], num_samples: int
     return [p + e for p, e in zip(positives, extra)]
 
 
-def _positives_and_uniform_negatives(seen: torch.Tensor, positive: torch.Tensor, count: int,
-                                     generator: torch.Generator | None) -> torch.Tensor:
-    """Sorted local indices: every positive, then `count` in all with uniform negatives among the seen classes."""
-    positives = torch.nonzero(positive).squeeze(1)
-    candidates = torch.nonzero(seen & ~positive).squeeze(1)
-    picks = uniform_subset(candidates.numel(), max(0, count - positives.numel()), generator=generator,
-                           device=candidates.device)
-    return torch.cat([positives, candidates[picks]]).sort().values
-
-
 def _gather_known_rows(tensor: torch.Tensor, counts: list[int], group: ProcessGroup | None) -> torch.Tensor:
     """All-gather rows when every rank already knows every rank's row count (one collective)."""
     if group_size(group) == 1:
@@ -118,15 +108,16 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
     """
     part, group = bank.partition, bank.group
     labels = global_labels.to(bank.seen.device)
-    inside = (labels >= part.start) & (labels < part.end)
-    positive = torch.zeros_like(bank.seen)
-    positive[labels[inside] - part.start] = True
-    positive &= bank.seen
-    local_counts = torch.stack([torch.count_nonzero(bank.seen), torch.count_nonzero(positive)]).unsqueeze(0)
+    positives = torch.unique(labels[(labels >= part.start) & (labels < part.end)] - part.start)
+    positives = positives[bank.seen[positives]]  # sorted local rows of the batch's classes with a center
+    seen = bank.seen_count()
+    local_counts = torch.tensor([[seen, positives.numel()]], dtype=torch.int64, device=bank.seen.device)
     all_counts = all_gather_rows(local_counts, group).tolist()
     shares = sampling_shares([c[0] for c in all_counts], [c[1] for c in all_counts], num_samples)
 
-    local_indices = _positives_and_uniform_negatives(bank.seen, positive, shares[part.rank], generator)
+    negatives = uniform_masked_subset(bank.seen, positives, seen - positives.numel(),
+                                      max(0, shares[part.rank] - positives.numel()), generator=generator)
+    local_indices = union_of_sorted(positives, negatives)
 
     if max(shares) == 0:
         gathered = torch.zeros(0, bank.centers.shape[1] + 2, dtype=bank.phi.dtype, device=bank.centers.device)

@@ -39,10 +39,54 @@ def uniform_subset(n: int, k: int, *, generator: torch.Generator | None, device:
         draws = math.ceil(-n * math.log1p(-missing / n) * _DRAW_MARGIN) + 16
         drawn = torch.randint(n, (draws,), generator=generator, device=device)
         found = torch.unique(torch.cat([found, drawn]))
-    # drop a uniform random (found - k)-subset; `found` is sorted (unique's order), so what is kept stays sorted
-    keep = torch.ones(found.numel(), dtype=torch.bool, device=device)
-    keep[torch.randperm(found.numel(), generator=generator, device=device)[:found.numel() - k]] = False
+    return _keep_uniform(found, k, generator)
+
+
+def _keep_uniform(found: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k values of `found` (sorted), chosen uniformly: a uniform random (found - k)-subset is dropped, so what is kept
+    stays sorted."""
+    keep = torch.ones(found.numel(), dtype=torch.bool, device=found.device)
+    keep[torch.randperm(found.numel(), generator=generator, device=found.device)[:found.numel() - k]] = False
     return found[keep]
+
+
+def uniform_masked_subset(mask: torch.Tensor, excluded: torch.Tensor, available: int, k: int, *,
+                          generator: torch.Generator | None) -> torch.Tensor:
+    """k distinct indices i with mask[i] True and i not in `excluded`, sorted, every k-subset equally likely.
+
+    excluded: sorted, unique indices, all of them inside the mask. available: how many indices qualify (the mask's
+    count less `excluded`'s), known to the caller without a pass (k <= available).
+    When they are many against k (L_con's negatives among the classes seen so far, late in training), indices are
+    drawn uniformly from [0, n) and the ones that do not qualify dropped, round after round, until at least k
+    distinct ones are found: that set is exchangeable over the qualifying indices, so keeping k of them uniformly
+    gives a uniform k-subset, for about k x n / available draws and nothing of size n. When the draws would pass a
+    quarter of n (few qualify: early in training), one pass lists the qualifying indices instead.
+    """
+    n, device = mask.numel(), mask.device
+    if not 0 <= k <= available:
+        raise ValueError(f"cannot draw {k} distinct values out of {available}")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if k == available or _draws_for(n, available, k) > _DENSE_FRACTION * n:
+        allowed = mask.clone()
+        allowed[excluded] = False
+        candidates = torch.nonzero(allowed).squeeze(1)
+        return candidates[uniform_subset(candidates.numel(), k, generator=generator, device=device)]
+    found = torch.zeros(0, dtype=torch.long, device=device)
+    while found.numel() < k:
+        drawn = torch.randint(n, (_draws_for(n, available - found.numel(), k - found.numel()),),
+                              generator=generator, device=device)
+        drawn = drawn[mask[drawn] & ~contains_sorted(excluded, drawn)]
+        found = torch.unique(torch.cat([found, drawn]))
+    return _keep_uniform(found, k, generator)
+
+
+def _draws_for(n: int, available: int, missing: int) -> int:
+    """Draws with replacement out of n that give `missing` new values among `available` unseen qualifying ones on
+    average (each is hit by a draw with probability 1/n), with `_DRAW_MARGIN`."""
+    if missing >= available:
+        return n + 16 if available else 0
+    return math.ceil(-n * math.log1p(-missing / available) * _DRAW_MARGIN) + 16
 
 
 def uniform_complement_subset(n: int, excluded: torch.Tensor, k: int, *, generator: torch.Generator) -> torch.Tensor:
