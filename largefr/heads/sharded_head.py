@@ -251,7 +251,7 @@ class ShardedMarginHead(nn.Module):
         self.margin: Margin = build_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0), device=self.weight.device)
         self.spare = SpareBuffers()
         """On CPU the step's largest temporaries (the sampled rows, the logits buffer), handed back by its backward
-        for the next step (`largefr.heads.spare`)."""
+        for the next step, and the rows' gradient, lent until the head step drops it (`largefr.heads.spare`)."""
 
     def held_tensors(self) -> list[torch.Tensor]:
         """What the head keeps between steps besides W: the spare buffers, the margin's (`Margin.held_tensors`)."""
