@@ -15,6 +15,7 @@ Spawns `--world` ranks (gloo on CPU, or nccl with one GPU per rank when enough G
   embeddings, labels) plus the peak of the running sum of every allocation/free recorded by torch's
   CPU memory profiler during one extra forward+backward. GPU: torch.cuda.max_memory_allocated.
 
+`--weight-dtype bf16` stores W in bfloat16 (head.weight_dtype); its gathered rows are upcast to float32.
 `--chunk-size N` measures the low-memory head (logits over blocks of N classes, recomputed in
 backward); the GEMM floor stays the default mode's three GEMMs. The JSON also holds each rank's loss.
 `--type X` (a head.type) measures that margin and times an ArcFace head of the same shapes right after
@@ -37,7 +38,7 @@ import sys
 import torch
 
 from largefr.cli import PRECISION_NAMES, add_option
-from largefr.choices import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES, TORCH_DTYPE_NAMES
+from largefr.choices import ADAPTIVE_MARGIN_TYPES, MARGIN_TYPES, TORCH_DTYPE_NAMES, WEIGHT_DTYPES
 from largefr.perf.head_bench import CLOCKS, HeadBenchSettings, machine_description, run_head_bench
 
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate in (0, 1]")
     add_option(parser, "--precision", renamed_from=("--dtype",), old_values=PRECISION_NAMES,
                choices=sorted(TORCH_DTYPE_NAMES), default="fp32", help="logits (GEMM) precision")
+    parser.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp32",
+                        help="storage of W (head.weight_dtype): bf16 rows are upcast after the gather")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="low-memory head: classes per block (0: default head)")
     parser.add_argument("--type", default="arcface", choices=MARGIN_TYPES + ADAPTIVE_MARGIN_TYPES,
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = HeadBenchSettings(batch=args.batch, classes=args.classes, dim=args.dim, world=args.world,
                                  sample_rate=args.sample_rate, dtype=TORCH_DTYPE_NAMES[args.precision],
-                                 chunk_size=args.chunk_size,
+                                 weight_dtype=TORCH_DTYPE_NAMES[args.weight_dtype], chunk_size=args.chunk_size,
                                  repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                  paired_default=args.paired_default, margin_type=args.type, clock=args.clock)
     ranks = run_head_bench(settings)
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
                   machine=machine_description(args.world), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, threads_per_rank=args.threads, batch_per_rank=args.batch,
                   classes=args.classes, dim=args.dim, world=args.world, sample_rate=args.sample_rate,
-                  dtype=TORCH_DTYPE_NAMES[args.precision], precision=args.precision, chunk_size=args.chunk_size,
+                  dtype=TORCH_DTYPE_NAMES[args.precision], precision=args.precision,
+                  weight_dtype=args.weight_dtype, chunk_size=args.chunk_size,
                   margin_type=args.type, clock=args.clock, ranks=ranks)
     print(f"{report['command']}\n{report['machine']}, torch {report['torch']}, {args.threads} thread(s)/rank, "
           f"{args.clock} clock")
