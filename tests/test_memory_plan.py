@@ -16,7 +16,8 @@ from largefr.heads.precision import STORAGE_DTYPES
 from largefr.heads.queue import FeatureQueue
 from largefr.perf.dry_run import fake_process_group, optimizer_state_tensors, tensor_bytes
 from largefr.perf.head_bench import HeadBench, HeadBenchSettings, profiled_peak_increment
-from largefr.perf.memory_plan import PlanInputs, max_classes_within, plan_memory, plan_rank, sampled_count
+from largefr.perf.memory_plan import (PlanInputs, lent_gradient_bytes, max_classes_within, plan_memory, plan_rank,
+                                      sampled_count, spare_bytes)
 from tests.distributed_helpers import run_distributed
 
 TOLERANCE = 0.15  # issue 7: planner within 15% of the measured peak head memory
@@ -224,3 +225,23 @@ def test_run_phases_and_their_capacity(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["limited_by"] == "resume" and report["max_classes_per_phase"] == per_phase
     assert f"| resume | {per_phase['resume']:,} |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_buffers_kept_between_steps_are_the_planned_spare_and_lent_bytes(rate):
+    """On CPU the head keeps, between steps, its logits' buffer, and when sampled its rows' buffer and the one its
+    rows' gradient was lent in, back once the head step has dropped W's gradient (largefr.heads.spare). The planner
+    counts them (spare_bytes, lent_gradient_bytes): a buffer it forgot, or one the head kept twice, fails this."""
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(), sample_rate=rate,
+                             generator=torch.Generator().manual_seed(0))
+    data = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
+        head.weight.grad = None  # what the head step does after the optimizer
+    inputs = PlanInputs(num_classes=CLASSES, world_size=1, dim=DIM, batch=BATCH, sample_rate=rate, optimizer="none",
+                        bank=False, device="cpu")
+    plan = plan_memory(inputs)
+    planned = spare_bytes(inputs, plan.num_sampled, plan.num_local) + \
+        lent_gradient_bytes(inputs, plan.num_sampled, plan.num_local)
+    assert (lent_gradient_bytes(inputs, plan.num_sampled, plan.num_local) > 0) == (rate < 1.0)
+    assert tensor_bytes(head.held_tensors()) == pytest.approx(planned, rel=1e-4)
