@@ -216,9 +216,9 @@ def test_kept_phi_range_equals_a_pass_over_every_class_through_updates_undos_and
         labels = torch.randint(0, 60, (count,), generator=generator)
         spread = 0.01 if step % 7 == 0 else 1.0  # now and then a tight class: a new minimum
         features = torch.nn.functional.normalize(torch.randn(count, 4, generator=generator) * spread + 1.0, dim=1)
-        was_kept = bank._extremes is not None
+        was_kept = bank._extremes.value is not None
         bank.update_from_features(features, labels)
-        kept += was_kept and bank._extremes is not None
+        kept += was_kept and bank._extremes.value is not None
         if step % 50 == 25:  # writes from elsewhere: an undo, a restore
             bank.phi[3] = 123.0
             bank.has_phi[3] = True
@@ -239,9 +239,9 @@ def test_kept_seen_count_equals_a_count_of_every_class_through_updates_and_resto
     for step in range(120):
         labels = torch.randint(0, 500, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator)
         features = torch.nn.functional.normalize(torch.randn(labels.numel(), 4, generator=generator), dim=1)
-        was_kept = bank._seen_count is not None
+        was_kept = bank._seen_count.value is not None
         bank.update_from_features(features, labels)
-        kept += was_kept and bank._seen_count is not None
+        kept += was_kept and bank._seen_count.value is not None
         if step % 40 == 20:  # writes from elsewhere: a restore to an empty bank, a class marked by hand
             bank.load_state_dict(ClusterBank(500, 4, momentum=0.5).state_dict())
         if step % 40 == 30:

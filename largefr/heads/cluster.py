@@ -25,7 +25,7 @@ with the defaults); the threshold is then that floor. Real classes' phi are an o
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +69,8 @@ class ClusterBank(nn.Module):
         self.register_buffer("has_phi", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("queue_count", torch.zeros(rows, dtype=torch.int64, device=device))
-        self._extremes: torch.Tensor | None = None  # see _local_phi_extremes
-        self._extremes_of: tuple = ()
-        self._seen_count: int | None = None  # see seen_count
-        self._seen_count_of: tuple = ()
+        self._extremes = _KeptValue(self, "phi", "has_phi")  # see _local_phi_extremes
+        self._seen_count = _KeptValue(self, "seen")  # see seen_count
 
     # ---- update -------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,27 +112,23 @@ class ClusterBank(nn.Module):
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
         self.queue_count[present] = counts.long()
-        self._keep_extremes(extremes)
-        self._seen_count, self._seen_count_of = seen_count, self._seen_identity() if seen_count is not None else ()
+        self._extremes.keep(extremes)
+        self._seen_count.keep(seen_count)
         return present
 
     def seen_count(self) -> int:
         """How many of this rank's classes have a center (`seen`). A pass over every class only when not kept: on
         CPU `update_from_features` adds the classes it sees first; whatever else writes `seen` (a restore, a test)
         moves its version counter or replaces it, which ends the kept count."""
-        if self._seen_count is None or self._seen_count_of != self._seen_identity():
-            self._seen_count, self._seen_count_of = int(torch.count_nonzero(self.seen)), self._seen_identity()
-        return self._seen_count
-
-    def _seen_identity(self) -> tuple:
-        return (id(self.seen), self.seen._version)
+        return self._seen_count.get(lambda: int(torch.count_nonzero(self.seen)))
 
     def _seen_count_after_update(self, rows: torch.Tensor) -> int | None:
         """The count once `rows` are seen, from the kept one and those rows; None off CPU (no host sync per step)
         or when none is kept."""
-        if self.seen.device.type != "cpu" or self._seen_count is None or self._seen_count_of != self._seen_identity():
+        kept = self._seen_count.current()
+        if self.seen.device.type != "cpu" or kept is None:
             return None
-        return self._seen_count + int(rows.numel() - torch.count_nonzero(self.seen[rows]))
+        return kept + int(rows.numel() - torch.count_nonzero(self.seen[rows]))
 
     # ---- lambda -------------------------------------------------------------------------
     def global_phi_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,23 +147,21 @@ class ClusterBank(nn.Module):
         else writes `phi` or `has_phi` (a restore, an undo, a test) moves their version counters or replaces them,
         which ends the kept value, so it is never stale.
         """
-        if self._extremes is None or self._extremes_of != self._phi_identity():
+        def a_pass() -> torch.Tensor:
             inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
-            self._extremes = torch.stack([torch.where(self.has_phi, self.phi, inf).min(),
-                                          -torch.where(self.has_phi, self.phi, -inf).max()])
-            self._extremes_of = self._phi_identity()
-        return self._extremes
+            return torch.stack([torch.where(self.has_phi, self.phi, inf).min(),
+                                -torch.where(self.has_phi, self.phi, -inf).max()])
 
-    def _phi_identity(self) -> tuple:
-        return (id(self.phi), self.phi._version, id(self.has_phi), self.has_phi._version)
+        return self._extremes.get(a_pass)
 
     def _extremes_after_update(self, rows: torch.Tensor, new_phi: torch.Tensor) -> torch.Tensor | None:
         """The local [min, -max] once `rows` take `new_phi`, from the kept one and those rows only; None (a pass
         at the next read) off CPU (no host sync per step), when none is kept, or when a row holding an extreme
         moves inward or loses its phi."""
-        if self.phi.device.type != "cpu" or self._extremes is None or self._extremes_of != self._phi_identity():
+        kept = self._extremes.current()
+        if self.phi.device.type != "cpu" or kept is None:
             return None
-        lowest, highest = self._extremes[0], -self._extremes[1]
+        lowest, highest = kept[0], -kept[1]
         old_phi, old_has = self.phi[rows], self.has_phi[rows]
         new_has = new_phi > self.degenerate_phi  # as update_from_features stores them
         new_phi = new_phi.to(self.phi.dtype)
@@ -180,10 +172,6 @@ class ClusterBank(nn.Module):
         inf = torch.tensor(float("inf"), dtype=self.phi.dtype, device=self.phi.device)
         return torch.stack([torch.minimum(lowest, torch.where(new_has, new_phi, inf).min()),
                             -torch.maximum(highest, torch.where(new_has, new_phi, -inf).max())])
-
-    def _keep_extremes(self, extremes: torch.Tensor | None) -> None:
-        self._extremes = extremes
-        self._extremes_of = self._phi_identity() if extremes is not None else ()
 
     @torch.no_grad()
     def lambda_from_phi(self, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -267,6 +255,35 @@ class ClusterBank(nn.Module):
         if name.startswith(BANK_PREFIX):
             return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
         return None
+
+
+class _KeptValue:
+    """A value derived from some of a module's buffers, kept while none of them is written or replaced: every in-place
+    write moves a tensor's version counter, so a write from anywhere (an update, a restore, an undo, a test) ends
+    it."""
+
+    def __init__(self, owner: nn.Module, *names: str):
+        self.owner, self.names = owner, names
+        self.value: Any = None
+        self.of: tuple = ()
+
+    def current(self) -> Any:
+        """The kept value, or None when there is none or the buffers changed since."""
+        return self.value if self.value is not None and self.of == self._identity() else None
+
+    def get(self, compute: Callable[[], Any]) -> Any:
+        """The kept value, computed (and kept) first when there is none."""
+        if self.current() is None:
+            self.keep(compute())
+        return self.value
+
+    def keep(self, value: Any) -> None:
+        """Keep `value` (None: keep nothing) for the buffers as they are now."""
+        self.value, self.of = value, self._identity() if value is not None else ()
+
+    def _identity(self) -> tuple:
+        buffers = (getattr(self.owner, name) for name in self.names)
+        return tuple(part for tensor in buffers for part in (id(tensor), tensor._version))
 
 
 def rounding_phi_floor(centers_dtype: torch.dtype, dtype: torch.dtype, *, momentum: float, alpha: float) -> float:
