@@ -60,8 +60,7 @@ def planned_peak(config, phase: str, world: int, target: int, base: int) -> int 
                         precision=config.head.logits_dtype, weight_dtype=config.head.weight_dtype,
                         optimizer=HEAD_OPTIMIZERS[config.optim.name],
                         chunk_size=config.head.chunk_size,
-                        bank=config.cluster.enabled,
-                        queue_size=config.cluster.queue_size, device="cpu")
+                        bank=config.cluster.enabled, queue_size=config.cluster.queue_size, device="cpu")
     return phase_peaks(inputs, resume_world=target, base_bytes=base)[key]
 
 

@@ -42,7 +42,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.precision import upcast
 from largefr.heads.row_gradient import gather_rows
-from largefr.heads.sampling import union_of_sorted, uniform_masked_subset
+from largefr.heads.sampling import position_in_sorted, union_of_sorted, uniform_masked_subset
 
 
 
@@ -180,10 +180,7 @@ def positive_columns(global_labels: torch.Tensor, sampled: SampledCenters, parti
     A search in the sorted sampled classes: nothing of the shard's size is made (issue 25)."""
     local = sampled.local_indices
     rows = global_labels.to(local.device) - partition.start  # outside the shard (or -1, ignored): never found
-    if local.numel() == 0:
-        return torch.full_like(rows, -1)
-    column = torch.searchsorted(local, rows).clamp_(max=local.numel() - 1)
-    return torch.where(local[column] == rows, column, torch.full_like(rows, -1))
+    return position_in_sorted(local, rows)
 
 
 def learnable_temperature(log_tau0: torch.Tensor, count: int, group: ProcessGroup | None) -> torch.Tensor:

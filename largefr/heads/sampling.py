@@ -34,10 +34,8 @@ def uniform_subset(n: int, k: int, *, generator: torch.Generator | None, device:
         return torch.randperm(n, generator=generator, device=device)[:k].sort().values
     found = torch.zeros(0, dtype=torch.long, device=device)
     while found.numel() < k:
-        missing = k - found.numel()
-        # m draws out of n give n * (1 - exp(-m/n)) distinct values on average: solve for `missing` more
-        draws = math.ceil(-n * math.log1p(-missing / n) * _DRAW_MARGIN) + 16
-        drawn = torch.randint(n, (draws,), generator=generator, device=device)
+        # as if none of the n values were found yet (the margin covers it; a short round draws again)
+        drawn = torch.randint(n, (_draws_for(n, n, k - found.numel()),), generator=generator, device=device)
         found = torch.unique(torch.cat([found, drawn]))
     return _keep_uniform(found, k, generator)
 
@@ -139,8 +137,13 @@ def _insert_sorted(a: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
 
 
 def contains_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
-    """needles[i] in haystack (sorted), by binary search."""
+    """needles[i] in haystack (sorted, unique), by binary search."""
+    return position_in_sorted(haystack, needles) >= 0
+
+
+def position_in_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
+    """The index of needles[i] in haystack (sorted, unique), -1 where it is not there, by binary search."""
     if haystack.numel() == 0:
-        return torch.zeros_like(needles, dtype=torch.bool)
+        return torch.full_like(needles, -1, dtype=torch.long)
     places = torch.searchsorted(haystack, needles).clamp_(max=haystack.numel() - 1)
-    return haystack[places] == needles
+    return torch.where(haystack[places] == needles, places, -1)

@@ -50,7 +50,7 @@ class SpareBuffers:
         no tensor (the lent one, its views, a sparse gradient holding it) uses it any more. Where a torch build
         cannot count a memory's users, the buffer is simply never reused."""
         tensor = self.take(shape, dtype, device)
-        flat = _alias(tensor, (tensor.untyped_storage().nbytes() // tensor.element_size(),))
+        flat = _whole(tensor)
         users = _users(flat)  # measured, not assumed: a torch build may count its own references too
         if users is not None:
             self.lent.append((flat, users - 1))  # less the lent tensor
@@ -58,8 +58,7 @@ class SpareBuffers:
 
     def give(self, *tensors: torch.Tensor) -> None:
         """Hand back the memory of `tensors` (what `take` lent, or tensors of one's own): nobody reads it afterwards."""
-        self.free.extend(_alias(tensor, (tensor.untyped_storage().nbytes() // tensor.element_size(),))
-                         for tensor in tensors)
+        self.free.extend(_whole(tensor) for tensor in tensors)
         del self.free[:-CAPACITY]
 
     def replace(self, tensors: list[torch.Tensor]) -> None:
@@ -86,6 +85,11 @@ def _alias(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     modify its output in place), so it has its own version counter: what guards a lent buffer is that the head's
     graph takes one backward (its softmax is modified in place there, which autograd's version check enforces)."""
     return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor.untyped_storage(), 0, shape)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat alias of all of `tensor`'s memory (its storage, whatever part of it `tensor` shows)."""
+    return _alias(tensor, (tensor.untyped_storage().nbytes() // tensor.element_size(),))
 
 
 def _users(tensor: torch.Tensor) -> int | None:

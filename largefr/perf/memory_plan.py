@@ -289,7 +289,7 @@ def spare_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) -> int:
     """What the default head keeps between steps on a CPU (`largefr.heads.spare`): the logits' buffer, and the block
     of sampled rows when W is sampled and stored in float32; each `SLACK` times its size. Counted in the phases
     after the backward that hands them back (before it, they are the step's own logits and rows)."""
-    if inputs.device != "cpu" or inputs.chunk_size > 0 or inputs.precision != "fp32":
+    if not _buffers_are_spare(inputs):
         return 0
     rows = num_sampled * inputs.dim * PARAM_BYTES if _rows_are_spare(inputs, num_sampled, num_local) else 0
     return int((inputs.global_batch * num_sampled * 4 + rows) * SLACK)
@@ -303,11 +303,16 @@ def lent_gradient_bytes(inputs: PlanInputs, num_sampled: int, num_local: int) ->
     return int(num_sampled * inputs.dim * PARAM_BYTES * SLACK)
 
 
+def _buffers_are_spare(inputs: PlanInputs) -> bool:
+    """Whether the default head reuses its logits' buffer (`ShardedMarginHead._block_loss`): on a CPU, logits in
+    float32."""
+    return inputs.device == "cpu" and inputs.chunk_size == 0 and inputs.precision == "fp32"
+
+
 def _rows_are_spare(inputs: PlanInputs, num_sampled: int, num_local: int) -> bool:
-    """Whether the default head reuses its sampled rows' buffers (`ShardedMarginHead._block_loss`): on a CPU, W
-    sampled and stored in float32, the logits in float32."""
-    return (inputs.device == "cpu" and inputs.chunk_size == 0 and inputs.precision == "fp32"
-            and num_sampled < num_local and not inputs.low_storage)
+    """Whether it also reuses its sampled rows' buffers and lends their gradient one: W sampled and stored in
+    float32."""
+    return _buffers_are_spare(inputs) and num_sampled < num_local and not inputs.low_storage
 
 
 def _optimizer_phase(inputs: PlanInputs, num_sampled: int, num_local: int) -> dict[str, int]:
