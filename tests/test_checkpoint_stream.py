@@ -75,10 +75,14 @@ def test_rows_restore_exactly_through_blocks_on_every_world_change(saved_by, old
         part = ClassPartition(NUM_CLASSES, new, rank)
         expected = rows_for(torch.arange(part.start, part.end), 4)
         destinations = _garbage_like(allocate_rows(manifest, part))
+        versions = {name: tensor._version for name, tensor in destinations.items()}
         extra = restore_head_rows(saved_by[old], manifest, part, destinations, verify=True, block_bytes=TINY_BLOCK)
         for name in expected:
             assert destinations[name].dtype == expected[name].dtype
             assert torch.equal(destinations[name], expected[name]), (old, new, rank, name)
+            # read in place behind torch's back, yet counted as a write: what was kept from the old values (the
+            # bank's seen count and phi range, the forward's copy of W's rows) ends, as after copy_
+            assert destinations[name]._version > versions[name], name
         if old == new:  # per-rank extras come back from the rank's own file, read without the rows
             assert extra["note"] == [rank, "x"] and torch.equal(extra["rank"], torch.tensor(rank))
         else:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from largefr.distributed.partition import ClassPartition
+import largefr.heads.cluster as cluster_module
 from largefr.heads.cluster import ClusterBank
 from largefr.heads.queue import FeatureQueue
 from tests.distributed_helpers import run_distributed
@@ -230,21 +231,31 @@ def test_kept_phi_range_equals_a_pass_over_every_class_through_updates_undos_and
     assert checks == 200 and kept > 100, f"the range was kept from the rows in only {kept} of 200 updates"
 
 
-def test_kept_seen_count_equals_a_count_of_every_class_through_updates_and_restores():
-    """L_con's sampling reads how many classes have a center without a pass over every class per step: the count
-    kept from the rows each update writes is the plain count after every update and after writes from elsewhere."""
+def test_kept_seen_count_and_rows_equal_a_pass_over_every_class_through_updates_and_restores(monkeypatch):
+    """L_con's sampling reads how many classes have a center, and while few which ones, without a pass over every
+    class per step: what is kept from the rows each update writes equals a plain count and list after every update
+    and after writes from elsewhere; the list ends once more classes than the limit are seen."""
+    monkeypatch.setattr(cluster_module, "_LISTED_SEEN_MIN", 100)
     generator = torch.Generator().manual_seed(6)
     bank = ClusterBank(500, 4, momentum=0.5)
-    kept = 0
+    assert bank.listed_seen_limit == 100
+    kept = listed = unlisted = 0
     for step in range(120):
         labels = torch.randint(0, 500, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator)
         features = torch.nn.functional.normalize(torch.randn(labels.numel(), 4, generator=generator), dim=1)
-        was_kept = bank._seen_count.value is not None
+        was_kept = bank._seen.value is not None
         bank.update_from_features(features, labels)
-        kept += was_kept and bank._seen_count.value is not None
+        kept += was_kept and bank._seen.value is not None
         if step % 40 == 20:  # writes from elsewhere: a restore to an empty bank, a class marked by hand
             bank.load_state_dict(ClusterBank(500, 4, momentum=0.5).state_dict())
         if step % 40 == 30:
             bank.seen[int(torch.nonzero(~bank.seen)[0])] = True
         assert bank.seen_count() == int(bank.seen.sum()), step
+        if bank.seen_count() <= 100:
+            assert torch.equal(bank.seen_rows(), torch.nonzero(bank.seen).squeeze(1)), step
+            listed += 1
+        else:
+            assert bank.seen_rows() is None, step
+            unlisted += 1
     assert kept > 100, f"the count was kept from the rows in only {kept} of 120 updates"
+    assert listed > 20 and unlisted > 20, (listed, unlisted)

@@ -158,10 +158,11 @@ def gathered_reference_step(name: str, weight: torch.Tensor, grad: torch.Tensor,
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("rate", [1.0, 0.3])
 @pytest.mark.parametrize("block_rows", [None, 7])
-def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, block_rows, monkeypatch):
+@pytest.mark.parametrize("forward_copy", [False, True])
+def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, block_rows, forward_copy, monkeypatch):
     """In place at rate 1.0 (every row), gathered below it: the same bits as gather-update-scatter, float32;
     also when the update goes block by block (7 rows per block: blocks of consecutive rows updated in place,
-    others gathered)."""
+    others gathered), and when the weight's rows are read from the forward's copy (`head.last_gathered`)."""
     if block_rows is not None:
         monkeypatch.setattr(optim_module, "BLOCK_ELEMENTS_CPU", block_rows * DIM)
     head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(scale=16.0), sample_rate=rate,
@@ -175,11 +176,52 @@ def test_row_updates_are_bit_identical_to_the_gathered_reference(name, rate, blo
         head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
         optimizer.param_groups[0]["lr"] = lr_at(step)
         grad = head.weight.grad.to_dense().clone()  # the step consumes the gradient
-        optimizer.step(head.last_sampled)
+        copy_used = forward_copy and rate < 1.0
+        assert (head.last_gathered is not None) == (rate < 1.0)
+        optimizer.step(head.last_sampled, gathered=head.last_gathered if forward_copy else None)
+        if copy_used:  # it was read (and updated in place): taken once
+            assert head.last_gathered.of(head.weight, head.last_sampled) is None
         gathered_reference_step(name, weight, grad, state, head.last_sampled, lr_at(step))
     assert torch.equal(head.weight.detach(), weight)
     for key, value in state.items():
         assert torch.equal(optimizer.state[head.weight][key], value), key
+
+
+def test_the_forward_copy_of_the_rows_is_read_only_while_it_holds_them():
+    """`GatheredRows.of` gives the forward's copy of W's rows only for the same weight and rows, while neither the
+    weight nor the copy was written, and before the head's next forward (which may write the copy's memory: a
+    spare buffer). A step given a stale copy updates from the weight itself: the same bits as without it."""
+    head = ShardedMarginHead(CLASSES, DIM, margin=HeadConfig(scale=16.0), sample_rate=0.3,
+                             generator=torch.Generator().manual_seed(0))
+    optimizer = OPTIMIZERS["sgd"][0]([head.weight])
+    data = torch.Generator().manual_seed(1)
+
+    def forward():
+        optimizer.zero_grad()
+        head(torch.randn(BATCH, DIM, generator=data), torch.randint(0, CLASSES, (BATCH,), generator=data)).backward()
+        return head.last_gathered, head.last_sampled
+
+    record, rows = forward()
+    assert torch.equal(record.of(head.weight, rows), head.weight.detach()[rows])
+    assert torch.equal(record.of(head.weight, rows.clone()), head.weight.detach()[rows])  # equal rows, another tensor
+    assert record.of(head.weight, rows[1:]) is None
+    assert record.of(torch.nn.Parameter(head.weight.detach().clone()), rows) is None
+    with torch.no_grad():
+        head.weight[rows[:1]] += 1.0  # the weight written since the gather
+    assert record.of(head.weight, rows) is None
+    weight, state = head.weight.detach().clone(), {key: value.clone() for key, value in
+                                                    optimizer._init_state(head.weight, optimizer.param_groups[0]).items()}
+    grad = head.weight.grad.to_dense().clone()
+    optimizer.step(rows, gathered=record)  # stale: read from the weight, as the reference does
+    gathered_reference_step("sgd", weight, grad, state, rows, BASE_LR)
+    assert torch.equal(head.weight.detach(), weight)
+
+    record, rows = forward()
+    record.values[0, 0] += 1.0  # the copy written since the gather
+    assert record.of(head.weight, rows) is None
+    record, rows = forward()
+    forward()  # the next forward (a second micro-batch) may write the copy's memory
+    assert record.of(head.weight, rows) is None and record.values is None
 
 
 def test_optimizer_bench_tool_times_both_optimizers(tmp_path, capsys):
@@ -207,8 +249,10 @@ def test_write_rows_is_index_copy_bit_for_bit(dtype):
     rows = torch.randperm(1000, generator=generator)[:300].sort().values
     values = (torch.randn(300, 7, generator=generator) * 100).to(dtype)
     expected = tensor.clone().index_copy_(0, rows, values)
+    version = tensor._version
     write_rows_(tensor, rows, values)
     assert torch.equal(tensor.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    assert tensor._version > version  # a write through NumPy moves the counter as index_copy_ does
     vector = torch.arange(1000).to(dtype)  # 1-D state (per-row counts) too
     write_rows_(vector, rows, values[:, 0])
     assert torch.equal(vector, torch.arange(1000).to(dtype).index_copy_(0, rows, values[:, 0]))

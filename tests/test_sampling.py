@@ -59,10 +59,11 @@ def test_complement_avoids_the_excluded_and_is_uniform_over_the_rest():
     assert all(abs(hits[v] - expected) < 6 * sigma for v in rest), hits
 
 
-@pytest.mark.parametrize("n", [40, 4000])  # 11 allowed of 40: one pass lists them; of 4000: drawn from [0, n)
-def test_masked_subset_is_uniform_over_the_qualifying_indices(n):
+@pytest.mark.parametrize("n,listed", [(40, False), (4000, False), (4000, True)])
+def test_masked_subset_is_uniform_over_the_qualifying_indices(n, listed):
     """L_con's negatives: k of the indices inside the mask and outside `excluded`, every k-subset equally likely,
-    whether they are listed by a pass or found by drawing from [0, n) and dropping the rest."""
+    whether they are listed by a pass (11 allowed of 40), found by drawing from [0, n) and dropping the rest (of
+    4000), or taken from the caller's list of the mask's indices (the bank's seen rows, while few)."""
     generator = torch.Generator().manual_seed(n)
     inside = torch.randperm(n, generator=generator)[:14].sort().values
     mask = torch.zeros(n, dtype=torch.bool)
@@ -71,11 +72,51 @@ def test_masked_subset_is_uniform_over_the_qualifying_indices(n):
     allowed = [v for v in inside.tolist() if v not in excluded.tolist()]
     k = 2
     assert (_draws_for(n, len(allowed), k) > n / 4) == (n == 40)  # each way of finding them is tested
-    counts = Counter(tuple(uniform_masked_subset(mask, excluded, len(allowed), k, generator=generator).tolist())
+    counts = Counter(tuple(uniform_masked_subset(mask, excluded, len(allowed), k, generator=generator,
+                                                 listed=inside if listed else None).tolist())
                      for _ in range(DRAWS))
     subsets = list(itertools.combinations(allowed, k))
     assert set(counts) <= set(subsets)  # sorted, distinct, qualifying
     assert chi_square(counts, subsets, DRAWS) < chi_square_bound(len(subsets))
+
+
+def test_a_listed_mask_gives_the_subset_of_a_pass_over_it():
+    """Where a pass over the mask would list the qualifying indices, the caller's list gives the same subset from the
+    same generator state (so keeping the list changes no run's draws there), and it is taken even where drawing
+    would be the way without it, once it is shorter than the draws."""
+    n, k = 1000, 10
+    generator = torch.Generator().manual_seed(8)
+    inside = torch.randperm(n, generator=generator)[:40].sort().values
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[inside] = True
+    excluded = inside[::9].contiguous()
+    allowed = inside[~torch.isin(inside, excluded)]
+    assert _draws_for(n, allowed.numel(), k) > n / 4  # the pass is the way without a list
+    state = generator.get_state()
+    by_pass = uniform_masked_subset(mask, excluded, allowed.numel(), k, generator=generator)
+    generator.set_state(state)
+    assert torch.equal(uniform_masked_subset(mask, excluded, allowed.numel(), k, generator=generator, listed=inside),
+                       by_pass)
+    wide, k = 100_000, 2
+    mask = torch.zeros(wide, dtype=torch.bool)
+    mask[inside * 100] = True
+    assert _draws_for(wide, allowed.numel(), k) < wide / 4  # drawing is the way without a list...
+    generator.set_state(state)
+    drawn = uniform_masked_subset(mask, excluded * 100, allowed.numel(), k, generator=generator)
+    generator.set_state(state)
+    listed = uniform_masked_subset(mask, excluded * 100, allowed.numel(), k, generator=generator, listed=inside * 100)
+    generator.set_state(state)
+    expected = allowed[uniform_subset(allowed.numel(), k, generator=generator, device="cpu")] * 100
+    assert torch.equal(listed, expected) and not torch.equal(drawn, listed)  # ...and the list is taken
+
+
+def test_int32_draws_are_the_int64_draws():
+    """uniform_subset draws values below 2^31 as int32 to sort them faster: torch gives the same values and leaves
+    the generator in the same state, so runs (and resumed checkpoints) draw the same samples as with int64."""
+    first, second = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(torch.randint(5_000_000, (10_000,), generator=first, dtype=torch.int32).long(),
+                       torch.randint(5_000_000, (10_000,), generator=second))
+    assert torch.equal(first.get_state(), second.get_state())
 
 
 def test_masked_subset_draws_when_most_qualify_and_makes_nothing_of_the_mask_size():

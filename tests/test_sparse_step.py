@@ -35,7 +35,8 @@ def one_step(parts, seed: int) -> None:
     momentum = torch.randn(BATCH, DIM, generator=generator)
     head_loss = parts.head.training_loss(embeddings, labels, momentum)
     head_loss.loss.backward()
-    result = parts.step.step(loss_scale=1.0, engine_step_applied=True, rows=head_loss.rows)
+    result = parts.step.step(loss_scale=1.0, engine_step_applied=True, rows=head_loss.rows,
+                             gathered=head_loss.gathered)
     assert result.applied, result.reason
 
 

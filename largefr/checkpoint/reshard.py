@@ -154,6 +154,8 @@ def restore_head_rows(path: str, manifest: Mapping[str, Any], partition: ClassPa
             check_digest(path, manifest, name, digest)
         if old_world == partition.world_size and overlap.old_rank == partition.rank:
             own_extra = read_small(file_path, head["extra"])
+    for rows in destinations.values():  # written behind torch's back: counted as in-place writes (`_version`)
+        torch.autograd.graph.increment_version(rows)
     return own_extra
 
 

@@ -25,6 +25,7 @@ with the defaults); the threshold is then that floor. Real classes' phi are an o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -35,6 +36,7 @@ from torch.distributed import ProcessGroup
 from largefr.distributed.collectives import all_reduce_min_, all_reduce_sum_, group_rank, group_size
 from largefr.distributed.partition import ClassPartition
 from largefr.heads.queue import FeatureQueue
+from largefr.heads.sampling import union_of_sorted
 from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
@@ -70,7 +72,7 @@ class ClusterBank(nn.Module):
         self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool, device=device))
         self.register_buffer("queue_count", torch.zeros(rows, dtype=torch.int64, device=device))
         self._extremes = _KeptValue(self, "phi", "has_phi")  # see _local_phi_extremes
-        self._seen_count = _KeptValue(self, "seen")  # see seen_count
+        self._seen = _KeptValue(self, "seen")  # see seen_count and seen_rows
 
     # ---- update -------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,29 +108,47 @@ class ClusterBank(nn.Module):
         new_phi = spread / (counts * torch.log(counts + self.alpha))
 
         extremes = self._extremes_after_update(present, new_phi)
-        seen_count = self._seen_count_after_update(present)
+        seen = self._seen_after_update(present)
         self.centers[present] = new_centers.to(self.centers.dtype)
         self.phi[present] = new_phi
         self.has_phi[present] = new_phi > self.degenerate_phi
         self.seen[present] = True
         self.queue_count[present] = counts.long()
         self._extremes.keep(extremes)
-        self._seen_count.keep(seen_count)
+        self._seen.keep(seen)
         return present
 
     def seen_count(self) -> int:
         """How many of this rank's classes have a center (`seen`). A pass over every class only when not kept: on
         CPU `update_from_features` adds the classes it sees first; whatever else writes `seen` (a restore, a test)
         moves its version counter or replaces it, which ends the kept count."""
-        return self._seen_count.get(lambda: int(torch.count_nonzero(self.seen)))
+        return self._seen.get(self._seen_by_a_pass).count
 
-    def _seen_count_after_update(self, rows: torch.Tensor) -> int | None:
-        """The count once `rows` are seen, from the kept one and those rows; None off CPU (no host sync per step)
-        or when none is kept."""
-        kept = self._seen_count.current()
+    def seen_rows(self) -> torch.Tensor | None:
+        """The sorted local rows with a center while they are few (at most `listed_seen_limit`), else None; kept
+        like the count, so early in a run, when sampling among them costs most, L_con's sampling lists them without
+        a pass over every class."""
+        return self._seen.get(self._seen_by_a_pass).rows
+
+    @property
+    def listed_seen_limit(self) -> int:
+        """Up to this many seen classes `seen_rows` lists (an int64 per class seen: at most 1/8 byte per class)."""
+        return max(_LISTED_SEEN_MIN, self.partition.num_local // _LISTED_SEEN_DIVISOR)
+
+    def _seen_by_a_pass(self) -> "_Seen":
+        count = int(torch.count_nonzero(self.seen))
+        return _Seen(count, torch.nonzero(self.seen).squeeze(1) if count <= self.listed_seen_limit else None)
+
+    def _seen_after_update(self, rows: torch.Tensor) -> "_Seen | None":
+        """The count (and the list while few) once `rows` (sorted, unique) are seen, from the kept ones and those
+        rows; None off CPU (no host sync per step) or when none is kept."""
+        kept = self._seen.current()
         if self.seen.device.type != "cpu" or kept is None:
             return None
-        return kept + int(rows.numel() - torch.count_nonzero(self.seen[rows]))
+        new = rows[~self.seen[rows]]
+        count = kept.count + new.numel()
+        listed = kept.rows is not None and count <= self.listed_seen_limit
+        return _Seen(count, union_of_sorted(kept.rows, new) if listed else None)
 
     # ---- lambda -------------------------------------------------------------------------
     def global_phi_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +275,19 @@ class ClusterBank(nn.Module):
         if name.startswith(BANK_PREFIX):
             return EntryNote("the cluster bank's rows", "the cluster terms: cluster.cg_margin or a cluster loss weight")
         return None
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the bank keeps of `seen`: how many classes have a center and, while few, which (sorted local rows)."""
+
+    count: int
+    rows: torch.Tensor | None
+
+
+_LISTED_SEEN_DIVISOR = 64
+_LISTED_SEEN_MIN = 4096
+"""`ClusterBank.seen_rows` lists up to max(4096, num_local / 64) classes."""
 
 
 class _KeptValue:

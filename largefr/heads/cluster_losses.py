@@ -116,7 +116,8 @@ def sample_centers(bank: ClusterBank, global_labels: torch.Tensor, num_samples: 
     shares = sampling_shares([c[0] for c in all_counts], [c[1] for c in all_counts], num_samples)
 
     negatives = uniform_masked_subset(bank.seen, positives, seen - positives.numel(),
-                                      max(0, shares[part.rank] - positives.numel()), generator=generator)
+                                      max(0, shares[part.rank] - positives.numel()), generator=generator,
+                                      listed=bank.seen_rows())
     local_indices = union_of_sorted(positives, negatives)
 
     if max(shares) == 0:

@@ -43,6 +43,7 @@ from largefr.heads.cluster_losses import (
     sample_centers,
 )
 from largefr.heads.queue import FeatureQueue
+from largefr.heads.row_gradient import GatheredRows
 from largefr.heads.sampling import union_of_sorted
 from largefr.heads.sharded_head import ShardedMarginHead
 from largefr.stateful import (EntryNote, Kind, RestoreContext, State, capture_generator_state, merge_states,
@@ -60,6 +61,9 @@ class HeadLoss:
     rows: torch.Tensor | None
     """Sorted local rows of the sharded weight that get a gradient: what a row-sparse head optimizer must
     step (Partial FC's sample plus L_ali's sampled classes). None: every row (no sampling)."""
+    gathered: GatheredRows | None = None
+    """The weight's `rows` as the forward gathered them, which a row-sparse optimizer reads instead of gathering them
+    again while they are still those rows; None where the forward made no such copy."""
 
 
 def _cluster_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -201,8 +205,8 @@ class ClusterGuidedHead(nn.Module):
             if self.log_tau is not None:
                 touched.append(sampled.local_indices)
         self.last_terms = terms
-        return HeadLoss(loss=loss, terms=terms,
-                        rows=union_of_sorted(*touched) if len(touched) > 1 else touched[0])
+        return HeadLoss(loss=loss, terms=terms, rows=union_of_sorted(*touched) if len(touched) > 1 else touched[0],
+                        gathered=self.margin_head.last_gathered)
 
     def _update_clusters(self, local_momentum_features: torch.Tensor | None, labels: torch.Tensor) -> None:
         if local_momentum_features is None:

@@ -8,7 +8,8 @@ State is kept per parameter as tensors aligned with the weight rows (`step`: (ro
 `momentum_buffer` / `exp_avg` / `exp_avg_sq`: (rows, d)), so a checkpoint can be re-split by class
 range together with the rows. The rows to update are an argument, `step(rows=head.last_sampled)`;
 with gradient accumulation over several forwards, pass the union of the sampled rows (the trainer
-passes the union of its micro-batches' `HeadLoss.rows`).
+passes the union of its micro-batches' `HeadLoss.rows`). `step(gathered=...)` takes the weight's rows as the
+forward gathered them (`HeadLoss.gathered`), read instead of gathering them again while they are still those rows.
 `param_groups[i]['lr']` is read at every step, so LR schedulers work as with torch optimizers.
 A step consumes the gradient (RowSparseSGD adds the weight decay into it in place, sparing a temporary of
 the rows' size); the head step zeroes the gradients right after it.
@@ -25,7 +26,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from largefr.heads.precision import round_to_storage, rounding_keys, upcast
-from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_rows, row_gradient_values
+from largefr.heads.row_gradient import (GatheredRows, coalesce_row_gradient_, row_gradient_rows,
+                                       row_gradient_values)
 from largefr.stateful import EntryNote, Kind, RestoreContext, State
 
 
@@ -37,16 +39,19 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     """
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
-                     state: dict) -> None:
-        """Step `rows` of `param`; `grad` holds their gradients, (len(rows), d), in the same order."""
+                     state: dict, gathered: torch.Tensor | None) -> None:
+        """Step `rows` of `param`; `grad` holds their gradients, (len(rows), d), in the same order, and `gathered`
+        (when not None) their current values, read instead of param[rows] and updated in place."""
         raise NotImplementedError
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor | None = None, closure: Callable[[], Any] | None = None) -> Any:
-        """Update `rows` (sorted unique row indices) of every parameter."""
+    def step(self, rows: torch.Tensor | None = None, closure: Callable[[], Any] | None = None, *,
+             gathered: GatheredRows | None = None) -> Any:
+        """Update `rows` (sorted unique row indices) of every parameter; `gathered`: a parameter's rows as the
+        forward gathered them, used when they are this step's rows and still current (`GatheredRows.of`)."""
         if callable(rows):
             raise TypeError(f"{type(self).__name__}.step takes rows first; pass a closure as closure=...")
         loss = None
@@ -61,7 +66,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(param, group))
-                self._update_rows(param, param_rows, grad, group, state)
+                current = None if gathered is None else gathered.of(param, param_rows)
+                self._update_rows(param, param_rows, grad, group, state, current)
         return loss
 
     def _rows_and_gradient(self, param: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,16 +164,16 @@ class RowSparseSGD(RowSparseOptimizer):
         return state
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
-                     state: dict) -> None:
+                     state: dict, gathered: torch.Tensor | None) -> None:
         for block in row_blocks(rows, param):
             self._update_block(param, _SelectedRows(rows[block], param, state["step"]), upcast(grad[block]), group,
-                               state)
+                               state, None if gathered is None else gathered[block])
         _SelectedRows(rows, param).count_step(state["step"])
 
     @staticmethod
     def _update_block(param: torch.Tensor, selected: "_SelectedRows", grad: torch.Tensor, group: dict,
-                      state: dict) -> None:
-        weight = selected.read(param)
+                      state: dict, gathered: torch.Tensor | None) -> None:
+        weight = selected.read(param, gathered)
         if group["weight_decay"] != 0:
             grad = grad.add_(weight, alpha=group["weight_decay"])  # in place: the step consumes the gradient
         momentum = group["momentum"]
@@ -203,17 +209,17 @@ class RowSparseAdamW(RowSparseOptimizer):
                 "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
     def _update_rows(self, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict,
-                     state: dict) -> None:
+                     state: dict, gathered: torch.Tensor | None) -> None:
         _SelectedRows(rows, param).count_step(state["step"])
         for block in row_blocks(rows, param):
             self._update_block(param, _SelectedRows(rows[block], param, state["step"]), upcast(grad[block]), group,
-                               state)
+                               state, None if gathered is None else gathered[block])
 
     @staticmethod
     def _update_block(param: torch.Tensor, selected: "_SelectedRows", grad: torch.Tensor, group: dict,
-                      state: dict) -> None:
+                      state: dict, gathered: torch.Tensor | None) -> None:
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        weight = selected.read(param)
+        weight = selected.read(param, gathered)
         weight.mul_(1 - lr * group["weight_decay"])
         exp_avg = selected.read(state["exp_avg"]).lerp_(grad, 1 - beta1)
         exp_avg_sq = selected.read(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -264,8 +270,11 @@ class _SelectedRows:
         self.step_counts = step_counts
         self.writes = 0  # salts the rounding of each tensor written, in the fixed order of the update
 
-    def read(self, tensor: torch.Tensor) -> torch.Tensor:
-        return upcast(tensor[self.span] if self.span is not None else tensor.index_select(0, self.rows))
+    def read(self, tensor: torch.Tensor, gathered: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows of `tensor`: a view of a span, else `gathered` (these rows of it, copied already) or a gather."""
+        if self.span is not None:
+            return upcast(tensor[self.span])
+        return upcast(gathered if gathered is not None else tensor.index_select(0, self.rows))
 
     def write(self, tensor: torch.Tensor, rows_value: torch.Tensor) -> None:
         if rows_value.dtype != tensor.dtype:  # half-precision storage: rows_value is a float32 copy
@@ -301,6 +310,7 @@ def write_rows_(tensor: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) 
         return
     as_integer = _INTEGER_OF_SIZE[tensor.element_size()]
     tensor.detach().view(as_integer).numpy()[rows.numpy()] = values.detach().view(as_integer).numpy()
+    torch.autograd.graph.increment_version(tensor)  # a write torch did not see: its version counter moves as for one
 
 
 def _consecutive_span(rows: torch.Tensor, param: torch.Tensor) -> slice | None:

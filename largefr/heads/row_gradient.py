@@ -60,6 +60,33 @@ class _WithRowsOfBlock(torch.autograd.Function):
         return grad_block.index_add_(0, positions, grad_rows), None
 
 
+class GatheredRows:
+    """Rows of a weight as a forward gathered them, `values` = weight[rows], for the head optimizer to read instead of
+    gathering the same scattered rows from the weight again (at ten million classes, one of the four scattered passes
+    over W and its state that a step's update makes).
+
+    `of(weight, rows)` gives them while they are still those rows: the weight and the copy unwritten since the gather
+    (their version counters), and the head not yet at its next forward, which may write the copy's memory (a spare
+    buffer: `expire`). An optimizer that takes them updates them in place, which moves the copy's counter: they are
+    taken once.
+    """
+
+    def __init__(self, weight: torch.Tensor, rows: torch.Tensor, values: torch.Tensor):
+        self.weight, self.rows, self.values = weight, rows, values
+        self._versions = (weight._version, values._version)
+
+    def of(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """weight[rows] when this copy still holds them, else None."""
+        if self.values is None or weight is not self.weight \
+                or (weight._version, self.values._version) != self._versions:
+            return None
+        return self.values if rows is self.rows or torch.equal(rows, self.rows) else None
+
+    def expire(self) -> None:
+        """The copy's memory may be written from now on (the head's next forward): it is given out no more."""
+        self.values = None
+
+
 def with_rows_of_block(block: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gathered block (`gather_rows`) for the step's main term, and its rows `positions` for a second term that
     reads some of the same weight's rows (L_ali's classes). Both gradients meet in one function: the rows' is added

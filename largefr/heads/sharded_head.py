@@ -31,7 +31,7 @@ from largefr.distributed.partition import ClassPartition
 from largefr.heads.chunked import chunked_margin_loss
 from largefr.heads.margins import NORM_EPS, Margin, MarginBatch, MarginStep, NegativeModulation, build_margin
 from largefr.heads.precision import compute_dtype, upcast
-from largefr.heads.row_gradient import gather_rows, with_rows_of_block
+from largefr.heads.row_gradient import GatheredRows, gather_rows, with_rows_of_block
 from largefr.heads.sampling import contains_sorted, uniform_complement_subset, union_of_sorted
 from largefr.heads.spare import SpareBuffers
 from largefr.stateful import EntryNote, Kind, RestoreContext, State, capture_generator_state, restore_samplers
@@ -248,6 +248,9 @@ class ShardedMarginHead(nn.Module):
         self.sample_generator.manual_seed(_mix_seed(seed ^ _SAMPLE_STREAM, self.partition.rank))
         self.last_sampled: torch.Tensor | None = None
         self.shared_block: torch.Tensor | None = None
+        self.last_gathered: GatheredRows | None = None
+        """W's rows of the last forward's block as it gathered them into a spare buffer (CPU, sampling, W stored in
+        the compute dtype), for the head optimizer; None where the forward made no such copy."""
         self.margin: Margin = build_margin(margin, seed=_mix_seed(seed ^ _MARGIN_STREAM, 0), device=self.weight.device)
         self.spare = SpareBuffers()
         """On CPU the step's largest temporaries (the sampled rows, the logits buffer), handed back by its backward
@@ -301,6 +304,9 @@ class ShardedMarginHead(nn.Module):
         labels = labels.long()
         self._check_inputs(features, labels, class_lambda)
         self.shared_block = None
+        if self.last_gathered is not None:  # this forward may write its memory
+            self.last_gathered.expire()
+            self.last_gathered = None
         sampled, local_target = self.sample_classes(labels)
         self.last_sampled = sampled
         full = sampled.numel() == self.partition.num_local
@@ -345,6 +351,8 @@ class ShardedMarginHead(nn.Module):
         out = spare.take((block.numel(), self.weight.shape[1]), self.weight.dtype, self.weight.device) \
             if rows_are_spare else None
         weight_rows = upcast(self.weight if full else gather_rows(self.weight, block, out))  # W's grad: these rows
+        if rows_are_spare:  # kept in the spare buffer until the next forward: the head optimizer reads W's rows there
+            self.last_gathered = GatheredRows(self.weight, block, weight_rows.detach())
         if shared_rows is not None:
             weight_rows, self.shared_block = with_rows_of_block(weight_rows, torch.searchsorted(block, shared_rows))
         logits = _CosineLogits.apply(scaled, weight_rows, self.logits_dtype, spare, rows_are_spare)

@@ -29,7 +29,7 @@ from torch.distributed import ProcessGroup
 
 from largefr.distributed.collectives import all_reduce_max_, all_reduce_sum_
 from largefr.heads.optim import RowSparseOptimizer
-from largefr.heads.row_gradient import coalesce_row_gradient_, row_gradient_values
+from largefr.heads.row_gradient import GatheredRows, coalesce_row_gradient_, row_gradient_values
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -229,8 +229,9 @@ class ExternalHeadStep:
             optimizer.zero_grad(set_to_none=True)
 
     def step(self, *, loss_scale: float, engine_step_applied: bool, rows: torch.Tensor | None = None,
-             stop_requested: bool = False) -> HeadStepResult:
-        """Call once per optimizer step, after the boundary `engine.step()`; `rows` go to row-sparse optimizers.
+             gathered: GatheredRows | None = None, stop_requested: bool = False) -> HeadStepResult:
+        """Call once per optimizer step, after the boundary `engine.step()`; `rows` (and the forward's copy of W's
+        rows, `gathered`: `HeadLoss.gathered`) go to row-sparse optimizers.
 
         `stop_requested`: this rank's stop flag; the result says whether any rank's was set.
         """
@@ -251,7 +252,7 @@ class ExternalHeadStep:
                 grad_norm = self._clip(flags.sharded_norm_sq * decision.grad_multiplier ** 2)
             for optimizer in self.optimizers:
                 if isinstance(optimizer, RowSparseOptimizer):
-                    optimizer.step(rows=rows)
+                    optimizer.step(rows=rows, gathered=gathered)
                 else:
                     optimizer.step()
         self.zero_grad()

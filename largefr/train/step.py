@@ -132,7 +132,9 @@ class StepRunner:
         engine_applied = self.engine.was_step_applied()  # False after an fp16 overflow
         with self.phase_timer.phase("optimizer_head"):
             head = self.head_step.step(loss_scale=loss_scale, engine_step_applied=engine_applied,
-                                       rows=union_rows([h.rows for h in finite_losses]), stop_requested=stop_requested)
+                                       rows=union_rows([h.rows for h in finite_losses]),
+                                       gathered=finite_losses[-1].gathered if finite_losses else None,
+                                       stop_requested=stop_requested)
         if engine_applied and self.momentum_encoder is not None:  # EMA after every backbone update
             with self.phase_timer.phase("ema_update"):
                 self.momentum_encoder.update(self.engine.module, self.encoder_momentum)
