@@ -177,6 +177,35 @@ def check_stats(stats, world):
     assert stats["lambda_hist"] == expected_hist and sum(expected_hist) == int(has_phi.sum())
 
 
+def test_stats_pass_over_every_class_goes_block_by_block(monkeypatch):
+    """A logging step's statistics read every class, in blocks: nothing of a byte per class is allocated (the whole
+    shard at once made several float32 temporaries per class, which the planner does not count), and the figures
+    are those of one pass over all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    classes = 100_000
+    generator = torch.Generator().manual_seed(9)
+    bank = ClusterBank(classes, 4)
+    bank.seen.copy_(torch.rand(classes, generator=generator) < 0.7)
+    bank.has_phi.copy_(bank.seen & (torch.rand(classes, generator=generator) < 0.8))
+    bank.phi.copy_(torch.rand(classes, generator=generator))
+
+    def stats_and_largest_allocation():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            stats = bank.stats(lambda_range=(0.5, 1.0), bins=4)
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        return stats, max(sizes)
+
+    monkeypatch.setattr(cluster_module, "STATS_BLOCK_ROWS", classes)
+    whole, whole_largest = stats_and_largest_allocation()
+    monkeypatch.setattr(cluster_module, "STATS_BLOCK_ROWS", 4096)
+    blocks, blocks_largest = stats_and_largest_allocation()
+    assert whole_largest >= 4 * classes > classes > blocks_largest  # the check can fail: one block does
+    assert blocks["lambda_hist"] == whole["lambda_hist"] and sum(whole["lambda_hist"]) == int(bank.has_phi.sum())
+    for key in ("phi_fraction", "seen_fraction", "phi_mean", "phi_min", "phi_max", "lambda_mean"):
+        assert blocks[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
 def test_bank_state_dict_round_trip_and_range_check():
     bank = ClusterBank(CLASSES, DIM, dtype=torch.float64)
     bank.update_from_features(step_features(0), torch.tensor(STEP_LABELS[0]))

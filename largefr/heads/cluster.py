@@ -219,17 +219,18 @@ class ClusterBank(nn.Module):
         (`bins` equal bins over lambda_range) over classes with a phi.
         """
         lo, hi = lambda_range
-        lam = self.lambda_from_phi(lo, hi)
+        class_lambda = self.class_lambda(lo, hi)
         phi_min, phi_max = self.global_phi_range()
-        mask = self.has_phi
         width = (hi - lo) / bins if hi > lo else 1.0
-        bin_index = ((lam[mask] - lo) / width).floor().clamp(0, bins - 1).long()
-        histogram = torch.bincount(bin_index, minlength=bins).to(self.phi.dtype)
-        sums = torch.cat([
-            torch.stack([mask.sum().to(self.phi.dtype), self.seen.sum().to(self.phi.dtype),
-                         self.phi[mask].sum(), lam[mask].sum()]),
-            histogram,
-        ])
+        sums = torch.zeros(4 + bins, dtype=self.phi.dtype, device=self.phi.device)
+        for start in range(0, self.partition.num_local, STATS_BLOCK_ROWS):  # temporaries of a block, not the shard
+            rows = slice(start, start + STATS_BLOCK_ROWS)
+            mask = self.has_phi[rows]
+            lam = class_lambda[rows][mask]
+            bin_index = ((lam - lo) / width).floor().clamp(0, bins - 1).long()
+            sums[4:] += torch.bincount(bin_index, minlength=bins).to(self.phi.dtype)
+            sums[:4] += torch.stack([mask.sum().to(self.phi.dtype), self.seen[rows].sum().to(self.phi.dtype),
+                                     self.phi[rows][mask].sum(), lam.sum()])
         all_reduce_sum_(sums, self.group)
         count = sums[0].item()
         nan = float("nan")
@@ -285,6 +286,8 @@ class _Seen:
     rows: torch.Tensor | None
 
 
+STATS_BLOCK_ROWS = 1 << 18
+"""Classes per block of `ClusterBank.stats`' pass: a logging step's temporaries stay a few MiB at any class count."""
 _LISTED_SEEN_DIVISOR = 64
 _LISTED_SEEN_MIN = 4096
 """`ClusterBank.seen_rows` lists up to max(4096, num_local / 64) classes."""
