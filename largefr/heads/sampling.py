@@ -43,8 +43,8 @@ def uniform_subset(n: int, k: int, *, generator: torch.Generator | None, device:
 
 
 def _draw_dtype(n: int) -> torch.dtype:
-    """Values below 2^31 are drawn and de-duplicated as int32: the same values from the same generator state as int64
-    (torch draws 32 bits for a range that fits), sorted in half the time."""
+    """Values below 2^31 are drawn and de-duplicated as int32, sorted in half the time: on CPU the same values from the
+    same generator state as int64 (torch draws 32 bits for a range that fits; tests/test_sampling.py)."""
     return torch.int32 if n <= torch.iinfo(torch.int32).max else torch.long
 
 
