@@ -219,8 +219,8 @@ class ClusterBank(nn.Module):
         (`bins` equal bins over lambda_range) over classes with a phi.
         """
         lo, hi = lambda_range
-        class_lambda = self.class_lambda(lo, hi)
-        phi_min, phi_max = self.global_phi_range()
+        class_lambda = self.class_lambda(lo, hi)  # its phi range is the figures' too: one all-reduce
+        phi_min, phi_max = class_lambda.phi_min, class_lambda.phi_max
         width = (hi - lo) / bins if hi > lo else 1.0
         sums = torch.zeros(4 + bins, dtype=self.phi.dtype, device=self.phi.device)
         for start in range(0, self.partition.num_local, STATS_BLOCK_ROWS):  # temporaries of a block, not the shard
@@ -353,7 +353,7 @@ class ClassLambda:
     def __init__(self, phi: torch.Tensor, has_phi: torch.Tensor, phi_min: torch.Tensor, phi_max: torch.Tensor, *,
                  lo: float, hi: float, ramp: float = 1.0):
         self.phi, self.has_phi = phi, has_phi
-        self.phi_min, self.span = phi_min, phi_max - phi_min
+        self.phi_min, self.phi_max, self.span = phi_min, phi_max, phi_max - phi_min
         self.lo, self.hi, self.ramp = lo, hi, ramp
 
     @property

@@ -78,11 +78,8 @@ def uniform_masked_subset(mask: torch.Tensor, excluded: torch.Tensor, available:
     draws = _draws_for(n, available, k)
     if k == available or draws > _DENSE_FRACTION * n or (listed is not None and listed.numel() <= draws):
         if listed is None:
-            allowed = mask.clone()
-            allowed[excluded] = False
-            candidates = torch.nonzero(allowed).squeeze(1)
-        else:
-            candidates = listed[~contains_sorted(excluded, listed)]
+            listed = torch.nonzero(mask).squeeze(1)
+        candidates = listed[~contains_sorted(excluded, listed)]
         return candidates[uniform_subset(candidates.numel(), k, generator=generator, device=device)]
     found = torch.zeros(0, dtype=torch.long, device=device)
     while found.numel() < k:
